@@ -57,6 +57,7 @@
 
 pub mod frame;
 mod ids;
+pub mod marker;
 mod message;
 
 pub use frame::{FrameDecoder, ProtoError, decode, encode_frame, read_message, write_message};

@@ -1,0 +1,269 @@
+//! The container's cgroup v2 in the guest: limits from `linux.resources`, membership, stats.
+//!
+//! Inside the VM husk-init owns the whole hierarchy, so the container's cgroup is always
+//! `<root>/container` whatever `cgroupsPath` says (that path names a host cgroup, which the
+//! monitor process itself lives in). With a cgroup namespace the container sees it as `/`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use husk_proto::ContainerStats;
+use oci_spec::runtime::LinuxResources;
+
+/// The name of the container's cgroup under the hierarchy root.
+const NAME: &str = "container";
+
+/// One limit file and the value to write into it.
+type Setting = (&'static str, String);
+
+/// The container's cgroup.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+/// Whether `root` is a mounted cgroup v2 hierarchy.
+pub fn is_cgroup2(root: &Path) -> bool {
+    nix::sys::statfs::statfs(root)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Turns `linux.resources` into cgroup v2 file writes (runc's conversions).
+pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
+    let mut out: Vec<Setting> = Vec::new();
+    if let Some(mem) = res.memory() {
+        if let Some(limit) = mem.limit() {
+            out.push(("memory.max", max_or(limit)));
+            if let Some(swap) = mem.swap() {
+                // OCI swap is memory+swap; v2 counts swap alone.
+                let v = if swap < 0 || limit < 0 {
+                    "max".to_string()
+                } else if swap < limit {
+                    return Err(format!(
+                        "linux.resources.memory.swap ({swap}) is below memory.limit ({limit})"
+                    ));
+                } else {
+                    (swap - limit).to_string()
+                };
+                out.push(("memory.swap.max", v));
+            }
+        }
+        if let Some(r) = mem.reservation() {
+            out.push(("memory.low", max_or(r)));
+        }
+    }
+    if let Some(cpu) = res.cpu() {
+        if let Some(shares) = cpu.shares() {
+            if shares > 0 {
+                // runc's shares→weight mapping: [2, 262144] → [1, 10000].
+                let weight = 1 + ((shares.saturating_sub(2)) * 9999) / 262_142;
+                out.push(("cpu.weight", weight.min(10_000).to_string()));
+            }
+        }
+        if cpu.quota().is_some() || cpu.period().is_some() {
+            let quota = match cpu.quota() {
+                Some(q) if q > 0 => q.to_string(),
+                _ => "max".into(),
+            };
+            let period = cpu.period().unwrap_or(100_000);
+            out.push(("cpu.max", format!("{quota} {period}")));
+        }
+        if let Some(cpus) = cpu.cpus().as_ref().filter(|s| !s.is_empty()) {
+            out.push(("cpuset.cpus", cpus.clone()));
+        }
+        if let Some(mems) = cpu.mems().as_ref().filter(|s| !s.is_empty()) {
+            out.push(("cpuset.mems", mems.clone()));
+        }
+    }
+    if let Some(pids) = res.pids() {
+        out.push(("pids.max", max_or(pids.limit())));
+    }
+    if let Some(weight) = res.block_io().as_ref().and_then(|b| b.weight()) {
+        // blkio weight [10, 1000] → io.weight [1, 10000].
+        let w = 1 + (u64::from(weight).saturating_sub(10) * 9999) / 990;
+        out.push(("io.weight", format!("default {w}")));
+    }
+    Ok(out)
+}
+
+fn max_or(v: i64) -> String {
+    if v < 0 { "max".into() } else { v.to_string() }
+}
+
+impl Cgroup {
+    /// Creates the container's cgroup under `root` and applies `resources`.
+    pub fn create(root: &Path, resources: Option<&LinuxResources>) -> Result<Self, String> {
+        // Delegate the controllers the limits need; a controller the kernel lacks is skipped
+        // (the limit that needs it then fails with a message naming the file).
+        let wanted = ["cpu", "cpuset", "memory", "pids", "io"];
+        let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let enable: Vec<String> = wanted
+            .iter()
+            .filter(|c| available.split_whitespace().any(|a| a == **c))
+            .map(|c| format!("+{c}"))
+            .collect();
+        if !enable.is_empty() {
+            write(&root.join("cgroup.subtree_control"), &enable.join(" "))
+                .map_err(|e| format!("enabling cgroup controllers {enable:?}: {e}"))?;
+        }
+        let path = root.join(NAME);
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("creating cgroup {}: {e}", path.display())),
+        }
+        let cg = Self { path };
+        let mut all = match resources {
+            Some(r) => settings(r)?,
+            None => Vec::new(),
+        };
+        if let Some(unified) = resources.and_then(|r| r.unified().as_ref()) {
+            for (k, v) in unified {
+                if k.contains('/') || k.starts_with('.') {
+                    return Err(format!(
+                        "linux.resources.unified key {k:?} is not a cgroup file name"
+                    ));
+                }
+                cg.write_file(k, v)?;
+            }
+        }
+        for (file, value) in all.drain(..) {
+            cg.write_file(file, &value)?;
+        }
+        Ok(cg)
+    }
+
+    fn write_file(&self, file: &str, value: &str) -> Result<(), String> {
+        write(&self.path.join(file), value)
+            .map_err(|e| format!("setting cgroup {file} to {value:?} (from linux.resources): {e}"))
+    }
+
+    /// Moves a process into the cgroup.
+    pub fn add(&self, pid: i32) -> io::Result<()> {
+        write(&self.path.join("cgroup.procs"), &pid.to_string())
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Pids of every process in the cgroup and its descendants.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        collect_pids(&self.path, &mut out);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Resource usage.
+    pub fn stats(&self) -> ContainerStats {
+        let read = |f: &str| fs::read_to_string(self.path.join(f)).unwrap_or_default();
+        let num = |f: &str| {
+            let s = read(f);
+            let s = s.trim();
+            if s == "max" {
+                u64::MAX
+            } else {
+                s.parse().unwrap_or(0)
+            }
+        };
+        let mut stats = ContainerStats {
+            memory_usage: num("memory.current"),
+            memory_limit: num("memory.max"),
+            pids_current: num("pids.current"),
+            pids_limit: num("pids.max"),
+            ..ContainerStats::default()
+        };
+        for line in read("cpu.stat").lines() {
+            let mut it = line.split_whitespace();
+            let (Some(k), Some(v)) = (it.next(), it.next().and_then(|v| v.parse::<u64>().ok()))
+            else {
+                continue;
+            };
+            match k {
+                "usage_usec" => stats.cpu_usage_ns = v * 1000,
+                "user_usec" => stats.cpu_user_ns = v * 1000,
+                "system_usec" => stats.cpu_system_ns = v * 1000,
+                _ => {}
+            }
+        }
+        stats
+    }
+
+    /// Kills everything in the cgroup (cgroup.kill) and removes it.
+    pub fn destroy(&self) {
+        let _ = write(&self.path.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if remove_tree(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+fn collect_pids(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(s) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path())?;
+            }
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_convert_like_runc() {
+        let res: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":134217728,"swap":268435456,"reservation":-1},
+                "cpu":{"shares":1024,"quota":50000,"period":100000,"cpus":"0-1"},
+                "pids":{"limit":64},
+                "blockIO":{"weight":500}}"#,
+        )
+        .unwrap();
+        let s = settings(&res).unwrap();
+        let get = |k: &str| s.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("memory.max"), Some("134217728"));
+        assert_eq!(get("memory.swap.max"), Some("134217728"));
+        assert_eq!(get("memory.low"), Some("max"));
+        assert_eq!(get("cpu.weight"), Some("39"));
+        assert_eq!(get("cpu.max"), Some("50000 100000"));
+        assert_eq!(get("cpuset.cpus"), Some("0-1"));
+        assert_eq!(get("pids.max"), Some("64"));
+        assert_eq!(get("io.weight"), Some("default 4950"));
+    }
+
+    #[test]
+    fn swap_below_limit_is_an_error_naming_both() {
+        let res: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":200,"swap":100}}"#).unwrap();
+        let e = settings(&res).unwrap_err();
+        assert!(e.contains("swap (100)") && e.contains("(200)"), "{e}");
+    }
+}

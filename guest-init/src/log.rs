@@ -1,0 +1,53 @@
+//! Logging to the kernel log (`/dev/kmsg`) as PID 1, to stderr otherwise.
+//!
+//! In the VM, userspace writes to the serial console are unreliable on some hosts and cost a
+//! VM exit per byte, while `/dev/kmsg` lines reach the console through the kernel's own
+//! (polled) console path and carry kernel timestamps. Errors go out at `KERN_ERR` so they are
+//! visible even with `quiet`; everything else at `KERN_INFO`/`KERN_DEBUG`.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
+
+static KMSG: Mutex<Option<File>> = Mutex::new(None);
+
+/// Sends further log lines to `/dev/kmsg` (if it can be opened).
+pub fn init_kmsg() {
+    // /dev may not be mounted yet: devtmpfs is mounted by system::setup, which calls this
+    // again afterwards.
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        if let Ok(mut g) = KMSG.lock() {
+            *g = Some(f);
+        }
+    }
+}
+
+/// Writes one line at the given syslog level.
+pub fn write(level: u8, args: std::fmt::Arguments<'_>) {
+    let line = format!("<{level}>husk-init: {args}\n");
+    if let Ok(mut g) = KMSG.lock() {
+        if let Some(f) = g.as_mut() {
+            // One write() per line: /dev/kmsg takes each write as one record.
+            if f.write_all(line.as_bytes()).is_ok() {
+                return;
+            }
+        }
+    }
+    let _ = std::io::stderr().write_all(&line.as_bytes()[3..]);
+}
+
+macro_rules! error {
+    ($($a:tt)*) => { $crate::log::write(3, format_args!($($a)*)) };
+}
+macro_rules! warning {
+    ($($a:tt)*) => { $crate::log::write(4, format_args!($($a)*)) };
+}
+macro_rules! info {
+    ($($a:tt)*) => { $crate::log::write(6, format_args!($($a)*)) };
+}
+macro_rules! debug {
+    ($($a:tt)*) => {
+        if cfg!(debug_assertions) { $crate::log::write(7, format_args!($($a)*)) }
+    };
+}
+pub(crate) use {debug, error, info, warning};

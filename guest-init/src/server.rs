@@ -1,0 +1,407 @@
+//! The control loop: one poll(2) loop over the control connection, SIGCHLD (signalfd) and
+//! every process's stdio pumps. Requests are handled in order, one at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::path::PathBuf;
+
+use husk_proto::marker::Marker;
+use husk_proto::{
+    ErrorCode, ErrorReply, Event, FrameDecoder, GuestMessage, Hello, HostMessage, ProcessRef,
+    ProtoError, Request, Response, SignalTarget, WaitStatus,
+};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+
+use crate::container::{Container, Env, SHARE_ROOT};
+use crate::relay::ProcessIo;
+use crate::transport::Transport;
+use crate::{log, system};
+
+/// Why serving ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The control connection could not be made.
+    #[error(
+        "no host to talk to at {transport} port {}: {source}",
+        husk_proto::CONTROL_PORT
+    )]
+    NoHost {
+        /// Where we tried.
+        transport: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The handshake failed (version mismatch, garbage, EOF).
+    #[error("handshake with the host failed")]
+    Handshake(#[source] ProtoError),
+    /// The control connection broke or carried garbage.
+    #[error("control connection failed")]
+    Connection(#[source] ProtoError),
+    /// The host closed the control connection.
+    #[error("the host closed the control connection")]
+    HostGone,
+    /// A setup step of the loop itself failed.
+    #[error("{what}")]
+    Setup {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// A process husk-init started and reports on.
+#[derive(Debug)]
+struct Proc {
+    pid: Pid,
+    io: ProcessIo,
+    exit: Option<WaitStatus>,
+}
+
+/// The guest side of one control connection.
+#[derive(Debug)]
+pub struct Server {
+    conn: File,
+    decoder: FrameDecoder,
+    env: Env,
+    container: Option<Container>,
+    procs: HashMap<ProcessRef, Proc>,
+    shutdown: bool,
+}
+
+impl Server {
+    /// Wraps a connected control stream.
+    pub fn new(conn: File, transport: Transport, cgroup_root: PathBuf) -> Self {
+        Self {
+            conn,
+            decoder: FrameDecoder::default(),
+            env: Env {
+                transport,
+                cgroup_root,
+                share_root: PathBuf::from(SHARE_ROOT),
+            },
+            container: None,
+            procs: HashMap::new(),
+            shutdown: false,
+        }
+    }
+
+    fn send(&mut self, msg: &GuestMessage) -> Result<(), ServerError> {
+        husk_proto::write_message(&mut self.conn, msg).map_err(ServerError::Connection)
+    }
+
+    /// Exchanges versions with the host.
+    pub fn handshake(&mut self) -> Result<(), ServerError> {
+        self.send(&GuestMessage::Hello(Hello::current()))?;
+        let msg: Option<HostMessage> =
+            husk_proto::read_message(&mut self.conn).map_err(ServerError::Handshake)?;
+        match msg {
+            Some(HostMessage::Hello(h)) => h.check().map_err(ServerError::Handshake),
+            Some(other) => Err(ServerError::Handshake(ProtoError::Unexpected {
+                expected: "Hello",
+                got: format!("{other:?}").chars().take(60).collect(),
+            })),
+            None => Err(ServerError::HostGone),
+        }
+    }
+
+    /// Serves requests until the host says shutdown or goes away.
+    pub fn serve(&mut self) -> Result<(), ServerError> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        mask.thread_block().map_err(|source| ServerError::Setup {
+            what: "blocking SIGCHLD",
+            source,
+        })?;
+        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|source| ServerError::Setup {
+                what: "creating the SIGCHLD signalfd",
+                source,
+            })?;
+        let result = self.run(&sigfd);
+        if let Some(c) = self.container.as_mut() {
+            c.destroy();
+        }
+        for p in self.procs.values_mut() {
+            p.io.abort();
+        }
+        result
+    }
+
+    fn run(&mut self, sigfd: &SignalFd) -> Result<(), ServerError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut interest: Vec<(RawFd, PollFlags)> = vec![
+                (self.conn.as_raw_fd(), PollFlags::POLLIN),
+                (sigfd.as_fd().as_raw_fd(), PollFlags::POLLIN),
+            ];
+            for p in self.procs.values() {
+                p.io.interest(&mut interest);
+            }
+            // SAFETY: every descriptor in `interest` belongs to an object (the connection, the
+            // signalfd, a pump) that lives, unchanged, until after poll returns below.
+            let mut fds: Vec<PollFd<'_>> = interest
+                .iter()
+                .map(|(fd, ev)| PollFd::new(unsafe { BorrowedFd::borrow_raw(*fd) }, *ev))
+                .collect();
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(source) => {
+                    return Err(ServerError::Setup {
+                        what: "poll",
+                        source,
+                    });
+                }
+            }
+            let conn_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            drop(fds);
+
+            if conn_ready {
+                let n = match self.conn.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(ServerError::Connection(e.into())),
+                };
+                if n == 0 {
+                    return match self.decoder.truncation_error() {
+                        Some(e) => Err(ServerError::Connection(e)),
+                        None => Err(ServerError::HostGone),
+                    };
+                }
+                self.decoder.push(&buf[..n]);
+                while let Some(frame) =
+                    self.decoder.next_frame().map_err(ServerError::Connection)?
+                {
+                    let msg: HostMessage =
+                        husk_proto::decode(&frame).map_err(ServerError::Connection)?;
+                    self.handle(msg)?;
+                    if self.shutdown {
+                        return Ok(());
+                    }
+                }
+            }
+            while let Ok(Some(_)) = sigfd.read_signal() {}
+            self.reap();
+            for p in self.procs.values_mut() {
+                p.io.progress();
+            }
+            self.report_exits()?;
+        }
+    }
+
+    fn handle(&mut self, msg: HostMessage) -> Result<(), ServerError> {
+        let (id, request) = match msg {
+            HostMessage::Request { id, request } => (id, request),
+            HostMessage::Hello(_) => {
+                return Err(ServerError::Connection(ProtoError::Unexpected {
+                    expected: "a request",
+                    got: "a second Hello".into(),
+                }));
+            }
+        };
+        let result = self.dispatch(request);
+        if let Err(e) = &result {
+            log::warning!("request {} failed: {}", id.0, e.message);
+        }
+        self.send(&GuestMessage::Response { id, result })
+    }
+
+    fn container(&mut self) -> Result<&mut Container, ErrorReply> {
+        self.container.as_mut().ok_or_else(|| ErrorReply {
+            code: ErrorCode::InvalidState,
+            message: "no container has been created".into(),
+        })
+    }
+
+    fn proc(&mut self, p: ProcessRef) -> Result<&mut Proc, ErrorReply> {
+        self.procs.get_mut(&p).ok_or_else(|| ErrorReply {
+            code: ErrorCode::NoSuchProcess,
+            message: format!("no process {p}"),
+        })
+    }
+
+    fn dispatch(&mut self, request: Request) -> Result<Response, ErrorReply> {
+        match request {
+            Request::Create(req) => {
+                if self.container.is_some() {
+                    return Err(ErrorReply {
+                        code: ErrorCode::InvalidState,
+                        message: "a container was already created in this VM".into(),
+                    });
+                }
+                system::mark(Marker::SpecReceived);
+                let (c, spawned) = Container::create(&req, &self.env)?;
+                let pid = spawned.pid;
+                self.procs.insert(
+                    ProcessRef::Init,
+                    Proc {
+                        pid,
+                        io: spawned.io,
+                        exit: None,
+                    },
+                );
+                self.container = Some(c);
+                system::mark(Marker::ContainerCreated);
+                log::info!("container {} created, pid {pid}", req.container_id);
+                Ok(Response::Created {
+                    pid: pid.as_raw().unsigned_abs(),
+                })
+            }
+            Request::ConfigureNetwork(cfg) => {
+                crate::net::configure(&cfg).map_err(|e| ErrorReply {
+                    code: ErrorCode::System,
+                    message: e,
+                })?;
+                Ok(Response::Done)
+            }
+            Request::Start => {
+                self.container()?.start()?;
+                system::mark(Marker::ProcessStarted);
+                Ok(Response::Started)
+            }
+            Request::Signal { target, signal } => {
+                let sig = Signal::try_from(signal).map_err(|_| ErrorReply {
+                    code: ErrorCode::InvalidSpec,
+                    message: format!("{signal} is not a signal number"),
+                })?;
+                let pids: Vec<Pid> = match target {
+                    SignalTarget::All => self
+                        .container()?
+                        .pids()
+                        .into_iter()
+                        .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
+                        .collect(),
+                    SignalTarget::Process(p) => {
+                        let proc = self.proc(p)?;
+                        if proc.exit.is_some() {
+                            return Err(ErrorReply {
+                                code: ErrorCode::NoSuchProcess,
+                                message: format!("process {p} has already exited"),
+                            });
+                        }
+                        vec![proc.pid]
+                    }
+                };
+                for pid in pids {
+                    match nix::sys::signal::kill(pid, sig) {
+                        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                        Err(e) => {
+                            return Err(ErrorReply {
+                                code: ErrorCode::System,
+                                message: format!("sending {sig} to {pid}: {e}"),
+                            });
+                        }
+                    }
+                }
+                Ok(Response::Done)
+            }
+            Request::Exec(req) => {
+                let key = ProcessRef::Exec(req.exec_id);
+                if self.procs.contains_key(&key) {
+                    return Err(ErrorReply {
+                        code: ErrorCode::Protocol,
+                        message: format!("{} is already in use", req.exec_id),
+                    });
+                }
+                let env = self.env.clone();
+                let spawned = self.container()?.exec(&req, &env)?;
+                let pid = spawned.pid;
+                self.procs.insert(
+                    key,
+                    Proc {
+                        pid,
+                        io: spawned.io,
+                        exit: None,
+                    },
+                );
+                Ok(Response::ExecStarted {
+                    pid: pid.as_raw().unsigned_abs(),
+                })
+            }
+            Request::ResizePty { process, size } => {
+                self.proc(process)?
+                    .io
+                    .resize(size.rows, size.cols)
+                    .map_err(|e| ErrorReply {
+                        code: ErrorCode::InvalidState,
+                        message: format!("resizing the terminal of {process}: {e}"),
+                    })?;
+                Ok(Response::Done)
+            }
+            Request::CloseStdin { process } => {
+                self.proc(process)?.io.close_stdin();
+                Ok(Response::Done)
+            }
+            Request::ListPids => Ok(Response::Pids(self.container()?.pids())),
+            Request::Stats => Ok(Response::Stats(self.container()?.stats())),
+            Request::Shutdown => {
+                if let Some(c) = self.container.as_mut() {
+                    c.destroy();
+                }
+                self.shutdown = true;
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    /// Collects every exited child (PID 1 also gets every orphan of the VM).
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, ws) = match status {
+                nix::sys::wait::WaitStatus::Exited(pid, code) => (pid, WaitStatus::Exited(code)),
+                nix::sys::wait::WaitStatus::Signaled(pid, sig, core) => (
+                    pid,
+                    WaitStatus::Signaled {
+                        signal: sig as i32,
+                        core_dumped: core,
+                    },
+                ),
+                _ => continue,
+            };
+            let Some((key, proc)) = self
+                .procs
+                .iter_mut()
+                .find(|(_, p)| p.pid == pid && p.exit.is_none())
+            else {
+                continue;
+            };
+            proc.exit = Some(ws);
+            if *key == ProcessRef::Init {
+                system::mark(Marker::ProcessExited);
+                if let Some(c) = self.container.as_mut() {
+                    c.mark_stopped();
+                }
+            }
+        }
+    }
+
+    /// Reports exits whose output has fully reached the host.
+    fn report_exits(&mut self) -> Result<(), ServerError> {
+        let done: Vec<(ProcessRef, WaitStatus)> = self
+            .procs
+            .iter()
+            .filter_map(|(k, p)| match p.exit {
+                Some(ws) if p.io.output_done() => Some((*k, ws)),
+                _ => None,
+            })
+            .collect();
+        for (process, status) in done {
+            self.procs.remove(&process);
+            log::info!("{process} exited: {status:?}");
+            self.send(&GuestMessage::Event(Event::Exited { process, status }))?;
+        }
+        Ok(())
+    }
+}
