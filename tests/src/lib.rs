@@ -1,1 +1,137 @@
+//! Helpers shared by husk's end-to-end tests: where the guest image is, what this host can do,
+//! and running a program with a time limit.
+//!
+//! Tests that need something this machine may lack (the guest image, `/dev/kvm`, QEMU, root)
+//! print why they skip. With `HUSK_E2E_REQUIRED=1` (set by `.ci/run`, whose machines have all
+//! of it) a missing requirement fails the test instead.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
+
+/// Skips the calling test with `reason`, or fails it where skipping is not allowed.
+/// Returns `None` so callers can write `let Some(x) = ... else { return skip(..) }`.
+pub fn skip<T>(reason: &str) -> Option<T> {
+    if std::env::var_os("HUSK_E2E_REQUIRED").is_some_and(|v| v == "1") {
+        panic!("required by HUSK_E2E_REQUIRED=1 but unavailable: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+/// The guest image built by `cargo xtask build-image`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// The uncompressed kernel.
+    pub vmlinux: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// The guest image in `$HUSK_IMAGE_DIR` (default `target/husk-image`), or a skip.
+pub fn guest_image() -> Option<GuestImage> {
+    let dir = std::env::var_os("HUSK_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/husk-image"));
+    let image = GuestImage {
+        vmlinux: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio"),
+    };
+    if image.vmlinux.is_file() && image.initramfs.is_file() {
+        Some(image)
+    } else {
+        skip(&format!(
+            "no guest image in {} (run `cargo xtask build-image`)",
+            dir.display()
+        ))
+    }
+}
+
+/// Whether `/dev/kvm` is there and can be opened.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Whether this host's KVM is kvm_pvm (nested, page-table based), which needs the guest
+/// compatibility parameters of `kernel-config/cmdline-kvm-pvm`.
+pub fn host_is_kvm_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A kernel-config file's parameters, on one line.
+pub fn kernel_params(file: &str) -> String {
+    let path = workspace_root().join("kernel-config").join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How a program run with [`run_with_timeout`] ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The exit code (`None`: killed by a signal, including at the time limit).
+    pub code: Option<i32>,
+    /// Whether the time limit killed it.
+    pub timed_out: bool,
+    /// stdout and stderr, interleaved as they were read.
+    pub output: String,
+    /// Wall time from spawn to exit.
+    pub wall: Duration,
+}
+
+/// Runs `cmd` (stdin closed), killing it after `limit`.
+pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::io::Result<Outcome> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn()?;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = start.elapsed();
+    let mut output = String::from_utf8_lossy(&out_thread.join().unwrap_or_default()).into_owned();
+    output.push_str(&String::from_utf8_lossy(
+        &err_thread.join().unwrap_or_default(),
+    ));
+    Ok(Outcome {
+        code: status.code(),
+        timed_out,
+        output,
+        wall,
+    })
+}

@@ -1,1 +1,63 @@
-fn main() {}
+//! `cargo xtask`: developer tasks that are programs rather than shell scripts.
+//!
+//! - `build-image`: the guest assets every husk VM boots (kernel `vmlinux` + initramfs).
+//! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
+
+mod bench;
+mod image;
+mod progress;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "husk developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the guest kernel (vmlinux) and the initramfs holding husk-init.
+    ///
+    /// Outputs are cached under $HUSK_CACHE_DIR (default /var/cache/husk) by a hash of their
+    /// inputs, so an unchanged rebuild takes seconds.
+    BuildImage(image::BuildImageArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Boot-to-init time and peak RSS: husk's VMM next to QEMU microvm on the same KVM.
+    Boot(bench::BootBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BuildImage(args) => image::build_image(&args).map(drop),
+        Command::Bench(BenchCommand::Boot(args)) => bench::boot(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}

@@ -1,0 +1,42 @@
+#!/bin/sh
+# Sets up a fresh Debian 12 machine for husk: installs the packages the build and the tests
+# need, builds the guest image (kernel + initramfs, cached under /var/cache/husk) and the husk
+# binary, then boots the guest image once under QEMU/KVM as a smoke test.
+#
+#   ./scripts/setup.sh            everything
+#   ./scripts/setup.sh --deps     only the apt packages
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="
+  build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils patch perl
+  linux-source-6.1
+  qemu-system-x86
+  busybox-static
+"
+
+install_deps() {
+    missing=""
+    for p in $PACKAGES; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        echo "== installing:$missing"
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $missing
+    else
+        echo "== apt packages: all present"
+    fi
+}
+
+install_deps
+[ "${1:-}" = "--deps" ] && exit 0
+
+echo "== building the guest image"
+cargo xtask build-image
+echo "== building husk"
+cargo build --release --workspace
+echo "== smoke test: boot the guest image under QEMU (TCG, then KVM if available)"
+cargo test --release -p husk-e2e --test guest_image_qemu -- --nocapture

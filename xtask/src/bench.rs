@@ -1,0 +1,287 @@
+//! `cargo xtask bench boot`: boot-to-init time of husk's VMM next to QEMU microvm, on the same
+//! KVM, with the same vmlinux + initramfs, in one run; plus each VMM's peak RSS.
+//!
+//! - husk: `husk vm boot --json`; boot-to-init is the `init-started` boot marker (husk-init's
+//!   first instruction of `main`), measured from the monitor process's start; the VMM's own
+//!   work is the time to the first vCPU entry.
+//! - QEMU: `-M microvm` with the serial console (`console=ttyS0 quiet`); boot-to-init is when
+//!   husk-init's first console line arrives, measured from spawning QEMU (husk-init writes it a
+//!   few syscalls after `main` starts; no marker port exists in QEMU).
+//!
+//! Both get the same kernel parameters (`kernel-config/cmdline`, plus `cmdline-kvm-pvm` and the
+//! CPUID masks on kvm_pvm hosts). Medians of `--runs` boots each.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// Options of `bench boot`.
+#[derive(Debug, clap::Args)]
+pub struct BootBenchArgs {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Directory with vmlinux and initramfs.cpio [default: target/husk-image]
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Also boot QEMU with TCG (software emulation).
+    #[arg(long)]
+    tcg: bool,
+}
+
+/// One boot's numbers.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Start to init, ms.
+    to_init: f64,
+    /// Start to first vCPU entry (husk only), ms.
+    to_entry: Option<f64>,
+    /// Start to exit, ms.
+    total: f64,
+    /// Peak RSS, KiB.
+    rss_kib: i64,
+}
+
+/// Runs the benchmark.
+pub fn boot(args: &BootBenchArgs) -> Result<()> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let root = crate::workspace_root();
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| root.join("target/husk-image"));
+    let vmlinux = image.join("vmlinux");
+    let initrd = image.join("initramfs.cpio");
+    for f in [&vmlinux, &initrd] {
+        ensure!(
+            f.is_file(),
+            "{} missing: run `cargo xtask build-image` first",
+            f.display()
+        );
+    }
+    ensure!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "/dev/kvm is not available: the boot benchmark compares VMMs on KVM"
+    );
+    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let params = |file: &str| -> Result<String> {
+        let p = root.join("kernel-config").join(file);
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
+    };
+    let mut cmdline = params("cmdline")?;
+    if kvm_pvm {
+        cmdline = format!("{cmdline} {}", params("cmdline-kvm-pvm")?);
+    }
+
+    println!("building husk (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "--package", "husk"])
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "building husk failed");
+    let husk = root.join("target/release/husk");
+
+    println!(
+        "host: {}; {} runs each; image {}",
+        if kvm_pvm {
+            "kvm_pvm (nested, emulated guest kernel mode)"
+        } else {
+            "KVM"
+        },
+        args.runs,
+        image.display()
+    );
+    let mut results: Vec<(&str, Vec<Sample>)> = Vec::new();
+    let mut husk_samples = Vec::new();
+    let mut qemu_samples = Vec::new();
+    let mut tcg_samples = Vec::new();
+    for run in 1..=args.runs {
+        let s = husk_boot(&husk, &vmlinux, &initrd)?;
+        println!(
+            "  run {run}: husk       init at {:>9.1} ms, rss {:>6} KiB",
+            s.to_init, s.rss_kib
+        );
+        husk_samples.push(s);
+        let cpu = if kvm_pvm {
+            "host,-cx16,-popcnt"
+        } else {
+            "host"
+        };
+        let s = qemu_boot("kvm", cpu, &vmlinux, &initrd, &cmdline)?;
+        println!(
+            "  run {run}: qemu (kvm) init at {:>9.1} ms, rss {:>6} KiB",
+            s.to_init, s.rss_kib
+        );
+        qemu_samples.push(s);
+        if args.tcg {
+            let tcg_cmdline = format!("{cmdline} tsc_early_khz=2000000 lpj=4000000");
+            let s = qemu_boot("tcg", "max", &vmlinux, &initrd, &tcg_cmdline)?;
+            println!(
+                "  run {run}: qemu (tcg) init at {:>9.1} ms, rss {:>6} KiB",
+                s.to_init, s.rss_kib
+            );
+            tcg_samples.push(s);
+        }
+    }
+    results.push(("husk (KVM)", husk_samples));
+    results.push(("QEMU microvm (KVM)", qemu_samples));
+    if args.tcg {
+        results.push(("QEMU microvm (TCG)", tcg_samples));
+    }
+
+    println!();
+    println!(
+        "{:<20} {:>14} {:>16} {:>14} {:>14}",
+        "VMM", "to init (ms)", "to 1st entry (ms)", "total (ms)", "peak RSS (KiB)"
+    );
+    let mut medians = Vec::new();
+    for (name, samples) in &results {
+        let to_init = median(samples.iter().map(|s| s.to_init));
+        let entry = samples
+            .iter()
+            .filter_map(|s| s.to_entry)
+            .collect::<Vec<_>>();
+        let entry = if entry.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", median(entry.into_iter()))
+        };
+        let total = median(samples.iter().map(|s| s.total));
+        let rss = median(samples.iter().map(|s| s.rss_kib as f64));
+        println!("{name:<20} {to_init:>14.1} {entry:>16} {total:>14.1} {rss:>14.0}");
+        medians.push((to_init, rss));
+    }
+    let (husk_init, husk_rss) = medians[0];
+    let (qemu_init, qemu_rss) = medians[1];
+    println!();
+    println!(
+        "husk / QEMU (KVM): boot-to-init {:.3}x, peak RSS {:.3}x",
+        husk_init / qemu_init,
+        husk_rss / qemu_rss
+    );
+    Ok(())
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Waits for `pid`, returning its exit status and peak RSS (KiB).
+fn wait_rusage(child: &mut std::process::Child) -> Result<(i32, i64)> {
+    let pid = libc::pid_t::try_from(child.id()).context("pid")?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in; pid is our own unreaped child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to locals; waits only for our child.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    ensure!(r == pid, "wait4: {}", std::io::Error::last_os_error());
+    Ok((status, usage.ru_maxrss))
+}
+
+fn husk_boot(husk: &Path, vmlinux: &Path, initrd: &Path) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new(husk)
+        .args(["vm", "boot", "--json", "--timeout", "600", "--kernel"])
+        .arg(vmlinux)
+        .arg("--initrd")
+        .arg(initrd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("running {}", husk.display()))?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().context("stdout")?, &mut out)?;
+    let (status, rss) = wait_rusage(&mut child)?;
+    let total = start.elapsed().as_secs_f64() * 1000.0;
+    ensure!(status == 0, "husk vm boot failed (status {status}): {out}");
+    let phase = |name: &str| -> Option<f64> {
+        let key = format!("\"phase\":\"{name}\",\"ms\":");
+        let at = out.find(&key)? + key.len();
+        out[at..].split([',', '}']).next()?.parse().ok()
+    };
+    let Some(to_init) = phase("marker init-started") else {
+        bail!("husk vm boot reported no init-started marker: {out}");
+    };
+    Ok(Sample {
+        to_init,
+        to_entry: phase("first vCPU entry"),
+        total,
+        rss_kib: rss,
+    })
+}
+
+fn qemu_boot(
+    accel: &str,
+    cpu: &str,
+    vmlinux: &Path,
+    initrd: &Path,
+    cmdline: &str,
+) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,rtc=off,isa-serial=on",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+        ])
+        .args([
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+        ])
+        .args(["-no-reboot", "-device", "i8042", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(vmlinux)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &format!("{cmdline} console=ttyS0 quiet")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running qemu-system-x86_64 (apt-get install -y qemu-system-x86)")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut to_init = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if to_init.is_none() && line.contains("husk-init:") {
+            to_init = Some(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let (status, rss) = wait_rusage(&mut child)?;
+    let total = start.elapsed().as_secs_f64() * 1000.0;
+    ensure!(status == 0, "qemu ({accel}) exited with status {status}");
+    let to_init = to_init.with_context(|| format!("qemu ({accel}): husk-init never printed"))?;
+    Ok(Sample {
+        to_init,
+        to_entry: None,
+        total,
+        rss_kib: rss,
+    })
+}
