@@ -118,7 +118,7 @@ fn configure_interface(nl: &Netlink, iface: &NetInterface) -> io::Result<()> {
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    crate::sys::set_link_flags(&iface.name, libc::IFF_UP as libc::c_short, true)?;
+    crate::sys::set_link_flags(&iface.name, crate::sys::IFF_UP, true)?;
     let index = ifindex(&iface.name)?;
     for a in &iface.addresses {
         add_address(nl, index, a).map_err(|e| {
@@ -131,10 +131,16 @@ fn configure_interface(nl: &Netlink, iface: &NetInterface) -> io::Result<()> {
     Ok(())
 }
 
+/// Address families as the `u8` rtnetlink messages carry them (2 and 10 fit).
+#[expect(clippy::cast_possible_truncation, reason = "AF_INET is 2")]
+const AF_INET_U8: u8 = libc::AF_INET as u8;
+#[expect(clippy::cast_possible_truncation, reason = "AF_INET6 is 10")]
+const AF_INET6_U8: u8 = libc::AF_INET6 as u8;
+
 fn addr_bytes(a: &IpAddr) -> (u8, Vec<u8>) {
     match a {
-        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
-        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+        IpAddr::V4(v) => (AF_INET_U8, v.octets().to_vec()),
+        IpAddr::V6(v) => (AF_INET6_U8, v.octets().to_vec()),
     }
 }
 
@@ -153,7 +159,7 @@ fn add_route(nl: &Netlink, r: &NetRoute) -> io::Result<()> {
     let family = match (r.destination, r.gateway) {
         (Some(d), _) => addr_bytes(&d.addr).0,
         (None, Some(gw)) => addr_bytes(&gw).0,
-        (None, None) => libc::AF_INET as u8,
+        (None, None) => AF_INET_U8,
     };
     let dst_len = r.destination.map(|d| d.prefix_len).unwrap_or(0);
     let scope = if r.gateway.is_some() {
@@ -215,9 +221,8 @@ impl Netlink {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        Ok(Self {
-            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     fn request(&self, typ: u16, flags: u16, payload: &[u8]) -> io::Result<()> {

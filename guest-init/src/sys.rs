@@ -60,9 +60,13 @@ pub fn dup_onto(fd: &impl AsFd, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `IFF_UP` as the `c_short` that `ifreq.ifr_flags` holds.
+#[expect(clippy::cast_possible_truncation, reason = "IFF_UP is 1")]
+pub const IFF_UP: libc::c_short = libc::IFF_UP as libc::c_short;
+
 /// Sets IFF_UP on the loopback interface.
 pub fn loopback_up() -> io::Result<()> {
-    set_link_flags("lo", libc::IFF_UP as libc::c_short, true)
+    set_link_flags("lo", IFF_UP, true)
 }
 
 /// Sets or clears interface flags with SIOCSIFFLAGS.

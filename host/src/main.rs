@@ -1,7 +1,12 @@
 //! `husk`: an OCI runtime that runs each container in its own KVM microVM.
 
+mod cli;
 mod vmm;
 
-fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+use std::process::ExitCode;
+use std::time::Instant;
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    cli::main(process_start)
 }

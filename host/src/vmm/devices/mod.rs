@@ -1,6 +1,12 @@
 //! Device models and the buses that route guest port I/O and MMIO accesses to them.
 
+pub mod bus;
+pub mod i8042;
+pub mod marker;
+pub mod serial;
 pub mod virtio;
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// A device on the port-I/O or MMIO bus. `offset` is relative to the start of the range the
 /// device was registered at. Accesses the device does not implement read as zeros and are
@@ -10,4 +16,28 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// A guest write.
     fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// A vm-superio trigger that writes an eventfd (an irqfd for interrupts, or an event the VMM
+/// waits on).
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl vm_superio::Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl EventFdTrigger {
+    /// A new non-blocking eventfd.
+    pub fn new() -> std::io::Result<EventFdTrigger> {
+        EventFd::new(libc::EFD_NONBLOCK).map(EventFdTrigger)
+    }
+
+    /// Another handle to the same eventfd.
+    pub fn try_clone(&self) -> std::io::Result<EventFdTrigger> {
+        self.0.try_clone().map(EventFdTrigger)
+    }
 }

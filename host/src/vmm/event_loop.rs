@@ -1,0 +1,86 @@
+//! The "vmm" thread: waits on the VM's events (stop requests and power-off markers, the
+//! i8042 reset) and on the device back-ends, and turns them into a [`VmExit`].
+
+use std::sync::mpsc::Sender;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::devices::EventFdTrigger;
+use super::{SeccompMode, ThreadKind, VmExit};
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_RESET: u64 = 1;
+const TOKEN_POWER_OFF: u64 = 2;
+
+/// The event loop's inputs.
+pub struct EventLoop {
+    /// Written by vCPUs reporting an exit and by [`super::RunningVm::stop`].
+    pub stop_evt: EventFdTrigger,
+    /// Written by the boot-marker port on husk-init's `PowerOff` marker.
+    pub power_off_evt: EventFdTrigger,
+    /// Written by the i8042 when the guest resets.
+    pub reset_evt: EventFdTrigger,
+    /// Where the reason for the end goes.
+    pub exits: Sender<VmExit>,
+    /// Seccomp for this thread.
+    pub seccomp: SeccompMode,
+}
+
+impl EventLoop {
+    /// Runs until the VM must end.
+    pub fn run(self) {
+        if let Err(e) = self.serve() {
+            let _ = self
+                .exits
+                .send(VmExit::Error(format!("vmm event loop: {e}")));
+        }
+    }
+
+    fn serve(&self) -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| format!("epoll_create: {e}"))?;
+        for (fd, token) in [
+            (&self.stop_evt, TOKEN_STOP),
+            (&self.reset_evt, TOKEN_RESET),
+            (&self.power_off_evt, TOKEN_POWER_OFF),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&fd.0),
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| format!("epoll_ctl: {e}"))?;
+        }
+        super::apply_seccomp(self.seccomp, ThreadKind::Vmm)?;
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("epoll_wait: {e}")),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => {
+                        // A vCPU's exit report (already in the channel, so it wins) or a host
+                        // stop request.
+                        let _ = self.stop_evt.0.read();
+                        let _ = self.exits.send(VmExit::Stopped);
+                        return Ok(());
+                    }
+                    TOKEN_POWER_OFF => {
+                        let _ = self.power_off_evt.0.read();
+                        let _ = self.exits.send(VmExit::PowerOff);
+                        return Ok(());
+                    }
+                    TOKEN_RESET => {
+                        let _ = self.reset_evt.0.read();
+                        let _ = self.exits.send(VmExit::Reset);
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! KVM tests with tiny hand-assembled guests, booted through the real path ([`super::start`]):
+//! each guest is wrapped in a minimal ELF file so the loader, boot tables, buses and exit
+//! handling are all exercised. They need `/dev/kvm` and say so when they skip.
+
+use std::time::Duration;
+
+use husk_proto::marker::Marker;
+
+use super::{SeccompMode, VmConfig, VmExit};
+
+/// A minimal ELF64 executable with one PT_LOAD segment holding `code` at physical (and
+/// virtual) address `addr`, entry at its start.
+fn elf(code: &[u8], addr: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF");
+    f.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV ABI
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&addr.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    f.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    f.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    let offset = 0x1000u64;
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    f.extend_from_slice(&offset.to_le_bytes());
+    f.extend_from_slice(&addr.to_le_bytes()); // vaddr
+    f.extend_from_slice(&addr.to_le_bytes()); // paddr
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.resize(usize::try_from(offset).unwrap(), 0);
+    f.extend_from_slice(code);
+    f
+}
+
+/// `mov dx, 0x3f0; mov al, VALUE; out dx, al` (the boot-marker port).
+fn marker(value: u8) -> Vec<u8> {
+    vec![0x66, 0xba, 0xf0, 0x03, 0xb0, value, 0xee]
+}
+
+/// Boots `code` with 1 vCPU and 32 MiB; returns why it ended and the markers it wrote.
+fn boot(code: &[u8], timeout: Duration) -> Option<(VmExit, Vec<Result<Marker, u8>>)> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "husk-tiny-{}-{}",
+        std::process::id(),
+        code.iter().map(|b| u32::from(*b)).sum::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, elf(code, 0x10_0000)).unwrap();
+    let config = VmConfig {
+        kernel,
+        initrd: None,
+        cmdline_extra: String::new(),
+        mem_mib: 32,
+        vcpus: 1,
+        console: false,
+        seccomp: SeccompMode::Off,
+    };
+    let vm = super::start(&config, std::time::Instant::now()).unwrap();
+    let (why, timeline) = vm.wait(Some(timeout));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(timeline.first_entry.is_some());
+    Some((why, timeline.markers.into_iter().map(|(_, m)| m).collect()))
+}
+
+#[test]
+fn markers_are_recorded_and_power_off_ends_the_vm() {
+    let mut code = marker(Marker::InitStarted as u8);
+    code.extend(marker(0x77));
+    code.extend(marker(Marker::PowerOff as u8));
+    code.extend([0xeb, 0xfe]); // jmp $: only the marker may end it
+    let Some((why, markers)) = boot(&code, Duration::from_secs(30)) else {
+        return;
+    };
+    assert_eq!(why, VmExit::PowerOff);
+    assert_eq!(
+        markers,
+        vec![Ok(Marker::InitStarted), Err(0x77), Ok(Marker::PowerOff)]
+    );
+}
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    // mov al, 0xfe; out 0x64, al; jmp $
+    let code = [0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
+    let Some((why, _)) = boot(&code, Duration::from_secs(30)) else {
+        return;
+    };
+    assert_eq!(why, VmExit::Reset);
+}
+
+#[test]
+fn accesses_to_nothing_are_survived() {
+    // mov eax, 0x3000000 (past the 32 MiB of RAM, inside the identity map); mov dword [rax], 1;
+    // mov ebx, [rax]; in al, 0x80; then power off.
+    let mut code = vec![
+        0xb8, 0x00, 0x00, 0x00, 0x03, 0xc7, 0x00, 0x01, 0x00, 0x00, 0x00, 0x8b, 0x18, 0xe4, 0x80,
+    ];
+    code.extend(marker(Marker::PowerOff as u8));
+    code.extend([0xeb, 0xfe]);
+    let Some((why, _)) = boot(&code, Duration::from_secs(30)) else {
+        return;
+    };
+    assert_eq!(why, VmExit::PowerOff);
+}
+
+#[test]
+fn a_triple_fault_is_a_reset() {
+    // ud2 with an empty IDT: #UD -> #DF -> triple fault.
+    let Some((why, _)) = boot(&[0x0f, 0x0b], Duration::from_secs(30)) else {
+        return;
+    };
+    assert_eq!(why, VmExit::Reset);
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_at_the_timeout() {
+    let Some((why, _)) = boot(&[0xeb, 0xfe], Duration::from_millis(500)) else {
+        return;
+    };
+    assert!(
+        matches!(why, VmExit::Error(ref e) if e.contains("did not finish")),
+        "{why:?}"
+    );
+}
