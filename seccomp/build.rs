@@ -1,0 +1,163 @@
+//! Compiles `filters/<arch>-<env>.json` into one BPF program per thread and mode, written to
+//! `OUT_DIR` as raw little-endian `sock_filter` records (8 bytes each) that `src/lib.rs`
+//! embeds with `include_bytes!`.
+//!
+//! Before compiling, the JSON is held to the rules the crate relies on; a violation fails the
+//! build, so an empty or permissive filter can never ship:
+//! - the filter names are exactly the thread kinds plus `openat_eacces`;
+//! - a thread filter allows on match and kills the process otherwise, and has rules;
+//! - `openat_eacces` answers `openat` with EACCES and allows everything else;
+//! - every rule carries a non-empty `comment` saying who needs the syscall;
+//! - a syscall is not listed both with and without argument conditions in one filter
+//!   (seccompiler would silently keep only the conditional rules).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::{env, fs};
+
+use seccompiler::{BpfProgram, TargetArch};
+use serde_json::{Value, json};
+
+/// The thread filters, by name; `src/lib.rs` embeds `<name>.<mode>.bpf` for each.
+const THREADS: [&str; 3] = ["vmm", "vcpu", "api"];
+/// Stacked under every thread filter, in both modes.
+const COMPANION: &str = "openat_eacces";
+const EACCES: u64 = 13;
+
+fn main() {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
+    let target_env = env::var("CARGO_CFG_TARGET_ENV").expect("cargo sets CARGO_CFG_TARGET_ENV");
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+
+    // The syscalls a thread makes depend on the libc (malloc, thread exit, abort) as much as
+    // on the architecture, so each (arch, libc) pair has its own, reviewed, file.
+    let path = manifest.join(format!("filters/{arch}-{target_env}.json"));
+    println!("cargo::rerun-if-changed={}", path.display());
+    println!("cargo::rerun-if-changed=build.rs");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "no seccomp filters for target {arch}-{target_env}: {}: {e}. \
+             Write one by starting from a supported target and checking every thread's \
+             syscalls with the log mode (see the crate docs).",
+            path.display()
+        )
+    });
+    let target = TargetArch::try_from(arch.as_str())
+        .unwrap_or_else(|e| panic!("seccompiler does not support {arch}: {e:?}"));
+
+    let mut filters: BTreeMap<String, Value> =
+        serde_json::from_str(&text).unwrap_or_else(|e| fail(&path, &format!("bad JSON: {e}")));
+    check(&path, &filters);
+
+    write_programs(&out, &path, &filters, target, "enforce");
+    // The diagnostic mode: the same rules, but a syscall outside them is logged and allowed.
+    for name in THREADS {
+        filters.get_mut(name).expect("checked")["mismatch_action"] = json!("log");
+    }
+    write_programs(&out, &path, &filters, target, "log");
+}
+
+/// Compiles `filters` and writes each program as `<name>.<mode>.bpf` into `out`.
+fn write_programs(
+    out: &Path,
+    path: &Path,
+    filters: &BTreeMap<String, Value>,
+    target: TargetArch,
+    mode: &str,
+) {
+    let json = serde_json::to_vec(filters).expect("a Value map serialises");
+    let programs = seccompiler::compile_from_json(json.as_slice(), target).unwrap_or_else(|e| {
+        fail(
+            path,
+            &format!("seccompiler rejected the {mode} filters: {e}"),
+        )
+    });
+    for (name, program) in &programs {
+        let file = out.join(format!("{name}.{mode}.bpf"));
+        fs::write(&file, encode(program))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+    }
+}
+
+/// Raw little-endian `struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }` records.
+fn encode(program: &BpfProgram) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(program.len() * 8);
+    for insn in program {
+        bytes.extend_from_slice(&insn.code.to_le_bytes());
+        bytes.push(insn.jt);
+        bytes.push(insn.jf);
+        bytes.extend_from_slice(&insn.k.to_le_bytes());
+    }
+    bytes
+}
+
+fn check(path: &Path, filters: &BTreeMap<String, Value>) {
+    let expected: BTreeSet<&str> = THREADS.iter().copied().chain([COMPANION]).collect();
+    let found: BTreeSet<&str> = filters.keys().map(String::as_str).collect();
+    if found != expected {
+        fail(
+            path,
+            &format!("filters must be exactly {expected:?}, found {found:?}"),
+        );
+    }
+    for (name, filter) in filters {
+        let rules = filter["filter"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if rules.is_empty() {
+            fail(path, &format!("{name}: no rules"));
+        }
+        if name == COMPANION {
+            let openat_only = rules.iter().all(|r| r["syscall"] == "openat");
+            if filter["mismatch_action"] != "allow"
+                || filter["match_action"] != json!({ "errno": EACCES })
+                || !openat_only
+            {
+                fail(
+                    path,
+                    &format!("{name}: must only answer openat with errno {EACCES}"),
+                );
+            }
+        } else if filter["mismatch_action"] != "kill_process" || filter["match_action"] != "allow" {
+            fail(
+                path,
+                &format!("{name}: must allow listed syscalls and kill_process the rest"),
+            );
+        }
+
+        // For each syscall: whether it has an unconditional rule, and how many rules.
+        let mut seen: BTreeMap<&str, (bool, usize)> = BTreeMap::new();
+        for rule in rules {
+            let syscall = rule["syscall"].as_str().unwrap_or("?");
+            let has_comment = rule["comment"]
+                .as_str()
+                .is_some_and(|c| !c.trim().is_empty());
+            if !has_comment {
+                fail(
+                    path,
+                    &format!("{name}: {syscall}: say who needs it in a \"comment\""),
+                );
+            }
+            let entry = seen.entry(syscall).or_default();
+            entry.0 |= rule.get("args").is_none();
+            entry.1 += 1;
+        }
+        for (syscall, (unconditional, count)) in seen {
+            if unconditional && count > 1 {
+                fail(
+                    path,
+                    &format!(
+                        "{name}: {syscall} is listed without args and again with args; \
+                         seccompiler would keep only the conditional rules"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn fail(path: &Path, message: &str) -> ! {
+    panic!("{}: {message}", path.display())
+}
