@@ -39,8 +39,11 @@ pub struct BootArgs {
     #[arg(long)]
     timeout: Option<u64>,
     /// Run without the seccomp filters (debugging only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "seccomp_log")]
     no_seccomp: bool,
+    /// Only log seccomp violations (to the kernel log) instead of killing.
+    #[arg(long)]
+    seccomp_log: bool,
     /// Print the boot timeline as JSON on stdout instead of a table on stderr.
     #[arg(long)]
     json: bool,
@@ -72,11 +75,15 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         console: args.console,
         seccomp: if args.no_seccomp {
             SeccompMode::Off
+        } else if args.seccomp_log {
+            SeccompMode::Log
         } else {
             SeccompMode::Enforce
         },
     };
     let vm = vmm::start(&config, process_start).context("starting the VM")?;
+    // From here this thread only waits for the VM, stops its threads and reports.
+    vmm::apply_seccomp(config.seccomp, vmm::ThreadKind::Api).map_err(anyhow::Error::msg)?;
     let (why, timeline) = vm.wait(args.timeout.map(Duration::from_secs));
     if args.json {
         let phases: Vec<String> = timeline

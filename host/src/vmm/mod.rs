@@ -61,30 +61,22 @@ pub struct VmConfig {
 pub enum SeccompMode {
     /// Install the filters; a syscall outside them kills the process.
     Enforce,
+    /// Install the filters but only log violations (`dmesg`), to find a missing syscall.
+    Log,
     /// No filters (debugging only).
     Off,
 }
 
-/// The VMM's thread kinds, each with its own seccomp filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// The device event loop.
-    Vmm,
-    /// A vCPU.
-    Vcpu,
-    /// The thread that started the VM and waits for it.
-    Api,
-}
+pub use husk_seccomp::ThreadKind;
 
 /// Installs the calling thread's seccomp filter.
 pub fn apply_seccomp(mode: SeccompMode, kind: ThreadKind) -> Result<(), String> {
-    match mode {
-        SeccompMode::Off => Ok(()),
-        SeccompMode::Enforce => {
-            let _ = kind;
-            Ok(())
-        }
-    }
+    let mode = match mode {
+        SeccompMode::Off => return Ok(()),
+        SeccompMode::Enforce => husk_seccomp::Mode::Enforce,
+        SeccompMode::Log => husk_seccomp::Mode::Log,
+    };
+    husk_seccomp::apply_with(kind, mode).map_err(|e| format!("{e:#}"))
 }
 
 /// Why a VM ended.

@@ -111,13 +111,8 @@ impl Vcpu {
                     break;
                 }
                 VcpuExit::InternalError => {
-                    let regs = self
-                        .fd
-                        .get_regs()
-                        .map(|r| format!("rip={:#x}", r.rip))
-                        .unwrap_or_default();
                     self.exit(VmExit::Error(format!(
-                        "vCPU {}: KVM internal error (emulation failure?) at {regs}",
+                        "vCPU {}: KVM internal error (an instruction KVM could not emulate?)",
                         self.id
                     )));
                     break;
