@@ -628,6 +628,7 @@ mod tests {
             S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
         );
         assert_eq!(dev.lock().unwrap().activated, Some(vec![16, 4]));
+        assert_eq!(t.status(), S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 
         // Queue registers are frozen once the device runs.
         write32(&mut t, QUEUE_SEL, 0);

@@ -19,6 +19,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 pub mod mmio;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

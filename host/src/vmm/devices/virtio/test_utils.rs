@@ -133,11 +133,6 @@ impl<'a> TestQueue<'a> {
         }
         out
     }
-
-    /// Guest memory, for reading buffers back.
-    pub(crate) fn mem(&self) -> &'a GuestMemoryMmap {
-        self.mem
-    }
 }
 
 /// Reads `len` bytes of guest memory at `addr`.
