@@ -74,6 +74,11 @@ const QUEUE_DRIVER_LOW: u64 = off(reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW);
 const QUEUE_DRIVER_HIGH: u64 = off(reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
 const QUEUE_DEVICE_LOW: u64 = off(reg::VIRTIO_MMIO_QUEUE_USED_LOW);
 const QUEUE_DEVICE_HIGH: u64 = off(reg::VIRTIO_MMIO_QUEUE_USED_HIGH);
+const SHM_SEL: u64 = off(reg::VIRTIO_MMIO_SHM_SEL);
+const SHM_LEN_LOW: u64 = off(reg::VIRTIO_MMIO_SHM_LEN_LOW);
+const SHM_LEN_HIGH: u64 = off(reg::VIRTIO_MMIO_SHM_LEN_HIGH);
+const SHM_BASE_LOW: u64 = off(reg::VIRTIO_MMIO_SHM_BASE_LOW);
+const SHM_BASE_HIGH: u64 = off(reg::VIRTIO_MMIO_SHM_BASE_HIGH);
 const CONFIG_GENERATION: u64 = off(reg::VIRTIO_MMIO_CONFIG_GENERATION);
 const CONFIG: u64 = off(reg::VIRTIO_MMIO_CONFIG);
 
@@ -209,6 +214,9 @@ impl MmioTransport {
             STATUS => self.status,
             // The devices never change their configuration space after creation.
             CONFIG_GENERATION => 0,
+            // No shared memory regions: "reading from a non-existent region results in a
+            // length of -1" (virtio 1.2 §4.2.2). Linux probes these for virtio-fs DAX.
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
             _ => {
                 guest_log!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 return None;
@@ -223,6 +231,8 @@ impl MmioTransport {
             DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             DRIVER_FEATURES => self.write_driver_features(value),
             QUEUE_SEL => self.queue_sel = value,
+            // Selects a shared memory region; there are none (see the reads above).
+            SHM_SEL => {}
             QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW
             | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
                 self.write_queue_register(offset, value);
@@ -260,6 +270,15 @@ impl MmioTransport {
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
+        // Linux disables each queue after resetting the device when it unbinds the driver
+        // (vm_del_vq): harmless on a stopped device, so not worth a log line.
+        let quiet = offset == QUEUE_READY && value == 0 && self.status & S_DRIVER_OK == 0;
+        if quiet {
+            if let Some(queue) = self.selected_queue() {
+                queue.set_ready(false);
+            }
+            return;
+        }
         if !self.queue_writable() {
             guest_log!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}, ignored",
@@ -604,6 +623,10 @@ mod tests {
         assert_eq!(read32(&mut t, QUEUE_NUM_MAX), 0, "no queue 2");
         assert_eq!(read32(&mut t, CONFIG_GENERATION), 0);
         assert_eq!(t.queue_evts().len(), 2);
+        // No shared memory regions.
+        write32(&mut t, SHM_SEL, 0);
+        assert_eq!(read32(&mut t, SHM_LEN_LOW), u32::MAX);
+        assert_eq!(read32(&mut t, SHM_LEN_HIGH), u32::MAX);
     }
 
     #[test]
@@ -644,6 +667,10 @@ mod tests {
         drop(d);
         assert_eq!(read32(&mut t, QUEUE_READY), 0);
         assert_eq!(t.queues[1].size(), 8);
+        // Linux then disables each queue, which is accepted on the stopped device.
+        write32(&mut t, QUEUE_SEL, 1);
+        write32(&mut t, QUEUE_READY, 0);
+        assert_eq!(read32(&mut t, QUEUE_READY), 0);
     }
 
     #[test]
