@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::defs::{
     CONN_BUF_SIZE, CREDIT_UPDATE_THRESHOLD, MAX_PKT_DATA, REQUEST_TIMEOUT, RxHeader, SHUTDOWN_BOTH,
-    SHUTDOWN_RCV, SHUTDOWN_SEND, SHUTDOWN_TIMEOUT, TxHeader, op,
+    SHUTDOWN_RCV, SHUTDOWN_SEND, TxHeader, op,
 };
 use crate::vmm::devices::virtio::guest_log;
 
@@ -89,7 +89,7 @@ pub(super) struct Connection {
     /// We shut down the host socket's write side (the guest will send nothing more).
     host_write_shut: bool,
 
-    /// When the guest must have answered (REQUEST or final SHUTDOWN) or the connection is reset.
+    /// When the guest must have answered our REQUEST, or the connection is reset.
     expiry: Option<Instant>,
 
     /// Muxer bookkeeping: the events registered with its epoll (`None`: not registered).
@@ -198,7 +198,7 @@ impl Connection {
         self.expiry = None;
     }
 
-    /// The guest missed its deadline (REQUEST unanswered, or no RST after our final SHUTDOWN).
+    /// The guest missed its deadline to answer our REQUEST.
     pub(super) fn expire(&mut self, now: Instant) {
         if self.expiry.is_some_and(|at| at <= now) {
             eprintln!(
@@ -221,16 +221,19 @@ impl Connection {
         self.state == State::Established && !self.host_eof && self.peer_shutdown & SHUTDOWN_RCV == 0
     }
 
-    /// SHUTDOWN flags we owe the guest: SEND once the host socket reached EOF, RCV as well once
-    /// it hung up entirely.
+    /// SHUTDOWN flags we owe the guest: SEND once the host socket reached EOF, both once it
+    /// hung up entirely and nothing more will be read from it.
     fn shutdown_owed(&self) -> u32 {
-        if self.state != State::Established || !self.host_eof {
+        if self.state != State::Established {
             return 0;
         }
-        let want = if self.host_hup {
+        let read_done = self.host_eof || self.peer_shutdown & SHUTDOWN_RCV != 0;
+        let want = if self.host_hup && read_done {
             SHUTDOWN_BOTH
-        } else {
+        } else if self.host_eof {
             SHUTDOWN_SEND
+        } else {
+            0
         };
         want & !self.shutdown_sent
     }
@@ -456,11 +459,17 @@ impl Connection {
         let owed = self.shutdown_owed();
         if owed != 0 {
             self.shutdown_sent |= owed;
-            if self.shutdown_sent == SHUTDOWN_BOTH {
-                self.expiry = Some(Instant::now() + SHUTDOWN_TIMEOUT);
-            }
             let flags = self.shutdown_sent;
             self.write_header(pkt, guest_cid, op::SHUTDOWN, flags, 0);
+            if flags == SHUTDOWN_BOTH {
+                // The host socket is gone both ways, so the connection has nothing left to do.
+                // Forget it now rather than wait for the guest's RST: Linux only sends that
+                // once its reader drained the data, and resetting it on a timer (as Firecracker
+                // does) would discard data a slow guest has not read yet. Whatever the guest
+                // sends later on it is answered with RST, which completes its close.
+                self.state = State::Closed;
+                self.pending = 0;
+            }
             return Some(0);
         }
         if self.pending & pending::CREDIT_UPDATE != 0 {

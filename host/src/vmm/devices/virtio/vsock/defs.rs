@@ -55,8 +55,6 @@ pub(super) const MAX_PENDING_RST: usize = 256;
 
 /// How long the guest has to answer a host-initiated REQUEST.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the guest has to RST a connection after we shut both directions down.
-pub(super) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Host-initiated connections get local ports from here up, as in Firecracker, clear of the
 /// ports services listen on.

@@ -46,6 +46,19 @@
 //! wait for RX buffers; at that bound the device stops taking TX packets until the guest
 //! supplies RX buffers.
 //!
+//! # Closing
+//!
+//! - Guest SHUTDOWN(SEND): once buffered guest data is flushed, the host socket's write side is
+//!   shut, so the host reads EOF. SHUTDOWN(RCV): its read side is shut, so host writes fail with
+//!   EPIPE. Both: after the flush the guest gets the RST Linux waits for, and the host socket
+//!   is closed. Guest RST: the host socket is closed at once.
+//! - Host EOF (the client shut its write side): SHUTDOWN(SEND) to the guest, which still may
+//!   send. Host socket hung up entirely: SHUTDOWN(RCV|SEND), and the device forgets the
+//!   connection at once; whatever the guest sends on it later is answered with RST. There is
+//!   no kill timer waiting for the guest's RST (Firecracker has one): Linux only sends that RST
+//!   once its reader drained the data, and resetting on a timer would discard data a slow guest
+//!   has not read yet.
+//!
 //! # Guest mistakes
 //!
 //! Malformed TX chains (header shorter than 44 bytes, write-only buffers, lengths beyond the

@@ -264,6 +264,14 @@ impl<'a> Guest<'a> {
         pkts.remove(0)
     }
 
+    /// Like `recv`, with two RX buffers, expecting exactly two packets.
+    fn recv_two(&mut self) -> Vec<Pkt> {
+        self.give_rx(2);
+        let pkts = self.recv();
+        assert_eq!(pkts.len(), 2, "{pkts:?}");
+        pkts
+    }
+
     /// Guest connects from `port` to host `host_port`, whose listener accepts; returns the
     /// accepted host end.
     fn connect_to_host(
@@ -349,13 +357,21 @@ fn guest_connection_to_a_host_listener_carries_data_both_ways() {
     assert_ne!(g.irq.status() & 1, 0, "used-buffer interrupt raised");
     assert!(g.irq.irq_evt().read().unwrap() >= 1);
 
-    // The host closes: the guest hears both directions are done, then RSTs.
+    // The host closes: the guest hears both directions are done and the device forgets the
+    // connection; the guest's later close is answered with RST.
+    host.write_all(b"last words").unwrap();
     drop(host);
-    let pkt = g.recv_one();
-    assert_eq!((pkt.op, pkt.flags), (op::SHUTDOWN, SHUTDOWN_BOTH));
-    assert_eq!(g.dev.connection_count(), 1);
-    g.send(&Pkt::guest(op::RST, 5000, 1234));
+    let pkts = g.recv_two();
+    assert_eq!(pkts[0].data, b"last words");
+    assert_eq!((pkts[1].op, pkts[1].flags), (op::SHUTDOWN, SHUTDOWN_BOTH));
     assert_eq!(g.dev.connection_count(), 0);
+    let mut shut = Pkt::guest(op::SHUTDOWN, 5000, 1234);
+    shut.flags = SHUTDOWN_BOTH;
+    g.send(&shut);
+    assert_eq!(g.recv_one().op, op::RST);
+    g.send(&Pkt::guest(op::RST, 5000, 1234));
+    g.give_rx(1);
+    assert!(g.recv().is_empty(), "an RST is never answered");
 }
 
 #[test]
