@@ -135,3 +135,57 @@ pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::io::Result<Ou
         wall,
     })
 }
+
+/// The `husk` binary of this workspace, built (once per test process) if needed.
+pub fn husk_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // Test binaries live in target/<profile>/deps; the husk binary one level up.
+            let exe = std::env::current_exe().expect("current_exe");
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("test binary in target/<profile>/deps")
+                .to_path_buf();
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(workspace_root())
+                .args(["build", "--quiet", "--package", "husk"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build -p husk");
+            assert!(status.success(), "cargo build -p husk failed");
+            profile_dir.join("husk")
+        })
+        .clone()
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir, named after `label`.
+    pub fn new(label: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("husk-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -32,6 +32,10 @@ pub struct BootArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// Attach a vsock device whose host side is this Unix socket (guest-initiated
+    /// connections to port P go to PATH_P).
+    #[arg(long)]
+    vsock: Option<PathBuf>,
     /// Attach the serial console to stdout (slow: every byte is a VM exit).
     #[arg(long)]
     console: bool,
@@ -73,6 +77,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
         console: args.console,
+        vsock: args.vsock,
         seccomp: if args.no_seccomp {
             SeccompMode::Off
         } else if args.seccomp_log {

@@ -2,15 +2,18 @@
 //! i8042 reset) and on the device back-ends, and turns them into a [`VmExit`].
 
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::devices::EventFdTrigger;
+use super::devices::virtio::vsock::Vsock;
 use super::{SeccompMode, ThreadKind, VmExit};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
 const TOKEN_POWER_OFF: u64 = 2;
+const TOKEN_VSOCK: u64 = 3;
 
 /// The event loop's inputs.
 pub struct EventLoop {
@@ -20,6 +23,8 @@ pub struct EventLoop {
     pub power_off_evt: EventFdTrigger,
     /// Written by the i8042 when the guest resets.
     pub reset_evt: EventFdTrigger,
+    /// The vsock device, whose back-end (host sockets, queue notifications) this loop drives.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
     /// Where the reason for the end goes.
     pub exits: Sender<VmExit>,
     /// Seccomp for this thread.
@@ -51,6 +56,16 @@ impl EventLoop {
                 )
                 .map_err(|e| format!("epoll_ctl: {e}"))?;
         }
+        if let Some(vsock) = &self.vsock {
+            let fd = lock(vsock).epoll_fd();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_VSOCK),
+                )
+                .map_err(|e| format!("epoll_ctl: {e}"))?;
+        }
         super::apply_seccomp(self.seccomp, ThreadKind::Vmm)?;
         let mut events = vec![EpollEvent::default(); 16];
         loop {
@@ -78,9 +93,18 @@ impl EventLoop {
                         let _ = self.exits.send(VmExit::Reset);
                         return Ok(());
                     }
+                    TOKEN_VSOCK => {
+                        if let Some(vsock) = &self.vsock {
+                            lock(vsock).process_events();
+                        }
+                    }
                     _ => {}
                 }
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -39,13 +39,8 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the gap.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// First virtio-mmio device.
-#[allow(dead_code, reason = "used once the virtio-mmio devices are attached")]
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Size of each virtio-mmio device window.
-#[allow(dead_code, reason = "used once the virtio-mmio devices are attached")]
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First GSI for virtio-mmio devices (0-4 are the timer, keyboard, cascade, serial ports).
-#[allow(dead_code, reason = "used once the virtio-mmio devices are attached")]
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// The IO-APIC's MMIO address.
 pub const IOAPIC: u64 = 0xfec0_0000;

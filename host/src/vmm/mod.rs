@@ -54,6 +54,9 @@ pub struct VmConfig {
     pub console: bool,
     /// How the threads' seccomp filters are applied.
     pub seccomp: SeccompMode,
+    /// The vsock device: the host-side Unix socket (guest-initiated connections go to
+    /// `<path>_<port>`), `None` for a VM without one.
+    pub vsock: Option<PathBuf>,
 }
 
 /// Seccomp for the VMM's threads.
@@ -279,14 +282,25 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         )
         .map_err(dev_err)?;
     }
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut virtio_devices = Vec::new();
+    let mut vsock_device = None;
+    if let Some(uds) = &config.vsock {
+        let device = devices::virtio::vsock::Vsock::new(u64::from(husk_proto::GUEST_CID), uds)
+            .map_err(|e| VmError::Devices(format!("vsock at {}: {e}", uds.display())))?;
+        let device = Arc::new(Mutex::new(device));
+        let (base, gsi) = (layout::VIRTIO_MMIO_BASE, layout::VIRTIO_IRQ_BASE);
+        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
+        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
+        vsock_device = Some(device);
+    }
 
     // Guest image.
     let cmdline = host::cmdline(
         profile,
         &host::CmdlineOptions {
             console: config.console,
-            virtio_devices: vec![],
+            virtio_devices,
             extra: config.cmdline_extra.clone(),
         },
     );
@@ -338,6 +352,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         stop_evt: stop_evt.try_clone().map_err(os("eventfd"))?,
         reset_evt,
         power_off_evt,
+        vsock: vsock_device,
         exits: exit_tx,
         seccomp: config.seccomp,
     };
@@ -368,6 +383,34 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         process_start,
         vm_ready,
     })
+}
+
+/// Puts a virtio device on the MMIO bus at `base` with interrupt `gsi`: its queue
+/// notifications become ioeventfds and its interrupt an irqfd, so neither costs a trip
+/// through the VMM's threads.
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &memory::GuestMem,
+    mmio: &mut Bus,
+    device: devices::virtio::SharedDevice,
+    base: u64,
+    gsi: u32,
+) -> Result<(), VmError> {
+    use devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
+    let transport = MmioTransport::new(mem.clone(), device)
+        .map_err(|e| VmError::Devices(format!("virtio-mmio transport at {base:#x}: {e}")))?;
+    vm.register_irqfd(transport.interrupt().irq_evt(), gsi)
+        .map_err(kvm_call("KVM_IRQFD (virtio)"))?;
+    for (i, evt) in (0u32..).zip(transport.queue_evts()) {
+        vm.register_ioevent(
+            evt,
+            &kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+            i,
+        )
+        .map_err(kvm_call("KVM_IOEVENTFD (virtio queue notify)"))?;
+    }
+    mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
+        .map_err(|e| VmError::Devices(e.to_string()))
 }
 
 impl RunningVm {

@@ -46,7 +46,11 @@ fn marker(value: u8) -> Vec<u8> {
 }
 
 /// Boots `code` with 1 vCPU and 32 MiB; returns why it ended and the markers it wrote.
-fn boot(code: &[u8], timeout: Duration, seccomp: SeccompMode) -> Option<(VmExit, Vec<Result<Marker, u8>>)> {
+fn boot(
+    code: &[u8],
+    timeout: Duration,
+    seccomp: SeccompMode,
+) -> Option<(VmExit, Vec<Result<Marker, u8>>)> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("SKIPPED: /dev/kvm not available");
         return None;
@@ -67,6 +71,7 @@ fn boot(code: &[u8], timeout: Duration, seccomp: SeccompMode) -> Option<(VmExit,
         vcpus: 1,
         console: false,
         seccomp,
+        vsock: None,
     };
     let vm = super::start(&config, std::time::Instant::now()).unwrap();
     let (why, timeline) = vm.wait(Some(timeout));

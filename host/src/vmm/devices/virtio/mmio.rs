@@ -35,7 +35,6 @@ use super::{
 use crate::vmm::devices::BusDevice;
 
 /// Size of the MMIO window each transport occupies (registers plus a 3.75 KiB config space).
-#[allow(dead_code)] // For the VMM's bus registration and cmdline, which are not wired yet.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
 /// Offset of `QueueNotify` in the window: where the VMM registers the queue ioeventfds.
@@ -182,6 +181,7 @@ impl MmioTransport {
     }
 
     /// The device status register (`VIRTIO_CONFIG_S_*` bits).
+    #[cfg(test)]
     pub fn status(&self) -> u32 {
         self.status
     }

@@ -14,10 +14,6 @@
 //! [`guest_log!`] (rate limited, so a guest cannot flood the log either) and then ignored, or
 //! answered with `DEVICE_NEEDS_RESET` where the spec asks for it.
 
-// The VMM's device manager does not instantiate virtio devices yet, so outside tests most of this
-// module is unreachable from `main`. Remove once the builder wires the transports in.
-#![cfg_attr(not(test), allow(dead_code))]
-
 pub mod mmio;
 pub mod vsock;
 

@@ -1,0 +1,281 @@
+//! Loading and validating an OCI bundle, and sizing its VM.
+//!
+//! The VM is sized from the spec: guest RAM is the container's memory limit plus what the
+//! guest kernel and husk-init need themselves ([`GUEST_OVERHEAD_MIB`]); vCPUs follow the CPU
+//! quota (rounded up) or the `cpus` set. Without limits a VM gets [`DEFAULT_MEMORY_MIB`] and one
+//! vCPU. The annotations `io.husk.vm.memory_mib` and `io.husk.vm.vcpus` override both.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+
+/// Guest RAM when the spec sets no memory limit.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// What the guest kernel, page cache and husk-init need on top of the container's limit.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+/// Annotation overriding the guest RAM (MiB).
+pub const ANNOTATION_MEMORY: &str = "io.husk.vm.memory_mib";
+/// Annotation overriding the vCPU count.
+pub const ANNOTATION_VCPUS: &str = "io.husk.vm.vcpus";
+
+/// What is wrong with a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The bundle directory or its config.json cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// config.json is not valid JSON or not a valid runtime spec.
+    #[error("{path}: invalid config.json at line {line} column {column}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        line: usize,
+        /// Where.
+        column: usize,
+        /// What serde said.
+        msg: String,
+    },
+    /// A field has a value husk cannot use.
+    #[error("{path}: {field}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The JSON path of the field.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// How big the VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// A loaded bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The bundle directory, absolute.
+    pub dir: PathBuf,
+    /// config.json as read (sent to the guest byte for byte).
+    pub config_json: Vec<u8>,
+    /// The parsed spec.
+    pub spec: Spec,
+    /// The root filesystem, absolute.
+    pub rootfs: PathBuf,
+    /// The VM's size.
+    pub vm: VmSize,
+}
+
+impl Bundle {
+    /// Loads `dir/config.json` and checks what husk needs from it.
+    pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
+        let dir = std::path::absolute(dir).map_err(|source| BundleError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("config.json");
+        let config_json = std::fs::read(&path).map_err(|source| BundleError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let spec: Spec = serde_json::from_slice(&config_json).map_err(|e| BundleError::Parse {
+            path: path.clone(),
+            line: e.line(),
+            column: e.column(),
+            msg: e.to_string(),
+        })?;
+        let invalid = |field, why: String| BundleError::Invalid {
+            path: path.clone(),
+            field,
+            why,
+        };
+        let version = spec.version();
+        if !version.starts_with("1.") {
+            return Err(invalid(
+                "ociVersion",
+                format!("{version:?} is not a 1.x runtime spec version"),
+            ));
+        }
+        let root = spec
+            .root()
+            .as_ref()
+            .ok_or_else(|| invalid("root", "missing: a container needs a root filesystem".into()))?;
+        let rootfs = if root.path().is_absolute() {
+            root.path().clone()
+        } else {
+            dir.join(root.path())
+        };
+        if !rootfs.is_dir() {
+            return Err(invalid(
+                "root.path",
+                format!("{} is not a directory", rootfs.display()),
+            ));
+        }
+        if spec.process().is_none() {
+            return Err(invalid("process", "missing: nothing to run".into()));
+        }
+        let vm = vm_size(&spec).map_err(|(field, why)| invalid(field, why))?;
+        Ok(Bundle {
+            dir,
+            config_json,
+            spec,
+            rootfs,
+            vm,
+        })
+    }
+}
+
+/// The VM size a spec asks for.
+pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let mut memory_mib = DEFAULT_MEMORY_MIB;
+    if let Some(limit) = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+    {
+        let limit = u64::try_from(limit).unwrap_or(0);
+        memory_mib = limit.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
+    }
+    let mut vcpus: u64 = 1;
+    if let Some(cpu) = resources.and_then(|r| r.cpu().as_ref()) {
+        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
+            && quota > 0
+            && period > 0
+        {
+            vcpus = u64::try_from(quota).unwrap_or(1).div_ceil(period);
+        } else if let Some(cpus) = cpu.cpus() {
+            vcpus = count_cpus(cpus).ok_or((
+                "linux.resources.cpu.cpus",
+                format!("{cpus:?} is not a CPU list like \"0-3,5\""),
+            ))?;
+        }
+    }
+    let annotations = spec.annotations().as_ref();
+    if let Some(v) = annotations.and_then(|a| a.get(ANNOTATION_MEMORY)) {
+        memory_mib = v.parse().map_err(|_| {
+            (
+                "annotations",
+                format!("{ANNOTATION_MEMORY}={v:?} is not a number of MiB"),
+            )
+        })?;
+    }
+    if let Some(v) = annotations.and_then(|a| a.get(ANNOTATION_VCPUS)) {
+        vcpus = v.parse().map_err(|_| {
+            (
+                "annotations",
+                format!("{ANNOTATION_VCPUS}={v:?} is not a number"),
+            )
+        })?;
+    }
+    let max = u64::from(crate::vmm::MAX_VCPUS);
+    if vcpus == 0 || vcpus > max {
+        return Err((
+            "linux.resources.cpu",
+            format!("asks for {vcpus} vCPUs; a husk VM has 1 to {max}"),
+        ));
+    }
+    if !(64..=64 * 1024).contains(&memory_mib) {
+        return Err((
+            "linux.resources.memory",
+            format!("asks for a {memory_mib} MiB VM; 64 MiB to 64 GiB are supported"),
+        ));
+    }
+    Ok(VmSize {
+        memory_mib,
+        vcpus: u8::try_from(vcpus).unwrap_or(1),
+    })
+}
+
+/// The number of CPUs in a list like `0-3,5`.
+fn count_cpus(list: &str) -> Option<u64> {
+    let mut n = 0;
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => {
+                part.parse::<u64>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn sizes_from_limits_and_annotations() {
+        let s = spec(r#"{"ociVersion":"1.0.2"}"#);
+        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 256, vcpus: 1 });
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
+        );
+        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 512 + 64, vcpus: 2 });
+        let s = spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"cpu":{"cpus":"0-2,7"}}}}"#);
+        assert_eq!(vm_size(&s).unwrap().vcpus, 4);
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.husk.vm.memory_mib":"128","io.husk.vm.vcpus":"3"}}"#,
+        );
+        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 128, vcpus: 3 });
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let s = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.husk.vm.vcpus":"99"}}"#);
+        assert!(vm_size(&s).unwrap_err().1.contains("99 vCPUs"));
+        let s = spec(r#"{"ociVersion":"1.0.2","annotations":{"io.husk.vm.memory_mib":"lots"}}"#);
+        assert!(vm_size(&s).unwrap_err().1.contains("lots"));
+        let s = spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"cpu":{"cpus":"3-1"}}}}"#);
+        assert!(vm_size(&s).is_err());
+    }
+
+    #[test]
+    fn bad_bundles_name_the_problem() {
+        let dir = std::env::temp_dir().join(format!("husk-bundle-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let err = Bundle::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::write(dir.join("config.json"), "{\"ociVersion\": \"1.0.2\",\n \"root\": 7}").unwrap();
+        let err = Bundle::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        std::fs::write(dir.join("config.json"), r#"{"ociVersion":"2.0.0"}"#).unwrap();
+        let err = Bundle::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("ociVersion"), "{err}");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"nope"},"process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        let err = Bundle::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("root.path") && err.contains("nope"), "{err}");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        let b = Bundle::load(&dir).unwrap();
+        assert_eq!(b.rootfs, dir.join("rootfs"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,383 @@
+//! The state store under `--root` (default `/run/husk`): one directory per container.
+//!
+//! ```text
+//! <root>/<id>/state.json     the runtime-spec state plus what husk needs (written atomically)
+//! <root>/<id>/lock           flock(2)ed by every command on this id, so they serialise
+//! <root>/<id>/monitor.sock   the monitor's control socket
+//! <root>/<id>/vsock.sock     the VM's vsock device (host side), `vsock.sock_<port>` listeners
+//! ```
+//!
+//! Commands on different ids never contend: each id has its own lock. The monitor's liveness
+//! decides between "what state.json says" and `stopped`: a monitor that is gone (or whose pid
+//! now belongs to another process, told apart by its start time) means the container stopped.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use husk_proto::ContainerId;
+use serde::{Deserialize, Serialize};
+
+/// The runtime-spec version husk's state JSON follows.
+pub const OCI_VERSION: &str = "1.2.0";
+
+/// Container status as the runtime spec names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The VM is booting or the container being built.
+    Creating,
+    /// Built, process not started.
+    Created,
+    /// The process runs.
+    Running,
+    /// The VM's vCPUs are paused.
+    Paused,
+    /// The process exited (or the monitor is gone).
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    /// Runtime-spec version.
+    pub oci_version: String,
+    /// Container id.
+    pub id: String,
+    /// Status.
+    pub status: Status,
+    /// The monitor's pid (what engines wait on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Absolute bundle path.
+    pub bundle: PathBuf,
+    /// The spec's annotations.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub annotations: HashMap<String, String>,
+    /// When it was created (RFC 3339), as runc reports it.
+    #[serde(default)]
+    pub created: String,
+    /// The monitor's start time (clock ticks since boot, /proc/PID/stat field 22), to tell it
+    /// from a later process that reused the pid.
+    #[serde(default)]
+    pub monitor_start_time: u64,
+    /// The process's exit status once known (128+N for signal N).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+}
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The id is not valid.
+    #[error("{0}")]
+    InvalidId(#[from] husk_proto::InvalidContainerId),
+    /// No such container.
+    #[error("container \"{0}\" does not exist")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("container \"{0}\" already exists")]
+    Exists(String),
+    /// Filesystem trouble.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// state.json is unreadable.
+    #[error("{path}: corrupt state: {msg}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What serde said.
+        msg: String,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError + use<> {
+    let path = path.to_path_buf();
+    move |source| StateError::Io { what, path, source }
+}
+
+/// The state root (`--root`).
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// One container's directory, locked for the lifetime of this value.
+#[derive(Debug)]
+pub struct Entry {
+    id: ContainerId,
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// The store at `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directory of a new container and locks it.
+    pub fn create(&self, id: &str) -> Result<Entry, StateError> {
+        let id = ContainerId::new(id)?;
+        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        let dir = self.root.join(id.as_str());
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StateError::Exists(id.to_string()));
+            }
+            Err(e) => return Err(io("creating", &dir)(e)),
+        }
+        let lock = lock(&dir)?;
+        Ok(Entry {
+            id,
+            dir,
+            _lock: lock,
+        })
+    }
+
+    /// Opens and locks an existing container's directory (waits for other commands on it).
+    pub fn open(&self, id: &str) -> Result<Entry, StateError> {
+        let id = ContainerId::new(id)?;
+        let dir = self.root.join(id.as_str());
+        if !dir.join("state.json").exists() && !dir.join("lock").exists() {
+            return Err(StateError::NotFound(id.to_string()));
+        }
+        let lock = lock(&dir).map_err(|e| match e {
+            StateError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                StateError::NotFound(id.to_string())
+            }
+            e => e,
+        })?;
+        // Deleted while we waited for the lock?
+        if !dir.exists() {
+            return Err(StateError::NotFound(id.to_string()));
+        }
+        Ok(Entry {
+            id,
+            dir,
+            _lock: lock,
+        })
+    }
+
+    /// The ids of every container, sorted.
+    pub fn list(&self) -> Result<Vec<String>, StateError> {
+        let mut ids = Vec::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
+            Err(e) => return Err(io("reading", &self.root)(e)),
+        };
+        for entry in entries.flatten() {
+            if entry.path().join("state.json").exists() {
+                ids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+fn lock(dir: &Path) -> Result<File, StateError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("opening", &path))?;
+    // SAFETY: flock on an fd we own; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    if r != 0 {
+        return Err(io("locking", &path)(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+impl Entry {
+    /// The container id.
+    pub fn id(&self) -> &ContainerId {
+        &self.id
+    }
+
+    /// The container's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The monitor's control socket.
+    pub fn monitor_socket(&self) -> PathBuf {
+        self.dir.join("monitor.sock")
+    }
+
+    /// The vsock device's host-side socket (guest-initiated connections go to `<it>_<port>`).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// Reads state.json (as written; see [`Entry::current`] for the live status).
+    pub fn read(&self) -> Result<State, StateError> {
+        read_state(&self.dir.join("state.json"), &self.id)
+    }
+
+    /// state.json with the status corrected for a monitor that is gone.
+    pub fn current(&self) -> Result<State, StateError> {
+        let mut state = self.read()?;
+        if state.status != Status::Stopped && !monitor_alive(&state) {
+            state.status = Status::Stopped;
+        }
+        Ok(state)
+    }
+
+    /// Writes state.json atomically.
+    pub fn write(&self, state: &State) -> Result<(), StateError> {
+        write_state(&self.dir, state)
+    }
+
+    /// Removes the container's directory.
+    pub fn remove(self) -> Result<(), StateError> {
+        std::fs::remove_dir_all(&self.dir).map_err(io("removing", &self.dir))
+    }
+}
+
+/// Reads a state file.
+pub fn read_state(path: &Path, id: &ContainerId) -> Result<State, StateError> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StateError::NotFound(id.to_string()));
+        }
+        Err(e) => return Err(io("reading", path)(e)),
+    };
+    serde_json::from_slice(&data).map_err(|e| StateError::Corrupt {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Writes `dir/state.json` atomically (temp file + rename). Used by the monitor without the
+/// lock: renames are atomic, and the monitor is the only writer while it lives.
+pub fn write_state(dir: &Path, state: &State) -> Result<(), StateError> {
+    let path = dir.join("state.json");
+    let tmp = dir.join(format!(".state.json.{}", std::process::id()));
+    let json = serde_json::to_vec(state).map_err(|e| StateError::Corrupt {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
+    f.write_all(&json).map_err(io("writing", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))
+}
+
+/// A process's start time (clock ticks after boot), from /proc/PID/stat.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the monitor recorded in `state` still runs (and is still the same process).
+pub fn monitor_alive(state: &State) -> bool {
+    let Some(pid) = state.pid else {
+        return false;
+    };
+    match process_start_time(pid) {
+        Some(t) => state.monitor_start_time == 0 || t == state.monitor_start_time,
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, PathBuf) {
+        let root = std::env::temp_dir().join(format!(
+            "husk-state-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        (Store::new(&root), root)
+    }
+
+    fn state(id: &str, pid: Option<i32>) -> State {
+        State {
+            oci_version: OCI_VERSION.into(),
+            id: id.into(),
+            status: Status::Running,
+            pid,
+            bundle: "/b".into(),
+            annotations: HashMap::new(),
+            created: String::new(),
+            monitor_start_time: pid.and_then(process_start_time).unwrap_or(0),
+            exit_status: None,
+        }
+    }
+
+    #[test]
+    fn create_open_list_remove() {
+        let (store, root) = store();
+        assert!(matches!(store.open("nope"), Err(StateError::NotFound(_))));
+        assert!(matches!(store.create("../evil"), Err(StateError::InvalidId(_))));
+        let e = store.create("c1").unwrap();
+        e.write(&state("c1", Some(i32::try_from(std::process::id()).unwrap())))
+            .unwrap();
+        drop(e);
+        assert!(matches!(store.create("c1"), Err(StateError::Exists(_))));
+        assert_eq!(store.list().unwrap(), vec!["c1".to_string()]);
+        let e = store.open("c1").unwrap();
+        assert_eq!(e.current().unwrap().status, Status::Running);
+        let json = serde_json::to_value(e.read().unwrap()).unwrap();
+        assert_eq!(json["ociVersion"], OCI_VERSION);
+        assert_eq!(json["status"], "running");
+        e.remove().unwrap();
+        assert!(store.list().unwrap().is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_dead_monitor_means_stopped() {
+        let (store, root) = store();
+        let e = store.create("c2").unwrap();
+        // A pid that cannot exist (above pid_max).
+        e.write(&state("c2", Some(i32::MAX))).unwrap();
+        assert_eq!(e.current().unwrap().status, Status::Stopped);
+        // Our own pid with a wrong start time: a reused pid.
+        let mut s = state("c2", Some(i32::try_from(std::process::id()).unwrap()));
+        s.monitor_start_time += 1;
+        e.write(&s).unwrap();
+        assert_eq!(e.current().unwrap().status, Status::Stopped);
+        drop(e);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
