@@ -14,6 +14,7 @@
 //! [`guest_log!`] (rate limited, so a guest cannot flood the log either) and then ignored, or
 //! answered with `DEVICE_NEEDS_RESET` where the spec asks for it.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
