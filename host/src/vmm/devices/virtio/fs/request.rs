@@ -11,7 +11,9 @@
 use std::mem::size_of;
 
 use fuse_backend_rs::Error as FuseError;
-use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitIn, InitOut, Opcode, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    FsOptions, GetxattrIn, InHeader, InitIn, InitOut, Opcode, OutHeader,
+};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::{MAX_BUFFER_SIZE, MAX_REQ_PAGES, Server};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -22,6 +24,11 @@ use crate::vmm::devices::virtio::guest_log;
 
 /// Bytes of the FUSE reply header.
 const OUT_HEADER_LEN: usize = size_of::<OutHeader>();
+
+/// The most bytes a chain's request or reply buffers may hold: the largest request the
+/// server accepts (`MAX_BUFFER_SIZE` of data and a page of headers). The largest reply, a
+/// 1 MiB READ with its header, is smaller.
+const MAX_CHAIN_BYTES: usize = MAX_BUFFER_SIZE as usize + 4096;
 
 /// FUSE opcodes that have no reply.
 const NO_REPLY: [u32; 3] = [
@@ -102,6 +109,19 @@ pub(super) fn serve<F: FileSystem + Sync>(
             len: answer_error(mem, reply.as_ref(), header.unique, libc::ENOSYS),
             session: None,
         };
+    }
+    if let Some(what) = oversized(&header, &peek, reader.available_bytes(), capacity) {
+        guest_log!(
+            "virtio-fs: request {} (opcode {}) refused: {what}",
+            header.unique,
+            header.opcode
+        );
+        let len = if expects_reply {
+            answer_error(mem, reply.as_ref(), header.unique, libc::EINVAL)
+        } else {
+            0
+        };
+        return Served { len, session: None };
     }
 
     if let Some(reply) = &reply {
@@ -191,6 +211,41 @@ fn widen_init_reply(
         }
     }
     prefix.write(mem, &raw);
+}
+
+/// Why a request is larger than any the server serves, if it is.
+///
+/// The server refuses a request whose header claims more than [`MAX_CHAIN_BYTES`], but it
+/// trusts the chain's buffers and some size fields: IOCTL copies as many request bytes as the
+/// chain holds into a buffer of its own, READDIR and GETXATTR/LISTXATTR allocate what the
+/// request asks for. A guest can make a chain hold gigabytes by pointing many descriptors at
+/// the same pages, and ask for any size, so without these bounds it could make the monitor
+/// allocate gigabytes, or abort on a failed allocation. Linux never sends more than 1 MiB of
+/// data plus headers per request, nor asks for more than 64 KiB of extended attributes.
+fn oversized(
+    header: &InHeader,
+    body: &Reader<'_>,
+    request_bytes: usize,
+    reply_bytes: usize,
+) -> Option<String> {
+    if request_bytes > MAX_CHAIN_BYTES {
+        return Some(format!("{request_bytes} bytes of request buffers"));
+    }
+    if reply_bytes > MAX_CHAIN_BYTES {
+        return Some(format!("{reply_bytes} bytes of reply buffers"));
+    }
+    let xattr =
+        header.opcode == Opcode::Getxattr as u32 || header.opcode == Opcode::Listxattr as u32;
+    if xattr {
+        let size = body
+            .clone()
+            .read_obj::<GetxattrIn>()
+            .map_or(0, |arg| arg.size);
+        if size > MAX_BUFFER_SIZE {
+            return Some(format!("an extended attribute buffer of {size} bytes"));
+        }
+    }
+    None
 }
 
 /// The errno for a request the server could not process.

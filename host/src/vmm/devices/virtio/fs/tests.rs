@@ -943,6 +943,78 @@ fn malformed_chains_are_returned_without_stopping_the_device() {
 }
 
 #[test]
+fn oversized_requests_are_refused_before_the_server_allocates() {
+    let mem = guest_memory();
+    let mut g = Guest::new(&mem);
+    g.init();
+    let alias = g.alloc(256 * 1024);
+
+    // Request buffers of 2 MiB (eight descriptors on the same 256 KiB) behind an IOCTL that
+    // asks the server to copy them all.
+    let ioctl = Msg::new(Opcode::Ioctl, ROOT_ID)
+        .arg(fuse_backend_rs::abi::fuse_abi::IoctlIn {
+            in_size: 2 << 20,
+            ..Default::default()
+        })
+        .encode(21);
+    let addr = g.alloc(u32::try_from(ioctl.len()).unwrap());
+    mem.write_slice(&ioctl, GuestAddress(addr)).unwrap();
+    let (hdr, body) = (g.alloc(16), g.alloc(64));
+    let mut bufs = vec![Buf::readable(addr, u32::try_from(ioctl.len()).unwrap())];
+    bufs.extend((0..8).map(|_| Buf::readable(alias, 256 * 1024)));
+    bufs.extend([Buf::writable(hdr, 16), Buf::writable(body, 64)]);
+    g.queues[REQUEST].add_chain(&bufs);
+    // Reply buffers of 2 MiB behind a READDIR.
+    let fh = {
+        g.kick(REQUEST);
+        let used = g.queues[REQUEST].take_used();
+        let reply = g.read_reply(used[0].1, &[hdr, body]);
+        assert_eq!((reply.errno(), reply.header.unique), (libc::EINVAL, 21));
+        g.open(Opcode::Opendir, ROOT_ID, libc::O_RDONLY)
+    };
+    let readdir = Msg::new(Opcode::Readdir, ROOT_ID)
+        .arg(ReadIn {
+            fh,
+            size: 2 << 20,
+            ..ReadIn::default()
+        })
+        .encode(23);
+    let addr = g.alloc(u32::try_from(readdir.len()).unwrap());
+    mem.write_slice(&readdir, GuestAddress(addr)).unwrap();
+    let hdr = g.alloc(16);
+    let mut bufs = vec![
+        Buf::readable(addr, u32::try_from(readdir.len()).unwrap()),
+        Buf::writable(hdr, 16),
+    ];
+    bufs.extend((0..8).map(|_| Buf::writable(alias, 256 * 1024)));
+    g.queues[REQUEST].add_chain(&bufs);
+    g.kick(REQUEST);
+    let used = g.queues[REQUEST].take_used();
+    let reply = g.read_reply(used[0].1, &[hdr]);
+    assert_eq!((reply.errno(), reply.header.unique), (libc::EINVAL, 23));
+    // An extended attribute buffer of 4 GiB.
+    let getxattr = Msg::new(Opcode::Getxattr, ROOT_ID)
+        .arg(GetxattrIn {
+            size: u32::MAX,
+            padding: 0,
+        })
+        .name("user.x");
+    assert_eq!(g.call(getxattr).errno(), libc::EINVAL);
+    // What Linux sends still works.
+    let getxattr = Msg::new(Opcode::Getxattr, ROOT_ID)
+        .arg(GetxattrIn {
+            size: 65536,
+            padding: 0,
+        })
+        .name("user.x");
+    let errno = g.call(getxattr).errno();
+    assert!(
+        [libc::ENODATA, libc::EOPNOTSUPP].contains(&errno),
+        "{errno}"
+    );
+}
+
+#[test]
 fn forget_on_the_hiprio_queue_has_no_reply() {
     let mem = guest_memory();
     let mut g = Guest::new(&mem);
