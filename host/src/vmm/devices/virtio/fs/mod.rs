@@ -9,7 +9,7 @@
 //! # What the device does
 //!
 //! - Configuration space: `tag` (36 bytes, NUL padded) and `num_request_queues` = 1.
-//! - Queues: 0 is the high-priority queue (Linux sends FORGET and BATCH_FORGET there), 1 the
+//! - Queues: 0 is the high-priority queue (Linux sends FORGET there), 1 the
 //!   single request queue. Feature bits: `VIRTIO_F_VERSION_1` only (no `EVENT_IDX`, no
 //!   indirect descriptors, so the guest sizes its requests to the request queue; it is 1024
 //!   entries so a 1 MiB read or write, 256 pages plus headers, fits several times over).
@@ -62,8 +62,14 @@
 //! - Creating operations run with the requesting guest uid/gid as the thread's effective ids
 //!   (`setresuid`/`setresgid` on the calling thread only), so new files are owned by the guest
 //!   user; reads and writes are done as root, the guest kernel having checked permissions.
-//! - Guest-chosen sizes are bounded: a request longer than 1 MiB plus a page is refused, and
-//!   replies are written only inside the guest's writable descriptors.
+//! - Guest-chosen sizes are bounded: a chain with more than 1 MiB plus a page of request or of
+//!   reply buffers, or an extended-attribute request for more than 1 MiB, is refused by the
+//!   device before the server allocates anything for it; the server refuses a header claiming
+//!   more. Replies are written only inside the guest's writable descriptors.
+//! - The shared directory is resolved to an absolute path without symbolic links when the
+//!   device is created, and opened by that path (last component `O_NOFOLLOW`) each time the
+//!   guest mounts; a host process that can rename directories on that path can redirect the
+//!   next mount.
 //!
 //! What it does not protect: the host directory is writable by the guest, as root on the
 //! host, including setuid bits and device nodes it creates there; share only a directory
@@ -80,10 +86,20 @@
 //!
 //! # Guest mistakes
 //!
-//! A chain whose buffers lie outside guest memory, a request shorter than a FUSE header, or a
-//! request the server cannot decode is logged (rate limited) and the chain returned: with an
-//! error reply (`EINVAL`/`EIO`) when the request has a reply and the chain has room for one,
+//! A chain whose buffers lie outside guest memory, a request shorter than a FUSE header, an
+//! oversized request (above), an opcode the FUSE ABI leaves unassigned, or a request the server
+//! cannot decode is logged (rate limited) and the chain returned: with an error reply
+//! (`EINVAL`, `ENOSYS` or `EIO`) when the request has a reply and the chain has room for one,
 //! with 0 bytes used otherwise. The device keeps serving the other requests.
+//!
+//! # INIT and DESTROY
+//!
+//! INIT (the guest mounts) opens the shared directory as the root inode; DESTROY (it
+//! unmounts) drops every inode and handle of the session, so the next INIT starts afresh. A
+//! driver reset without DESTROY (the guest crashed or unbound the driver) drops them too,
+//! before the next driver's first request. The device widens the server's INIT reply to the
+//! request sizes the server handles (`MAX_PAGES`, `BIG_WRITES`: 1 MiB), which the passthrough
+//! file system does not ask for itself.
 
 // Until `vmm::start` attaches the device, only the tests use it. `expect` rather than `allow`:
 // the attribute turns into a warning of its own, asking to be removed, once the VMM does.

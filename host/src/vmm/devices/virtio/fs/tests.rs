@@ -658,6 +658,19 @@ fn writes_and_metadata_reach_the_host() {
         ..Default::default()
     });
     assert_eq!(g.call(fsync).header.error, 0);
+    let fdatasync =
+        Msg::new(Opcode::Fsync, file.nodeid).arg(fuse_backend_rs::abi::fuse_abi::FsyncIn {
+            fh,
+            fsync_flags: 1, // FUSE_FSYNC_FDATASYNC
+            padding: 0,
+        });
+    assert_eq!(g.call(fdatasync).header.error, 0);
+    // FLUSH: Linux sends one on every close(2) of the file.
+    let flush = Msg::new(Opcode::Flush, file.nodeid).arg(fuse_backend_rs::abi::fuse_abi::FlushIn {
+        fh,
+        ..Default::default()
+    });
+    assert_eq!(g.call(flush).header.error, 0);
     let fallocate =
         Msg::new(Opcode::Fallocate, file.nodeid).arg(fuse_backend_rs::abi::fuse_abi::FallocateIn {
             fh,
@@ -700,6 +713,23 @@ fn writes_and_metadata_reach_the_host() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!((meta.uid(), meta.gid()), (2000, 2000));
     assert_eq!(meta.mtime(), 2_000_000);
+
+    // SETATTR through the open handle, as ftruncate(2), fchmod(2) and futimens(2) send it.
+    let setattr = Msg::new(Opcode::Setattr, file.nodeid).arg(SetattrIn {
+        valid: (SetattrValid::SIZE | SetattrValid::MODE | SetattrValid::MTIME).bits()
+            | fuse_backend_rs::abi::fuse_abi::FATTR_FH,
+        fh,
+        size: 5,
+        mode: 0o640,
+        mtime: 3_000_000,
+        ..SetattrIn::default()
+    });
+    let attr: AttrOut = g.call(setattr).ok();
+    assert_eq!((attr.attr.size, attr.attr.mode & 0o777), (5, 0o640));
+    assert_eq!(
+        std::fs::metadata(g.path("dir/file")).unwrap().mtime(),
+        3_000_000
+    );
 
     // Extended attributes.
     let value = b"guest value";
