@@ -40,3 +40,5 @@ echo "== building husk"
 cargo build --release --workspace
 echo "== smoke test: boot the guest image under QEMU (TCG, then KVM if available)"
 cargo test --release -p husk-e2e --test guest_image_qemu -- --nocapture
+echo "== main job: boot the guest image with husk's own VMM and show the boot timeline"
+target/release/husk vm boot --kernel target/husk-image/vmlinux --initrd target/husk-image/initramfs.cpio

@@ -1,6 +1,9 @@
 //! `husk`: an OCI runtime that runs each container in its own KVM microVM.
 
+mod assets;
 mod cli;
+mod monitor;
+mod oci;
 mod vmm;
 
 use std::process::ExitCode;

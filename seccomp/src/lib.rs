@@ -67,6 +67,10 @@
 //! verdict, so `openat` is listed as allowed in the thread filters only so that `EACCES`, not
 //! the kill, wins. [`apply_with`] installs the companion first, then the thread's filter.
 //!
+//! The exception is the `vmm` thread: it runs the virtio-fs server, which opens files in the
+//! shared directory (always relative to an `O_PATH` fd it holds, or through
+//! `/proc/self/fd`), so it gets no companion and its filter allows `openat` itself.
+//!
 //! # What the monitor must do for these filters to hold
 //!
 //! - Create every thread, fd, mapping, timerfd and signal handler before filtering.
@@ -193,7 +197,10 @@ pub fn apply_with(kind: ThreadKind, mode: Mode) -> Result<(), SeccompError> {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
     // The companion first: the thread filter allows openat only because this one answers it.
-    install(programs::OPENAT_EACCES)?;
+    // The vmm thread serves virtio-fs and really opens files.
+    if kind != ThreadKind::Vmm {
+        install(programs::OPENAT_EACCES)?;
+    }
     install(filter(kind, mode))
 }
 
@@ -420,6 +427,7 @@ mod tests {
         let known: &[(&str, u64)] = &[
             ("AF_UNIX", int(libc::AF_UNIX)),
             ("F_GETFD", int(libc::F_GETFD)),
+            ("F_DUPFD_CLOEXEC", int(libc::F_DUPFD_CLOEXEC)),
             ("F_GETFL", int(libc::F_GETFL)),
             ("F_SETFL", int(libc::F_SETFL)),
             ("FIONBIO", libc::FIONBIO),
@@ -718,16 +726,28 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         tx.send(1).unwrap();
         assert_eq!(rx.recv().unwrap(), 1);
+    }
 
+    /// openat is answered with EACCES on every thread but the vmm thread (virtio-fs).
+    fn check_openat(kind: ThreadKind) {
         let path = CString::new("/proc/self/status").unwrap();
         // SAFETY: `path` is a NUL-terminated string that outlives the call.
         let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
         let errno = std::io::Error::last_os_error().raw_os_error();
-        assert_eq!(
-            (fd, errno),
-            (-1, Some(libc::EACCES)),
-            "openat must fail with EACCES"
-        );
+        if kind == ThreadKind::Vmm {
+            assert!(
+                fd >= 0,
+                "the vmm thread must be able to open files: {errno:?}"
+            );
+            // SAFETY: fd was just opened by us.
+            unsafe { libc::close(fd) };
+        } else {
+            assert_eq!(
+                (fd, errno),
+                (-1, Some(libc::EACCES)),
+                "openat must fail with EACCES"
+            );
+        }
     }
 
     /// Spawns a thread that filters itself as `kind`, runs `work`, and exits; joins it.
@@ -735,6 +755,7 @@ mod tests {
         std::thread::spawn(move || {
             apply(kind).unwrap();
             runtime_work();
+            check_openat(kind);
             work();
             say(&format!("{kind}: work done"));
         })

@@ -189,3 +189,93 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Makes an OCI bundle in `dir`: a busybox-static rootfs (Debian's `busybox-static`) and a
+/// config.json running `args`. Returns `None` (a skip) when busybox is not installed.
+pub fn busybox_bundle(dir: &Path, args: &[&str]) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        return skip("busybox-static is not installed (apt-get install -y busybox-static)");
+    }
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("creating the rootfs");
+    }
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copying busybox");
+    for applet in [
+        "sh", "echo", "cat", "sleep", "uname", "ls", "ps", "id", "env", "true", "false", "kill",
+        "hostname", "mount", "grep", "head",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+            .expect("linking an applet");
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+    let config = serde_json_config(args);
+    std::fs::write(dir.join("config.json"), config).expect("writing config.json");
+    Some(dir.to_path_buf())
+}
+
+/// A minimal runc-style config.json (no network namespace: the VM is the network boundary).
+fn serde_json_config(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        r#"{{
+  "ociVersion": "1.0.2",
+  "process": {{
+    "terminal": false,
+    "user": {{"uid": 0, "gid": 0}},
+    "args": [{}],
+    "env": ["PATH=/bin", "HOME=/root"],
+    "cwd": "/",
+    "capabilities": {{
+      "bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE"],
+      "effective": ["CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE"],
+      "permitted": ["CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE"]
+    }},
+    "noNewPrivileges": true
+  }},
+  "root": {{"path": "rootfs"}},
+  "hostname": "husk-test",
+  "mounts": [
+    {{"destination": "/proc", "type": "proc", "source": "proc"}},
+    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}},
+    {{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}}
+  ],
+  "linux": {{
+    "namespaces": [{{"type": "pid"}}, {{"type": "ipc"}}, {{"type": "uts"}}, {{"type": "mount"}}],
+    "maskedPaths": ["/proc/kcore"],
+    "readonlyPaths": ["/proc/sys"]
+  }}
+}}"#,
+        args.join(", ")
+    )
+}
+
+/// Runs the husk binary with `--root root` and `args`; returns (exit code, stdout, stderr).
+pub fn husk(root: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(husk_binary())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running husk");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether the tests run as root (the status line of /proc/self says the effective uid).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

@@ -1,7 +1,10 @@
-//! The `husk` command line.
+//! The `husk` command line: runc's commands, flags and exit codes, plus developer commands.
 
+mod log;
+mod oci;
 mod vm;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -14,27 +17,95 @@ use clap::{Parser, Subcommand};
     about = "OCI runtime that runs each container in its own KVM microVM"
 )]
 struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = "/run/husk")]
+    root: PathBuf,
+    /// Also write errors to this file.
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Format of the --log file: text or json (runc's JSON lines).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: log::Format,
+    /// Debug output.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for compatibility (cgroups are applied inside the VM).
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a container (boots its VM; the process waits for `start`).
+    Create(oci::CreateArgs),
+    /// Start a created container's process.
+    Start(oci::IdArg),
+    /// Print the state of a container as JSON.
+    State(oci::IdArg),
+    /// Send a signal to the container's process (or every process with --all).
+    Kill(oci::KillArgs),
+    /// Delete a stopped container (--force: stop it first).
+    Delete(oci::DeleteArgs),
+    /// Create and start a container, wait for it unless --detach.
+    Run(oci::RunArgs),
+    /// Run another process in a running container (in its VM).
+    Exec(oci::ExecArgs),
+    /// List the processes of a container (guest pids).
+    Ps(oci::PsArgs),
+    /// List containers.
+    List(oci::ListArgs),
+    /// Print the features this runtime supports (runtime-spec features JSON).
+    Features,
+    /// Write a default config.json into the current (or --bundle) directory.
+    Spec(oci::SpecArgs),
+    /// Pause a container's VM (not supported yet).
+    Pause(oci::IdArg),
+    /// Resume a paused container's VM (not supported yet).
+    Resume(oci::IdArg),
+    /// Container events (not supported yet).
+    Events(oci::IdArg),
     /// Developer commands that work on a VM without the OCI layer.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// The per-container monitor (started by `create`; not for direct use).
+    #[command(hide = true)]
+    Monitor(oci::MonitorCmdArgs),
 }
 
 /// Parses the arguments and runs the command.
 pub fn main(process_start: Instant) -> ExitCode {
     let cli = Cli::parse();
+    let logger = log::Logger::new(cli.log.clone(), cli.log_format, cli.debug);
+    let ctx = oci::Context {
+        root: cli.root.clone(),
+        debug: cli.debug,
+    };
+    let _ = cli.systemd_cgroup;
     let result = match cli.command {
+        Command::Create(a) => oci::create(&ctx, a),
+        Command::Start(a) => oci::start(&ctx, a),
+        Command::State(a) => oci::state(&ctx, a),
+        Command::Kill(a) => oci::kill(&ctx, a),
+        Command::Delete(a) => oci::delete(&ctx, a),
+        Command::Run(a) => oci::run(&ctx, a),
+        Command::Exec(a) => oci::exec(&ctx, a),
+        Command::Ps(a) => oci::ps(&ctx, a),
+        Command::List(a) => oci::list(&ctx, a),
+        Command::Features => oci::features(),
+        Command::Spec(a) => oci::spec(a),
+        Command::Pause(_) | Command::Resume(_) => Err(anyhow::anyhow!(
+            "pause/resume is not supported yet by husk (the VM's vCPUs cannot be paused yet)"
+        )),
+        Command::Events(_) => Err(anyhow::anyhow!("events is not supported yet by husk")),
         Command::Vm(cmd) => vm::run(cmd, process_start),
+        Command::Monitor(a) => Ok(oci::monitor(&ctx, a, process_start)),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("husk: {e:#}");
+            logger.error(&format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -78,6 +78,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         vcpus: args.vcpus,
         console: args.console,
         vsock: args.vsock,
+        shares: vec![],
         seccomp: if args.no_seccomp {
             SeccompMode::Off
         } else if args.seccomp_log {

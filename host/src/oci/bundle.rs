@@ -107,10 +107,12 @@ impl Bundle {
                 format!("{version:?} is not a 1.x runtime spec version"),
             ));
         }
-        let root = spec
-            .root()
-            .as_ref()
-            .ok_or_else(|| invalid("root", "missing: a container needs a root filesystem".into()))?;
+        let root = spec.root().as_ref().ok_or_else(|| {
+            invalid(
+                "root",
+                "missing: a container needs a root filesystem".into(),
+            )
+        })?;
         let rootfs = if root.path().is_absolute() {
             root.path().clone()
         } else {
@@ -227,17 +229,35 @@ mod tests {
     #[test]
     fn sizes_from_limits_and_annotations() {
         let s = spec(r#"{"ociVersion":"1.0.2"}"#);
-        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 256, vcpus: 1 });
+        assert_eq!(
+            vm_size(&s).unwrap(),
+            VmSize {
+                memory_mib: 256,
+                vcpus: 1
+            }
+        );
         let s = spec(
             r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#,
         );
-        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 512 + 64, vcpus: 2 });
+        assert_eq!(
+            vm_size(&s).unwrap(),
+            VmSize {
+                memory_mib: 512 + 64,
+                vcpus: 2
+            }
+        );
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"cpu":{"cpus":"0-2,7"}}}}"#);
         assert_eq!(vm_size(&s).unwrap().vcpus, 4);
         let s = spec(
             r#"{"ociVersion":"1.0.2","annotations":{"io.husk.vm.memory_mib":"128","io.husk.vm.vcpus":"3"}}"#,
         );
-        assert_eq!(vm_size(&s).unwrap(), VmSize { memory_mib: 128, vcpus: 3 });
+        assert_eq!(
+            vm_size(&s).unwrap(),
+            VmSize {
+                memory_mib: 128,
+                vcpus: 3
+            }
+        );
     }
 
     #[test]
@@ -256,7 +276,11 @@ mod tests {
         std::fs::create_dir_all(dir.join("rootfs")).unwrap();
         let err = Bundle::load(&dir).unwrap_err().to_string();
         assert!(err.contains("config.json"), "{err}");
-        std::fs::write(dir.join("config.json"), "{\"ociVersion\": \"1.0.2\",\n \"root\": 7}").unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            "{\"ociVersion\": \"1.0.2\",\n \"root\": 7}",
+        )
+        .unwrap();
         let err = Bundle::load(&dir).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         std::fs::write(dir.join("config.json"), r#"{"ociVersion":"2.0.0"}"#).unwrap();

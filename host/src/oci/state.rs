@@ -139,11 +139,6 @@ impl Store {
         Store { root: root.into() }
     }
 
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Creates the directory of a new container and locks it.
     pub fn create(&self, id: &str) -> Result<Entry, StateError> {
         let id = ContainerId::new(id)?;
@@ -223,16 +218,6 @@ fn lock(dir: &Path) -> Result<File, StateError> {
 }
 
 impl Entry {
-    /// The container id.
-    pub fn id(&self) -> &ContainerId {
-        &self.id
-    }
-
-    /// The container's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The monitor's control socket.
     pub fn monitor_socket(&self) -> PathBuf {
         self.dir.join("monitor.sock")
@@ -298,6 +283,33 @@ pub fn write_state(dir: &Path, state: &State) -> Result<(), StateError> {
     std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))
 }
 
+/// The current time as RFC 3339 in UTC with nanoseconds, as runc writes `created`.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_nanos()
+    )
+}
+
 /// A process's start time (clock ticks after boot), from /proc/PID/stat.
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -348,10 +360,16 @@ mod tests {
     fn create_open_list_remove() {
         let (store, root) = store();
         assert!(matches!(store.open("nope"), Err(StateError::NotFound(_))));
-        assert!(matches!(store.create("../evil"), Err(StateError::InvalidId(_))));
+        assert!(matches!(
+            store.create("../evil"),
+            Err(StateError::InvalidId(_))
+        ));
         let e = store.create("c1").unwrap();
-        e.write(&state("c1", Some(i32::try_from(std::process::id()).unwrap())))
-            .unwrap();
+        e.write(&state(
+            "c1",
+            Some(i32::try_from(std::process::id()).unwrap()),
+        ))
+        .unwrap();
         drop(e);
         assert!(matches!(store.create("c1"), Err(StateError::Exists(_))));
         assert_eq!(store.list().unwrap(), vec!["c1".to_string()]);
@@ -363,6 +381,16 @@ mod tests {
         e.remove().unwrap();
         assert!(store.list().unwrap().is_empty());
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn timestamps_look_like_rfc3339() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 30, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::devices::EventFdTrigger;
+use super::devices::virtio::fs::Fs;
 use super::devices::virtio::vsock::Vsock;
 use super::{SeccompMode, ThreadKind, VmExit};
 
@@ -14,6 +15,8 @@ const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
 const TOKEN_POWER_OFF: u64 = 2;
 const TOKEN_VSOCK: u64 = 3;
+/// virtio-fs device `i` has token `TOKEN_FS + i`.
+const TOKEN_FS: u64 = 16;
 
 /// The event loop's inputs.
 pub struct EventLoop {
@@ -25,6 +28,8 @@ pub struct EventLoop {
     pub reset_evt: EventFdTrigger,
     /// The vsock device, whose back-end (host sockets, queue notifications) this loop drives.
     pub vsock: Option<Arc<Mutex<Vsock>>>,
+    /// The virtio-fs devices (their FUSE servers run on this thread).
+    pub fs: Vec<Arc<Mutex<Fs>>>,
     /// Where the reason for the end goes.
     pub exits: Sender<VmExit>,
     /// Seccomp for this thread.
@@ -66,6 +71,22 @@ impl EventLoop {
                 )
                 .map_err(|e| format!("epoll_ctl: {e}"))?;
         }
+        for (i, fs) in (0u64..).zip(&self.fs) {
+            let fd = lock(fs).epoll_fd();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_FS + i),
+                )
+                .map_err(|e| format!("epoll_ctl: {e}"))?;
+        }
+        if !self.fs.is_empty() {
+            // The FUSE server sets umask(0) on every INIT; the umask is per fs_struct, which
+            // threads share unless one unshares it. Keep it to this thread.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                .map_err(|e| format!("unshare(CLONE_FS) for the virtio-fs server: {e}"))?;
+        }
         super::apply_seccomp(self.seccomp, ThreadKind::Vmm)?;
         let mut events = vec![EpollEvent::default(); 16];
         loop {
@@ -96,6 +117,12 @@ impl EventLoop {
                     TOKEN_VSOCK => {
                         if let Some(vsock) = &self.vsock {
                             lock(vsock).process_events();
+                        }
+                    }
+                    token if token >= TOKEN_FS => {
+                        let i = usize::try_from(token - TOKEN_FS).unwrap_or(usize::MAX);
+                        if let Some(fs) = self.fs.get(i) {
+                            lock(fs).process_events();
                         }
                     }
                     _ => {}

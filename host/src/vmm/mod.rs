@@ -57,6 +57,8 @@ pub struct VmConfig {
     /// The vsock device: the host-side Unix socket (guest-initiated connections go to
     /// `<path>_<port>`), `None` for a VM without one.
     pub vsock: Option<PathBuf>,
+    /// virtio-fs devices: (tag, host directory) each.
+    pub shares: Vec<(String, PathBuf)>,
 }
 
 /// Seccomp for the VMM's threads.
@@ -196,6 +198,10 @@ pub struct RunningVm {
     stop_evt: EventFdTrigger,
     vcpus: Vec<JoinHandle<Option<Instant>>>,
     event_loop: Option<JoinHandle<()>>,
+    // Dropped on the waiting thread after the others are joined, so that the device's
+    // teardown (removing its socket file) happens there and not on whichever thread lets go
+    // last.
+    vsock: Option<Arc<Mutex<devices::virtio::vsock::Vsock>>>,
     markers: Arc<Mutex<MarkerLog>>,
     process_start: Instant,
     vm_ready: Instant,
@@ -294,6 +300,18 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
         vsock_device = Some(device);
     }
+    let mut fs_devices = Vec::new();
+    for (i, (tag, dir)) in (1u32..).zip(&config.shares) {
+        let device = devices::virtio::fs::Fs::new(tag, dir)
+            .map_err(|e| VmError::Devices(format!("virtio-fs {tag:?}: {e}")))?;
+        let device = Arc::new(Mutex::new(device));
+        let base =
+            layout::VIRTIO_MMIO_BASE + u64::from(i) * devices::virtio::mmio::MMIO_WINDOW_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + i;
+        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
+        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
+        fs_devices.push(device);
+    }
 
     // Guest image.
     let cmdline = host::cmdline(
@@ -352,7 +370,8 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         stop_evt: stop_evt.try_clone().map_err(os("eventfd"))?,
         reset_evt,
         power_off_evt,
-        vsock: vsock_device,
+        vsock: vsock_device.clone(),
+        fs: fs_devices,
         exits: exit_tx,
         seccomp: config.seccomp,
     };
@@ -379,6 +398,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         stop_evt,
         vcpus,
         event_loop: Some(event_loop),
+        vsock: vsock_device,
         markers,
         process_start,
         vm_ready,
@@ -413,7 +433,31 @@ fn attach_virtio(
         .map_err(|e| VmError::Devices(e.to_string()))
 }
 
+/// A handle that can stop a running VM from any thread.
+#[derive(Debug, Clone)]
+pub struct VmStopper {
+    flag: Arc<AtomicBool>,
+    evt: Arc<EventFdTrigger>,
+}
+
+impl VmStopper {
+    /// Asks the VM to stop (its exit is then [`VmExit::Stopped`] unless something else came
+    /// first).
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        let _ = vm_superio::Trigger::trigger(&*self.evt);
+    }
+}
+
 impl RunningVm {
+    /// A handle for stopping the VM from another thread.
+    pub fn stopper(&self) -> Result<VmStopper, VmError> {
+        Ok(VmStopper {
+            flag: self.stop_flag.clone(),
+            evt: Arc::new(self.stop_evt.try_clone().map_err(os("eventfd"))?),
+        })
+    }
+
     /// Asks the VM to stop (the exit is then [`VmExit::Stopped`] unless something else came
     /// first).
     pub fn stop(&self) {
@@ -450,6 +494,7 @@ impl RunningVm {
         if let Some(h) = self.event_loop.take() {
             let _ = h.join();
         }
+        drop(self.vsock.take());
         let markers = self
             .markers
             .lock()

@@ -72,6 +72,7 @@ fn boot(
         console: false,
         seccomp,
         vsock: None,
+        shares: vec![],
     };
     let vm = super::start(&config, std::time::Instant::now()).unwrap();
     let (why, timeline) = vm.wait(Some(timeout));

@@ -101,13 +101,6 @@
 //! request sizes the server handles (`MAX_PAGES`, `BIG_WRITES`: 1 MiB), which the passthrough
 //! file system does not ask for itself.
 
-// Until `vmm::start` attaches the device, only the tests use it. `expect` rather than `allow`:
-// the attribute turns into a warning of its own, asking to be removed, once the VMM does.
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the VMM does not attach the device yet")
-)]
-
 mod request;
 #[cfg(test)]
 mod tests;
@@ -326,6 +319,7 @@ impl Fs {
     }
 
     /// The shared directory, as resolved when the device was created.
+    #[cfg(test)]
     pub fn shared_dir(&self) -> &Path {
         &self.shared_dir
     }

@@ -1,0 +1,715 @@
+//! The OCI runtime commands (runc's names, flags and exit codes).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use husk_proto::{Stdio, VsockPort};
+use oci_spec::runtime::Spec;
+
+use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::{self, MonitorArgs};
+use crate::oci::bundle::Bundle;
+use crate::oci::state::{self, State, Status, Store};
+
+/// What every command needs.
+#[derive(Debug)]
+pub struct Context {
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--debug`: the VM's serial console goes to the monitor's stderr.
+    pub debug: bool,
+}
+
+impl Context {
+    fn store(&self) -> Store {
+        Store::new(&self.root)
+    }
+}
+
+/// A container id.
+#[derive(Debug, clap::Args)]
+pub struct IdArg {
+    /// Container id.
+    id: String,
+}
+
+/// `create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Container id.
+    id: String,
+    /// Bundle directory (holding config.json).
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Unix socket that receives the pty master (terminal: true).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Write the monitor's pid (the container's pid for the engine) here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Accepted for compatibility (husk-init always pivots inside the VM).
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Extra fds to pass to the container: not supported across a VM boundary (must be 0).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+}
+
+/// `kill`.
+#[derive(Debug, clap::Args)]
+pub struct KillArgs {
+    /// Container id.
+    id: String,
+    /// Signal name or number.
+    #[arg(default_value = "SIGTERM")]
+    signal: String,
+    /// Signal every process of the container.
+    #[arg(long, short = 'a')]
+    all: bool,
+}
+
+/// `delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Container id.
+    id: String,
+    /// Stop the container's VM first if it still runs.
+    #[arg(long, short = 'f')]
+    force: bool,
+}
+
+/// `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Return after starting instead of waiting for the container to exit.
+    #[arg(long, short = 'd')]
+    detach: bool,
+}
+
+/// `exec`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Container id.
+    id: String,
+    /// An OCI process JSON file instead of ARGS.
+    #[arg(long, short = 'p')]
+    process: Option<PathBuf>,
+    /// Allocate a terminal (not supported yet).
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Do not wait for the process (its stdio is /dev/null).
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Extra environment variables (KEY=VALUE).
+    #[arg(long, short = 'e')]
+    env: Vec<String>,
+    /// Working directory.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// UID[:GID].
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Write the process's (guest) pid here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Unix socket for the pty master (with --tty).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// `ps`.
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    /// Container id.
+    id: String,
+    /// table or json.
+    #[arg(long, short = 'f', default_value = "table")]
+    format: String,
+}
+
+/// `list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// table or json.
+    #[arg(long, short = 'f', default_value = "table")]
+    format: String,
+    /// Only ids.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+/// `spec`.
+#[derive(Debug, clap::Args)]
+pub struct SpecArgs {
+    /// Where to write config.json.
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+}
+
+/// The hidden `monitor` command.
+#[derive(Debug, clap::Args)]
+pub struct MonitorCmdArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    notify_fd: i32,
+}
+
+/// Creates the container and returns the monitor process.
+fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Child> {
+    if args.preserve_fds != 0 {
+        bail!("--preserve-fds: file descriptors cannot be passed into a VM");
+    }
+    let _ = (args.no_pivot, args.no_new_keyring);
+    let store = ctx.store();
+    let entry = store.create(&args.id)?;
+    let fail = |entry: state::Entry, e: anyhow::Error| -> anyhow::Error {
+        let _ = entry.remove();
+        e
+    };
+    let bundle = match Bundle::load(&args.bundle) {
+        Ok(b) => b,
+        Err(e) => return Err(fail(entry, e.into())),
+    };
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    if terminal {
+        let e = if args.console_socket.is_none() {
+            anyhow!("config.json: process.terminal is true but no --console-socket was given")
+        } else {
+            anyhow!("config.json: process.terminal: true is not supported by husk yet")
+        };
+        return Err(fail(entry, e));
+    }
+    let initial = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: args.id.clone(),
+        status: Status::Creating,
+        pid: None,
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: state::now_rfc3339(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    if let Err(e) = entry.write(&initial) {
+        return Err(fail(entry, e.into()));
+    }
+    // The monitor reports "ok" or an error on this pipe.
+    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
+    let write_fd = write_end.as_raw_fd();
+    let exe = std::env::current_exe().context("finding the husk binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(&ctx.root)
+        .args(["monitor", "--id", &args.id, "--bundle"])
+        .arg(&bundle.dir)
+        .args(["--notify-fd", &write_fd.to_string()]);
+    if ctx.debug {
+        cmd.arg("--debug");
+    }
+    // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl) between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session: no controlling terminal, not killed with the caller's process group.
+            libc::setsid();
+            // The notify pipe must survive exec.
+            let flags = libc::fcntl(write_fd, libc::F_GETFD);
+            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Err(fail(entry, anyhow!("starting the monitor: {e}"))),
+    };
+    drop(write_end);
+    let mut report = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut report);
+    if report.trim() != "ok" {
+        let msg = report
+            .trim()
+            .strip_prefix("error: ")
+            .unwrap_or(report.trim())
+            .to_string();
+        let _ = child.kill();
+        let _ = child.wait();
+        let msg = if msg.is_empty() {
+            "the monitor died while creating the container".to_string()
+        } else {
+            msg
+        };
+        return Err(fail(entry, anyhow!(msg)));
+    }
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, child.id())?;
+    }
+    drop(entry);
+    Ok(child)
+}
+
+fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp-husk");
+    std::fs::write(&tmp, pid.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `husk create`.
+pub fn create(ctx: &Context, args: CreateArgs) -> Result<ExitCode> {
+    create_container(ctx, &args)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_container(ctx: &Context, id: &str) -> Result<()> {
+    let entry = ctx.store().open(id)?;
+    let st = entry.current()?;
+    if st.status != Status::Created {
+        bail!(
+            "cannot start container {id}: it is {}, not created",
+            st.status
+        );
+    }
+    match monitor::request(&entry.monitor_socket(), &MonitorRequest::Start)
+        .map_err(anyhow::Error::msg)?
+        .0
+    {
+        MonitorReply::Ok => Ok(()),
+        MonitorReply::Error(e) => bail!("starting container {id}: {e}"),
+        other => bail!("starting container {id}: unexpected reply {other:?}"),
+    }
+}
+
+/// `husk start`.
+pub fn start(ctx: &Context, args: IdArg) -> Result<ExitCode> {
+    start_container(ctx, &args.id)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `husk state`.
+pub fn state(ctx: &Context, args: IdArg) -> Result<ExitCode> {
+    let entry = ctx.store().open(&args.id)?;
+    let st = entry.current()?;
+    println!("{}", serde_json::to_string_pretty(&st)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A signal name (`TERM`, `SIGTERM`) or number.
+pub fn parse_signal(s: &str) -> Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("invalid signal number {n}");
+    }
+    let name = s.to_ascii_uppercase();
+    let name = if name.starts_with("SIG") {
+        name
+    } else {
+        format!("SIG{name}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| anyhow!("unknown signal {s:?}"))
+}
+
+/// `husk kill`.
+pub fn kill(ctx: &Context, args: KillArgs) -> Result<ExitCode> {
+    let signal = parse_signal(&args.signal)?;
+    let entry = ctx.store().open(&args.id)?;
+    let st = entry.current()?;
+    if !matches!(
+        st.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
+        bail!("cannot kill container {}: it is {}", args.id, st.status);
+    }
+    let req = MonitorRequest::Kill {
+        signal,
+        all: args.all,
+    };
+    match monitor::request(&entry.monitor_socket(), &req)
+        .map_err(anyhow::Error::msg)?
+        .0
+    {
+        MonitorReply::Ok => Ok(ExitCode::SUCCESS),
+        MonitorReply::Error(e) => bail!("signalling container {}: {e}", args.id),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// `husk delete`.
+pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
+    let entry = ctx.store().open(&args.id)?;
+    let st = entry.current()?;
+    if st.status != Status::Stopped && !args.force {
+        bail!(
+            "cannot delete container {} that is {} (use --force)",
+            args.id,
+            st.status
+        );
+    }
+    // A monitor that is still there (running, or just finishing) is stopped with its VM.
+    if let Some(pid) = st.pid.filter(|_| state::monitor_alive(&st)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state::monitor_alive(&st) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if state::monitor_alive(&st) {
+            bail!(
+                "the monitor (pid {pid}) of container {} did not die",
+                args.id
+            );
+        }
+    }
+    entry.remove()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `husk run`.
+pub fn run(ctx: &Context, args: RunArgs) -> Result<ExitCode> {
+    let mut child = create_container(ctx, &args.create)?;
+    if let Err(e) = start_container(ctx, &args.create.id) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait().context("waiting for the monitor")?;
+    let code = status.code().unwrap_or(255);
+    // `run` without --detach cleans up after itself, as runc does.
+    if let Ok(entry) = ctx.store().open(&args.create.id) {
+        let _ = entry.remove();
+    }
+    Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+}
+
+/// The process JSON for `exec`: `--process`, or the container's process with ARGS and the
+/// overrides.
+fn exec_process(st: &State, args: &ExecArgs) -> Result<Vec<u8>> {
+    if let Some(p) = &args.process {
+        return std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    }
+    if args.args.is_empty() {
+        bail!("exec needs a command (ARGS) or --process");
+    }
+    let config = st.bundle.join("config.json");
+    let data = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+    let spec: Spec =
+        serde_json::from_slice(&data).with_context(|| format!("parsing {}", config.display()))?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| anyhow!("{}: no process", config.display()))?;
+    process.set_args(Some(args.args.clone()));
+    process.set_terminal(Some(false));
+    let mut env = process.env().clone().unwrap_or_default();
+    env.extend(args.env.iter().cloned());
+    process.set_env(Some(env));
+    if let Some(cwd) = &args.cwd {
+        process.set_cwd(cwd.into());
+    }
+    if let Some(user) = &args.user {
+        let (uid, gid) = match user.split_once(':') {
+            Some((u, g)) => (u.parse::<u32>()?, Some(g.parse::<u32>()?)),
+            None => (user.parse::<u32>()?, None),
+        };
+        let mut u = process.user().clone();
+        u.set_uid(uid);
+        if let Some(gid) = gid {
+            u.set_gid(gid);
+        }
+        process.set_user(u);
+    }
+    Ok(serde_json::to_vec(&process)?)
+}
+
+/// Binds `vsock.sock_<port>` listeners for three consecutive free ports.
+fn bind_stdio_ports(vsock: &Path) -> Result<(u32, [UnixListener; 3])> {
+    let seed = std::process::id() % 10_000;
+    for attempt in 0..1000u32 {
+        let base = 10_000 + ((seed + attempt * 7) % 20_000) * 3;
+        let bind = |p: u32| UnixListener::bind(format!("{}_{p}", vsock.display()));
+        let (Ok(a), Ok(b), Ok(c)) = (bind(base), bind(base + 1), bind(base + 2)) else {
+            for p in base..base + 3 {
+                let _ = std::fs::remove_file(format!("{}_{p}", vsock.display()));
+            }
+            continue;
+        };
+        return Ok((base, [a, b, c]));
+    }
+    bail!("no free vsock ports for exec")
+}
+
+/// `husk exec`.
+pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
+    if args.tty || args.console_socket.is_some() {
+        bail!("exec --tty is not supported by husk yet");
+    }
+    let (socket, st, vsock) = {
+        let entry = ctx.store().open(&args.id)?;
+        let st = entry.current()?;
+        (entry.monitor_socket(), st, entry.vsock_socket())
+    };
+    if st.status != Status::Running {
+        bail!("cannot exec in container {}: it is {}", args.id, st.status);
+    }
+    let process_json = exec_process(&st, &args)?;
+    if args.detach {
+        let req = MonitorRequest::Exec {
+            process_json,
+            stdio: Stdio::NULL,
+        };
+        return match monitor::request(&socket, &req)
+            .map_err(anyhow::Error::msg)?
+            .0
+        {
+            MonitorReply::ExecStarted(pid) => {
+                if let Some(p) = &args.pid_file {
+                    write_pid_file(p, pid)?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
+            other => bail!("unexpected reply {other:?}"),
+        };
+    }
+    let (base, listeners) = bind_stdio_ports(&vsock)?;
+    let cleanup = |base: u32| {
+        for p in base..base + 3 {
+            let _ = std::fs::remove_file(format!("{}_{p}", vsock.display()));
+        }
+    };
+    let req = MonitorRequest::Exec {
+        process_json,
+        stdio: Stdio::Pipes {
+            stdin: Some(VsockPort(base)),
+            stdout: Some(VsockPort(base + 1)),
+            stderr: Some(VsockPort(base + 2)),
+        },
+    };
+    let (first, mut reader) = match monitor::request(&socket, &req) {
+        Ok(r) => r,
+        Err(e) => {
+            cleanup(base);
+            bail!(e);
+        }
+    };
+    match first {
+        MonitorReply::ExecStarted(pid) => {
+            if let Some(p) = &args.pid_file {
+                write_pid_file(p, pid)?;
+            }
+        }
+        MonitorReply::Error(e) => {
+            cleanup(base);
+            bail!("exec in container {}: {e}", args.id);
+        }
+        other => {
+            cleanup(base);
+            bail!("unexpected reply {other:?}");
+        }
+    }
+    let [stdin_l, stdout_l, stderr_l] = listeners;
+    let accept = |l: UnixListener| -> Result<std::os::unix::net::UnixStream> {
+        l.set_nonblocking(false)?;
+        Ok(l.accept()?.0)
+    };
+    let (stdin_c, stdout_c, stderr_c) = (accept(stdin_l)?, accept(stdout_l)?, accept(stderr_l)?);
+    cleanup(base);
+    std::thread::spawn(move || {
+        let mut conn = stdin_c;
+        let _ = std::io::copy(&mut std::io::stdin(), &mut conn);
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+    });
+    let out = std::thread::spawn(move || {
+        crate::monitor::relay_out(stdout_c, &mut std::io::stdout());
+    });
+    let err = std::thread::spawn(move || {
+        crate::monitor::relay_out(stderr_c, &mut std::io::stderr());
+    });
+    let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
+    let _ = out.join();
+    let _ = err.join();
+    match reply {
+        MonitorReply::Exited(code) => Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),
+        MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// `husk ps`.
+pub fn ps(ctx: &Context, args: PsArgs) -> Result<ExitCode> {
+    let entry = ctx.store().open(&args.id)?;
+    let st = entry.current()?;
+    if !matches!(
+        st.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
+        bail!("container {} is {}", args.id, st.status);
+    }
+    let pids = match monitor::request(&entry.monitor_socket(), &MonitorRequest::Ps)
+        .map_err(anyhow::Error::msg)?
+        .0
+    {
+        MonitorReply::Pids(p) => p,
+        MonitorReply::Error(e) => bail!("ps {}: {e}", args.id),
+        other => bail!("unexpected reply {other:?}"),
+    };
+    match args.format.as_str() {
+        "json" => println!("{}", serde_json::to_string(&pids)?),
+        "table" => {
+            println!("PID");
+            for p in pids {
+                println!("{p}");
+            }
+        }
+        other => bail!("unknown format {other:?} (table or json)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `husk list`.
+pub fn list(ctx: &Context, args: ListArgs) -> Result<ExitCode> {
+    let store = ctx.store();
+    let mut states = Vec::new();
+    for id in store.list()? {
+        if let Ok(entry) = store.open(&id)
+            && let Ok(st) = entry.current()
+        {
+            states.push(st);
+        }
+    }
+    if args.quiet {
+        for s in &states {
+            println!("{}", s.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match args.format.as_str() {
+        "json" => println!("{}", serde_json::to_string(&states)?),
+        "table" => {
+            println!(
+                "{:<20} {:<8} {:<10} {:<40} CREATED",
+                "ID", "PID", "STATUS", "BUNDLE"
+            );
+            for s in &states {
+                let pid = s.pid.filter(|_| s.status != Status::Stopped).unwrap_or(0);
+                println!(
+                    "{:<20} {:<8} {:<10} {:<40} {}",
+                    s.id,
+                    pid,
+                    s.status,
+                    s.bundle.display(),
+                    s.created
+                );
+            }
+        }
+        other => bail!("unknown format {other:?} (table or json)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `husk features`.
+pub fn features() -> Result<ExitCode> {
+    let v = serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": state::OCI_VERSION,
+        "hooks": [],
+        "mountOptions": ["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
+            "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",
+            "relatime", "norelatime", "strictatime", "nostrictatime", "mode", "size"],
+        "linux": {
+            "namespaces": ["pid", "mount", "uts", "ipc", "user", "cgroup", "network"],
+            "capabilities": caps::all().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {"enabled": true, "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO",
+                "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP",
+                "SCMP_ACT_LOG"], "operators": ["SCMP_CMP_EQ", "SCMP_CMP_NE", "SCMP_CMP_LT",
+                "SCMP_CMP_LE", "SCMP_CMP_GT", "SCMP_CMP_GE", "SCMP_CMP_MASKED_EQ"],
+                "archs": ["SCMP_ARCH_X86_64"]},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "io.husk.vm.memory_mib": "guest RAM in MiB (default: memory limit + 64, or 256)",
+            "io.husk.vm.vcpus": "vCPUs (default: CPU quota rounded up, or 1)"
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `husk spec`.
+pub fn spec(args: SpecArgs) -> Result<ExitCode> {
+    let path = args.bundle.join("config.json");
+    if path.exists() {
+        bail!("{} already exists; remove it first", path.display());
+    }
+    let spec = Spec::default();
+    let json = serde_json::to_string_pretty(&spec)?;
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(json.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The hidden `monitor` command.
+pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> ExitCode {
+    // Make sure the notify fd is ours (and close-on-exec from here on).
+    // SAFETY: the fd number was given to us by `create`, which left it open for us.
+    let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
+    let raw = fd.as_raw_fd();
+    std::mem::forget(fd);
+    monitor::run(
+        MonitorArgs {
+            root: ctx.root.clone(),
+            id: args.id,
+            bundle: args.bundle,
+            notify_fd: raw,
+            console: ctx.debug,
+        },
+        process_start,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("TERM").unwrap(), 15);
+        assert_eq!(parse_signal("SIGKILL").unwrap(), 9);
+        assert_eq!(parse_signal("kill").unwrap(), 9);
+        assert_eq!(parse_signal("2").unwrap(), 2);
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("SIGNOPE").is_err());
+    }
+}

@@ -1,0 +1,518 @@
+//! The monitor: the long-lived process behind each container. `husk create` starts it
+//! (detached into its own session, still a descendant of the engine); it owns the VM, talks to
+//! husk-init over vsock, relays the container's stdio, answers `husk` commands on
+//! `<state dir>/monitor.sock`, keeps `state.json` current and finally exits with the
+//! container's exit status (128+N for signal N), after the VM is gone.
+//!
+//! Threads: besides the VMM's own (vmm, vCPUs) the monitor runs one reader of the guest's
+//! control connection, one acceptor of command connections (plus a short-lived reader per
+//! connection), one waiter on the VM, and the stdio relays. All of them feed one channel; the
+//! main thread handles the events in order, so the container's state has a single writer.
+
+pub mod api;
+mod relay;
+
+pub use relay::copy_out as relay_out;
+mod share;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+use husk_proto::{
+    ContainerId, CreateRequest, Event, ExecId, ExecRequest, FIRST_STDIO_PORT, FsSource,
+    GuestMessage, Hello, HostMessage, ProcessRef, Request, RequestId, Response, SHARE_TAG,
+    SignalTarget, Stdio, VsockPort,
+};
+
+use crate::oci::bundle::Bundle;
+use crate::oci::state::{self, State, Status};
+use crate::vmm::{self, SeccompMode, VmConfig, VmExit};
+use api::{MonitorReply, MonitorRequest};
+
+/// How long the guest may take to connect after the VM starts. Generous because nested
+/// kvm_pvm hosts take ~30-40 s to boot a guest; real KVM takes well under a second.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What `husk create` tells the monitor.
+#[derive(Debug, Clone)]
+pub struct MonitorArgs {
+    /// The state root.
+    pub root: PathBuf,
+    /// The container id.
+    pub id: String,
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// Write end of the pipe on which the monitor reports "created" or why not.
+    pub notify_fd: RawFd,
+    /// Serial console of the VM to the monitor's stderr (debugging).
+    pub console: bool,
+}
+
+/// Runs the monitor; never returns early on success (the container's life is this process's).
+pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
+    // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
+    let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
+    let dir = args.root.join(&args.id);
+    let mut monitor = match Monitor::create(&args, &dir, process_start) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(notify, "error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = writeln!(notify, "ok");
+    drop(notify);
+    let code = monitor.serve();
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+}
+
+enum Ev {
+    Guest(Option<GuestMessage>),
+    Command(MonitorRequest, UnixStream),
+    VmEnded(VmExit),
+}
+
+/// What a request to the guest was for.
+enum Pending {
+    Start(UnixStream),
+    Reply(UnixStream),
+    Ps(UnixStream),
+    Exec(UnixStream, ExecId),
+    Shutdown,
+}
+
+struct Monitor {
+    dir: PathBuf,
+    state: State,
+    guest: UnixStream,
+    events: Receiver<Ev>,
+    stopper: vmm::VmStopper,
+    next_id: u64,
+    next_exec: u32,
+    pending: HashMap<RequestId, Pending>,
+    execs: HashMap<ExecId, UnixStream>,
+    exit_status: Option<i32>,
+    outputs: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Monitor {
+    fn create(args: &MonitorArgs, dir: &Path, process_start: Instant) -> Result<Monitor, String> {
+        let bundle = Bundle::load(&args.bundle).map_err(|e| e.to_string())?;
+        let id = ContainerId::new(args.id.clone()).map_err(|e| e.to_string())?;
+        let image = crate::assets::find()?;
+        let (share, mounts) = share::prepare(dir, &bundle)?;
+        let vsock = dir.join("vsock.sock");
+        let listen = |port: u32| {
+            let path = PathBuf::from(format!("{}_{port}", vsock.display()));
+            let _ = std::fs::remove_file(&path);
+            UnixListener::bind(&path).map_err(|e| format!("listening on {}: {e}", path.display()))
+        };
+        let control = listen(husk_proto::CONTROL_PORT.0)?;
+        let (stdin_port, stdout_port, stderr_port) = (
+            FIRST_STDIO_PORT.0,
+            FIRST_STDIO_PORT.0 + 1,
+            FIRST_STDIO_PORT.0 + 2,
+        );
+        let stdin_l = listen(stdin_port)?;
+        let stdout_l = listen(stdout_port)?;
+        let stderr_l = listen(stderr_port)?;
+
+        let config = VmConfig {
+            kernel: image.vmlinux,
+            initrd: Some(image.initramfs),
+            cmdline_extra: String::new(),
+            mem_mib: bundle.vm.memory_mib,
+            vcpus: bundle.vm.vcpus,
+            console: args.console,
+            seccomp: SeccompMode::Enforce,
+            vsock: Some(vsock.clone()),
+            shares: vec![(SHARE_TAG.to_string(), share)],
+        };
+        let vm =
+            vmm::start(&config, process_start).map_err(|e| format!("starting the VM: {e:#}"))?;
+        let stopper = vm.stopper().map_err(|e| e.to_string())?;
+        let (tx, events) = channel();
+        {
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("vm-wait".into())
+                .spawn(move || {
+                    let (why, _) = vm.wait(None);
+                    let _ = tx.send(Ev::VmEnded(why));
+                })
+                .map_err(|e| e.to_string())?;
+        }
+
+        // Wait for husk-init (or for the VM to die first).
+        control.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut guest = loop {
+            match control.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Ok(Ev::VmEnded(why)) = events.try_recv() {
+                        return Err(format!("the VM ended before husk-init connected: {why:?}"));
+                    }
+                    if Instant::now() > deadline {
+                        stopper.stop();
+                        return Err(format!(
+                            "husk-init did not connect within {} s",
+                            BOOT_TIMEOUT.as_secs()
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("accepting husk-init's connection: {e}")),
+            }
+        };
+        drop(control);
+        guest.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let fail = |msg: String| {
+            stopper.stop();
+            msg
+        };
+        let hello: Option<GuestMessage> =
+            husk_proto::read_message(&mut guest).map_err(|e| fail(format!("husk-init: {e}")))?;
+        match hello {
+            Some(GuestMessage::Hello(h)) => {
+                h.check().map_err(|e| fail(format!("husk-init: {e}")))?
+            }
+            other => return Err(fail(format!("husk-init sent {other:?} instead of Hello"))),
+        }
+        husk_proto::write_message(&mut guest, &HostMessage::Hello(Hello::current()))
+            .map_err(|e| fail(format!("husk-init: {e}")))?;
+        let create = CreateRequest {
+            container_id: id,
+            config_json: bundle.config_json.clone(),
+            rootfs: FsSource::Share {
+                tag: SHARE_TAG.into(),
+                path: "rootfs".into(),
+            },
+            mounts,
+            stdio: Stdio::Pipes {
+                stdin: Some(VsockPort(stdin_port)),
+                stdout: Some(VsockPort(stdout_port)),
+                stderr: Some(VsockPort(stderr_port)),
+            },
+        };
+        let outputs = vec![
+            relay::output(stdout_l, std::io::stdout()),
+            relay::output(stderr_l, std::io::stderr()),
+        ];
+        relay::stdin(stdin_l, std::io::stdin());
+        husk_proto::write_message(
+            &mut guest,
+            &HostMessage::Request {
+                id: RequestId(0),
+                request: Request::Create(Box::new(create)),
+            },
+        )
+        .map_err(|e| fail(format!("husk-init: {e}")))?;
+        let reply: Option<GuestMessage> =
+            husk_proto::read_message(&mut guest).map_err(|e| fail(format!("husk-init: {e}")))?;
+        match reply {
+            Some(GuestMessage::Response {
+                result: Ok(Response::Created { .. }),
+                ..
+            }) => {}
+            Some(GuestMessage::Response { result: Err(e), .. }) => {
+                return Err(fail(format!("creating the container: {}", e.message)));
+            }
+            other => return Err(fail(format!("husk-init answered create with {other:?}"))),
+        }
+
+        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        let state = State {
+            oci_version: state::OCI_VERSION.into(),
+            id: args.id.clone(),
+            status: Status::Created,
+            pid: Some(pid),
+            bundle: bundle.dir.clone(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            created: state::now_rfc3339(),
+            monitor_start_time: state::process_start_time(pid).unwrap_or(0),
+            exit_status: None,
+        };
+        state::write_state(dir, &state).map_err(|e| fail(e.to_string()))?;
+
+        // Readers feeding the main loop.
+        let reader = guest.try_clone().map_err(|e| fail(e.to_string()))?;
+        spawn_guest_reader(reader, tx.clone());
+        let commands = UnixListener::bind(dir.join("monitor.sock"))
+            .map_err(|e| fail(format!("listening on monitor.sock: {e}")))?;
+        spawn_command_acceptor(commands, tx);
+
+        Ok(Monitor {
+            dir: dir.to_path_buf(),
+            state,
+            guest,
+            events,
+            stopper,
+            next_id: 1,
+            next_exec: 1,
+            pending: HashMap::new(),
+            execs: HashMap::new(),
+            exit_status: None,
+            outputs,
+        })
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.state.status = status;
+        let _ = state::write_state(&self.dir, &self.state);
+    }
+
+    fn send(&mut self, request: Request, pending: Pending) -> Result<(), String> {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        husk_proto::write_message(&mut self.guest, &HostMessage::Request { id, request })
+            .map_err(|e| format!("husk-init: {e}"))?;
+        self.pending.insert(id, pending);
+        Ok(())
+    }
+
+    /// The main loop; returns the exit status.
+    fn serve(&mut self) -> i32 {
+        let mut shutting_down = false;
+        while let Ok(ev) = self.events.recv() {
+            match ev {
+                Ev::Command(req, stream) => self.command(req, stream),
+                Ev::Guest(Some(GuestMessage::Response { id, result })) => {
+                    self.response(id, result);
+                }
+                Ev::Guest(Some(GuestMessage::Event(Event::Exited { process, status }))) => {
+                    let code = status.exit_code();
+                    match process {
+                        ProcessRef::Init => {
+                            self.exit_status = Some(code);
+                            self.state.exit_status = Some(code);
+                            // All output of the process has arrived (the guest closes the
+                            // streams first); let the relays finish writing it.
+                            for h in self.outputs.drain(..) {
+                                let _ = h.join();
+                            }
+                            if !shutting_down {
+                                shutting_down = true;
+                                let _ = self.send(Request::Shutdown, Pending::Shutdown);
+                            }
+                        }
+                        ProcessRef::Exec(id) => {
+                            if let Some(mut s) = self.execs.remove(&id) {
+                                reply(&mut s, &MonitorReply::Exited(code));
+                            }
+                        }
+                    }
+                }
+                Ev::Guest(Some(other)) => {
+                    eprintln!("husk monitor: unexpected message from husk-init: {other:?}");
+                }
+                Ev::Guest(None) => {
+                    // The guest is gone (powered off, crashed, or sent garbage).
+                    self.stopper.stop();
+                }
+                Ev::VmEnded(why) => {
+                    if self.exit_status.is_none() {
+                        eprintln!(
+                            "husk monitor: the VM ended before the container's process: {why:?}"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        let code = self.exit_status.unwrap_or(255);
+        self.state.exit_status = Some(code);
+        self.set_status(Status::Stopped);
+        for (_, mut s) in self.execs.drain() {
+            reply(&mut s, &MonitorReply::Error("the container stopped".into()));
+        }
+        let _ = std::fs::remove_file(self.dir.join("monitor.sock"));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("vsock.sock") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        code
+    }
+
+    fn command(&mut self, req: MonitorRequest, mut stream: UnixStream) {
+        let result = match req {
+            MonitorRequest::Start => {
+                if self.state.status != Status::Created {
+                    Err(format!("container is {}, not created", self.state.status))
+                } else {
+                    let s = stream.try_clone().map_err(|e| e.to_string());
+                    s.and_then(|s| self.send(Request::Start, Pending::Start(s)))
+                }
+            }
+            MonitorRequest::Kill { signal, all } => {
+                let target = if all {
+                    SignalTarget::All
+                } else {
+                    SignalTarget::Process(ProcessRef::Init)
+                };
+                let s = stream.try_clone().map_err(|e| e.to_string());
+                s.and_then(|s| self.send(Request::Signal { target, signal }, Pending::Reply(s)))
+            }
+            MonitorRequest::Ps => {
+                let s = stream.try_clone().map_err(|e| e.to_string());
+                s.and_then(|s| self.send(Request::ListPids, Pending::Ps(s)))
+            }
+            MonitorRequest::Exec {
+                process_json,
+                stdio,
+            } => {
+                if self.state.status != Status::Running {
+                    Err(format!("cannot exec in a {} container", self.state.status))
+                } else {
+                    let exec_id = ExecId(self.next_exec);
+                    self.next_exec += 1;
+                    let req = Request::Exec(Box::new(ExecRequest {
+                        exec_id,
+                        process_json,
+                        stdio,
+                    }));
+                    let s = stream.try_clone().map_err(|e| e.to_string());
+                    s.and_then(|s| self.send(req, Pending::Exec(s, exec_id)))
+                }
+            }
+            MonitorRequest::Resize(_) => Err("resizing is only supported for terminals".into()),
+        };
+        if let Err(e) = result {
+            reply(&mut stream, &MonitorReply::Error(e));
+        }
+    }
+
+    fn response(&mut self, id: RequestId, result: Result<Response, husk_proto::ErrorReply>) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match (pending, result) {
+            (Pending::Start(mut s), Ok(_)) => {
+                self.set_status(Status::Running);
+                reply(&mut s, &MonitorReply::Ok);
+            }
+            (Pending::Reply(mut s), Ok(_)) => reply(&mut s, &MonitorReply::Ok),
+            (Pending::Ps(mut s), Ok(Response::Pids(pids))) => {
+                reply(&mut s, &MonitorReply::Pids(pids));
+            }
+            (Pending::Exec(mut s, exec_id), Ok(Response::ExecStarted { pid })) => {
+                reply(&mut s, &MonitorReply::ExecStarted(pid));
+                self.execs.insert(exec_id, s);
+            }
+            (Pending::Shutdown, _) => {}
+            (Pending::Start(mut s) | Pending::Reply(mut s) | Pending::Ps(mut s), Err(e))
+            | (Pending::Exec(mut s, _), Err(e)) => {
+                reply(&mut s, &MonitorReply::Error(e.message));
+            }
+            (Pending::Ps(mut s) | Pending::Exec(mut s, _), Ok(other)) => {
+                reply(
+                    &mut s,
+                    &MonitorReply::Error(format!("unexpected answer {other:?}")),
+                );
+            }
+        }
+    }
+}
+
+fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
+    if let Ok(mut line) = serde_json::to_vec(msg) {
+        line.push(b'\n');
+        let _ = stream.write_all(&line);
+    }
+}
+
+fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
+    std::thread::spawn(move || {
+        loop {
+            let msg: Result<Option<GuestMessage>, _> = husk_proto::read_message(&mut conn);
+            match msg {
+                Ok(Some(m)) => {
+                    if tx.send(Ev::Guest(Some(m))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx.send(Ev::Guest(None));
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("husk monitor: control connection to husk-init: {e}");
+                    let _ = tx.send(Ev::Guest(None));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut line = String::new();
+                let Ok(reader) = stream.try_clone() else {
+                    return;
+                };
+                if BufReader::new(reader).read_line(&mut line).is_err() {
+                    return;
+                }
+                let _ = stream.set_read_timeout(None);
+                match serde_json::from_str::<MonitorRequest>(&line) {
+                    Ok(req) => {
+                        let _ = tx.send(Ev::Command(req, stream));
+                    }
+                    Err(e) => {
+                        let mut s = stream;
+                        reply(&mut s, &MonitorReply::Error(format!("bad request: {e}")));
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Sends one request to a container's monitor and returns its first reply (and the stream,
+/// for requests with later replies).
+pub fn request(
+    socket: &Path,
+    req: &MonitorRequest,
+) -> Result<(MonitorReply, BufReader<UnixStream>), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the container's monitor at {}: {e}",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| format!("talking to the monitor: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    let reply = read_reply(&mut reader)?;
+    Ok((reply, reader))
+}
+
+/// Reads the next reply line.
+pub fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<MonitorReply, String> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => Err("the monitor closed the connection (the container stopped?)".into()),
+        Ok(_) => {
+            serde_json::from_str(&line).map_err(|e| format!("bad reply from the monitor: {e}"))
+        }
+        Err(e) => Err(format!("reading the monitor's reply: {e}")),
+    }
+}
