@@ -767,6 +767,39 @@ fn the_container_gets_its_own_cgroup_and_list_pids_reads_it() {
 // ---- stdio -------------------------------------------------------------------------------
 
 #[test]
+fn stdin_is_relayed_until_close_stdin() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let (_, mut io) = h
+        .create(&config(&["cat"]), Want::Pipes { stdin: true })
+        .unwrap();
+    h.ok(Request::Start);
+    // Larger than every buffer on the way, so much of it is still in flight at CloseStdin.
+    let data: Vec<u8> = (0..1_000_000u32)
+        .map(|i| b"abcdefghij\n"[(i % 11) as usize])
+        .collect();
+    let mut stdin = io.stdin.take().unwrap();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            stdin.write_all(&data).unwrap();
+            stdin // kept open: EOF comes from CloseStdin
+        })
+    };
+    let stdin = writer.join().unwrap();
+    h.ok(Request::CloseStdin {
+        process: ProcessRef::Init,
+    });
+    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    let out = io.stdout.bytes();
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "stdout differs from stdin");
+    drop(stdin);
+}
+
+#[test]
 fn stdin_ends_when_the_host_closes_its_connection() {
     if skip_unless_root() {
         return;
