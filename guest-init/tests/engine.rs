@@ -133,7 +133,33 @@ fn caps(status: &str, name: &str) -> u64 {
     u64::from_str_radix(field(status, &format!("Cap{name}:")), 16).expect("hex")
 }
 
+const CAP_CHOWN: u64 = 1 << 0;
+const CAP_KILL: u64 = 1 << 5;
 const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
+
+#[test]
+fn capabilities_are_limited_to_the_spec_sets() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut cfg =
+        sh("grep ^Cap /proc/self/status; mount -t tmpfs t /mnt 2>&1 || echo mount-denied");
+    let set = json!(["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    cfg["process"]["capabilities"] = json!({
+        "bounding": set, "effective": set, "permitted": set, "inheritable": [], "ambient": []
+    });
+    let run = h.run(&cfg);
+    assert_eq!(run.status, exited(0), "{run:?}");
+    let want = CAP_CHOWN | CAP_KILL | CAP_NET_BIND_SERVICE;
+    assert_eq!(caps(&run.stdout, "Bnd"), want, "{}", run.stdout);
+    assert_eq!(caps(&run.stdout, "Eff"), want, "{}", run.stdout);
+    assert_eq!(caps(&run.stdout, "Prm"), want, "{}", run.stdout);
+    assert_eq!(caps(&run.stdout, "Inh"), 0, "{}", run.stdout);
+    assert_eq!(caps(&run.stdout, "Amb"), 0, "{}", run.stdout);
+    // Without CAP_SYS_ADMIN, root cannot mount.
+    assert!(run.stdout.contains("mount-denied"), "{}", run.stdout);
+}
 
 #[test]
 fn ambient_capabilities_survive_the_switch_to_a_user() {
@@ -175,6 +201,42 @@ fn no_new_privileges_is_set_only_when_asked() {
             field(&run.stdout, "NoNewPrivs:"),
             if nnp { "1" } else { "0" }
         );
+    }
+}
+
+#[test]
+fn a_seccomp_errno_rule_makes_the_syscall_fail() {
+    if skip_unless_root() {
+        return;
+    }
+    // Both ways of installing the filter: with no_new_privs, and without (which needs
+    // CAP_SYS_ADMIN at the time, so it goes in before the capabilities drop).
+    for (nnp, errno, message) in [
+        (false, 1, "Operation not permitted"),
+        (true, 13, "Permission denied"),
+    ] {
+        let mut h = Host::start();
+        let mut cfg = sh(
+            "mkdir /newdir; echo \"rc=$?\"; touch /file && echo touch-ok; grep ^Seccomp: /proc/self/status",
+        );
+        cfg["process"]["noNewPrivileges"] = json!(nnp);
+        cfg["process"]["capabilities"] = json!({"bounding": ["CAP_CHOWN"], "effective": ["CAP_CHOWN"], "permitted": ["CAP_CHOWN"]});
+        cfg["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno}
+            ]
+        });
+        let run = h.run(&cfg);
+        assert_eq!(run.status, exited(0), "{run:?}");
+        assert!(
+            run.stderr.contains(message),
+            "nnp={nnp}: mkdir should fail with {message:?}: {run:?}"
+        );
+        assert!(run.stdout.contains("rc=1\ntouch-ok\n"), "{run:?}");
+        assert_eq!(field(&run.stdout, "Seccomp:"), "2");
+        assert!(!h.rootfs().join("newdir").exists());
     }
 }
 

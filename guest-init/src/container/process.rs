@@ -293,9 +293,13 @@ impl ProcessPlan {
                 caps::set(None, which, v)
                     .map_err(|e| ChildError::sys(format!("setting the {name} capabilities"), e))
             };
-            set(CapSet::Permitted, &c.permitted, "permitted")?;
+            // Each capset must leave a consistent state: inheritable may only grow from the
+            // permitted set still held, and effective must stay inside permitted. So
+            // inheritable first, then effective, and permitted shrinks last (root still holds
+            // the full effective set until then).
             set(CapSet::Inheritable, &c.inheritable, "inheritable")?;
             set(CapSet::Effective, &c.effective, "effective")?;
+            set(CapSet::Permitted, &c.permitted, "permitted")?;
             for cap in &c.ambient {
                 caps::raise(None, CapSet::Ambient, *cap)
                     .map_err(|e| ChildError::sys(format!("raising ambient {cap}"), e))?;
