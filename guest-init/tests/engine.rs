@@ -887,6 +887,54 @@ fn stdin_ends_when_the_host_closes_its_connection() {
 }
 
 #[test]
+fn a_terminal_process_sees_a_tty_and_its_size() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut cfg = sh(
+        "test -t 0 && test -t 1 && echo is-a-tty; stty size; read line; stty size; echo \"got $line\"",
+    );
+    cfg["process"]["terminal"] = json!(true);
+    cfg["process"]["consoleSize"] = json!({"height": 33, "width": 111});
+    let (_, mut io) = h.create(&cfg, Want::Terminal).unwrap();
+    h.ok(Request::Start);
+    io.stdout.wait_for("33 111\r\n");
+    h.ok(Request::ResizePty {
+        process: ProcessRef::Init,
+        size: WindowSize {
+            rows: 50,
+            cols: 132,
+        },
+    });
+    io.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    let out = io.stdout.text();
+    // The tty echoes the input and turns \n into \r\n.
+    assert_eq!(out, "is-a-tty\r\n33 111\r\ngo\r\n50 132\r\ngot go\r\n");
+}
+
+#[test]
+fn an_exec_process_can_have_a_terminal() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let (_, io) = h
+        .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
+        .unwrap();
+    h.ok(Request::Start);
+    io.stdout.wait_for("ready");
+    // An exec'd process runs at once: its size can only come with it (as `runc exec` does).
+    let process = json!({"args": ["sh", "-c", "test -t 0 && echo tty; stty size"], "terminal": true,
+                         "consoleSize": {"height": 20, "width": 70},
+                         "cwd": "/", "user": {"uid": 0, "gid": 0}});
+    let (_, eio) = h.exec(3, &process, Want::Terminal).unwrap();
+    assert_eq!(h.wait_exit(ProcessRef::Exec(ExecId(3))), exited(0));
+    assert_eq!(eio.stdout.text(), "tty\r\n20 70\r\n");
+}
+
+#[test]
 fn stdout_and_stderr_stay_apart() {
     if skip_unless_root() {
         return;

@@ -4,7 +4,7 @@
 //! What husk-init does with each part of the OCI runtime spec:
 //!
 //! * **Honoured**: `process` (args, env, cwd, user uid/gid/additionalGids/umask, terminal,
-//!   capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj), `root.readonly`,
+//!   consoleSize, capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj), `root.readonly`,
 //!   `hostname`, `domainname`, `mounts` (bind mounts from the host through the share, every
 //!   other type made in the guest, in spec order, with their options and propagation),
 //!   `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones), `linux.uidMappings` /
