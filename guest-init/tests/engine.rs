@@ -277,6 +277,47 @@ fn oom_score_adj_and_sysctls_are_applied() {
 }
 
 #[test]
+fn specs_husk_cannot_honour_are_refused_at_create() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut no_uts = config(&["true"]);
+    no_uts["hostname"] = json!("box");
+    without_namespace(&mut no_uts, "uts");
+    let mut join = config(&["true"]);
+    join["linux"]["namespaces"][0]["path"] = json!("/proc/1/ns/pid");
+    let mut time = config(&["true"]);
+    time["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "time"}));
+    let mut notify = config(&["true"]);
+    notify["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]});
+    let mut bad_cap = config(&["true"]);
+    bad_cap["process"]["capabilities"] = json!({"bounding": ["CAP_MADE_UP"]});
+    let mut unshared_bind = config(&["true"]);
+    unshared_bind["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/x", "type": "bind", "source": "/etc", "options": ["bind"]}));
+    for (cfg, code, needle) in [
+        (no_uts, ErrorCode::InvalidSpec, "uts namespace"),
+        (join, ErrorCode::Unsupported, "/proc/1/ns/pid"),
+        (time, ErrorCode::Unsupported, "time namespace"),
+        (notify, ErrorCode::Unsupported, "SCMP_ACT_NOTIFY"),
+        (bad_cap, ErrorCode::InvalidSpec, "CAP_MADE_UP"),
+        (unshared_bind, ErrorCode::InvalidSpec, "/etc"),
+    ] {
+        let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
+        assert!(e.message.contains(needle), "{needle}: {e}");
+        assert_eq!(e.code, code, "{e}");
+    }
+    assert_eq!(h.run(&config(&["true"])).status, exited(0));
+}
+
+#[test]
 fn spec_devices_are_created_next_to_the_defaults() {
     if skip_unless_root() {
         return;

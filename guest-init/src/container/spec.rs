@@ -13,7 +13,8 @@
 //!   `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
 //! * **Refused with an error**: a namespace with a `path` other than network (each container
 //!   has its own VM, there is nothing to join), the time namespace, seccomp notify/flags,
-//!   an unknown capability, bind mounts the host did not provide.
+//!   an unknown capability, bind mounts the host did not provide, `hostname`/`domainname`
+//!   without a uts namespace (as runc).
 //! * **Ignored, by design**: the network namespace (the VM is the network boundary; the host
 //!   side wires the engine's namespace to the VM's NIC), `cgroupsPath` (a host cgroup: the
 //!   monitor lives there; the guest always uses its own `/container` cgroup),
@@ -158,6 +159,18 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
             )));
         }
         clone_flags |= flag;
+    }
+    // As runc: without its own UTS namespace the container would rename the VM (or, for
+    // husk-init on a host, the host), which outlives it.
+    for (field, value) in [
+        ("hostname", spec.hostname()),
+        ("domainname", spec.domainname()),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.is_empty()) && clone_flags & libc::CLONE_NEWUTS == 0 {
+            return Err(invalid(format!(
+                "{field} is set but linux.namespaces has no uts namespace"
+            )));
+        }
     }
     let id_maps = if userns {
         if linux.uid_mappings().as_ref().is_none_or(|m| m.is_empty())
@@ -430,6 +443,17 @@ mod tests {
         );
         let p = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap();
         assert_eq!(p.id_maps.unwrap().0, "0 1000 65536\n");
+    }
+
+    #[test]
+    fn a_hostname_needs_a_uts_namespace() {
+        let cfg = format!(r#"{{{BASE},"hostname":"box"}}"#);
+        let e = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidSpec);
+        assert!(e.message.contains("hostname"), "{e}");
+        let cfg =
+            format!(r#"{{{BASE},"hostname":"box","linux":{{"namespaces":[{{"type":"uts"}}]}}}}"#);
+        assert!(plan(&req(&cfg, vec![]), Path::new("/s")).is_ok());
     }
 
     #[test]
