@@ -318,6 +318,22 @@ fn specs_husk_cannot_honour_are_refused_at_create() {
 }
 
 #[test]
+fn a_limit_the_cgroup_cannot_take_fails_create_and_leaves_no_cgroup() {
+    if skip_unless_root() {
+        return;
+    }
+    // No controller is enabled in this machine's cgroup v2 hierarchy, so pids.max does not
+    // exist: the limit must be refused, not skipped.
+    let mut h = Host::start_with(Options { cgroup: true });
+    let mut cfg = config(&["true"]);
+    cfg["linux"]["resources"] = json!({"pids": {"limit": 10}});
+    let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
+    assert!(e.message.contains("pids.max"), "{e}");
+    let cg = h.cgroup_root().unwrap().join("container");
+    assert!(!cg.exists(), "the failed create left {}", cg.display());
+}
+
+#[test]
 fn spec_devices_are_created_next_to_the_defaults() {
     if skip_unless_root() {
         return;

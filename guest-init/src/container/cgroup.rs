@@ -115,7 +115,18 @@ impl Cgroup {
             Err(e) => return Err(format!("creating cgroup {}: {e}", path.display())),
         }
         let cg = Self { path };
-        let mut all = match resources {
+        match cg.apply(resources) {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                // A half-configured cgroup must not be left for the next create to reuse.
+                cg.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, resources: Option<&LinuxResources>) -> Result<(), String> {
+        let all = match resources {
             Some(r) => settings(r)?,
             None => Vec::new(),
         };
@@ -126,13 +137,13 @@ impl Cgroup {
                         "linux.resources.unified key {k:?} is not a cgroup file name"
                     ));
                 }
-                cg.write_file(k, v)?;
+                self.write_file(k, v)?;
             }
         }
-        for (file, value) in all.drain(..) {
-            cg.write_file(file, &value)?;
+        for (file, value) in all {
+            self.write_file(file, &value)?;
         }
-        Ok(cg)
+        Ok(())
     }
 
     fn write_file(&self, file: &str, value: &str) -> Result<(), String> {
