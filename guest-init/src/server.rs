@@ -27,10 +27,7 @@ use crate::{log, system};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The control connection could not be made.
-    #[error(
-        "no host to talk to at {transport} port {}: {source}",
-        husk_proto::CONTROL_PORT
-    )]
+    #[error("no host to talk to at {transport} port {}", husk_proto::CONTROL_PORT)]
     NoHost {
         /// Where we tried.
         transport: String,

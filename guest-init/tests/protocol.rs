@@ -12,8 +12,8 @@ use std::process::Command;
 
 use common::{Host, Options, Want, config, sh, skip_unless_root};
 use husk_proto::{
-    ErrorCode, ExecId, GuestMessage, Hello, PROTOCOL_VERSION, ProcessRef, Request, Response,
-    SignalTarget, WindowSize,
+    ErrorCode, ExecId, GuestMessage, Hello, HostMessage, PROTOCOL_VERSION, ProcessRef, Request,
+    RequestId, Response, SignalTarget, WindowSize,
 };
 use serde_json::json;
 
@@ -73,6 +73,53 @@ fn the_guest_says_hello_first_with_its_version() {
 }
 
 #[test]
+fn a_wrong_version_hello_ends_husk_init_with_both_versions_named() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::spawn(Options::default());
+    assert!(matches!(h.recv(), Some(GuestMessage::Hello(_))));
+    h.send(&HostMessage::Hello(Hello { version: 999 }));
+    // Nothing more comes: the guest closes the connection.
+    assert_eq!(h.recv(), None);
+    assert_fails_with(
+        &mut h,
+        &[
+            "handshake",
+            "version mismatch",
+            &format!("{PROTOCOL_VERSION}"),
+            "999",
+        ],
+    );
+}
+
+#[test]
+fn garbage_instead_of_a_hello_ends_husk_init() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::spawn(Options::default());
+    assert!(matches!(h.recv(), Some(GuestMessage::Hello(_))));
+    // A lost HTTP client: its first four bytes read as a 542 MB length.
+    h.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_fails_with(&mut h, &["handshake", "exceeds the limit"]);
+}
+
+#[test]
+fn a_request_before_the_hello_ends_husk_init() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::spawn(Options::default());
+    assert!(matches!(h.recv(), Some(GuestMessage::Hello(_))));
+    h.send(&HostMessage::Request {
+        id: RequestId(1),
+        request: Request::ListPids,
+    });
+    assert_fails_with(&mut h, &["handshake", "expected Hello"]);
+}
+
+#[test]
 fn a_host_that_vanishes_during_the_handshake_ends_husk_init() {
     if skip_unless_root() {
         return;
@@ -81,6 +128,57 @@ fn a_host_that_vanishes_during_the_handshake_ends_husk_init() {
     assert!(matches!(h.recv(), Some(GuestMessage::Hello(_))));
     h.close_control();
     assert_fails_with(&mut h, &["closed the control connection"]);
+}
+
+#[test]
+fn a_truncated_frame_ends_husk_init_and_its_container() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let pid = with_running_container(&mut h);
+    // A header announcing 50 bytes, 10 of them, then EOF.
+    let mut frame = 50u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[0u8; 10]);
+    h.send_raw(&frame);
+    h.close_control();
+    assert_fails_with(&mut h, &["middle of a frame", "14 of 54 bytes"]);
+    assert!(common::wait_gone(pid), "the container outlived husk-init");
+}
+
+#[test]
+fn an_undecodable_frame_ends_husk_init_and_its_container() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let pid = with_running_container(&mut h);
+    let mut frame = 8u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[0xff; 8]);
+    h.send_raw(&frame);
+    assert_fails_with(&mut h, &["control connection", "malformed message"]);
+    assert!(common::wait_gone(pid), "the container outlived husk-init");
+}
+
+#[test]
+fn an_oversized_frame_is_refused_from_its_header() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    // Only the header: husk-init must refuse it without waiting for (or allocating) 4 GiB.
+    h.send_raw(&u32::MAX.to_le_bytes());
+    assert_fails_with(&mut h, &["4294967295 bytes exceeds the limit"]);
+}
+
+#[test]
+fn a_second_hello_ends_husk_init() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    h.send(&HostMessage::Hello(Hello::current()));
+    assert_fails_with(&mut h, &["second Hello"]);
 }
 
 #[test]
