@@ -302,6 +302,8 @@ fn specs_husk_cannot_honour_are_refused_at_create() {
         .as_array_mut()
         .unwrap()
         .push(json!({"destination": "/x", "type": "bind", "source": "/etc", "options": ["bind"]}));
+    let mut idmapped = config(&["true"]);
+    idmapped["mounts"][2]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
     for (cfg, code, needle) in [
         (no_uts, ErrorCode::InvalidSpec, "uts namespace"),
         (join, ErrorCode::Unsupported, "/proc/1/ns/pid"),
@@ -309,6 +311,7 @@ fn specs_husk_cannot_honour_are_refused_at_create() {
         (notify, ErrorCode::Unsupported, "SCMP_ACT_NOTIFY"),
         (bad_cap, ErrorCode::InvalidSpec, "CAP_MADE_UP"),
         (unshared_bind, ErrorCode::InvalidSpec, "/etc"),
+        (idmapped, ErrorCode::Unsupported, "id-mapped"),
     ] {
         let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
         assert!(e.message.contains(needle), "{needle}: {e}");

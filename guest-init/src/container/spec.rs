@@ -14,7 +14,7 @@
 //! * **Refused with an error**: a namespace with a `path` other than network (each container
 //!   has its own VM, there is nothing to join), the time namespace, seccomp notify/flags,
 //!   an unknown capability, bind mounts the host did not provide, `hostname`/`domainname`
-//!   without a uts namespace (as runc).
+//!   without a uts namespace (as runc), id-mapped mounts (`mounts[].uidMappings`).
 //! * **Ignored, by design**: the network namespace (the VM is the network boundary; the host
 //!   side wires the engine's namespace to the VM's NIC), `cgroupsPath` (a host cgroup: the
 //!   monitor lives there; the guest always uses its own `/container` cgroup),
@@ -190,6 +190,13 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         req.mounts.iter().map(|m| (m.index, &m.source)).collect();
     let mut mount_plans = Vec::new();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        // Skipping the mapping would leave every file with the wrong owner, silently.
+        if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
+            return Err(unsupported(format!(
+                "mount {i} ({}): id-mapped mounts (uidMappings/gidMappings) are not supported",
+                m.destination().display()
+            )));
+        }
         let options = mounts::parse_options(m.options().as_deref().unwrap_or_default());
         let typ = m.typ().clone().unwrap_or_default();
         let is_bind = typ == "bind" || options.is_bind();
@@ -417,6 +424,17 @@ mod tests {
                 .flags
                 .contains(MsFlags::MS_RDONLY)
         );
+    }
+
+    #[test]
+    fn id_mapped_mounts_are_refused() {
+        let cfg = format!(
+            r#"{{{BASE},"mounts":[{{"destination":"/data","type":"tmpfs","source":"tmpfs",
+                "uidMappings":[{{"containerID":0,"hostID":1000,"size":1}}]}}]}}"#
+        );
+        let e = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains("mount 0 (/data)"), "{e}");
     }
 
     #[test]
