@@ -520,6 +520,83 @@ fn mounts_are_made_with_their_options() {
 }
 
 #[test]
+fn a_file_can_be_bind_mounted() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let motd = h.dir().join("motd");
+    std::fs::write(&motd, "welcome\n").unwrap();
+    let mut cfg = sh("cat /etc/motd; echo x > /etc/motd 2>/dev/null || echo motd-ro");
+    let mounts = cfg["mounts"].as_array_mut().unwrap();
+    mounts.push(
+        json!({"destination": "/etc/motd", "type": "bind", "source": "/motd",
+                       "options": ["bind", "ro"]}),
+    );
+    let index = u32::try_from(mounts.len() - 1).unwrap();
+    let source = FsSource::Guest(motd.to_string_lossy().into_owned());
+    let (_, io) = h
+        .create_with(&cfg, Want::OUTPUT, vec![MountSource { index, source }])
+        .unwrap();
+    h.ok(Request::Start);
+    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    assert_eq!(io.stdout.text(), "welcome\nmotd-ro\n");
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "welcome\n");
+}
+
+#[test]
+fn a_mount_through_a_symlink_stays_inside_the_rootfs() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let outside = h.dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    // An image whose links point at a directory of the machine, absolutely and by climbing;
+    // the same path exists in the image, which is where they must lead.
+    let rootfs = h.rootfs();
+    let inside = rootfs.join(outside.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&inside).unwrap();
+    std::os::unix::fs::symlink(&outside, rootfs.join("escape")).unwrap();
+    let climb = format!("../../../../../../..{}", outside.display());
+    std::os::unix::fs::symlink(&climb, rootfs.join("climb")).unwrap();
+    let mut cfg = sh("stat -f -c %T /escape/made /climb/made2");
+    let mounts = cfg["mounts"].as_array_mut().unwrap();
+    mounts.retain(|m| m["destination"] != "/tmp");
+    for dest in ["/escape/made", "/climb/made2"] {
+        mounts.push(json!({"destination": dest, "type": "tmpfs", "source": "tmpfs"}));
+    }
+    let run = h.run(&cfg);
+    assert_eq!(run.status, exited(0), "{run:?}");
+    assert_eq!(run.stdout, "tmpfs\ntmpfs\n");
+    let made_outside = std::fs::read_dir(&outside).unwrap().count();
+    assert_eq!(made_outside, 0, "mount points made outside the rootfs");
+    assert!(inside.join("made").is_dir() && inside.join("made2").is_dir());
+}
+
+#[test]
+fn a_mount_through_a_dangling_symlink_is_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let outside = h.dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    // The link's target exists on the machine only; like `mkdir -p` (and runc), husk-init
+    // does not create through a dangling link.
+    std::os::unix::fs::symlink(&outside, h.rootfs().join("dangling")).unwrap();
+    let mut cfg = config(&["true"]);
+    cfg["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/dangling/made", "type": "tmpfs", "source": "tmpfs"}));
+    let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
+    assert!(e.message.contains("/dangling/made"), "{e}");
+    let made_outside = std::fs::read_dir(&outside).unwrap().count();
+    assert_eq!(made_outside, 0, "mount point made outside the rootfs");
+}
+
+#[test]
 fn readonly_paths_cannot_be_written() {
     if skip_unless_root() {
         return;
