@@ -1183,3 +1183,31 @@ fn configure_network_sets_up_interfaces_and_routes() {
     assert!(out.contains("default via 10.9.8.1 dev eth0"), "{out}");
     assert!(out.contains("192.168.50.0/24 dev eth0"), "{out}");
 }
+
+#[test]
+fn a_process_that_cannot_start_says_why() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    std::fs::set_permissions(
+        h.rootfs().join("root"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    // The working directory is checked as the user, after the switch: at start.
+    let mut cfg = config(&["true"]);
+    cfg["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    cfg["process"]["cwd"] = json!("/root");
+    let (pid, _io) = h.create(&cfg, Want::OUTPUT).unwrap();
+    let e = h.request(Request::Start).unwrap_err();
+    assert!(e.message.contains("/root"), "{e}");
+    // The process existed, so its end is reported like any other.
+    assert_eq!(h.wait_exit(ProcessRef::Init), exited(1));
+    assert!(common::wait_gone(pid));
+    assert_eq!(
+        h.request(Request::Start).unwrap_err().code,
+        ErrorCode::InvalidState
+    );
+}
+
