@@ -1211,3 +1211,33 @@ fn a_process_that_cannot_start_says_why() {
     );
 }
 
+#[test]
+fn stats_come_from_the_container_cgroup() {
+    if skip_unless_root() {
+        return;
+    }
+    // cpu.stat is a core file of every cgroup v2 group; memory.* and pids.* need their
+    // controllers, which this machine's cgroup v2 hierarchy does not have.
+    let mut h = Host::start_with(Options { cgroup: true });
+    let (_, io) = h
+        .create(
+            &sh("i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; sleep 100 & echo busy-done; wait"),
+            Want::OUTPUT,
+        )
+        .unwrap();
+    h.ok(Request::Start);
+    io.stdout.wait_for("busy-done");
+    let Response::Stats(st) = h.ok(Request::Stats) else {
+        panic!("not stats")
+    };
+    assert!(st.cpu_usage_ns > 1_000_000, "{st:?}");
+    assert!(st.cpu_user_ns + st.cpu_system_ns > 0, "{st:?}");
+    assert!(
+        st.cpu_user_ns + st.cpu_system_ns <= st.cpu_usage_ns + 1000,
+        "{st:?}"
+    );
+    // No limit is set: "none" is u64::MAX, never 0.
+    assert_eq!(st.memory_limit, u64::MAX, "{st:?}");
+    assert_eq!(st.pids_limit, u64::MAX, "{st:?}");
+    assert_eq!(st.pids_current, 2, "sh and sleep: {st:?}");
+}

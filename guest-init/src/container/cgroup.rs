@@ -170,23 +170,24 @@ impl Cgroup {
         out
     }
 
-    /// Resource usage.
+    /// Resource usage. A limit whose file is missing (its controller is not enabled) is
+    /// "none", `u64::MAX`, as the protocol says, never 0; the process count then comes from
+    /// the membership, which every cgroup has.
     pub fn stats(&self) -> ContainerStats {
         let read = |f: &str| fs::read_to_string(self.path.join(f)).unwrap_or_default();
-        let num = |f: &str| {
-            let s = read(f);
-            let s = s.trim();
-            if s == "max" {
-                u64::MAX
-            } else {
-                s.parse().unwrap_or(0)
+        let value = |f: &str| -> Option<u64> {
+            let s = fs::read_to_string(self.path.join(f)).ok()?;
+            match s.trim() {
+                "max" => Some(u64::MAX),
+                v => v.parse().ok(),
             }
         };
         let mut stats = ContainerStats {
-            memory_usage: num("memory.current"),
-            memory_limit: num("memory.max"),
-            pids_current: num("pids.current"),
-            pids_limit: num("pids.max"),
+            memory_usage: value("memory.current").unwrap_or(0),
+            memory_limit: value("memory.max").unwrap_or(u64::MAX),
+            pids_current: value("pids.current")
+                .unwrap_or_else(|| u64::try_from(self.pids().len()).unwrap_or(u64::MAX)),
+            pids_limit: value("pids.max").unwrap_or(u64::MAX),
             ..ContainerStats::default()
         };
         for line in read("cpu.stat").lines() {

@@ -521,9 +521,17 @@ impl Container {
         out
     }
 
-    /// Resource usage.
+    /// Resource usage; without a cgroup only the process count is known, and no limit.
     pub fn stats(&self) -> ContainerStats {
-        self.cgroup.as_ref().map(|c| c.stats()).unwrap_or_default()
+        match &self.cgroup {
+            Some(c) => c.stats(),
+            None => ContainerStats {
+                memory_limit: u64::MAX,
+                pids_limit: u64::MAX,
+                pids_current: u64::try_from(self.pids().len()).unwrap_or(u64::MAX),
+                ..ContainerStats::default()
+            },
+        }
     }
 
     /// Kills every process of the container and removes its cgroup.
