@@ -1072,6 +1072,32 @@ fn an_exec_process_can_have_a_terminal() {
 }
 
 #[test]
+fn a_host_that_stops_reading_stdout_still_gets_answers() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    h.hold_output();
+    let (pid, io) = h
+        .create(&sh("head -c 8000000 /dev/zero; echo end"), Want::OUTPUT)
+        .unwrap();
+    h.ok(Request::Start);
+    // 8 MB is far more than the pipe, husk-init's buffer and the socket hold: the process
+    // blocks on its write while the control connection stays served.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..3 {
+        assert!(list_pids(&mut h).contains(&pid));
+    }
+    assert!(common::alive(pid));
+    io.stdout.release();
+    io.stderr.release();
+    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    let out = io.stdout.bytes();
+    assert_eq!(out.len(), 8_000_004);
+    assert!(out.ends_with(b"\0end\n"));
+}
+
+#[test]
 fn stdout_and_stderr_stay_apart() {
     if skip_unless_root() {
         return;

@@ -102,6 +102,8 @@ pub struct Output {
 struct OutState {
     data: Vec<u8>,
     eof: bool,
+    /// The reader does not read (a host that stalls): set before it starts.
+    held: bool,
 }
 
 impl Output {
@@ -112,11 +114,19 @@ impl Output {
         o
     }
 
-    fn spawn_reader(mut stream: impl Read + Send + 'static) -> Self {
+    fn spawn_reader(mut stream: impl Read + Send + 'static, held: bool) -> Self {
         let out = Output::default();
+        out.inner.0.lock().expect("lock").held = held;
         let inner = Arc::clone(&out.inner);
         std::thread::spawn(move || {
             let mut buf = [0u8; 16 * 1024];
+            {
+                let (lock, cv) = &*inner;
+                let mut st = lock.lock().expect("lock");
+                while st.held {
+                    st = cv.wait(st).expect("lock");
+                }
+            }
             loop {
                 let n = match stream.read(&mut buf) {
                     Ok(n) => n,
@@ -155,6 +165,13 @@ impl Output {
             }
             st = cv.wait_timeout(st, deadline - now).expect("lock").0;
         }
+    }
+
+    /// Lets a held reader start reading.
+    pub fn release(&self) {
+        let (lock, cv) = &*self.inner;
+        lock.lock().expect("lock").held = false;
+        cv.notify_all();
     }
 
     /// Waits until the output contains `needle`; panics (with what arrived) on timeout.
@@ -308,6 +325,7 @@ pub struct Host {
     events: VecDeque<Event>,
     cgroup: Option<CgroupDir>,
     exited: Option<ExitStatus>,
+    hold_output: bool,
 }
 
 fn accept_by(listener: &UnixListener, deadline: Instant) -> io::Result<UnixStream> {
@@ -420,7 +438,7 @@ impl Host {
             })
         };
         let mut child = cmd.spawn().expect("spawning husk-init");
-        let log = Output::spawn_reader(child.stderr.take().expect("stderr"));
+        let log = Output::spawn_reader(child.stderr.take().expect("stderr"), false);
         let conn = match accept_by(&control, Instant::now() + TIMEOUT) {
             Ok(c) => c,
             Err(e) => {
@@ -445,6 +463,7 @@ impl Host {
             events: VecDeque::new(),
             cgroup,
             exited: None,
+            hold_output: false,
         }
     }
 
@@ -473,6 +492,12 @@ impl Host {
     /// husk-init's cgroup root, when it has one.
     pub fn cgroup_root(&self) -> Option<&Path> {
         self.cgroup.as_ref().map(|c| c.root.as_path())
+    }
+
+    /// Makes the stdout/stderr of processes started from now on unread until
+    /// [`Output::release`], like a host that stalls.
+    pub fn hold_output(&mut self) {
+        self.hold_output = true;
     }
 
     /// husk-init's pid.
@@ -603,14 +628,15 @@ impl Host {
                 let r = s.try_clone().expect("clone");
                 Io {
                     stdin: Some(s),
-                    stdout: Output::spawn_reader(r),
+                    stdout: Output::spawn_reader(r, self.hold_output),
                     stderr: Output::closed(),
                 }
             }
             Want::Pipes { stdin } => {
                 let stdin = stdin.then(|| streams.next().expect("stdin stream"));
-                let stdout = Output::spawn_reader(streams.next().expect("stdout stream"));
-                let stderr = Output::spawn_reader(streams.next().expect("stderr stream"));
+                let held = self.hold_output;
+                let stdout = Output::spawn_reader(streams.next().expect("stdout stream"), held);
+                let stderr = Output::spawn_reader(streams.next().expect("stderr stream"), held);
                 Io {
                     stdin,
                     stdout,
