@@ -143,7 +143,7 @@ fn a_truncated_frame_ends_husk_init_and_its_container() {
     h.send_raw(&frame);
     h.close_control();
     assert_fails_with(&mut h, &["middle of a frame", "14 of 54 bytes"]);
-    assert!(common::wait_gone(pid), "the container outlived husk-init");
+    assert!(common::gone(pid), "the container outlived husk-init");
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn an_undecodable_frame_ends_husk_init_and_its_container() {
     frame.extend_from_slice(&[0xff; 8]);
     h.send_raw(&frame);
     assert_fails_with(&mut h, &["control connection", "malformed message"]);
-    assert!(common::wait_gone(pid), "the container outlived husk-init");
+    assert!(common::gone(pid), "the container outlived husk-init");
 }
 
 #[test]
@@ -258,7 +258,7 @@ fn requests_that_do_not_fit_get_error_replies() {
     assert_eq!(h.ok(Request::Shutdown), Response::Done);
     let (status, log) = h.wait_husk_exit();
     assert!(status.success(), "{log}");
-    assert!(common::wait_gone(pid));
+    assert!(common::gone(pid));
 }
 
 #[test]
