@@ -2,11 +2,13 @@
 //!
 //! [`Host::spawn`] starts the real `husk-init` binary with `--connect unix:PREFIX`, in its own
 //! mount, UTS, IPC and network namespaces (so that an engine bug cannot reach the test
-//! machine's hostname, mounts or network), listens on `PREFIX_<port>` for its control connection and for the
-//! stdio connections each process makes, builds a busybox root filesystem in a private temp
-//! dir, and on drop closes the control connection (husk-init then kills the container),
-//! reaps husk-init and removes its cgroup, mount and files. Every wait has a deadline: a test
-//! fails with husk-init's stderr instead of hanging.
+//! machine's hostname, mounts or network), listens on `PREFIX_<port>` for its control
+//! connection and for the stdio connections each process makes, and builds a busybox root
+//! filesystem in a private temp dir. With [`Options::cgroup`] it mounts a cgroup v2 hierarchy
+//! in that dir and gives husk-init a cgroup of its own in it as `--cgroup-root`. On drop it
+//! closes the control connection (husk-init then kills the container), reaps husk-init and
+//! removes the cgroup, the mount and the files. Every wait has a deadline: a broken engine
+//! fails a test with husk-init's log instead of hanging it.
 
 #![allow(
     dead_code,
@@ -296,6 +298,8 @@ fn remove_cgroup_tree(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
+    // Whatever a failed test left running in it (kills the whole subtree).
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
     for e in std::fs::read_dir(dir)?.flatten() {
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             remove_cgroup_tree(&e.path())?;
