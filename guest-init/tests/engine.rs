@@ -22,7 +22,7 @@ fn exited(code: i32) -> WaitStatus {
     WaitStatus::Exited(code)
 }
 
-/// Lines of `text` that start with `prefix`, with the prefix removed.
+/// The first line of `text` that starts with `prefix`, without the prefix, trimmed.
 fn field<'a>(text: &'a str, prefix: &str) -> &'a str {
     text.lines()
         .find_map(|l| l.strip_prefix(prefix))
@@ -1137,79 +1137,6 @@ fn shutdown_kills_the_container_and_leaves_no_mounts() {
     );
 }
 
-// ---- network -------------------------------------------------------------------------------
-
-#[test]
-fn configure_network_sets_up_interfaces_and_routes() {
-    if skip_unless_root() {
-        return;
-    }
-    let mut h = Host::start();
-    // A veth end in husk-init's network namespace stands in for the VM's virtio-net device.
-    let made = Command::new("nsenter")
-        .args(["-t", &h.pid().to_string(), "-n", "ip", "link", "add", "vm0"])
-        .args([
-            "address",
-            "02:00:00:00:00:07",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "peer0",
-        ])
-        .status();
-    if !made.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: needs nsenter and iproute2's ip with veth support");
-        return;
-    }
-    let cidr = |addr: &str, prefix_len| IpCidr {
-        addr: addr.parse::<IpAddr>().unwrap(),
-        prefix_len,
-    };
-    let eth0 = |mac| NetInterface {
-        name: "eth0".into(),
-        mac,
-        mtu: 1400,
-        addresses: vec![cidr("10.9.8.7", 24), cidr("fd00::7", 64)],
-    };
-    let e = h
-        .request(Request::ConfigureNetwork(NetworkConfig {
-            interfaces: vec![eth0([2, 0, 0, 0, 0, 0x99])],
-            routes: vec![],
-        }))
-        .unwrap_err();
-    assert!(e.message.contains("02:00:00:00:00:99"), "{e}");
-    h.ok(Request::ConfigureNetwork(NetworkConfig {
-        interfaces: vec![eth0([2, 0, 0, 0, 0, 7])],
-        routes: vec![
-            NetRoute {
-                destination: None,
-                gateway: Some("10.9.8.1".parse().unwrap()),
-                interface: "eth0".into(),
-            },
-            NetRoute {
-                destination: Some(cidr("192.168.50.0", 24)),
-                gateway: None,
-                interface: "eth0".into(),
-            },
-        ],
-    }));
-    // The container shares the VM's network (its namespace is ignored, by design).
-    let run = h.run(&sh(
-        "ip link show lo; ip link show eth0; ip addr show eth0; ip route; ip -6 addr show eth0",
-    ));
-    assert_eq!(run.status, exited(0), "{run:?}");
-    let out = &run.stdout;
-    let lo = out.lines().find(|l| l.contains(": lo:")).unwrap();
-    assert!(lo.contains(",UP"), "lo is up: {out}");
-    let eth = out.lines().find(|l| l.contains(": eth0")).unwrap();
-    assert!(eth.contains(",UP") && eth.contains("mtu 1400"), "{out}");
-    assert!(out.contains("inet 10.9.8.7/24"), "{out}");
-    assert!(out.contains("inet6 fd00::7/64"), "{out}");
-    assert!(out.contains("default via 10.9.8.1 dev eth0"), "{out}");
-    assert!(out.contains("192.168.50.0/24 dev eth0"), "{out}");
-}
-
 #[test]
 fn a_process_that_cannot_start_says_why() {
     if skip_unless_root() {
@@ -1286,4 +1213,77 @@ fn shutdown_without_a_pid_namespace_kills_exec_processes_too() {
     // No cgroup and no pid namespace to find them by: husk-init kills its own children.
     assert!(common::gone(pid), "the main process survived");
     assert!(common::gone(epid), "the exec'd process survived");
+}
+
+// ---- network -------------------------------------------------------------------------------
+
+#[test]
+fn configure_network_sets_up_interfaces_and_routes() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    // A veth end in husk-init's network namespace stands in for the VM's virtio-net device.
+    let made = Command::new("nsenter")
+        .args(["-t", &h.pid().to_string(), "-n", "ip", "link", "add", "vm0"])
+        .args([
+            "address",
+            "02:00:00:00:00:07",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+        ])
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: needs nsenter and iproute2's ip with veth support");
+        return;
+    }
+    let cidr = |addr: &str, prefix_len| IpCidr {
+        addr: addr.parse::<IpAddr>().unwrap(),
+        prefix_len,
+    };
+    let eth0 = |mac| NetInterface {
+        name: "eth0".into(),
+        mac,
+        mtu: 1400,
+        addresses: vec![cidr("10.9.8.7", 24), cidr("fd00::7", 64)],
+    };
+    let e = h
+        .request(Request::ConfigureNetwork(NetworkConfig {
+            interfaces: vec![eth0([2, 0, 0, 0, 0, 0x99])],
+            routes: vec![],
+        }))
+        .unwrap_err();
+    assert!(e.message.contains("02:00:00:00:00:99"), "{e}");
+    h.ok(Request::ConfigureNetwork(NetworkConfig {
+        interfaces: vec![eth0([2, 0, 0, 0, 0, 7])],
+        routes: vec![
+            NetRoute {
+                destination: None,
+                gateway: Some("10.9.8.1".parse().unwrap()),
+                interface: "eth0".into(),
+            },
+            NetRoute {
+                destination: Some(cidr("192.168.50.0", 24)),
+                gateway: None,
+                interface: "eth0".into(),
+            },
+        ],
+    }));
+    // The container shares the VM's network (its namespace is ignored, by design).
+    let run = h.run(&sh(
+        "ip link show lo; ip link show eth0; ip addr show eth0; ip route; ip -6 addr show eth0",
+    ));
+    assert_eq!(run.status, exited(0), "{run:?}");
+    let out = &run.stdout;
+    let lo = out.lines().find(|l| l.contains(": lo:")).unwrap();
+    assert!(lo.contains(",UP"), "lo is up: {out}");
+    let eth = out.lines().find(|l| l.contains(": eth0")).unwrap();
+    assert!(eth.contains(",UP") && eth.contains("mtu 1400"), "{out}");
+    assert!(out.contains("inet 10.9.8.7/24"), "{out}");
+    assert!(out.contains("inet6 fd00::7/64"), "{out}");
+    assert!(out.contains("default via 10.9.8.1 dev eth0"), "{out}");
+    assert!(out.contains("192.168.50.0/24 dev eth0"), "{out}");
 }
