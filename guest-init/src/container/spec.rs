@@ -4,24 +4,31 @@
 //! What husk-init does with each part of the OCI runtime spec:
 //!
 //! * **Honoured**: `process` (args, env, cwd, user uid/gid/additionalGids/umask, terminal,
-//!   consoleSize, capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj), `root.readonly`,
-//!   `hostname`, `domainname`, `mounts` (bind mounts from the host through the share, every
-//!   other type made in the guest, in spec order, with their options and propagation),
-//!   `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones), `linux.uidMappings` /
-//!   `gidMappings`, `linux.devices`, `linux.sysctl`, `linux.resources` memory/cpu/pids/blockIO
-//!   weight/unified (cgroup v2 in the guest), `linux.rootfsPropagation`, `linux.maskedPaths`,
-//!   `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
+//!   consoleSize, capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj),
+//!   `root.readonly`, `hostname`, `domainname`, `mounts` (bind mounts from the host through
+//!   the share, every other type made in the guest, in spec order, with their options and
+//!   propagation), `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones),
+//!   `linux.uidMappings` / `gidMappings`, `linux.devices`, `linux.sysctl`, `linux.resources`
+//!   memory limit/swap/reservation, cpu shares/quota/period/cpus/mems, pids limit, blockIO
+//!   weight and `unified` (cgroup v2 in the guest), `linux.rootfsPropagation`,
+//!   `linux.maskedPaths`, `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
 //! * **Refused with an error**: a namespace with a `path` other than network (each container
 //!   has its own VM, there is nothing to join), the time namespace, seccomp notify/flags,
 //!   an unknown capability, bind mounts the host did not provide, `hostname`/`domainname`
-//!   without a uts namespace (as runc), id-mapped mounts (`mounts[].uidMappings`).
+//!   without a uts namespace (as runc), id-mapped mounts (`mounts[].uidMappings`), and
+//!   anything malformed (named in the message).
 //! * **Ignored, by design**: the network namespace (the VM is the network boundary; the host
 //!   side wires the engine's namespace to the VM's NIC), `cgroupsPath` (a host cgroup: the
-//!   monitor lives there; the guest always uses its own `/container` cgroup),
-//!   `linux.resources.devices` (the guest has only the VM's virtual devices),
-//!   `apparmorProfile`, `selinuxLabel`, `mountLabel` (no LSM in the guest kernel; the VM
-//!   replaces them as the isolation layer), `ioPriority`, `scheduler`, `execCPUAffinity`,
-//!   `personality`, `intelRdt`, `hooks` (run by the host side).
+//!   monitor lives there; the guest always uses its own `/container` cgroup), `root.path`
+//!   (the host names the rootfs in the request), `linux.resources.devices` (the guest has
+//!   only the VM's virtual devices), `apparmorProfile`, `selinuxLabel`, `mountLabel` (no LSM
+//!   in the guest kernel; the VM replaces them as the isolation layer), `ioPriority`,
+//!   `scheduler`, `execCPUAffinity`, `personality`, `intelRdt`, `linux.netDevices`,
+//!   `linux.memoryPolicy`, `annotations`, `hooks` (run by the host side).
+//! * **Ignored, not yet mapped** (no cgroup v2 file is written for them): `linux.resources`
+//!   memory kernel/kernelTCP/swappiness/disableOOMKiller, cpu realtime/idle/burst, blockIO
+//!   leafWeight/weightDevice/throttle*, hugepageLimits, network, rdma. `unified` reaches
+//!   every cgroup v2 file meanwhile.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
