@@ -36,6 +36,19 @@ pub fn write(level: u8, args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().write_all(&line.as_bytes()[3..]);
 }
 
+/// An error and every cause behind it, on one line (`what: why: deeper why`): the top-level
+/// message alone ("control connection failed") does not say what the host did wrong.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 macro_rules! error {
     ($($a:tt)*) => { $crate::log::write(3, format_args!($($a)*)) };
 }
@@ -51,3 +64,16 @@ macro_rules! debug {
     };
 }
 pub(crate) use {debug, error, info, warning};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_names_every_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed mid-frame");
+        let e = crate::server::ServerError::Connection(husk_proto::ProtoError::Io(io));
+        assert_eq!(
+            super::chain(&e),
+            "control connection failed: I/O error on the control connection: closed mid-frame"
+        );
+    }
+}

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         system::enable_markers();
         system::mark(Marker::InitStarted);
         if let Err(e) = system::setup() {
-            log::error!("system setup failed: {e}");
+            log::error!("system setup failed: {}", log::chain(&e));
             system::power_off();
         }
     } else {
@@ -91,8 +91,8 @@ fn main() -> ExitCode {
     let result = run(&opts);
     match &result {
         Ok(()) => log::info!("host is done with this VM"),
-        Err(e) if opts.pid1 => log::error!("{e}; powering the VM off"),
-        Err(e) => log::error!("{e}"),
+        Err(e) if opts.pid1 => log::error!("{}; powering the VM off", log::chain(e)),
+        Err(e) => log::error!("{}", log::chain(e)),
     }
     if opts.pid1 {
         system::power_off();

@@ -51,6 +51,9 @@ struct Pump {
     shutdown_dst: bool,
     buf: Vec<u8>,
     src_done: bool,
+    /// The host announced EOF (`CloseStdin`): the source ends once it has nothing more to
+    /// read right now, instead of at a real EOF.
+    eof_when_drained: bool,
 }
 
 impl Pump {
@@ -62,6 +65,7 @@ impl Pump {
             shutdown_dst: false,
             buf: Vec::with_capacity(BUF_SIZE),
             src_done: false,
+            eof_when_drained: false,
         }
     }
 
@@ -127,6 +131,11 @@ impl Pump {
                     Err(e) => {
                         self.buf.truncate(start);
                         match e.kind() {
+                            io::ErrorKind::WouldBlock if self.eof_when_drained => {
+                                self.src_done = true;
+                                self.src = None;
+                                moved = true;
+                            }
                             io::ErrorKind::WouldBlock => {}
                             io::ErrorKind::Interrupted => continue,
                             // EIO: every holder of the pty slave is gone.
@@ -277,15 +286,17 @@ impl ProcessIo {
             .all(Pump::done)
     }
 
-    /// Closes the process's stdin (pipes only: a terminal has no separate stdin to close).
+    /// Closes the process's stdin (pipes only: a terminal has no separate stdin to close)
+    /// once what the host sent before has reached it: the host writes its last bytes, then
+    /// asks, so they are in the connection (or the pump's buffer) by now and must not be
+    /// dropped. Whatever is readable is delivered; the pipe closes at the first empty read.
     pub fn close_stdin(&mut self) {
         if self.master.is_some() {
             return;
         }
         for p in self.pumps.iter_mut().filter(|p| p.dir == Direction::Input) {
-            p.src = None;
-            p.buf.clear();
-            p.finish();
+            p.eof_when_drained = true;
+            p.progress();
         }
     }
 
@@ -365,5 +376,23 @@ mod tests {
         p.progress();
         assert!(p.done());
         assert!(p.src.is_none());
+    }
+
+    #[test]
+    fn close_stdin_delivers_what_was_sent_before_it() {
+        let (mut host_w, src) = sockpair();
+        let (dst, mut proc_r) = sockpair();
+        let mut io = ProcessIo {
+            pumps: vec![Pump::new(src, dst, Direction::Input)],
+            master: None,
+        };
+        host_w.write_all(b"last words").unwrap();
+        // The host keeps its end open: EOF comes from the request alone, and everything is
+        // delivered at once (read_to_end would fail on WouldBlock otherwise).
+        io.close_stdin();
+        let mut got = Vec::new();
+        proc_r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+        assert!(io.pumps[0].done());
     }
 }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use husk_proto::marker::Marker;
 use husk_proto::{
@@ -23,14 +24,35 @@ use crate::relay::ProcessIo;
 use crate::transport::Transport;
 use crate::{log, system};
 
+/// How long husk-init waits, on its way out, for the processes it killed.
+const REAP_GRACE: Duration = Duration::from_secs(2);
+
+/// Reaps every child until none is left or `grace` has passed, so that husk-init's own exit
+/// means its container is gone. Outside a VM its orphans would otherwise pass to an init that
+/// may reap them late, and a pid namespace's init stays in exit until every process of the
+/// namespace has been reaped.
+fn reap_all(grace: Duration) {
+    let deadline = Instant::now() + grace;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                log::warning!("processes still alive {grace:?} after being killed");
+                return;
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return, // ECHILD: nothing left
+        }
+    }
+}
+
 /// Why serving ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The control connection could not be made.
-    #[error(
-        "no host to talk to at {transport} port {}: {source}",
-        husk_proto::CONTROL_PORT
-    )]
+    #[error("no host to talk to at {transport} port {}", husk_proto::CONTROL_PORT)]
     NoHost {
         /// Where we tried.
         transport: String,
@@ -131,8 +153,14 @@ impl Server {
             c.destroy();
         }
         for p in self.procs.values_mut() {
+            // Not yet reaped, so the pid is still this child's: exec'd processes too, which
+            // the container's own teardown misses without a cgroup or pid namespace.
+            if p.exit.is_none() {
+                let _ = nix::sys::signal::kill(p.pid, Signal::SIGKILL);
+            }
             p.io.abort();
         }
+        reap_all(REAP_GRACE);
         result
     }
 

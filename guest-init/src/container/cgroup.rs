@@ -115,7 +115,18 @@ impl Cgroup {
             Err(e) => return Err(format!("creating cgroup {}: {e}", path.display())),
         }
         let cg = Self { path };
-        let mut all = match resources {
+        match cg.apply(resources) {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                // A half-configured cgroup must not be left for the next create to reuse.
+                cg.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, resources: Option<&LinuxResources>) -> Result<(), String> {
+        let all = match resources {
             Some(r) => settings(r)?,
             None => Vec::new(),
         };
@@ -126,13 +137,13 @@ impl Cgroup {
                         "linux.resources.unified key {k:?} is not a cgroup file name"
                     ));
                 }
-                cg.write_file(k, v)?;
+                self.write_file(k, v)?;
             }
         }
-        for (file, value) in all.drain(..) {
-            cg.write_file(file, &value)?;
+        for (file, value) in all {
+            self.write_file(file, &value)?;
         }
-        Ok(cg)
+        Ok(())
     }
 
     fn write_file(&self, file: &str, value: &str) -> Result<(), String> {
@@ -159,23 +170,24 @@ impl Cgroup {
         out
     }
 
-    /// Resource usage.
+    /// Resource usage. A limit whose file is missing (its controller is not enabled) is
+    /// "none", `u64::MAX`, as the protocol says, never 0; the process count then comes from
+    /// the membership, which every cgroup has.
     pub fn stats(&self) -> ContainerStats {
         let read = |f: &str| fs::read_to_string(self.path.join(f)).unwrap_or_default();
-        let num = |f: &str| {
-            let s = read(f);
-            let s = s.trim();
-            if s == "max" {
-                u64::MAX
-            } else {
-                s.parse().unwrap_or(0)
+        let value = |f: &str| -> Option<u64> {
+            let s = fs::read_to_string(self.path.join(f)).ok()?;
+            match s.trim() {
+                "max" => Some(u64::MAX),
+                v => v.parse().ok(),
             }
         };
         let mut stats = ContainerStats {
-            memory_usage: num("memory.current"),
-            memory_limit: num("memory.max"),
-            pids_current: num("pids.current"),
-            pids_limit: num("pids.max"),
+            memory_usage: value("memory.current").unwrap_or(0),
+            memory_limit: value("memory.max").unwrap_or(u64::MAX),
+            pids_current: value("pids.current")
+                .unwrap_or_else(|| u64::try_from(self.pids().len()).unwrap_or(u64::MAX)),
+            pids_limit: value("pids.max").unwrap_or(u64::MAX),
             ..ContainerStats::default()
         };
         for line in read("cpu.stat").lines() {

@@ -144,6 +144,22 @@ fn close_fds_except(keep: &[RawFd]) {
     }
 }
 
+/// Connects a process's stdio; a terminal gets the spec's `consoleSize` before the process
+/// can read it (for an exec'd process there is no other moment: it runs at once).
+fn setup_stdio(
+    stdio: &husk_proto::Stdio,
+    process: &process::ProcessPlan,
+    env: &Env,
+) -> Result<(ChildStdio, ProcessIo), ErrorReply> {
+    let (child, io) =
+        ProcessIo::setup(stdio, &env.transport).map_err(|e| sys_reply("setting up stdio", e))?;
+    if let (true, Some((rows, cols))) = (stdio.is_terminal(), process.console_size) {
+        io.resize(rows, cols)
+            .map_err(|e| sys_reply("setting the terminal size (process.consoleSize)", e))?;
+    }
+    Ok((child, io))
+}
+
 /// In a forked child: installs the stdio descriptors as 0, 1, 2.
 fn install_stdio(stdio: ChildStdio, terminal: bool) -> Result<(), ChildError> {
     nix::unistd::setsid().map_err(|e| ChildError::sys("setsid", e))?;
@@ -215,11 +231,11 @@ impl Container {
                 cg.destroy();
             }
         };
-        let (child_stdio, io) = match ProcessIo::setup(&req.stdio, &env.transport) {
+        let (child_stdio, io) = match setup_stdio(&req.stdio, &plan.process, env) {
             Ok(x) => x,
             Err(e) => {
                 cleanup(&cgroup);
-                return Err(sys_reply("setting up stdio", e));
+                return Err(e);
             }
         };
         let (mut go_r, mut go_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
@@ -389,8 +405,7 @@ impl Container {
             .map_err(|e| err(ErrorCode::InvalidSpec, format!("process.json: {e}")))?;
         let mut plan = process::ProcessPlan::from_spec(&spec)?;
         plan.terminal = req.stdio.is_terminal();
-        let (child_stdio, io) = ProcessIo::setup(&req.stdio, &env.transport)
-            .map_err(|e| sys_reply("setting up stdio", e))?;
+        let (child_stdio, io) = setup_stdio(&req.stdio, &plan, env)?;
         let (mut rep_r, mut rep_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
         // Namespace descriptors, opened while /proc still shows guest pids.
         let open_ns = |name: &str| -> Result<OwnedFd, ErrorReply> {
@@ -506,9 +521,17 @@ impl Container {
         out
     }
 
-    /// Resource usage.
+    /// Resource usage; without a cgroup only the process count is known, and no limit.
     pub fn stats(&self) -> ContainerStats {
-        self.cgroup.as_ref().map(|c| c.stats()).unwrap_or_default()
+        match &self.cgroup {
+            Some(c) => c.stats(),
+            None => ContainerStats {
+                memory_limit: u64::MAX,
+                pids_limit: u64::MAX,
+                pids_current: u64::try_from(self.pids().len()).unwrap_or(u64::MAX),
+                ..ContainerStats::default()
+            },
+        }
     }
 
     /// Kills every process of the container and removes its cgroup.

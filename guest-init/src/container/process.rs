@@ -48,6 +48,8 @@ pub struct ProcessPlan {
     oom_score_adj: Option<i32>,
     /// Whether it gets a terminal.
     pub terminal: bool,
+    /// `consoleSize` as (rows, columns): the terminal's size before the process starts.
+    pub console_size: Option<(u16, u16)>,
 }
 
 fn invalid(msg: impl Into<String>) -> ChildError {
@@ -144,6 +146,17 @@ impl ProcessPlan {
             .flatten()
             .map(|r| (rlimit_resource(r.typ()), r.soft(), r.hard()))
             .collect();
+        let console_size = match p.console_size() {
+            None => None,
+            Some(b) => {
+                let dim = |v: u64, what: &str| {
+                    u16::try_from(v).map_err(|_| {
+                        invalid(format!("process.consoleSize.{what} {v} is over 65535"))
+                    })
+                };
+                Some((dim(b.height(), "height")?, dim(b.width(), "width")?))
+            }
+        };
         let user = p.user();
         Ok(Self {
             args,
@@ -159,6 +172,7 @@ impl ProcessPlan {
             no_new_privileges: p.no_new_privileges().unwrap_or(false),
             oom_score_adj: p.oom_score_adj(),
             terminal: p.terminal().unwrap_or(false),
+            console_size,
         })
     }
 
@@ -383,6 +397,11 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.message.contains("NOEQ"), "{e}");
+        let e = ProcessPlan::from_spec(&process(
+            r#"{"args":["x"],"cwd":"/","consoleSize":{"height":70000,"width":80},"user":{"uid":0,"gid":0}}"#,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("consoleSize.height 70000"), "{e}");
     }
 
     #[test]

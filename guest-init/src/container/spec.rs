@@ -4,23 +4,31 @@
 //! What husk-init does with each part of the OCI runtime spec:
 //!
 //! * **Honoured**: `process` (args, env, cwd, user uid/gid/additionalGids/umask, terminal,
-//!   capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj), `root.readonly`,
-//!   `hostname`, `domainname`, `mounts` (bind mounts from the host through the share, every
-//!   other type made in the guest, in spec order, with their options and propagation),
-//!   `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones), `linux.uidMappings` /
-//!   `gidMappings`, `linux.devices`, `linux.sysctl`, `linux.resources` memory/cpu/pids/blockIO
-//!   weight/unified (cgroup v2 in the guest), `linux.rootfsPropagation`, `linux.maskedPaths`,
-//!   `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
+//!   consoleSize, capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj),
+//!   `root.readonly`, `hostname`, `domainname`, `mounts` (bind mounts from the host through
+//!   the share, every other type made in the guest, in spec order, with their options and
+//!   propagation), `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones),
+//!   `linux.uidMappings` / `gidMappings`, `linux.devices`, `linux.sysctl`, `linux.resources`
+//!   memory limit/swap/reservation, cpu shares/quota/period/cpus/mems, pids limit, blockIO
+//!   weight and `unified` (cgroup v2 in the guest), `linux.rootfsPropagation`,
+//!   `linux.maskedPaths`, `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
 //! * **Refused with an error**: a namespace with a `path` other than network (each container
 //!   has its own VM, there is nothing to join), the time namespace, seccomp notify/flags,
-//!   an unknown capability, bind mounts the host did not provide.
+//!   an unknown capability, bind mounts the host did not provide, `hostname`/`domainname`
+//!   without a uts namespace (as runc), id-mapped mounts (`mounts[].uidMappings`), and
+//!   anything malformed (named in the message).
 //! * **Ignored, by design**: the network namespace (the VM is the network boundary; the host
 //!   side wires the engine's namespace to the VM's NIC), `cgroupsPath` (a host cgroup: the
-//!   monitor lives there; the guest always uses its own `/container` cgroup),
-//!   `linux.resources.devices` (the guest has only the VM's virtual devices),
-//!   `apparmorProfile`, `selinuxLabel`, `mountLabel` (no LSM in the guest kernel; the VM
-//!   replaces them as the isolation layer), `ioPriority`, `scheduler`, `execCPUAffinity`,
-//!   `personality`, `intelRdt`, `hooks` (run by the host side).
+//!   monitor lives there; the guest always uses its own `/container` cgroup), `root.path`
+//!   (the host names the rootfs in the request), `linux.resources.devices` (the guest has
+//!   only the VM's virtual devices), `apparmorProfile`, `selinuxLabel`, `mountLabel` (no LSM
+//!   in the guest kernel; the VM replaces them as the isolation layer), `ioPriority`,
+//!   `scheduler`, `execCPUAffinity`, `personality`, `intelRdt`, `linux.netDevices`,
+//!   `linux.memoryPolicy`, `annotations`, `hooks` (run by the host side).
+//! * **Ignored, not yet mapped** (no cgroup v2 file is written for them): `linux.resources`
+//!   memory kernel/kernelTCP/swappiness/disableOOMKiller, cpu realtime/idle/burst, blockIO
+//!   leafWeight/weightDevice/throttle*, hugepageLimits, network, rdma. `unified` reaches
+//!   every cgroup v2 file meanwhile.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -159,6 +167,18 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         }
         clone_flags |= flag;
     }
+    // As runc: without its own UTS namespace the container would rename the VM (or, for
+    // husk-init on a host, the host), which outlives it.
+    for (field, value) in [
+        ("hostname", spec.hostname()),
+        ("domainname", spec.domainname()),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.is_empty()) && clone_flags & libc::CLONE_NEWUTS == 0 {
+            return Err(invalid(format!(
+                "{field} is set but linux.namespaces has no uts namespace"
+            )));
+        }
+    }
     let id_maps = if userns {
         if linux.uid_mappings().as_ref().is_none_or(|m| m.is_empty())
             || linux.gid_mappings().as_ref().is_none_or(|m| m.is_empty())
@@ -177,6 +197,13 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         req.mounts.iter().map(|m| (m.index, &m.source)).collect();
     let mut mount_plans = Vec::new();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        // Skipping the mapping would leave every file with the wrong owner, silently.
+        if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
+            return Err(unsupported(format!(
+                "mount {i} ({}): id-mapped mounts (uidMappings/gidMappings) are not supported",
+                m.destination().display()
+            )));
+        }
         let options = mounts::parse_options(m.options().as_deref().unwrap_or_default());
         let typ = m.typ().clone().unwrap_or_default();
         let is_bind = typ == "bind" || options.is_bind();
@@ -407,6 +434,17 @@ mod tests {
     }
 
     #[test]
+    fn id_mapped_mounts_are_refused() {
+        let cfg = format!(
+            r#"{{{BASE},"mounts":[{{"destination":"/data","type":"tmpfs","source":"tmpfs",
+                "uidMappings":[{{"containerID":0,"hostID":1000,"size":1}}]}}]}}"#
+        );
+        let e = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains("mount 0 (/data)"), "{e}");
+    }
+
+    #[test]
     fn share_paths_cannot_climb() {
         let e = source_path(
             &FsSource::Share {
@@ -430,6 +468,17 @@ mod tests {
         );
         let p = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap();
         assert_eq!(p.id_maps.unwrap().0, "0 1000 65536\n");
+    }
+
+    #[test]
+    fn a_hostname_needs_a_uts_namespace() {
+        let cfg = format!(r#"{{{BASE},"hostname":"box"}}"#);
+        let e = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidSpec);
+        assert!(e.message.contains("hostname"), "{e}");
+        let cfg =
+            format!(r#"{{{BASE},"hostname":"box","linux":{{"namespaces":[{{"type":"uts"}}]}}}}"#);
+        assert!(plan(&req(&cfg, vec![]), Path::new("/s")).is_ok());
     }
 
     #[test]
