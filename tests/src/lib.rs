@@ -279,3 +279,20 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Deletes (with `--force`) every container under a state root when dropped, so a failing
+/// test leaves no monitor or VM running. Declare it after the [`TempDir`] holding the root.
+#[derive(Debug)]
+pub struct ContainerRoot(pub PathBuf);
+
+impl Drop for ContainerRoot {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let _ = husk(&self.0, &["delete", "--force", &id]);
+        }
+    }
+}

@@ -16,6 +16,7 @@ fn is_root() -> bool {
 fn bad_input_gives_one_clear_error_and_leaves_nothing() {
     let tmp = TempDir::new("oci-bad");
     let root = tmp.path().join("state");
+    let _cleanup = husk_e2e::ContainerRoot(root.clone());
     let root_s = root.to_str().unwrap();
     for cmd in [
         &["state", "nope"][..],
@@ -121,6 +122,7 @@ fn lifecycle_of_a_container_in_a_vm() {
     }
     let tmp = TempDir::new("oci-life");
     let root = tmp.path().join("state");
+    let _cleanup = husk_e2e::ContainerRoot(root.clone());
     let bundle_dir = tmp.path().join("bundle");
     std::fs::create_dir_all(&bundle_dir).unwrap();
     let Some(bundle) = busybox_bundle(
@@ -239,6 +241,7 @@ fn run_propagates_the_exit_status() {
     }
     let tmp = TempDir::new("oci-run");
     let root = tmp.path().join("state");
+    let _cleanup = husk_e2e::ContainerRoot(root.clone());
     let bundle_dir = tmp.path().join("bundle");
     std::fs::create_dir_all(&bundle_dir).unwrap();
     let Some(bundle) = busybox_bundle(&bundle_dir, &["sh", "-c", "echo out; echo err >&2; exit 3"])

@@ -2,6 +2,7 @@
 //!
 //! - `build-image`: the guest assets every husk VM boots (kernel `vmlinux` + initramfs).
 //! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
+//! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
 
 mod bench;
 mod image;
@@ -35,14 +36,18 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Boot-to-init time and peak RSS: husk's VMM next to QEMU microvm on the same KVM.
-    Boot(bench::BootBenchArgs),
+    Boot(bench::boot::BootBenchArgs),
+    /// First exec of a 1 MiB binary and sequential read throughput through the virtio-fs
+    /// share, next to the same on the host.
+    Fs(bench::fs::FsBenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BuildImage(args) => image::build_image(&args).map(drop),
-        Command::Bench(BenchCommand::Boot(args)) => bench::boot(&args),
+        Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
+        Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -60,12 +60,12 @@ enum Command {
     Features,
     /// Write a default config.json into the current (or --bundle) directory.
     Spec(oci::SpecArgs),
-    /// Pause a container's VM (not supported yet).
+    /// Pause a container (its VM's vCPUs stop).
     Pause(oci::IdArg),
-    /// Resume a paused container's VM (not supported yet).
+    /// Resume a paused container.
     Resume(oci::IdArg),
-    /// Container events (not supported yet).
-    Events(oci::IdArg),
+    /// Print the container's resource usage as stats events (JSON lines).
+    Events(oci::EventsArgs),
     /// Developer commands that work on a VM without the OCI layer.
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -79,6 +79,7 @@ pub fn main(process_start: Instant) -> ExitCode {
     let cli = Cli::parse();
     let logger = log::Logger::new(cli.log.clone(), cli.log_format, cli.debug);
     let ctx = oci::Context {
+        log: cli.log.clone(),
         root: cli.root.clone(),
         debug: cli.debug,
     };
@@ -95,10 +96,9 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::List(a) => oci::list(&ctx, a),
         Command::Features => oci::features(),
         Command::Spec(a) => oci::spec(a),
-        Command::Pause(_) | Command::Resume(_) => Err(anyhow::anyhow!(
-            "pause/resume is not supported yet by husk (the VM's vCPUs cannot be paused yet)"
-        )),
-        Command::Events(_) => Err(anyhow::anyhow!("events is not supported yet by husk")),
+        Command::Pause(a) => oci::pause(&ctx, a, true),
+        Command::Resume(a) => oci::pause(&ctx, a, false),
+        Command::Events(a) => oci::events(&ctx, a),
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::monitor(&ctx, a, process_start)),
     };

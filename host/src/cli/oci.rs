@@ -20,6 +20,8 @@ use crate::oci::state::{self, State, Status, Store};
 /// What every command needs.
 #[derive(Debug)]
 pub struct Context {
+    /// `--log`.
+    pub log: Option<PathBuf>,
     /// `--root`.
     pub root: PathBuf,
     /// `--debug`: the VM's serial console goes to the monitor's stderr.
@@ -131,6 +133,19 @@ pub struct ExecArgs {
     args: Vec<String>,
 }
 
+/// `events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Container id.
+    id: String,
+    /// Print one stats event and exit.
+    #[arg(long)]
+    stats: bool,
+    /// Seconds between stats events.
+    #[arg(long, default_value_t = 5)]
+    interval: u64,
+}
+
 /// `ps`.
 #[derive(Debug, clap::Args)]
 pub struct PsArgs {
@@ -169,6 +184,8 @@ pub struct MonitorCmdArgs {
     bundle: PathBuf,
     #[arg(long)]
     notify_fd: i32,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
 }
 
 /// Creates the container and returns the monitor process.
@@ -193,12 +210,8 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
-    if terminal {
-        let e = if args.console_socket.is_none() {
-            anyhow!("config.json: process.terminal is true but no --console-socket was given")
-        } else {
-            anyhow!("config.json: process.terminal: true is not supported by husk yet")
-        };
+    if terminal && args.console_socket.is_none() {
+        let e = anyhow!("config.json: process.terminal is true but no --console-socket was given");
         return Err(fail(entry, e));
     }
     let initial = State {
@@ -227,6 +240,14 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
         .args(["--notify-fd", &write_fd.to_string()]);
     if ctx.debug {
         cmd.arg("--debug");
+    }
+    if let Some(log) = &ctx.log {
+        cmd.arg("--log")
+            .arg(std::path::absolute(log).context("--log")?);
+    }
+    if let Some(socket) = &args.console_socket {
+        let socket = std::path::absolute(socket).context("--console-socket")?;
+        cmd.arg("--console-socket").arg(socket);
     }
     // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl) between fork
     // and exec.
@@ -564,6 +585,64 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
     }
 }
 
+/// `husk pause` / `husk resume`.
+pub fn pause(ctx: &Context, args: IdArg, pause: bool) -> Result<ExitCode> {
+    let entry = ctx.store().open(&args.id)?;
+    let st = entry.current()?;
+    let (want, verb) = if pause {
+        (Status::Running, "pause")
+    } else {
+        (Status::Paused, "resume")
+    };
+    if st.status != want {
+        bail!("cannot {verb} container {}: it is {}", args.id, st.status);
+    }
+    let req = if pause {
+        MonitorRequest::Pause
+    } else {
+        MonitorRequest::Resume
+    };
+    match monitor::request(&entry.monitor_socket(), &req)
+        .map_err(anyhow::Error::msg)?
+        .0
+    {
+        MonitorReply::Ok => Ok(ExitCode::SUCCESS),
+        MonitorReply::Error(e) => bail!("{verb} {}: {e}", args.id),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// `husk events`: stats events as JSON lines (runc's format), once with --stats.
+pub fn events(ctx: &Context, args: EventsArgs) -> Result<ExitCode> {
+    loop {
+        let socket = {
+            let entry = ctx.store().open(&args.id)?;
+            let st = entry.current()?;
+            if !matches!(st.status, Status::Created | Status::Running) {
+                if args.stats {
+                    bail!("container {} is {}", args.id, st.status);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            entry.monitor_socket()
+        };
+        let data = match monitor::request(&socket, &MonitorRequest::Stats)
+            .map_err(anyhow::Error::msg)?
+            .0
+        {
+            MonitorReply::Stats(d) => d,
+            MonitorReply::Error(e) => bail!("stats of {}: {e}", args.id),
+            other => bail!("unexpected reply {other:?}"),
+        };
+        let ev = serde_json::json!({"type": "stats", "id": args.id, "data": data});
+        println!("{ev}");
+        if args.stats {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_secs(args.interval.max(1)));
+    }
+}
+
 /// `husk ps`.
 pub fn ps(ctx: &Context, args: PsArgs) -> Result<ExitCode> {
     let entry = ctx.store().open(&args.id)?;
@@ -694,6 +773,8 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             bundle: args.bundle,
             notify_fd: raw,
             console: ctx.debug,
+            console_socket: args.console_socket,
+            log: ctx.log.clone(),
         },
         process_start,
     )

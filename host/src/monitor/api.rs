@@ -29,6 +29,12 @@ pub enum MonitorRequest {
     },
     /// Resize the terminal of an exec'd process started on this connection.
     Resize(WindowSize),
+    /// Pause the VM's vCPUs.
+    Pause,
+    /// Resume them.
+    Resume,
+    /// Resource usage of the container (runc's `events --stats` data).
+    Stats,
 }
 
 /// What the monitor answers.
@@ -42,6 +48,8 @@ pub enum MonitorReply {
     ExecStarted(u32),
     /// The exec'd process ended: its exit status (128+N for signal N).
     Exited(i32),
+    /// Resource usage, as runc's stats JSON.
+    Stats(serde_json::Value),
     /// The request failed.
     Error(String),
 }

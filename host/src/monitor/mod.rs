@@ -10,6 +10,7 @@
 //! main thread handles the events in order, so the container's state has a single writer.
 
 pub mod api;
+mod console;
 mod relay;
 
 pub use relay::copy_out as relay_out;
@@ -52,6 +53,53 @@ pub struct MonitorArgs {
     pub notify_fd: RawFd,
     /// Serial console of the VM to the monitor's stderr (debugging).
     pub console: bool,
+    /// Where to send the pty master when the process has a terminal.
+    pub console_socket: Option<PathBuf>,
+    /// The `--log` file: the monitor's own diagnostics go there (never into the container's
+    /// stderr, which is the stderr the monitor inherited).
+    pub log: Option<PathBuf>,
+}
+
+/// The stdio the monitor inherited from `husk create`: the container's.
+struct ContainerStdio {
+    stdin: std::fs::File,
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+}
+
+/// Moves the inherited stdio aside for the container and points the monitor's own fds 0-2 at
+/// /dev/null (stdin) and the log file or /dev/null (stdout, stderr), so that nothing the
+/// monitor or its libraries print ends up in the container's output.
+fn take_stdio(log: Option<&Path>) -> std::io::Result<ContainerStdio> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let dup = |fd: i32| -> std::io::Result<std::fs::File> {
+        // SAFETY: fds 0-2 are open for the lifetime of the process (the caller gave them).
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        Ok(std::fs::File::from(b.try_clone_to_owned()?))
+    };
+    let stdio = ContainerStdio {
+        stdin: dup(0)?,
+        stdout: dup(1)?,
+        stderr: dup(2)?,
+    };
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let out = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)?,
+        None => null.try_clone()?,
+    };
+    for (src, dst) in [(null.as_fd(), 0), (out.as_fd(), 1), (out.as_fd(), 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which we own; src is open.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&src), dst) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(stdio)
 }
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
@@ -59,7 +107,14 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);
-    let mut monitor = match Monitor::create(&args, &dir, process_start) {
+    let stdio = match take_stdio(args.log.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(notify, "error: setting up the container's stdio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut monitor = match Monitor::create(&args, &dir, process_start, stdio) {
         Ok(m) => m,
         Err(e) => {
             let _ = writeln!(notify, "error: {e}");
@@ -74,6 +129,7 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
 
 enum Ev {
     Guest(Option<GuestMessage>),
+    Resize(husk_proto::WindowSize),
     Command(MonitorRequest, UnixStream),
     VmEnded(VmExit),
 }
@@ -84,7 +140,9 @@ enum Pending {
     Reply(UnixStream),
     Ps(UnixStream),
     Exec(UnixStream, ExecId),
+    Stats(UnixStream),
     Shutdown,
+    Ignore,
 }
 
 struct Monitor {
@@ -92,7 +150,7 @@ struct Monitor {
     state: State,
     guest: UnixStream,
     events: Receiver<Ev>,
-    stopper: vmm::VmStopper,
+    stopper: vmm::VmHandle,
     next_id: u64,
     next_exec: u32,
     pending: HashMap<RequestId, Pending>,
@@ -102,7 +160,12 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn create(args: &MonitorArgs, dir: &Path, process_start: Instant) -> Result<Monitor, String> {
+    fn create(
+        args: &MonitorArgs,
+        dir: &Path,
+        process_start: Instant,
+        stdio: ContainerStdio,
+    ) -> Result<Monitor, String> {
         let bundle = Bundle::load(&args.bundle).map_err(|e| e.to_string())?;
         let id = ContainerId::new(args.id.clone()).map_err(|e| e.to_string())?;
         let image = crate::assets::find()?;
@@ -136,7 +199,7 @@ impl Monitor {
         };
         let vm =
             vmm::start(&config, process_start).map_err(|e| format!("starting the VM: {e:#}"))?;
-        let stopper = vm.stopper().map_err(|e| e.to_string())?;
+        let stopper = vm.handle().map_err(|e| e.to_string())?;
         let (tx, events) = channel();
         {
             let tx = tx.clone();
@@ -201,11 +264,40 @@ impl Monitor {
                 stderr: Some(VsockPort(stderr_port)),
             },
         };
-        let outputs = vec![
-            relay::output(stdout_l, std::io::stdout()),
-            relay::output(stderr_l, std::io::stderr()),
-        ];
-        relay::stdin(stdin_l, std::io::stdin());
+        let mut create = create;
+        let terminal = bundle
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        let mut outputs = Vec::new();
+        if terminal {
+            let socket = args.console_socket.as_ref().ok_or_else(|| {
+                fail("process.terminal is true but no --console-socket was given".into())
+            })?;
+            let console = console::Console::open(socket).map_err(&fail)?;
+            let (rtx, rrx) = channel();
+            console.relay(stdin_l, rtx);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for size in rrx {
+                    if tx.send(Ev::Resize(size)).is_err() {
+                        return;
+                    }
+                }
+            });
+            drop((stdout_l, stderr_l));
+        } else {
+            outputs.push(relay::output(stdout_l, stdio.stdout));
+            outputs.push(relay::output(stderr_l, stdio.stderr));
+            relay::stdin(stdin_l, stdio.stdin);
+        }
+        if terminal {
+            create.stdio = Stdio::Terminal {
+                port: VsockPort(stdin_port),
+            };
+        }
         husk_proto::write_message(
             &mut guest,
             &HostMessage::Request {
@@ -283,6 +375,13 @@ impl Monitor {
         while let Ok(ev) = self.events.recv() {
             match ev {
                 Ev::Command(req, stream) => self.command(req, stream),
+                Ev::Resize(size) => {
+                    let req = Request::ResizePty {
+                        process: ProcessRef::Init,
+                        size,
+                    };
+                    let _ = self.send(req, Pending::Ignore);
+                }
                 Ev::Guest(Some(GuestMessage::Response { id, result })) => {
                     self.response(id, result);
                 }
@@ -385,6 +484,34 @@ impl Monitor {
                 }
             }
             MonitorRequest::Resize(_) => Err("resizing is only supported for terminals".into()),
+            MonitorRequest::Pause => {
+                if self.state.status != Status::Running {
+                    Err(format!("cannot pause a {} container", self.state.status))
+                } else {
+                    self.stopper.pause().map(|()| {
+                        self.set_status(Status::Paused);
+                        reply(&mut stream, &MonitorReply::Ok);
+                    })
+                }
+            }
+            MonitorRequest::Resume => {
+                if self.state.status != Status::Paused {
+                    Err(format!("cannot resume a {} container", self.state.status))
+                } else {
+                    self.stopper.resume();
+                    self.set_status(Status::Running);
+                    reply(&mut stream, &MonitorReply::Ok);
+                    Ok(())
+                }
+            }
+            MonitorRequest::Stats => {
+                if self.stopper.is_paused() {
+                    Err("the container is paused".into())
+                } else {
+                    let s = stream.try_clone().map_err(|e| e.to_string());
+                    s.and_then(|s| self.send(Request::Stats, Pending::Stats(s)))
+                }
+            }
         };
         if let Err(e) = result {
             reply(&mut stream, &MonitorReply::Error(e));
@@ -408,12 +535,33 @@ impl Monitor {
                 reply(&mut s, &MonitorReply::ExecStarted(pid));
                 self.execs.insert(exec_id, s);
             }
-            (Pending::Shutdown, _) => {}
-            (Pending::Start(mut s) | Pending::Reply(mut s) | Pending::Ps(mut s), Err(e))
+            (Pending::Stats(mut s), Ok(Response::Stats(st))) => {
+                let limit = |v: u64| {
+                    if v == u64::MAX {
+                        serde_json::Value::Null
+                    } else {
+                        v.into()
+                    }
+                };
+                let data = serde_json::json!({
+                    "cpu": {"usage": {"total": st.cpu_usage_ns, "user": st.cpu_user_ns, "kernel": st.cpu_system_ns}},
+                    "memory": {"usage": {"usage": st.memory_usage, "limit": limit(st.memory_limit)}},
+                    "pids": {"current": st.pids_current, "limit": limit(st.pids_limit)},
+                });
+                reply(&mut s, &MonitorReply::Stats(data));
+            }
+            (Pending::Shutdown | Pending::Ignore, _) => {}
+            (
+                Pending::Start(mut s)
+                | Pending::Reply(mut s)
+                | Pending::Ps(mut s)
+                | Pending::Stats(mut s),
+                Err(e),
+            )
             | (Pending::Exec(mut s, _), Err(e)) => {
                 reply(&mut s, &MonitorReply::Error(e.message));
             }
-            (Pending::Ps(mut s) | Pending::Exec(mut s, _), Ok(other)) => {
+            (Pending::Ps(mut s) | Pending::Exec(mut s, _) | Pending::Stats(mut s), Ok(other)) => {
                 reply(
                     &mut s,
                     &MonitorReply::Error(format!("unexpected answer {other:?}")),

@@ -26,6 +26,17 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
     let rootfs = share.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
     bind(&bundle.rootfs, &rootfs, true)?;
+    if bundle
+        .spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        // husk-init makes the container's root read-only too; this keeps the guest from
+        // writing through the share even if it tried.
+        remount_readonly(&rootfs)?;
+    }
     let mut sources = Vec::new();
     let mounts = bundle.spec.mounts().as_deref().unwrap_or_default();
     for (index, m) in (0u32..).zip(mounts) {
@@ -63,6 +74,9 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
         }
         .map_err(|e| format!("creating {}: {e}", target.display()))?;
         bind(&source, &target, options.iter().any(|o| o == "rbind"))?;
+        if options.iter().any(|o| o == "ro") {
+            remount_readonly(&target)?;
+        }
         sources.push(MountSource {
             index,
             source: FsSource::Share {
@@ -72,6 +86,18 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
         });
     }
     Ok((share, sources))
+}
+
+/// Makes an existing bind mount read-only (the file server then gets EROFS for any write).
+fn remount_readonly(target: &Path) -> Result<(), String> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making {} read-only: {e}", target.display()))
 }
 
 fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), String> {

@@ -22,7 +22,6 @@ mod mptable;
 mod vcpu;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -194,7 +193,7 @@ pub struct RunningVm {
     _vm: VmFd,
     _mem: memory::GuestMem,
     exits: Receiver<VmExit>,
-    stop_flag: Arc<AtomicBool>,
+    run: Arc<vcpu::RunState>,
     stop_evt: EventFdTrigger,
     vcpus: Vec<JoinHandle<Option<Instant>>>,
     event_loop: Option<JoinHandle<()>>,
@@ -331,7 +330,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu::install_kick_handler().map_err(os("installing the vCPU kick signal handler"))?;
-    let stop_flag = Arc::new(AtomicBool::new(false));
+    let run = Arc::new(vcpu::RunState::default());
     let (exit_tx, exits) = channel();
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
@@ -359,7 +358,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
             id,
             pio: pio.clone(),
             mmio: mmio.clone(),
-            stop: stop_flag.clone(),
+            run: run.clone(),
             exits: exit_tx.clone(),
             exit_evt: stop_evt.try_clone().map_err(os("eventfd"))?,
             seccomp: config.seccomp,
@@ -394,7 +393,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         _vm: vm,
         _mem: mem,
         exits,
-        stop_flag,
+        run,
         stop_evt,
         vcpus,
         event_loop: Some(event_loop),
@@ -433,35 +432,58 @@ fn attach_virtio(
         .map_err(|e| VmError::Devices(e.to_string()))
 }
 
-/// A handle that can stop a running VM from any thread.
+/// A handle that controls a running VM from any thread: stop, pause, resume.
 #[derive(Debug, Clone)]
-pub struct VmStopper {
-    flag: Arc<AtomicBool>,
+pub struct VmHandle {
+    run: Arc<vcpu::RunState>,
     evt: Arc<EventFdTrigger>,
+    vcpus: usize,
 }
 
-impl VmStopper {
+impl VmHandle {
     /// Asks the VM to stop (its exit is then [`VmExit::Stopped`] unless something else came
     /// first).
     pub fn stop(&self) {
-        self.flag.store(true, Ordering::Release);
+        self.run.request_stop();
         let _ = vm_superio::Trigger::trigger(&*self.evt);
+    }
+
+    /// Pauses every vCPU (devices keep serving what is in flight). Returns once they are
+    /// all out of the guest.
+    pub fn pause(&self) -> Result<(), String> {
+        if self.run.pause(self.vcpus) {
+            Ok(())
+        } else {
+            self.run.resume();
+            Err("the vCPUs did not stop within a second".into())
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.run.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.run.is_paused()
     }
 }
 
 impl RunningVm {
-    /// A handle for stopping the VM from another thread.
-    pub fn stopper(&self) -> Result<VmStopper, VmError> {
-        Ok(VmStopper {
-            flag: self.stop_flag.clone(),
+    /// A handle for stopping, pausing and resuming the VM from another thread.
+    pub fn handle(&self) -> Result<VmHandle, VmError> {
+        Ok(VmHandle {
+            run: self.run.clone(),
             evt: Arc::new(self.stop_evt.try_clone().map_err(os("eventfd"))?),
+            vcpus: self.vcpus.len(),
         })
     }
 
     /// Asks the VM to stop (the exit is then [`VmExit::Stopped`] unless something else came
     /// first).
     pub fn stop(&self) {
-        self.stop_flag.store(true, Ordering::Release);
+        self.run.request_stop();
         let _ = vm_superio::Trigger::trigger(&self.stop_evt);
     }
 
@@ -481,6 +503,7 @@ impl RunningVm {
         self.stop();
         // Kick the vCPUs out of KVM_RUN until they notice the stop flag.
         let mut first_entry = None;
+        self.run.forget_threads();
         for (i, handle) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             while !handle.is_finished() {
                 let _ = handle.kill(vcpu::kick_signal());

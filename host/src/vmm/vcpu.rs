@@ -2,9 +2,11 @@
 //! buses. A vCPU stops when the VM's stop flag is set; the VMM kicks it out of `KVM_RUN` with
 //! [`kick_signal`], whose handler does nothing (the interrupted ioctl returns `EINTR`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -37,8 +39,8 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     /// MMIO devices.
     pub mmio: Arc<Bus>,
-    /// Set when the VM stops.
-    pub stop: Arc<AtomicBool>,
+    /// Stop and pause requests.
+    pub run: Arc<RunState>,
     /// Where a vCPU reports why the VM must end.
     pub exits: Sender<VmExit>,
     /// Written together with `exits`, so the event loop wakes up.
@@ -60,8 +62,14 @@ impl Vcpu {
             self.exit(VmExit::Error(format!("vCPU {}: {e}", self.id)));
             return None;
         }
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.run.register(me);
         let mut first_entry = None;
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.run.stop.load(Ordering::Acquire) {
+            if self.run.park_if_paused() {
+                continue;
+            }
             if first_entry.is_none() {
                 first_entry = Some(Instant::now());
             }
@@ -138,5 +146,92 @@ impl Vcpu {
     fn exit(&self, why: VmExit) {
         let _ = self.exits.send(why);
         let _ = vm_superio::Trigger::trigger(&self.exit_evt);
+    }
+}
+
+/// What the vCPU threads share with whoever controls the VM: the stop flag, the pause flag
+/// they park on, and their pthread ids for kicks.
+#[derive(Debug, Default)]
+pub struct RunState {
+    /// Set when the VM stops for good.
+    pub stop: AtomicBool,
+    paused: Mutex<bool>,
+    wake: Condvar,
+    parked: AtomicUsize,
+    /// The vCPU threads (cleared, under the lock, before they are joined: a kick never goes
+    /// to a thread that is gone).
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RunState {
+    fn register(&self, thread: libc::pthread_t) {
+        lock(&self.threads).push(thread);
+    }
+
+    /// Called by a vCPU before each entry: parks while the VM is paused. Returns whether it
+    /// parked (the caller re-checks the stop flag).
+    fn park_if_paused(&self) -> bool {
+        let mut paused = lock(&self.paused);
+        if !*paused {
+            return false;
+        }
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        while *paused && !self.stop.load(Ordering::Acquire) {
+            paused = self
+                .wake
+                .wait(paused)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Kicks every registered vCPU out of KVM_RUN.
+    pub fn kick_all(&self) {
+        for t in lock(&self.threads).iter() {
+            // SAFETY: the ids belong to live vCPU threads: the list is emptied (under this
+            // lock) before any of them is joined.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Forgets the threads (before joining them).
+    pub fn forget_threads(&self) {
+        lock(&self.threads).clear();
+    }
+
+    /// Pauses the vCPUs; returns once all `vcpus` are parked (or after a second, false).
+    pub fn pause(&self, vcpus: usize) -> bool {
+        *lock(&self.paused) = true;
+        for _ in 0..500 {
+            if self.parked.load(Ordering::Acquire) >= vcpus {
+                return true;
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        *lock(&self.paused) = false;
+        self.wake.notify_all();
+    }
+
+    /// Stops for good: sets the flag and wakes parked vCPUs.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = lock(&self.paused);
+        self.wake.notify_all();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        *lock(&self.paused)
     }
 }

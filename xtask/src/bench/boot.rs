@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
+use super::median;
+
 /// Options of `bench boot`.
 #[derive(Debug, clap::Args)]
 pub struct BootBenchArgs {
@@ -46,7 +48,7 @@ struct Sample {
 }
 
 /// Runs the benchmark.
-pub fn boot(args: &BootBenchArgs) -> Result<()> {
+pub fn run(args: &BootBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     let root = crate::workspace_root();
     let image = args
@@ -85,14 +87,7 @@ pub fn boot(args: &BootBenchArgs) -> Result<()> {
     }
 
     println!("building husk (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "--package", "husk"])
-        .status()
-        .context("running cargo")?;
-    ensure!(status.success(), "building husk failed");
-    let husk = root.join("target/release/husk");
+    let husk = super::build_husk(&root)?;
 
     println!(
         "host: {}; {} runs each; image {}",
@@ -173,16 +168,6 @@ pub fn boot(args: &BootBenchArgs) -> Result<()> {
         husk_rss / qemu_rss
     );
     Ok(())
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Waits for `pid`, returning its exit status and peak RSS (KiB).

@@ -1,0 +1,120 @@
+//! `terminal: true`: the monitor makes a pseudo-terminal on the host, hands its master to the
+//! engine over `--console-socket` (SCM_RIGHTS, with the pty's name as the message, as runc
+//! does) and relays the slave side to the guest's terminal stream. The engine resizes the
+//! master; the monitor notices (it polls the slave's size) and resizes the guest's pty.
+
+use std::fs::File;
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use husk_proto::WindowSize;
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+
+/// The host side of a container's terminal.
+#[derive(Debug)]
+pub struct Console {
+    slave: File,
+}
+
+impl Console {
+    /// Opens a pty, sends its master to `socket`, keeps the slave (in raw mode: the guest's
+    /// pty does the line discipline).
+    pub fn open(socket: &Path) -> Result<Console, String> {
+        let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+        let name = nix::unistd::ttyname(&pty.slave)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let mut termios = nix::sys::termios::tcgetattr(&pty.slave)
+            .map_err(|e| format!("tcgetattr on the pty: {e}"))?;
+        nix::sys::termios::cfmakeraw(&mut termios);
+        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
+            .map_err(|e| format!("tcsetattr on the pty: {e}"))?;
+        send_fd(socket, &name, &pty.master)?;
+        Ok(Console {
+            slave: File::from(pty.slave),
+        })
+    }
+
+    /// Relays the slave to the guest's terminal connection (accepted on `listener`) and back,
+    /// and reports window-size changes on `resize`.
+    pub fn relay(self, listener: UnixListener, resize: Sender<WindowSize>) {
+        let slave = self.slave;
+        std::thread::spawn(move || {
+            let Ok((conn, _)) = listener.accept() else {
+                return;
+            };
+            drop(listener);
+            let (Ok(mut conn_in), Ok(mut slave_in)) = (conn.try_clone(), slave.try_clone()) else {
+                return;
+            };
+            std::thread::spawn(move || copy(&mut slave_in, &mut conn_in));
+            let Ok(mut slave_out) = slave.try_clone() else {
+                return;
+            };
+            let mut conn_out = conn;
+            std::thread::spawn(move || copy(&mut conn_out, &mut slave_out));
+            let mut last = None;
+            loop {
+                if let Some(size) = window_size(&slave)
+                    && last != Some(size)
+                {
+                    last = Some(size);
+                    if resize.send(size).is_err() {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+}
+
+fn copy(from: &mut impl Read, to: &mut impl Write) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn window_size(tty: &File) -> Option<WindowSize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass; the fd is a live tty.
+    let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then_some(WindowSize {
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
+/// Sends `fd` over the Unix socket at `path` with `name` as the payload.
+pub fn send_fd(path: &Path, name: &str, fd: &OwnedFd) -> Result<(), String> {
+    let sock = UnixStream::connect(path)
+        .map_err(|e| format!("connecting to the console socket {}: {e}", path.display()))?;
+    let fds = [fd.as_raw_fd()];
+    let payload = if name.is_empty() { "pty" } else { name };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(payload.as_bytes())],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("sending the pty master to {}: {e}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Two containers at once: one with a terminal handed to us over --console-socket (a shell
+//! we drive through the pty master, window size included), one we pause, resume and read
+//! stats from. Two VM boots, in parallel.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_e2e::{
+    TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root, kvm_available, skip,
+};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+fn status_of(root: &Path, id: &str) -> String {
+    let (code, out, err) = husk(root, &["state", id]);
+    assert_eq!(code, 0, "state {id}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["status"].as_str().unwrap().to_string()
+}
+
+fn recv_fd(listener: &UnixListener) -> (OwnedFd, String) {
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let mut fd = None;
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            fd = fds.first().copied();
+        }
+    }
+    let n = msg.bytes;
+    let name = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // SAFETY: the fd was just received via SCM_RIGHTS and is ours alone.
+    (
+        unsafe { OwnedFd::from_raw_fd(fd.expect("an fd in the message")) },
+        name,
+    )
+}
+
+fn read_until(master: &mut std::fs::File, needle: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(needle) {
+        assert!(
+            start.elapsed() < limit,
+            "no {needle:?} on the terminal; saw {seen:?}"
+        );
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("reading the pty master: {e}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn terminal_pause_resume_and_two_containers_at_once() {
+    if guest_image().is_none() {
+        return;
+    }
+    if !kvm_available() || !is_root() {
+        skip::<()>("needs /dev/kvm and root");
+        return;
+    }
+    let tmp = TempDir::new("oci-tty");
+    let root = tmp.path().join("state");
+    let _cleanup = husk_e2e::ContainerRoot(root.clone());
+    let b1 = tmp.path().join("b1");
+    let b2 = tmp.path().join("b2");
+    std::fs::create_dir_all(&b1).unwrap();
+    std::fs::create_dir_all(&b2).unwrap();
+    let Some(b1) = busybox_bundle(&b1, &["sh"]) else {
+        return;
+    };
+    let Some(b2) = busybox_bundle(&b2, &["sleep", "1000"]) else {
+        return;
+    };
+    // Container 1 gets a terminal.
+    let cfg = b1.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["process"]["terminal"] = serde_json::Value::Bool(true);
+    v["process"]["env"] = serde_json::json!(["PATH=/bin", "HOME=/root", "TERM=xterm"]);
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let sock = tmp.path().join("console.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+
+    let create = |id: &str, bundle: &Path, console: Option<&Path>| {
+        let mut cmd = Command::new(husk_binary());
+        cmd.arg("--root")
+            .arg(&root)
+            .args(["create", id, "--bundle"])
+            .arg(bundle);
+        if let Some(c) = console {
+            cmd.arg("--console-socket").arg(c);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd.spawn().unwrap()
+    };
+    let started = Instant::now();
+    let mut c1 = create("tty1", &b1, Some(&sock));
+    let mut c2 = create("plain2", &b2, None);
+    let (master, name) = recv_fd(&listener);
+    assert!(name.starts_with("/dev/pts/"), "{name}");
+    assert!(c1.wait().unwrap().success(), "create tty1");
+    assert!(c2.wait().unwrap().success(), "create plain2");
+    println!(
+        "two creates in parallel took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(status_of(&root, "tty1"), "created");
+    assert_eq!(status_of(&root, "plain2"), "created");
+
+    let mut master = std::fs::File::from(master);
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(master.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    assert_eq!(husk(&root, &["start", "tty1"]).0, 0);
+    assert_eq!(husk(&root, &["start", "plain2"]).0, 0);
+    master.write_all(b"echo hi-$((40+2))\n").unwrap();
+    read_until(&mut master, "hi-42", Duration::from_secs(60));
+    // The engine resizes the master; the shell in the guest sees the new size.
+    let ws = libc::winsize {
+        ws_row: 40,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the winsize we pass; the fd is a pty master.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    master
+        .write_all(b"stty size; test -t 0 && echo tty-ok-$((3+4))\n")
+        .unwrap();
+    let seen = read_until(&mut master, "tty-ok-7", Duration::from_secs(30));
+    assert!(seen.contains("40 100"), "{seen:?}");
+
+    // Pause and resume the other one; stats while running.
+    assert_eq!(husk(&root, &["pause", "plain2"]).0, 0);
+    assert_eq!(status_of(&root, "plain2"), "paused");
+    let (code, _, err) = husk(&root, &["pause", "plain2"]);
+    assert_ne!(code, 0, "pausing a paused container must fail");
+    assert!(err.contains("paused"), "{err}");
+    assert_eq!(husk(&root, &["resume", "plain2"]).0, 0);
+    assert_eq!(status_of(&root, "plain2"), "running");
+    let (code, out, err) = husk(&root, &["events", "plain2", "--stats"]);
+    assert_eq!(code, 0, "events: {err}");
+    let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert!(
+        ev["data"]["pids"]["current"].as_u64().unwrap() >= 1,
+        "{out}"
+    );
+
+    // The shell exits with the status we give it.
+    master.write_all(b"exit 4\n").unwrap();
+    let start = Instant::now();
+    while status_of(&root, "tty1") != "stopped" {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "tty1 did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, st, _) = husk(&root, &["state", "tty1"]);
+    assert!(st.contains("\"exitStatus\": 4"), "{st}");
+    assert_eq!(husk(&root, &["delete", "tty1"]).0, 0);
+    assert_eq!(husk(&root, &["delete", "--force", "plain2"]).0, 0);
+    assert_eq!(husk(&root, &["list", "-q"]).1, "");
+}
