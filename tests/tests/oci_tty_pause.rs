@@ -155,6 +155,45 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     let seen = read_until(&mut master, "tty-ok-7", Duration::from_secs(30));
     assert!(seen.contains("40 100"), "{seen:?}");
 
+    // exec --tty with a console socket (how engines run `exec -t`): the monitor holds the
+    // terminal, we get the master.
+    let sock2 = tmp.path().join("console2.sock");
+    let listener2 = UnixListener::bind(&sock2).unwrap();
+    let exec = {
+        let root = root.clone();
+        let sock2 = sock2.clone();
+        std::thread::spawn(move || {
+            husk(
+                &root,
+                &[
+                    "exec",
+                    "--tty",
+                    "--console-socket",
+                    sock2.to_str().unwrap(),
+                    "tty1",
+                    "sh",
+                    "-c",
+                    "test -t 0 && echo exec-tty-$((2*3)); exit 9",
+                ],
+            )
+        })
+    };
+    let (exec_master, _) = recv_fd(&listener2);
+    let mut exec_master = std::fs::File::from(exec_master);
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(exec_master.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(
+            exec_master.as_raw_fd(),
+            libc::F_SETFL,
+            flags | libc::O_NONBLOCK,
+        );
+    }
+    let seen = read_until(&mut exec_master, "exec-tty-6", Duration::from_secs(60));
+    assert!(seen.contains("exec-tty-6"), "{seen:?}");
+    let (code, _, err) = exec.join().unwrap();
+    assert_eq!(code, 9, "exec --tty exit status: {err}");
+
     // Pause and resume the other one; stats while running.
     assert_eq!(husk(&root, &["pause", "plain2"]).0, 0);
     assert_eq!(status_of(&root, "plain2"), "paused");

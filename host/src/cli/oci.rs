@@ -490,8 +490,11 @@ fn bind_stdio_ports(vsock: &Path) -> Result<(u32, [UnixListener; 3])> {
 
 /// `husk exec`.
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
-    if args.tty || args.console_socket.is_some() {
-        bail!("exec --tty is not supported by husk yet");
+    if args.console_socket.is_some() && !args.tty {
+        bail!("--console-socket needs --tty");
+    }
+    if args.tty && args.detach && args.console_socket.is_none() {
+        bail!("exec --tty --detach needs --console-socket (someone must hold the terminal)");
     }
     let (socket, st, vsock) = {
         let entry = ctx.store().open(&args.id)?;
@@ -502,16 +505,20 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
         bail!("cannot exec in container {}: it is {}", args.id, st.status);
     }
     let process_json = exec_process(&st, &args)?;
+    if args.tty {
+        return exec_tty(&args, &socket, &vsock, process_json);
+    }
     if args.detach {
         let req = MonitorRequest::Exec {
             process_json,
             stdio: Stdio::NULL,
+            console_socket: None,
         };
         return match monitor::request(&socket, &req)
             .map_err(anyhow::Error::msg)?
             .0
         {
-            MonitorReply::ExecStarted(pid) => {
+            MonitorReply::ExecStarted { pid, .. } => {
                 if let Some(p) = &args.pid_file {
                     write_pid_file(p, pid)?;
                 }
@@ -534,6 +541,7 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
             stdout: Some(VsockPort(base + 1)),
             stderr: Some(VsockPort(base + 2)),
         },
+        console_socket: None,
     };
     let (first, mut reader) = match monitor::request(&socket, &req) {
         Ok(r) => r,
@@ -543,7 +551,7 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
         }
     };
     match first {
-        MonitorReply::ExecStarted(pid) => {
+        MonitorReply::ExecStarted { pid, .. } => {
             if let Some(p) = &args.pid_file {
                 write_pid_file(p, pid)?;
             }
@@ -579,6 +587,126 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
     let _ = out.join();
     let _ = err.join();
     match reply {
+        MonitorReply::Exited(code) => Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),
+        MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// `exec --tty`: the process gets a pty in the guest, relayed to a host pty whose master goes
+/// to `--console-socket` (engines), or to this command's own terminal (interactive use).
+fn exec_tty(
+    args: &ExecArgs,
+    socket: &Path,
+    vsock: &Path,
+    process_json: Vec<u8>,
+) -> Result<ExitCode> {
+    use crate::monitor::console;
+    let mut process: serde_json::Value = serde_json::from_slice(&process_json)?;
+    process["terminal"] = serde_json::Value::Bool(true);
+    let process_json = serde_json::to_vec(&process)?;
+    if let Some(console_socket) = &args.console_socket {
+        // The monitor holds the terminal; we only wait (unless detached).
+        let req = MonitorRequest::Exec {
+            process_json,
+            stdio: Stdio::NULL,
+            console_socket: Some(std::path::absolute(console_socket)?),
+        };
+        let (first, mut reader) = monitor::request(socket, &req).map_err(anyhow::Error::msg)?;
+        match first {
+            MonitorReply::ExecStarted { pid, .. } => {
+                if let Some(p) = &args.pid_file {
+                    write_pid_file(p, pid)?;
+                }
+            }
+            MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
+            other => bail!("unexpected reply {other:?}"),
+        }
+        if args.detach {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return match monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)? {
+            MonitorReply::Exited(code) => {
+                Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+            }
+            MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
+            other => bail!("unexpected reply {other:?}"),
+        };
+    }
+    // Interactive: our own terminal, in raw mode (the guest's pty does the line discipline).
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(0) } != 1 {
+        bail!("exec --tty needs a terminal on stdin or --console-socket");
+    }
+    let (base, listeners) = bind_stdio_ports(vsock)?;
+    let cleanup = || {
+        for p in base..base + 3 {
+            let _ = std::fs::remove_file(format!("{}_{p}", vsock.display()));
+        }
+    };
+    let [term_l, _, _] = listeners;
+    let req = MonitorRequest::Exec {
+        process_json,
+        stdio: Stdio::Terminal {
+            port: VsockPort(base),
+        },
+        console_socket: None,
+    };
+    let (first, mut reader) = match monitor::request(socket, &req) {
+        Ok(r) => r,
+        Err(e) => {
+            cleanup();
+            bail!(e);
+        }
+    };
+    let (pid, exec_id) = match first {
+        MonitorReply::ExecStarted { pid, exec } => (pid, exec),
+        MonitorReply::Error(e) => {
+            cleanup();
+            bail!("exec in container {}: {e}", args.id);
+        }
+        other => {
+            cleanup();
+            bail!("unexpected reply {other:?}");
+        }
+    };
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    let conn = term_l.accept().map(|(c, _)| c);
+    cleanup();
+    let conn = conn.context("accepting the guest's terminal connection")?;
+    let (rtx, rrx) = std::sync::mpsc::channel::<husk_proto::WindowSize>();
+    let monitor_socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        for size in rrx {
+            let _ = monitor::request(
+                &monitor_socket,
+                &MonitorRequest::ResizeExec {
+                    exec: exec_id,
+                    size,
+                },
+            );
+        }
+    });
+    let stdin = std::io::stdin();
+    let orig = nix::sys::termios::tcgetattr(&stdin).context("reading the terminal mode")?;
+    let mut raw = orig.clone();
+    nix::sys::termios::cfmakeraw(&mut raw);
+    nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &raw)
+        .context("setting the terminal to raw mode")?;
+    std::thread::spawn(move || {
+        console::relay_terminal(
+            conn,
+            std::io::stdin(),
+            std::io::stdout(),
+            &std::io::stdin(),
+            rtx,
+        );
+    });
+    let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg);
+    let _ = nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &orig);
+    match reply? {
         MonitorReply::Exited(code) => Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),
         MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
         other => bail!("unexpected reply {other:?}"),

@@ -26,9 +26,18 @@ pub enum MonitorRequest {
         process_json: Vec<u8>,
         /// Its stdio (ports the caller listens on at `vsock.sock_<port>`).
         stdio: Stdio,
+        /// With a terminal: where the monitor sends the pty master (it then relays the
+        /// terminal itself and `stdio` is ignored).
+        console_socket: Option<std::path::PathBuf>,
     },
-    /// Resize the terminal of an exec'd process started on this connection.
-    Resize(WindowSize),
+    /// Resize the terminal of an exec'd process (`exec` is the id from
+    /// [`MonitorReply::ExecStarted`]).
+    ResizeExec {
+        /// Which exec.
+        exec: u32,
+        /// The new size.
+        size: WindowSize,
+    },
     /// Pause the VM's vCPUs.
     Pause,
     /// Resume them.
@@ -44,8 +53,13 @@ pub enum MonitorReply {
     Ok,
     /// Pids for `Ps`.
     Pids(Vec<u32>),
-    /// The exec'd process runs with this guest pid.
-    ExecStarted(u32),
+    /// The exec'd process runs.
+    ExecStarted {
+        /// Its guest pid.
+        pid: u32,
+        /// Its exec id (for resizes).
+        exec: u32,
+    },
     /// The exec'd process ended: its exit status (128+N for signal N).
     Exited(i32),
     /// Resource usage, as runc's stats JSON.

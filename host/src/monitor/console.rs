@@ -48,28 +48,46 @@ impl Console {
                 return;
             };
             drop(listener);
-            let (Ok(mut conn_in), Ok(mut slave_in)) = (conn.try_clone(), slave.try_clone()) else {
+            let (Ok(reader), Ok(writer)) = (slave.try_clone(), slave.try_clone()) else {
                 return;
             };
-            std::thread::spawn(move || copy(&mut slave_in, &mut conn_in));
-            let Ok(mut slave_out) = slave.try_clone() else {
-                return;
-            };
-            let mut conn_out = conn;
-            std::thread::spawn(move || copy(&mut conn_out, &mut slave_out));
-            let mut last = None;
-            loop {
-                if let Some(size) = window_size(&slave)
-                    && last != Some(size)
-                {
-                    last = Some(size);
-                    if resize.send(size).is_err() {
-                        return;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            relay_terminal(conn, reader, writer, &slave, resize);
         });
+    }
+}
+
+/// Copies `from_tty` into `conn` and `conn` into `to_tty` (each in its own thread) and, on
+/// the calling thread, polls `tty`'s window size, sending every change on `resize`, until
+/// the guest closes the connection.
+pub fn relay_terminal(
+    conn: UnixStream,
+    mut from_tty: impl Read + Send + 'static,
+    mut to_tty: impl Write + Send + 'static,
+    tty: &impl AsRawFd,
+    resize: Sender<WindowSize>,
+) {
+    let Ok(mut conn_in) = conn.try_clone() else {
+        return;
+    };
+    std::thread::spawn(move || copy(&mut from_tty, &mut conn_in));
+    let mut conn_out = conn;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done2 = done.clone();
+    std::thread::spawn(move || {
+        copy(&mut conn_out, &mut to_tty);
+        done2.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let mut last = None;
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if let Some(size) = window_size(tty)
+            && last != Some(size)
+        {
+            last = Some(size);
+            if resize.send(size).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -87,7 +105,8 @@ fn copy(from: &mut impl Read, to: &mut impl Write) {
     }
 }
 
-fn window_size(tty: &File) -> Option<WindowSize> {
+/// The window size of a terminal, if it has one.
+pub fn window_size(tty: &impl AsRawFd) -> Option<WindowSize> {
     let mut ws = libc::winsize {
         ws_row: 0,
         ws_col: 0,

@@ -10,7 +10,7 @@
 //! main thread handles the events in order, so the container's state has a single writer.
 
 pub mod api;
-mod console;
+pub mod console;
 mod relay;
 
 pub use relay::copy_out as relay_out;
@@ -39,6 +39,9 @@ use api::{MonitorReply, MonitorRequest};
 /// How long the guest may take to connect after the VM starts. Generous because nested
 /// kvm_pvm hosts take ~30-40 s to boot a guest; real KVM takes well under a second.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Ports of the terminals the monitor relays for exec'd processes: base + exec id.
+const EXEC_CONSOLE_PORT_BASE: u32 = 60_000;
 
 /// What `husk create` tells the monitor.
 #[derive(Debug, Clone)]
@@ -129,7 +132,7 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
 
 enum Ev {
     Guest(Option<GuestMessage>),
-    Resize(husk_proto::WindowSize),
+    Resize(ProcessRef, husk_proto::WindowSize),
     Command(MonitorRequest, UnixStream),
     VmEnded(VmExit),
 }
@@ -150,6 +153,7 @@ struct Monitor {
     state: State,
     guest: UnixStream,
     events: Receiver<Ev>,
+    events_tx: Sender<Ev>,
     stopper: vmm::VmHandle,
     next_id: u64,
     next_exec: u32,
@@ -282,7 +286,7 @@ impl Monitor {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for size in rrx {
-                    if tx.send(Ev::Resize(size)).is_err() {
+                    if tx.send(Ev::Resize(ProcessRef::Init, size)).is_err() {
                         return;
                     }
                 }
@@ -338,13 +342,14 @@ impl Monitor {
         spawn_guest_reader(reader, tx.clone());
         let commands = UnixListener::bind(dir.join("monitor.sock"))
             .map_err(|e| fail(format!("listening on monitor.sock: {e}")))?;
-        spawn_command_acceptor(commands, tx);
+        spawn_command_acceptor(commands, tx.clone());
 
         Ok(Monitor {
             dir: dir.to_path_buf(),
             state,
             guest,
             events,
+            events_tx: tx,
             stopper,
             next_id: 1,
             next_exec: 1,
@@ -375,11 +380,8 @@ impl Monitor {
         while let Ok(ev) = self.events.recv() {
             match ev {
                 Ev::Command(req, stream) => self.command(req, stream),
-                Ev::Resize(size) => {
-                    let req = Request::ResizePty {
-                        process: ProcessRef::Init,
-                        size,
-                    };
+                Ev::Resize(process, size) => {
+                    let req = Request::ResizePty { process, size };
                     let _ = self.send(req, Pending::Ignore);
                 }
                 Ev::Guest(Some(GuestMessage::Response { id, result })) => {
@@ -468,12 +470,23 @@ impl Monitor {
             MonitorRequest::Exec {
                 process_json,
                 stdio,
+                console_socket,
             } => {
                 if self.state.status != Status::Running {
                     Err(format!("cannot exec in a {} container", self.state.status))
                 } else {
                     let exec_id = ExecId(self.next_exec);
                     self.next_exec += 1;
+                    let stdio = match console_socket {
+                        Some(socket) => match self.exec_console(exec_id, &socket) {
+                            Ok(stdio) => stdio,
+                            Err(e) => {
+                                reply(&mut stream, &MonitorReply::Error(e));
+                                return;
+                            }
+                        },
+                        None => stdio,
+                    };
                     let req = Request::Exec(Box::new(ExecRequest {
                         exec_id,
                         process_json,
@@ -483,7 +496,14 @@ impl Monitor {
                     s.and_then(|s| self.send(req, Pending::Exec(s, exec_id)))
                 }
             }
-            MonitorRequest::Resize(_) => Err("resizing is only supported for terminals".into()),
+            MonitorRequest::ResizeExec { exec, size } => {
+                let req = Request::ResizePty {
+                    process: ProcessRef::Exec(ExecId(exec)),
+                    size,
+                };
+                let s = stream.try_clone().map_err(|e| e.to_string());
+                s.and_then(|s| self.send(req, Pending::Reply(s)))
+            }
             MonitorRequest::Pause => {
                 if self.state.status != Status::Running {
                     Err(format!("cannot pause a {} container", self.state.status))
@@ -518,6 +538,33 @@ impl Monitor {
         }
     }
 
+    /// A terminal for an exec'd process whose pty master goes to `socket`: the monitor holds
+    /// the slave and relays it (so the exec can be detached), on a port of its own.
+    fn exec_console(&mut self, exec_id: ExecId, socket: &Path) -> Result<Stdio, String> {
+        let port = EXEC_CONSOLE_PORT_BASE + exec_id.0;
+        let path = PathBuf::from(format!("{}_{port}", self.dir.join("vsock.sock").display()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| format!("listening on {}: {e}", path.display()))?;
+        let console = console::Console::open(socket)?;
+        let (rtx, rrx) = channel();
+        console.relay(listener, rtx);
+        let tx = self.events_tx.clone();
+        std::thread::spawn(move || {
+            for size in rrx {
+                if tx
+                    .send(Ev::Resize(ProcessRef::Exec(exec_id), size))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Stdio::Terminal {
+            port: VsockPort(port),
+        })
+    }
+
     fn response(&mut self, id: RequestId, result: Result<Response, husk_proto::ErrorReply>) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
@@ -532,7 +579,13 @@ impl Monitor {
                 reply(&mut s, &MonitorReply::Pids(pids));
             }
             (Pending::Exec(mut s, exec_id), Ok(Response::ExecStarted { pid })) => {
-                reply(&mut s, &MonitorReply::ExecStarted(pid));
+                reply(
+                    &mut s,
+                    &MonitorReply::ExecStarted {
+                        pid,
+                        exec: exec_id.0,
+                    },
+                );
                 self.execs.insert(exec_id, s);
             }
             (Pending::Stats(mut s), Ok(Response::Stats(st))) => {

@@ -133,7 +133,7 @@ pub fn run(args: &FsBenchArgs) -> Result<()> {
         "", "VM (virtio-fs)", "host", "VM/host"
     );
     for (name, key) in [
-        ("first exec of 1 MiB binary (ms)", "exec_first_ms"),
+        ("first exec of the binary (ms)", "exec_first_ms"),
         ("second exec (ms)", "exec_warm_ms"),
         ("sequential read (MB/s)", "read_mb_s"),
     ] {

@@ -218,6 +218,30 @@ macro_rules! guest_log {
 }
 pub(crate) use guest_log;
 
+/// Serves a guest read of a read-only config space; reads beyond it are logged and ignored
+/// (`data` stays as the transport zeroed it).
+pub fn read_config_space(device: &str, config: &[u8], offset: u64, data: &mut [u8]) {
+    let range = usize::try_from(offset)
+        .ok()
+        .and_then(|start| Some(start..start.checked_add(data.len())?))
+        .and_then(|range| config.get(range));
+    match range {
+        Some(bytes) => data.copy_from_slice(bytes),
+        None => guest_log!(
+            "{device}: config read of {} bytes at {offset:#x} beyond the config space",
+            data.len()
+        ),
+    }
+}
+
+/// Logs (and otherwise ignores) a guest write to a read-only config space.
+pub fn refuse_config_write(device: &str, offset: u64, data: &[u8]) {
+    guest_log!(
+        "{device}: {}-byte write to the read-only config space at {offset:#x}",
+        data.len()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -473,24 +473,11 @@ impl VirtioDevice for Fs {
 
     /// `struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }`
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(data.len())?))
-            .and_then(|range| self.config.get(range));
-        match range {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => guest_log!(
-                "virtio-fs: config read of {} bytes at {offset:#x} beyond the config space",
-                data.len()
-            ),
-        }
+        super::read_config_space("virtio-fs", &self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        guest_log!(
-            "virtio-fs: {}-byte write to the read-only config space at {offset:#x}",
-            data.len()
-        );
+        super::refuse_config_write("virtio-fs", offset, data);
     }
 
     fn activate(

@@ -317,25 +317,11 @@ impl VirtioDevice for Vsock {
 
     /// `struct virtio_vsock_config { le64 guest_cid; }`
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(data.len())?))
-            .and_then(|range| config.get(range));
-        match range {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => guest_log!(
-                "virtio-vsock: config read of {} bytes at {offset:#x} beyond the config space",
-                data.len()
-            ),
-        }
+        super::read_config_space("virtio-vsock", &self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        guest_log!(
-            "virtio-vsock: {}-byte write to the read-only config space at {offset:#x}",
-            data.len()
-        );
+        super::refuse_config_write("virtio-vsock", offset, data);
     }
 
     fn activate(
