@@ -1,4 +1,5 @@
-//! The few raw system calls that nix does not wrap. All of husk-init's `unsafe` lives here.
+//! The few raw system calls that nix does not wrap. Every unsafe block of husk-init lives
+//! here, each with its SAFETY argument.
 
 use std::ffi::CString;
 use std::io;
@@ -250,7 +251,7 @@ pub fn reset_signals() {
         if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
             continue;
         }
-        // SAFETY: installing SIG_DFL has no handler code to be unsafe about.
+        // SAFETY: installing SIG_DFL registers no handler code at all.
         let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
     }
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);

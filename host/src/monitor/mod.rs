@@ -233,7 +233,13 @@ impl Monitor {
                             BOOT_TIMEOUT.as_secs()
                         ));
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    // Sleep in poll(2) on the listener: woken the moment husk-init connects
+                    // (this is on the startup path), and every 100 ms to check the VM.
+                    let mut fds = [nix::poll::PollFd::new(
+                        std::os::fd::AsFd::as_fd(&control),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
                 }
                 Err(e) => return Err(format!("accepting husk-init's connection: {e}")),
             }
