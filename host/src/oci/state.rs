@@ -48,7 +48,8 @@ impl std::fmt::Display for Status {
             Status::Paused => "paused",
             Status::Stopped => "stopped",
         };
-        f.write_str(s)
+        // pad, not write_str: tables use width specifiers.
+        f.pad(s)
     }
 }
 
