@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PACKAGES="
   build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils patch perl
   linux-source-6.1
-  qemu-system-x86
+  qemu-system-x86 strace
   busybox-static
 "
 

@@ -161,13 +161,110 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     }
     let (husk_init, husk_rss) = medians[0];
     let (qemu_init, qemu_rss) = medians[1];
+
+    // The VMM's own work before the guest runs: exec to the first KVM_RUN, both VMMs traced
+    // the same way (strace's overhead inflates both).
+    let mut startup: Vec<(&str, Vec<f64>)> = vec![("husk", vec![]), ("QEMU microvm", vec![])];
+    if which("strace") {
+        let cpu = if kvm_pvm {
+            "host,-cx16,-popcnt"
+        } else {
+            "host"
+        };
+        for _ in 0..args.runs {
+            let mut h = vec![husk.as_os_str().to_owned()];
+            h.extend(["vm", "boot", "--kernel"].map(Into::into));
+            h.push(vmlinux.as_os_str().to_owned());
+            h.push("--initrd".into());
+            h.push(initrd.as_os_str().to_owned());
+            startup[0].1.push(first_kvm_run_ms(&h)?);
+            let mut q: Vec<std::ffi::OsString> = qemu_args("kvm", cpu, &vmlinux, &initrd, &cmdline)
+                .into_iter()
+                .collect();
+            q.insert(0, "qemu-system-x86_64".into());
+            startup[1].1.push(first_kvm_run_ms(&q)?);
+        }
+    }
     println!();
     println!(
         "husk / QEMU (KVM): boot-to-init {:.3}x, peak RSS {:.3}x",
         husk_init / qemu_init,
         husk_rss / qemu_rss
     );
+    if startup[0].1.is_empty() {
+        println!("(install strace to compare the VMMs' own startup: exec to first KVM_RUN)");
+    } else {
+        let h = median(startup[0].1.iter().copied());
+        let q = median(startup[1].1.iter().copied());
+        println!(
+            "VMM startup, exec to first KVM_RUN under strace (median of {}): husk {h:.1} ms, QEMU {q:.1} ms, ratio {:.3}x",
+            args.runs,
+            h / q
+        );
+    }
     Ok(())
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+/// Runs `cmd` under `strace -f`, returns the time from its execve to its first KVM_RUN, and
+/// kills it there.
+fn first_kvm_run_ms(cmd: &[std::ffi::OsString]) -> Result<f64> {
+    let trace = std::env::temp_dir().join(format!("husk-bench-strace-{}", std::process::id()));
+    let _ = std::fs::remove_file(&trace);
+    let mut child = Command::new("strace")
+        .args(["-f", "-ttt", "-e", "trace=execve,ioctl", "-o"])
+        .arg(&trace)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running strace")?;
+    let start = Instant::now();
+    let result = loop {
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        let mut exec_at = None;
+        let mut found = None;
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(pid), Some(ts)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let Ok(ts) = ts.parse::<f64>() else { continue };
+            if exec_at.is_none() && line.contains("execve(") {
+                exec_at = Some(ts);
+            }
+            if line.contains("KVM_RUN") && !line.contains("resumed") {
+                found = Some((pid.to_string(), ts));
+                break;
+            }
+        }
+        if let (Some(e), Some((_, t))) = (exec_at, &found) {
+            break Ok((t - e) * 1000.0);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            break Err(anyhow::anyhow!("no KVM_RUN within 30 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Kill the traced VMM (its pid is the first thing on each trace line), then strace ends.
+    if let Ok(text) = std::fs::read_to_string(&trace)
+        && let Some(pid) = text
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) on a pid we started (through strace); no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&trace);
+    result
 }
 
 /// Waits for `pid`, returning its exit status and peak RSS (KiB).
@@ -214,6 +311,45 @@ fn husk_boot(husk: &Path, vmlinux: &Path, initrd: &Path) -> Result<Sample> {
     })
 }
 
+/// QEMU microvm's arguments for booting the image with the serial console on stdio.
+fn qemu_args(
+    accel: &str,
+    cpu: &str,
+    vmlinux: &Path,
+    initrd: &Path,
+    cmdline: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = [
+        "-M",
+        "microvm,rtc=off,isa-serial=on",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-device",
+        "i8042",
+        "-serial",
+        "stdio",
+        "-kernel",
+    ]
+    .map(Into::into)
+    .into();
+    a.push(vmlinux.as_os_str().to_owned());
+    a.push("-initrd".into());
+    a.push(initrd.as_os_str().to_owned());
+    a.push("-append".into());
+    a.push(format!("{cmdline} console=ttyS0 quiet").into());
+    a
+}
+
 fn qemu_boot(
     accel: &str,
     cpu: &str,
@@ -223,29 +359,7 @@ fn qemu_boot(
 ) -> Result<Sample> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,rtc=off,isa-serial=on",
-            "-accel",
-            accel,
-            "-cpu",
-            cpu,
-        ])
-        .args([
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-        ])
-        .args(["-no-reboot", "-device", "i8042", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(vmlinux)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &format!("{cmdline} console=ttyS0 quiet")])
+        .args(qemu_args(accel, cpu, vmlinux, initrd, cmdline))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
