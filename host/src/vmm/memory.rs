@@ -56,13 +56,27 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Maps guest RAM.
+/// Maps guest RAM, asking for transparent huge pages.
+///
+/// Huge pages mean one host page fault (and, on shadow-paging hosts such as kvm_pvm, one
+/// shadow entry) per 2 MiB the guest touches instead of per 4 KiB; the kernel's early boot
+/// touches much of a small VM's memory. QEMU does the same for its RAM. Where THP is off the
+/// advice is ignored.
 pub fn create(size: u64) -> Result<GuestMem, MemoryError> {
     if size == 0 || size % 4096 != 0 {
         return Err(MemoryError::BadSize(size));
     }
-    GuestMemoryMmap::from_ranges(&ram_ranges(size))
-        .map_err(|source| MemoryError::Map { size, source })
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Map { size, source })?;
+    for region in mem.iter() {
+        if let Ok(host) = mem.get_host_address(region.start_addr()) {
+            let len = usize::try_from(region.len()).unwrap_or(0);
+            // SAFETY: madvise only changes how the kernel backs this mapping, which `mem` owns
+            // and keeps mapped; MADV_HUGEPAGE does not alter its contents.
+            unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+        }
+    }
+    Ok(mem)
 }
 
 /// Registers every region of `mem` with KVM, one slot each.
