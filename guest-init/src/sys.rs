@@ -1,5 +1,5 @@
-//! The few raw system calls that nix does not wrap. Every unsafe block of husk-init lives
-//! here, each with its SAFETY argument.
+//! The few raw system calls that nix does not wrap. husk-init's raw calls all live here, each
+//! with its SAFETY argument.
 
 use std::ffi::CString;
 use std::io;
