@@ -204,12 +204,7 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
         Ok(b) => b,
         Err(e) => return Err(fail(entry, e.into())),
     };
-    let terminal = bundle
-        .spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.terminal())
-        .unwrap_or(false);
+    let terminal = bundle.terminal();
     if terminal && args.console_socket.is_none() {
         let e = anyhow!("config.json: process.terminal is true but no --console-socket was given");
         return Err(fail(entry, e));

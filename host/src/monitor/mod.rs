@@ -275,12 +275,7 @@ impl Monitor {
             },
         };
         let mut create = create;
-        let terminal = bundle
-            .spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
+        let terminal = bundle.terminal();
         let mut outputs = Vec::new();
         if terminal {
             let socket = args.console_socket.as_ref().ok_or_else(|| {

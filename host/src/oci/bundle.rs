@@ -78,6 +78,15 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// Whether the container's process gets a terminal (`process.terminal`).
+    pub fn terminal(&self) -> bool {
+        self.spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false)
+    }
+
     /// Loads `dir/config.json` and checks what husk needs from it.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let dir = std::path::absolute(dir).map_err(|source| BundleError::Read {
