@@ -750,6 +750,12 @@ mod tests {
         }
     }
 
+    /// A scratch directory a child process uses for its sockets, named after the test process
+    /// (the child's parent), which removes it when the child is done.
+    fn scratch_dir(test_pid: u32, label: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("husk-seccomp-{test_pid}-{label}"))
+    }
+
     /// Spawns a thread that filters itself as `kind`, runs `work`, and exits; joins it.
     fn live_and_exit(kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
         std::thread::spawn(move || {
@@ -820,7 +826,7 @@ mod tests {
     #[test]
     fn child_vmm_thread_lives_under_its_filter() {
         let Some(output) = in_child("child_vmm_thread_lives_under_its_filter", || {
-            let dir = std::env::temp_dir().join(format!("husk-seccomp-{}", std::process::id()));
+            let dir = scratch_dir(std::os::unix::process::parent_id(), "vmm");
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("vsock_1024");
             let listener = UnixListener::bind(&path).unwrap();
@@ -887,6 +893,7 @@ mod tests {
         }) else {
             return;
         };
+        let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "vmm"));
         assert_lived(&output, "vmm: thread exited");
     }
 
@@ -903,7 +910,7 @@ mod tests {
                     0
                 );
             }
-            let dir = std::env::temp_dir().join(format!("husk-seccomp-{}", std::process::id()));
+            let dir = scratch_dir(std::os::unix::process::parent_id(), "api");
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("control.sock");
             let listener = UnixListener::bind(&path).unwrap();
@@ -936,6 +943,7 @@ mod tests {
         }) else {
             return;
         };
+        let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "api"));
         assert_lived(&output, "api: thread exited");
     }
 }
