@@ -573,10 +573,12 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
         let _ = conn.shutdown(std::net::Shutdown::Write);
     });
     let out = std::thread::spawn(move || {
-        crate::monitor::relay_out(stdout_c, &mut std::io::stdout());
+        let mut c = stdout_c;
+        crate::monitor::copy_streaming(&mut c, &mut std::io::stdout());
     });
     let err = std::thread::spawn(move || {
-        crate::monitor::relay_out(stderr_c, &mut std::io::stderr());
+        let mut c = stderr_c;
+        crate::monitor::copy_streaming(&mut c, &mut std::io::stderr());
     });
     let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
     let _ = out.join();

@@ -69,12 +69,12 @@ pub fn relay_terminal(
     let Ok(mut conn_in) = conn.try_clone() else {
         return;
     };
-    std::thread::spawn(move || copy(&mut from_tty, &mut conn_in));
+    std::thread::spawn(move || super::relay::copy_streaming(&mut from_tty, &mut conn_in));
     let mut conn_out = conn;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done2 = done.clone();
     std::thread::spawn(move || {
-        copy(&mut conn_out, &mut to_tty);
+        super::relay::copy_streaming(&mut conn_out, &mut to_tty);
         done2.store(true, std::sync::atomic::Ordering::Release);
     });
     let mut last = None;
@@ -88,20 +88,6 @@ pub fn relay_terminal(
             }
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn copy(from: &mut impl Read, to: &mut impl Write) {
-    let mut buf = [0u8; 8192];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
     }
 }
 

@@ -13,7 +13,7 @@ pub mod api;
 pub mod console;
 mod relay;
 
-pub use relay::copy_out as relay_out;
+pub use relay::copy_streaming;
 mod share;
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::thread::JoinHandle;
 
 /// Accepts the guest's connection on `listener`, then copies `from` into it until EOF and
@@ -27,16 +27,17 @@ pub fn output(listener: UnixListener, mut to: impl Write + Send + 'static) -> Jo
             return;
         };
         drop(listener);
-        copy_out(conn, &mut to);
+        let mut conn = conn;
+        copy_streaming(&mut conn, &mut to);
     })
 }
 
-/// Copies `conn` into `to` until EOF, flushing as it goes (a terminal or pipe reader sees
-/// output as it is produced).
-pub fn copy_out(mut conn: UnixStream, to: &mut impl Write) {
+/// Copies `from` into `to` until EOF or an error, flushing as it goes (a terminal or pipe
+/// reader sees output as it is produced).
+pub fn copy_streaming(from: &mut impl Read, to: &mut impl Write) {
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match conn.read(&mut buf) {
+        match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {

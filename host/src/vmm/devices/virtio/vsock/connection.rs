@@ -345,11 +345,7 @@ impl Connection {
                 Ok(n) => written = n,
                 Err(e) if is_would_block(&e) => {}
                 Err(e) => {
-                    eprintln!(
-                        "virtio-vsock: write to host socket {}:{} failed: {e}",
-                        self.key.host_port, self.key.guest_port
-                    );
-                    self.kill();
+                    self.host_write_failed(&e);
                     return;
                 }
             }
@@ -376,6 +372,15 @@ impl Connection {
         self.after_forward();
     }
 
+    /// The host socket refused a write for good: log it and reset the connection.
+    fn host_write_failed(&mut self, e: &dyn std::fmt::Display) {
+        eprintln!(
+            "virtio-vsock: write to host socket {}:{} failed: {e}",
+            self.key.host_port, self.key.guest_port
+        );
+        self.kill();
+    }
+
     fn flush_tx_buf(&mut self) {
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
@@ -388,11 +393,7 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    eprintln!(
-                        "virtio-vsock: write to host socket {}:{} failed: {e}",
-                        self.key.host_port, self.key.guest_port
-                    );
-                    self.kill();
+                    self.host_write_failed(&e);
                     return;
                 }
             }
