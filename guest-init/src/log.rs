@@ -15,22 +15,22 @@ static KMSG: Mutex<Option<File>> = Mutex::new(None);
 pub fn init_kmsg() {
     // /dev may not be mounted yet: devtmpfs is mounted by system::setup, which calls this
     // again afterwards.
-    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        if let Ok(mut g) = KMSG.lock() {
-            *g = Some(f);
-        }
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")
+        && let Ok(mut g) = KMSG.lock()
+    {
+        *g = Some(f);
     }
 }
 
 /// Writes one line at the given syslog level.
 pub fn write(level: u8, args: std::fmt::Arguments<'_>) {
     let line = format!("<{level}>husk-init: {args}\n");
-    if let Ok(mut g) = KMSG.lock() {
-        if let Some(f) = g.as_mut() {
-            // One write() per line: /dev/kmsg takes each write as one record.
-            if f.write_all(line.as_bytes()).is_ok() {
-                return;
-            }
+    if let Ok(mut g) = KMSG.lock()
+        && let Some(f) = g.as_mut()
+    {
+        // One write() per line: /dev/kmsg takes each write as one record.
+        if f.write_all(line.as_bytes()).is_ok() {
+            return;
         }
     }
     let _ = std::io::stderr().write_all(&line.as_bytes()[3..]);

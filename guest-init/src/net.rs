@@ -197,7 +197,7 @@ fn push_attr(buf: &mut Vec<u8>, typ: u16, data: &[u8]) {
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&typ.to_ne_bytes());
     buf.extend_from_slice(data);
-    while buf.len() % 4 != 0 {
+    while !buf.len().is_multiple_of(4) {
         buf.push(0);
     }
 }

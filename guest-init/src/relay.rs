@@ -74,15 +74,16 @@ impl Pump {
     }
 
     fn interest(&self, out: &mut Vec<(RawFd, PollFlags)>) {
-        if let Some(src) = &self.src {
-            if !self.src_done && self.buf.len() < BUF_SIZE {
-                out.push((src.as_raw_fd(), PollFlags::POLLIN));
-            }
+        if let Some(src) = &self.src
+            && !self.src_done
+            && self.buf.len() < BUF_SIZE
+        {
+            out.push((src.as_raw_fd(), PollFlags::POLLIN));
         }
-        if let Some(dst) = &self.dst {
-            if !self.buf.is_empty() {
-                out.push((dst.as_raw_fd(), PollFlags::POLLOUT));
-            }
+        if let Some(dst) = &self.dst
+            && !self.buf.is_empty()
+        {
+            out.push((dst.as_raw_fd(), PollFlags::POLLOUT));
         }
     }
 
@@ -155,10 +156,10 @@ impl Pump {
     }
 
     fn finish(&mut self) {
-        if let Some(dst) = self.dst.take() {
-            if self.shutdown_dst {
-                let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), Shutdown::Both);
-            }
+        if let Some(dst) = self.dst.take()
+            && self.shutdown_dst
+        {
+            let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), Shutdown::Both);
         }
     }
 }

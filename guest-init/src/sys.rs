@@ -32,19 +32,18 @@ pub fn outb(port: u16, value: u8) {
 pub fn ensure_std_fds() {
     for fd in 0..3 {
         // SAFETY: F_GETFD only queries the descriptor table.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-            if let Ok(null) = std::fs::OpenOptions::new()
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
+            && let Ok(null) = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/null")
-            {
-                let null = OwnedFd::from(null);
-                if null.as_raw_fd() != fd {
-                    let _ = dup_onto(&null, fd);
-                } else {
-                    // It landed on the free slot itself: keep it open for good.
-                    std::mem::forget(null);
-                }
+        {
+            let null = OwnedFd::from(null);
+            if null.as_raw_fd() != fd {
+                let _ = dup_onto(&null, fd);
+            } else {
+                // It landed on the free slot itself: keep it open for good.
+                std::mem::forget(null);
             }
         }
     }

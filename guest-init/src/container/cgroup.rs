@@ -55,12 +55,12 @@ pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
         }
     }
     if let Some(cpu) = res.cpu() {
-        if let Some(shares) = cpu.shares() {
-            if shares > 0 {
-                // runc's shares→weight mapping: [2, 262144] → [1, 10000].
-                let weight = 1 + ((shares.saturating_sub(2)) * 9999) / 262_142;
-                out.push(("cpu.weight", weight.min(10_000).to_string()));
-            }
+        if let Some(shares) = cpu.shares()
+            && shares > 0
+        {
+            // runc's shares→weight mapping: [2, 262144] → [1, 10000].
+            let weight = 1 + ((shares.saturating_sub(2)) * 9999) / 262_142;
+            out.push(("cpu.weight", weight.min(10_000).to_string()));
         }
         if cpu.quota().is_some() || cpu.period().is_some() {
             let quota = match cpu.quota() {

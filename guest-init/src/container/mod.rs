@@ -285,13 +285,13 @@ impl Container {
                 return Err(fail(e, &cgroup));
             }
         }
-        if let Some(cg) = &cgroup {
-            if let Err(e) = cg.add(pid.as_raw()) {
-                return Err(fail(
-                    sys_reply("moving the process into its cgroup", e),
-                    &cgroup,
-                ));
-            }
+        if let Some(cg) = &cgroup
+            && let Err(e) = cg.add(pid.as_raw())
+        {
+            return Err(fail(
+                sys_reply("moving the process into its cgroup", e),
+                &cgroup,
+            ));
         }
         if let Err(e) = sync::send(&mut go_w, sync::GO_SETUP) {
             return Err(fail(
@@ -436,12 +436,11 @@ impl Container {
                 .map_err(|e| sys_reply("entering the pid namespace", e))?;
         }
         let forked = sys::fork_into_namespaces(0);
-        if let Some((_, ours)) = &pid_ns {
-            if !matches!(forked, Ok(0)) {
-                if let Err(e) = nix::sched::setns(ours, CloneFlags::CLONE_NEWPID) {
-                    log::error!("cannot return to husk-init's pid namespace: {e}");
-                }
-            }
+        if let Some((_, ours)) = &pid_ns
+            && !matches!(forked, Ok(0))
+            && let Err(e) = nix::sched::setns(ours, CloneFlags::CLONE_NEWPID)
+        {
+            log::error!("cannot return to husk-init's pid namespace: {e}");
         }
         let terminal = plan.terminal;
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.path().join("cgroup.procs"));

@@ -225,10 +225,11 @@ impl ProcessPlan {
         for dir in self.path_env.split(':') {
             let dir = if dir.is_empty() { "." } else { dir };
             let cand = Path::new(dir).join(&arg0);
-            if let Ok(md) = std::fs::metadata(&cand) {
-                if md.is_file() && md.permissions().mode() & 0o111 != 0 {
-                    return cstring("process.args[0]", &cand.to_string_lossy());
-                }
+            if let Ok(md) = std::fs::metadata(&cand)
+                && md.is_file()
+                && md.permissions().mode() & 0o111 != 0
+            {
+                return cstring("process.args[0]", &cand.to_string_lossy());
             }
         }
         Err(not_found(format!(
@@ -266,11 +267,11 @@ impl ProcessPlan {
         seccomp: Option<&SeccompPlan>,
     ) -> Result<std::convert::Infallible, ChildError> {
         // Without no_new_privs the filter must go in while we still hold CAP_SYS_ADMIN.
-        if !self.no_new_privileges {
-            if let Some(s) = seccomp {
-                s.install()
-                    .map_err(|e| ChildError::sys("installing the seccomp profile", e))?;
-            }
+        if !self.no_new_privileges
+            && let Some(s) = seccomp
+        {
+            s.install()
+                .map_err(|e| ChildError::sys("installing the seccomp profile", e))?;
         }
         if let Some(c) = &self.caps {
             nix::sys::prctl::set_keepcaps(true)

@@ -63,7 +63,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 /// touches much of a small VM's memory. QEMU does the same for its RAM. Where THP is off the
 /// advice is ignored.
 pub fn create(size: u64) -> Result<GuestMem, MemoryError> {
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(size));
     }
     let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))

@@ -367,7 +367,7 @@ fn make(
         if line.trim_start().starts_with("CC ") {
             compiled += 1;
             if let Some(p) = progress
-                && compiled % 100 == 0
+                && compiled.is_multiple_of(100)
             {
                 p.say(format!("kernel: {compiled} files compiled"));
             }

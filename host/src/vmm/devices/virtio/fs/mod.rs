@@ -389,10 +389,8 @@ impl Fs {
                 notify = true;
             }
         }
-        if notify {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
-                eprintln!("virtio-fs: cannot interrupt the guest: {e}");
-            }
+        if notify && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
+            eprintln!("virtio-fs: cannot interrupt the guest: {e}");
         }
     }
 

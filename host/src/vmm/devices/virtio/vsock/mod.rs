@@ -216,10 +216,8 @@ impl Vsock {
                 .iter_mut()
                 .take(2)
                 .any(|q| q.needs_notification(&active.mem).unwrap_or(true));
-            if needs {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
-                    eprintln!("virtio-vsock: cannot interrupt the guest: {e}");
-                }
+            if needs && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
+                eprintln!("virtio-vsock: cannot interrupt the guest: {e}");
             }
         }
     }

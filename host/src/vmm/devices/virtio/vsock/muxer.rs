@@ -385,10 +385,10 @@ impl Muxer {
             conn.queued = true;
             self.rxq.push_back(RxItem::Conn(key));
         }
-        if let Some(at) = conn.expiry() {
-            if self.timer_deadline.is_none_or(|d| at < d) {
-                self.arm_timer(at);
-            }
+        if let Some(at) = conn.expiry()
+            && self.timer_deadline.is_none_or(|d| at < d)
+        {
+            self.arm_timer(at);
         }
     }
 
