@@ -187,6 +187,30 @@ fn ambient_capabilities_survive_the_switch_to_a_user() {
 }
 
 #[test]
+fn ambient_capabilities_outside_inheritable_are_skipped_as_runc_does() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut cfg = sh("grep ^Cap /proc/self/status");
+    // `runc spec`'s default: ambient listed, inheritable empty.
+    let set = json!(["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    cfg["process"]["capabilities"] = json!({
+        "bounding": set, "effective": set, "permitted": set,
+        "inheritable": ["CAP_KILL"], "ambient": set
+    });
+    let run = h.run(&cfg);
+    assert_eq!(run.status, exited(0), "{run:?}");
+    assert_eq!(caps(&run.stdout, "Amb"), CAP_KILL, "{}", run.stdout);
+    assert_eq!(
+        caps(&run.stdout, "Prm"),
+        CAP_KILL | CAP_NET_BIND_SERVICE,
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn no_new_privileges_is_set_only_when_asked() {
     if skip_unless_root() {
         return;

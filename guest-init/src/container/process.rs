@@ -315,7 +315,15 @@ impl ProcessPlan {
             set(CapSet::Inheritable, &c.inheritable, "inheritable")?;
             set(CapSet::Effective, &c.effective, "effective")?;
             set(CapSet::Permitted, &c.permitted, "permitted")?;
-            for cap in &c.ambient {
+            // The kernel accepts an ambient capability only if it is both permitted and
+            // inheritable. Specs that list ambient capabilities without the inheritable ones
+            // (`runc spec`'s default does) still run under runc and crun, which skip what the
+            // kernel would refuse; so do we. Other failures are errors.
+            let raisable = c
+                .ambient
+                .iter()
+                .filter(|cap| c.inheritable.contains(cap) && c.permitted.contains(cap));
+            for cap in raisable {
                 caps::raise(None, CapSet::Ambient, *cap)
                     .map_err(|e| ChildError::sys(format!("raising ambient {cap}"), e))?;
             }
