@@ -4,6 +4,7 @@ mod assets;
 mod cli;
 mod monitor;
 mod oci;
+mod phases;
 mod vmm;
 
 use std::process::ExitCode;

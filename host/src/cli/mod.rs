@@ -84,6 +84,15 @@ pub fn main(process_start: Instant) -> ExitCode {
         debug: cli.debug,
     };
     let _ = cli.systemd_cgroup;
+    let is_monitor = matches!(cli.command, Command::Monitor(_));
+    crate::phases::record(
+        if is_monitor {
+            "monitor-start"
+        } else {
+            "cli-start"
+        },
+        process_start,
+    );
     let result = match cli.command {
         Command::Create(a) => oci::create(&ctx, a),
         Command::Start(a) => oci::start(&ctx, a),
@@ -102,6 +111,11 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::monitor(&ctx, a, process_start)),
     };
+    crate::phases::record_now(if is_monitor {
+        "monitor-exit"
+    } else {
+        "cli-exit"
+    });
     match result {
         Ok(code) => code,
         Err(e) => {

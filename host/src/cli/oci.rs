@@ -282,6 +282,7 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
         write_pid_file(pid_file, child.id())?;
     }
     drop(entry);
+    crate::phases::record_now("create-returned");
     Ok(child)
 }
 
@@ -310,7 +311,10 @@ fn start_container(ctx: &Context, id: &str) -> Result<()> {
         .map_err(anyhow::Error::msg)?
         .0
     {
-        MonitorReply::Ok => Ok(()),
+        MonitorReply::Ok => {
+            crate::phases::record_now("start-returned");
+            Ok(())
+        }
         MonitorReply::Error(e) => bail!("starting container {id}: {e}"),
         other => bail!("starting container {id}: unexpected reply {other:?}"),
     }

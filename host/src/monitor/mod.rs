@@ -210,7 +210,8 @@ impl Monitor {
             std::thread::Builder::new()
                 .name("vm-wait".into())
                 .spawn(move || {
-                    let (why, _) = vm.wait(None);
+                    let (why, timeline) = vm.wait(None);
+                    record_vm_phases(&timeline);
                     let _ = tx.send(Ev::VmEnded(why));
                 })
                 .map_err(|e| e.to_string())?;
@@ -392,6 +393,7 @@ impl Monitor {
                     let code = status.exit_code();
                     match process {
                         ProcessRef::Init => {
+                            crate::phases::record_now("process-exit-seen");
                             self.exit_status = Some(code);
                             self.state.exit_status = Some(code);
                             // All output of the process has arrived (the guest closes the
@@ -419,6 +421,7 @@ impl Monitor {
                     self.stopper.stop();
                 }
                 Ev::VmEnded(why) => {
+                    crate::phases::record_now("vm-torn-down");
                     if self.exit_status.is_none() {
                         eprintln!(
                             "husk monitor: the VM ended before the container's process: {why:?}"
@@ -621,6 +624,23 @@ impl Monitor {
                     &MonitorReply::Error(format!("unexpected answer {other:?}")),
                 );
             }
+        }
+    }
+}
+
+/// Records the VM's own phases (see [`crate::phases`]): known only once it has ended, written
+/// with the times they happened.
+fn record_vm_phases(timeline: &vmm::Timeline) {
+    if !crate::phases::enabled() {
+        return;
+    }
+    crate::phases::record("vm-created", timeline.vm_ready);
+    if let Some(t) = timeline.first_entry {
+        crate::phases::record("first-vcpu-entry", t);
+    }
+    for (t, marker) in &timeline.markers {
+        if let Ok(m) = marker {
+            crate::phases::record(m.name(), *t);
         }
     }
 }
