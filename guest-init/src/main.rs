@@ -115,5 +115,13 @@ fn run(opts: &Options) -> Result<(), server::ServerError> {
     let mut server = server::Server::new(conn, opts.transport.clone(), opts.cgroup_root.clone());
     server.handshake()?;
     system::mark(Marker::HostConnected);
-    server.serve()
+    server.serve()?;
+    if opts.pid1 {
+        // Power off while the control connection is still open: the host then learns that the
+        // guest is done from the PowerOff marker, written after the sync, rather than from the
+        // connection closing (on which it stops the VM at once, as for a crashed guest).
+        log::info!("host is done with this VM");
+        system::power_off();
+    }
+    Ok(())
 }
