@@ -13,6 +13,7 @@ PACKAGES="
   linux-source-6.1
   qemu-system-x86 strace
   busybox-static
+  runc crun
 "
 
 install_deps() {

@@ -2,6 +2,7 @@
 //!
 //! - `build-image`: the guest assets every husk VM boots (kernel `vmlinux` + initramfs).
 //! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
+//! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
 
 mod bench;
@@ -40,6 +41,9 @@ enum BenchCommand {
     /// First exec of a 1 MiB binary and sequential read throughput through the virtio-fs
     /// share, next to the same on the host.
     Fs(bench::fs::FsBenchArgs),
+    /// Where each millisecond of `husk run` goes (husk's own phase timestamps), next to runc
+    /// run, crun run and QEMU microvm's boot-to-init in the same run; memory and density.
+    Startup(bench::startup::StartupBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::BuildImage(args) => image::build_image(&args).map(drop),
         Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
         Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
+        Command::Bench(BenchCommand::Startup(args)) => bench::startup::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,15 +36,15 @@ pub struct BootBenchArgs {
 
 /// One boot's numbers.
 #[derive(Debug, Clone, Copy)]
-struct Sample {
+pub(super) struct Sample {
     /// Start to init, ms.
-    to_init: f64,
+    pub(super) to_init: f64,
     /// Start to first vCPU entry (husk only), ms.
     to_entry: Option<f64>,
     /// Start to exit, ms.
     total: f64,
     /// Peak RSS, KiB.
-    rss_kib: i64,
+    pub(super) rss_kib: i64,
 }
 
 /// Runs the benchmark.
@@ -72,19 +72,8 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
             .is_ok(),
         "/dev/kvm is not available: the boot benchmark compares VMMs on KVM"
     );
-    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let params = |file: &str| -> Result<String> {
-        let p = root.join("kernel-config").join(file);
-        Ok(std::fs::read_to_string(&p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" "))
-    };
-    let mut cmdline = params("cmdline")?;
-    if kvm_pvm {
-        cmdline = format!("{cmdline} {}", params("cmdline-kvm-pvm")?);
-    }
+    let kvm_pvm = is_kvm_pvm();
+    let cmdline = guest_cmdline(&root, kvm_pvm)?;
 
     println!("building husk (release)");
     let husk = super::build_husk(&root)?;
@@ -110,11 +99,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
             s.to_init, s.rss_kib
         );
         husk_samples.push(s);
-        let cpu = if kvm_pvm {
-            "host,-cx16,-popcnt"
-        } else {
-            "host"
-        };
+        let cpu = qemu_kvm_cpu(kvm_pvm);
         let s = qemu_boot("kvm", cpu, &vmlinux, &initrd, &cmdline)?;
         println!(
             "  run {run}: qemu (kvm) init at {:>9.1} ms, rss {:>6} KiB",
@@ -166,11 +151,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     // the same way (strace's overhead inflates both).
     let mut startup: Vec<(&str, Vec<f64>)> = vec![("husk", vec![]), ("QEMU microvm", vec![])];
     if which("strace") {
-        let cpu = if kvm_pvm {
-            "host,-cx16,-popcnt"
-        } else {
-            "host"
-        };
+        let cpu = qemu_kvm_cpu(kvm_pvm);
         for _ in 0..args.runs {
             let mut h = vec![husk.as_os_str().to_owned()];
             h.extend(["vm", "boot", "--kernel"].map(Into::into));
@@ -205,7 +186,40 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn which(program: &str) -> bool {
+/// Whether /dev/kvm is nested page-table-based virtualization (kvm_pvm).
+pub(super) fn is_kvm_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The kernel parameters every guest gets (`kernel-config/cmdline`), plus the kvm_pvm ones on
+/// kvm_pvm hosts: what husk's VMM passes, so QEMU boots the guest the same way.
+pub(super) fn guest_cmdline(root: &Path, kvm_pvm: bool) -> Result<String> {
+    let params = |file: &str| -> Result<String> {
+        let p = root.join("kernel-config").join(file);
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
+    };
+    let mut cmdline = params("cmdline")?;
+    if kvm_pvm {
+        cmdline = format!("{cmdline} {}", params("cmdline-kvm-pvm")?);
+    }
+    Ok(cmdline)
+}
+
+/// QEMU's `-cpu` for KVM: the host's, less what kvm_pvm cannot emulate (husk's VMM masks the
+/// same CPUID bits there).
+pub(super) fn qemu_kvm_cpu(kvm_pvm: bool) -> &'static str {
+    if kvm_pvm {
+        "host,-cx16,-popcnt"
+    } else {
+        "host"
+    }
+}
+
+pub(super) fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
@@ -350,7 +364,9 @@ fn qemu_args(
     a
 }
 
-fn qemu_boot(
+/// Boots the image in QEMU microvm once: to init is from spawning QEMU to husk-init's first
+/// console line.
+pub(super) fn qemu_boot(
     accel: &str,
     cpu: &str,
     vmlinux: &Path,

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod fs;
+pub mod startup;
 
 use std::path::Path;
 use std::process::Command;
