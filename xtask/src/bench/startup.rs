@@ -519,6 +519,8 @@ struct Density {
     guest_touched_kib: Vec<u64>,
     guest_ram_mib: u64,
     mem_available_drop_kib: i64,
+    /// CPU use of each idle monitor (VM included) over a 10 s window, % of one core.
+    idle_cpu_percent: Vec<f64>,
 }
 
 impl Density {
@@ -545,6 +547,7 @@ impl Density {
             "median_monitor_overhead_kib": Self::median(&self.rss_kib) - Self::median(&self.guest_touched_kib),
             "mem_available_drop_kib": self.mem_available_drop_kib,
             "idle_containers_per_gib": round(self.per_gib()),
+            "idle_cpu_percent_of_a_core": self.idle_cpu_percent,
         })
     }
 }
@@ -575,6 +578,10 @@ fn print_memory(m: &Density) {
     println!(
         "  density: {:.1} idle containers per GiB of host memory (from PSS)",
         m.per_gib()
+    );
+    println!(
+        "  idle CPU per container (monitor + VM), median: {:.1} % of a core",
+        super::median(m.idle_cpu_percent.iter().copied())
     );
 }
 
@@ -617,11 +624,15 @@ fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Density> {
     };
     let available_before = meminfo("MemAvailable").context("reading MemAvailable")?;
     let start = Instant::now();
+    // stderr goes to a file, not a pipe: the monitor inherits it as the container's stderr
+    // and keeps it open after `run --detach` returns.
     let children = idle
         .ids
         .iter()
         .map(|id| {
-            Command::new(husk)
+            let log = work.join(format!("{id}.stderr"));
+            let stderr = std::fs::File::create(&log)?;
+            let child = Command::new(husk)
                 .arg("--root")
                 .arg(&idle.root)
                 .args(["run", "--detach", "--bundle"])
@@ -629,22 +640,39 @@ fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Density> {
                 .arg(id)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(stderr)
                 .spawn()
-                .context("running husk run --detach")
+                .context("running husk run --detach")?;
+            Ok((child, log))
         })
         .collect::<Result<Vec<_>>>()?;
-    for (id, child) in idle.ids.iter().zip(children) {
-        let out = child.wait_with_output()?;
+    for (id, (mut child, log)) in idle.ids.iter().zip(children) {
+        let status = child.wait()?;
         ensure!(
-            out.status.success(),
+            status.success(),
             "husk run --detach {id} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            std::fs::read_to_string(&log).unwrap_or_default().trim()
         );
     }
     let start_all_ms = start.elapsed().as_secs_f64() * 1000.0;
     // Let the guests settle (husk-init waits, the container sleeps) before measuring.
     std::thread::sleep(Duration::from_secs(5));
+    let pids = idle
+        .ids
+        .iter()
+        .map(|id| monitor_pid(husk, &idle.root, id))
+        .collect::<Result<Vec<_>>>()?;
+    // What an idle VM costs in CPU: the monitors' CPU time over a quiet window.
+    let window = Duration::from_secs(10);
+    let cpu_before = pids
+        .iter()
+        .map(|p| cpu_ticks(*p))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(window);
+    let cpu_after = pids
+        .iter()
+        .map(|p| cpu_ticks(*p))
+        .collect::<Result<Vec<_>>>()?;
     let mut m = Density {
         containers: n,
         start_all_ms,
@@ -653,21 +681,16 @@ fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Density> {
         guest_touched_kib: Vec::new(),
         guest_ram_mib: 0,
         mem_available_drop_kib: 0,
+        idle_cpu_percent: Vec::new(),
     };
-    for id in &idle.ids {
-        let out = Command::new(husk)
-            .arg("--root")
-            .arg(&idle.root)
-            .args(["state", id])
-            .output()?;
-        let state: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("husk state {id}: {}", String::from_utf8_lossy(&out.stderr))
-        })?;
-        ensure!(
-            state["status"] == "running",
-            "container {id} is not running: {state}"
-        );
-        let pid = state["pid"].as_u64().context("state has no pid")?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for (before, after) in cpu_before.iter().zip(&cpu_after) {
+        let secs = (after - before) as f64 / hz;
+        m.idle_cpu_percent
+            .push(round(secs / window.as_secs_f64() * 100.0));
+    }
+    for pid in pids {
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
         let field = |name: &str| -> Result<u64> {
             rollup
@@ -683,9 +706,51 @@ fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Density> {
         m.guest_touched_kib.push(touched);
     }
     let available_after = meminfo("MemAvailable").context("reading MemAvailable")?;
+    for id in &idle.ids {
+        let pid = monitor_pid(husk, &idle.root, id)?;
+        ensure!(
+            pids_alive(pid),
+            "container {id}'s monitor died while being measured"
+        );
+    }
     m.mem_available_drop_kib = available_before as i64 - available_after as i64;
     drop(idle);
     Ok(m)
+}
+
+/// The monitor pid of a running container, from `husk state`.
+fn monitor_pid(husk: &Path, root: &Path, id: &str) -> Result<u64> {
+    let out = Command::new(husk)
+        .arg("--root")
+        .arg(root)
+        .args(["state", id])
+        .output()?;
+    let state: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("husk state {id}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    ensure!(
+        state["status"] == "running",
+        "container {id} is not running: {state}"
+    );
+    state["pid"].as_u64().context("state has no pid")
+}
+
+fn pids_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u64) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad /proc/{pid}/stat"))
+    };
+    // utime and stime are fields 14 and 15: indices 11 and 12 after the name.
+    Ok(get(11)? + get(12)?)
 }
 
 /// The guest RAM mapping of a monitor: the largest anonymous mapping (the guest's memory is
@@ -848,6 +913,24 @@ mod tests {
                 .contains("twice")
         );
         assert!(parse_phases("not json\n").is_err());
+    }
+
+    #[test]
+    fn cpu_ticks_of_a_process_that_works_grow() {
+        let me = u64::from(std::process::id());
+        let before = cpu_ticks(me).unwrap();
+        // Spin until a tick is charged (a loaded machine may take a while to give us one).
+        let start = Instant::now();
+        let mut x = 0u64;
+        while cpu_ticks(me).unwrap() == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no CPU time charged"
+            );
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
     }
 
     #[test]
