@@ -137,8 +137,14 @@ fn lifecycle_of_a_container_in_a_vm() {
     };
     let out_path = tmp.path().join("stdout");
     let pid_file = tmp.path().join("pid");
+    // A descriptor the "engine" leaks into create (no CLOEXEC): it must not live on in the
+    // monitor, which outlives create as long as the container.
+    let leaked_path = tmp.path().join("leaked-by-the-engine");
+    let leaked = std::fs::File::create(&leaked_path).unwrap();
+    let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
     let started = Instant::now();
-    let status = Command::new(husk_binary())
+    let mut create = Command::new(husk_binary());
+    create
         .arg("--root")
         .arg(&root)
         .args(["create", "c1", "--bundle"])
@@ -147,9 +153,16 @@ fn lifecycle_of_a_container_in_a_vm() {
         .arg(&pid_file)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(Stdio::inherit())
-        .status()
-        .unwrap();
+        .stderr(Stdio::inherit());
+    // SAFETY: fcntl is async-signal-safe; it only clears CLOEXEC on a descriptor we own.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut create, move || {
+            libc::fcntl(leaked_fd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let status = create.status().unwrap();
+    drop(leaked);
     assert!(status.success(), "create failed");
     println!("create took {:.1} s", started.elapsed().as_secs_f64());
     let pid: i32 = std::fs::read_to_string(&pid_file)
@@ -158,6 +171,18 @@ fn lifecycle_of_a_container_in_a_vm() {
         .parse()
         .unwrap();
     assert_eq!(status_of(&root, "c1"), "created");
+    let monitor_fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        !monitor_fds
+            .iter()
+            .any(|p| p.contains("leaked-by-the-engine")),
+        "the monitor kept a descriptor the engine leaked: {monitor_fds:?}"
+    );
     let (_, state_json, _) = husk(&root, &["state", "c1"]);
     let v: serde_json::Value = serde_json::from_str(&state_json).unwrap();
     assert_eq!(v["pid"], pid);

@@ -1,7 +1,7 @@
 //! The OCI runtime commands (runc's names, flags and exit codes).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -173,6 +173,30 @@ pub struct SpecArgs {
     /// Where to write config.json.
     #[arg(long, short = 'b', default_value = ".")]
     bundle: PathBuf,
+}
+
+/// Closes every descriptor the monitor inherited besides stdio (the container's) and the
+/// notify pipe. The monitor lives as long as the container, next to the guest-facing threads:
+/// whatever the engine leaked into `husk create` (a socket, a directory of the host) must not
+/// live on in it. (`--preserve-fds` is refused: descriptors cannot be passed into a VM.)
+fn close_inherited_fds(keep: RawFd) {
+    let close = |first: RawFd, last: RawFd| {
+        if first <= last {
+            // SAFETY: close_range(2) only closes descriptors; none in the range is owned by
+            // anything in this process yet (this runs first thing in the monitor, before any
+            // file, socket or thread exists), so nothing is closed behind an owner's back.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    first.cast_unsigned(),
+                    last.cast_unsigned(),
+                    0u32,
+                )
+            };
+        }
+    };
+    close(3, keep - 1);
+    close(keep + 1, RawFd::MAX);
 }
 
 /// The hidden `monitor` command.
@@ -895,6 +919,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
+    close_inherited_fds(raw);
     monitor::run(
         MonitorArgs {
             root: ctx.root.clone(),
