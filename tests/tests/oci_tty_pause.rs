@@ -200,6 +200,24 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     let (code, _, err) = husk(&root, &["pause", "plain2"]);
     assert_ne!(code, 0, "pausing a paused container must fail");
     assert!(err.contains("paused"), "{err}");
+    // A paused guest cannot answer: a request it must answer gives up after the reply
+    // timeout with an error that says so, instead of hanging the command...
+    let ps = Command::new(husk_binary())
+        .arg("--root")
+        .arg(&root)
+        .args(["ps", "plain2"])
+        .env("HUSK_REPLY_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&ps.stderr);
+    assert!(!ps.status.success(), "ps of a paused VM answered: {err}");
+    assert!(
+        err.contains("no answer") && err.contains("within 2 s"),
+        "{err}"
+    );
+    // ...while a signal is queued at once and delivered on resume, as runc does. SIGCONT:
+    // harmless to the sleeping process.
+    assert_eq!(husk(&root, &["kill", "plain2", "CONT"]).0, 0);
     assert_eq!(husk(&root, &["resume", "plain2"]).0, 0);
     assert_eq!(status_of(&root, "plain2"), "running");
     let (code, out, err) = husk(&root, &["events", "plain2", "--stats"]);

@@ -464,8 +464,16 @@ impl Monitor {
                 } else {
                     SignalTarget::Process(ProcessRef::Init)
                 };
-                let s = stream.try_clone().map_err(|e| e.to_string());
-                s.and_then(|s| self.send(Request::Signal { target, signal }, Pending::Reply(s)))
+                let request = Request::Signal { target, signal };
+                if self.stopper.is_paused() {
+                    // A paused guest answers only once resumed: queue the signal and say so
+                    // now, as runc does for a frozen container (delivered on resume).
+                    self.send(request, Pending::Ignore)
+                        .map(|()| reply(&mut stream, &MonitorReply::Ok))
+                } else {
+                    let s = stream.try_clone().map_err(|e| e.to_string());
+                    s.and_then(|s| self.send(request, Pending::Reply(s)))
+                }
             }
             MonitorRequest::Ps => {
                 let s = stream.try_clone().map_err(|e| e.to_string());
@@ -705,8 +713,21 @@ fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
     });
 }
 
+/// How long a `husk` command waits for the first answer to a request (the monitor relays most
+/// requests to husk-init, so a hung guest would otherwise hang the command): 120 s, or
+/// `HUSK_REPLY_TIMEOUT` seconds. Generous because a loaded nested-KVM host can take tens of
+/// seconds to exec a process in the guest. Later replies (an exec'd process's exit) are
+/// waited for without limit.
+pub fn reply_timeout() -> Duration {
+    std::env::var("HUSK_REPLY_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(Duration::from_secs(120), Duration::from_secs)
+}
+
 /// Sends one request to a container's monitor and returns its first reply (and the stream,
-/// for requests with later replies).
+/// for requests with later replies). Gives up after [`reply_timeout`].
 pub fn request(
     socket: &Path,
     req: &MonitorRequest,
@@ -722,8 +743,16 @@ pub fn request(
     stream
         .write_all(&line)
         .map_err(|e| format!("talking to the monitor: {e}"))?;
+    let limit = reply_timeout();
+    stream
+        .set_read_timeout(Some(limit))
+        .map_err(|e| format!("talking to the monitor: {e}"))?;
     let mut reader = BufReader::new(stream);
     let reply = read_reply(&mut reader)?;
+    reader
+        .get_ref()
+        .set_read_timeout(None)
+        .map_err(|e| format!("talking to the monitor: {e}"))?;
     Ok((reply, reader))
 }
 
@@ -734,6 +763,18 @@ pub fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<MonitorReply, St
         Ok(0) => Err("the monitor closed the connection (the container stopped?)".into()),
         Ok(_) => {
             serde_json::from_str(&line).map_err(|e| format!("bad reply from the monitor: {e}"))
+        }
+        // Only `request` sets a read timeout, for the first reply.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!(
+                "no answer from the container's VM within {} s (is the guest hung?); HUSK_REPLY_TIMEOUT sets the limit in seconds",
+                reply_timeout().as_secs()
+            ))
         }
         Err(e) => Err(format!("reading the monitor's reply: {e}")),
     }
