@@ -183,6 +183,17 @@ fn lifecycle_of_a_container_in_a_vm() {
             .any(|p| p.contains("leaked-by-the-engine")),
         "the monitor kept a descriptor the engine leaked: {monitor_fds:?}"
     );
+    // The monitor holds guest memory: no core dumps of it.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().nth(4),
+        Some("0"),
+        "monitor's core limit: {core}"
+    );
     let (_, state_json, _) = husk(&root, &["state", "c1"]);
     let v: serde_json::Value = serde_json::from_str(&state_json).unwrap();
     assert_eq!(v["pid"], pid);

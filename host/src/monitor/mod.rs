@@ -105,11 +105,23 @@ fn take_stdio(log: Option<&Path>) -> std::io::Result<ContainerStdio> {
     Ok(stdio)
 }
 
+/// The monitor holds the guest's memory: a crash must not write it to a core file, and other
+/// processes of the same uid must not ptrace it or read its /proc/PID/mem (non-dumpable).
+fn no_core_dumps() -> Result<(), String> {
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| format!("setting RLIMIT_CORE to 0: {e}"))?;
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("PR_SET_DUMPABLE 0: {e}"))
+}
+
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);
+    if let Err(e) = no_core_dumps() {
+        let _ = writeln!(notify, "error: {e}");
+        return ExitCode::FAILURE;
+    }
     let stdio = match take_stdio(args.log.as_deref()) {
         Ok(s) => s,
         Err(e) => {
