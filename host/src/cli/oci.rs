@@ -221,7 +221,7 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
     let store = ctx.store();
     let entry = store.create(&args.id)?;
     let fail = |entry: state::Entry, e: anyhow::Error| -> anyhow::Error {
-        let _ = entry.remove();
+        let _ = remove_entry(entry);
         e
     };
     let bundle = match Bundle::load(&args.bundle) {
@@ -430,8 +430,17 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
             );
         }
     }
-    entry.remove()?;
+    remove_entry(entry)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes a container whose monitor is gone: first what a killed monitor could not undo in
+/// the container's network namespace (its tap, qdiscs and filters), then the state directory.
+fn remove_entry(entry: state::Entry) -> Result<()> {
+    crate::monitor::network::teardown(entry.dir())
+        .context("cleaning up the container's network namespace")?;
+    entry.remove()?;
+    Ok(())
 }
 
 /// `husk run`.
@@ -449,7 +458,7 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<ExitCode> {
     let code = status.code().unwrap_or(255);
     // `run` without --detach cleans up after itself, as runc does.
     if let Ok(entry) = ctx.store().open(&args.create.id) {
-        let _ = entry.remove();
+        let _ = remove_entry(entry);
     }
     Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
 }

@@ -79,6 +79,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         console: args.console,
         vsock: args.vsock,
         shares: vec![],
+        nets: vec![],
         seccomp: if args.no_seccomp {
             SeccompMode::Off
         } else if args.seccomp_log {

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod console;
+pub mod network;
 mod relay;
 
 pub use relay::copy_streaming;
@@ -173,6 +174,8 @@ struct Monitor {
     execs: HashMap<ExecId, UnixStream>,
     exit_status: Option<i32>,
     outputs: Vec<std::thread::JoinHandle<()>>,
+    /// The container's network, undone when the monitor ends (dropped).
+    _network: Option<network::Network>,
 }
 
 impl Monitor {
@@ -186,6 +189,11 @@ impl Monitor {
         let id = ContainerId::new(args.id.clone()).map_err(|e| e.to_string())?;
         let image = crate::assets::find()?;
         let (share, mounts) = share::prepare(dir, &bundle)?;
+        // Undone on drop: when the monitor ends, or right away if creating fails below.
+        let network = network::netns_path(&bundle.spec)
+            .map(|netns| network::setup(&netns, dir))
+            .transpose()
+            .map_err(|e| format!("setting up the network: {}", error_chain(&e)))?;
         let vsock = dir.join("vsock.sock");
         let listen = |port: u32| {
             let path = PathBuf::from(format!("{}_{port}", vsock.display()));
@@ -212,6 +220,10 @@ impl Monitor {
             seccomp: SeccompMode::Enforce,
             vsock: Some(vsock.clone()),
             shares: vec![(SHARE_TAG.to_string(), share)],
+            nets: network
+                .as_ref()
+                .map(|n| n.devices.clone())
+                .unwrap_or_default(),
         };
         let vm =
             vmm::start(&config, process_start).map_err(|e| format!("starting the VM: {e:#}"))?;
@@ -273,6 +285,33 @@ impl Monitor {
         }
         husk_proto::write_message(&mut guest, &HostMessage::Hello(Hello::current()))
             .map_err(|e| fail(format!("husk-init: {e}")))?;
+        if let Some(net) = network.as_ref().filter(|n| !n.guest.interfaces.is_empty()) {
+            // Before Create, so the network is up by the time `create` returns.
+            husk_proto::write_message(
+                &mut guest,
+                &HostMessage::Request {
+                    id: RequestId(1),
+                    request: Request::ConfigureNetwork(net.guest.clone()),
+                },
+            )
+            .map_err(|e| fail(format!("husk-init: {e}")))?;
+            let reply: Option<GuestMessage> = husk_proto::read_message(&mut guest)
+                .map_err(|e| fail(format!("husk-init: {e}")))?;
+            match reply {
+                Some(GuestMessage::Response { result: Ok(_), .. }) => {}
+                Some(GuestMessage::Response { result: Err(e), .. }) => {
+                    return Err(fail(format!(
+                        "configuring the network in the VM: {}",
+                        e.message
+                    )));
+                }
+                other => {
+                    return Err(fail(format!(
+                        "husk-init answered ConfigureNetwork with {other:?}"
+                    )));
+                }
+            }
+        }
         let create = CreateRequest {
             container_id: id,
             config_json: bundle.config_json.clone(),
@@ -365,12 +404,14 @@ impl Monitor {
             events,
             events_tx: tx,
             stopper,
-            next_id: 1,
+            // 0 and 1 went to Create and ConfigureNetwork.
+            next_id: 2,
             next_exec: 1,
             pending: HashMap::new(),
             execs: HashMap::new(),
             exit_status: None,
             outputs,
+            _network: network,
         })
     }
 
@@ -663,6 +704,18 @@ fn record_vm_phases(timeline: &vmm::Timeline) {
             crate::phases::record(m.name(), *t);
         }
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn reply(stream: &mut UnixStream, msg: &MonitorReply) {

@@ -219,6 +219,11 @@ fn lock(dir: &Path) -> Result<File, StateError> {
 }
 
 impl Entry {
+    /// The container's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The monitor's control socket.
     pub fn monitor_socket(&self) -> PathBuf {
         self.dir.join("monitor.sock")

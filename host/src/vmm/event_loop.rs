@@ -8,6 +8,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::devices::EventFdTrigger;
 use super::devices::virtio::fs::Fs;
+use super::devices::virtio::net::Net;
 use super::devices::virtio::vsock::Vsock;
 use super::{SeccompMode, ThreadKind, VmExit};
 
@@ -15,6 +16,8 @@ const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
 const TOKEN_POWER_OFF: u64 = 2;
 const TOKEN_VSOCK: u64 = 3;
+/// virtio-net device `i` has token `TOKEN_NET + i` (below `TOKEN_FS`: at most 8 devices).
+const TOKEN_NET: u64 = 8;
 /// virtio-fs device `i` has token `TOKEN_FS + i`.
 const TOKEN_FS: u64 = 16;
 
@@ -30,6 +33,8 @@ pub struct EventLoop {
     pub vsock: Option<Arc<Mutex<Vsock>>>,
     /// The virtio-fs devices (their FUSE servers run on this thread).
     pub fs: Vec<Arc<Mutex<Fs>>>,
+    /// The virtio-net devices (their tap I/O runs on this thread).
+    pub nets: Vec<Arc<Mutex<Net>>>,
     /// Where the reason for the end goes.
     pub exits: Sender<VmExit>,
     /// Seccomp for this thread.
@@ -81,6 +86,16 @@ impl EventLoop {
                 )
                 .map_err(|e| format!("epoll_ctl: {e}"))?;
         }
+        for (i, net) in (0u64..).zip(&self.nets) {
+            let fd = lock(net).epoll_fd();
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_NET + i),
+                )
+                .map_err(|e| format!("epoll_ctl: {e}"))?;
+        }
         if !self.fs.is_empty() {
             // The FUSE server sets umask(0) on every INIT; the umask is per fs_struct, which
             // threads share unless one unshares it. Keep it to this thread.
@@ -117,6 +132,12 @@ impl EventLoop {
                     TOKEN_VSOCK => {
                         if let Some(vsock) = &self.vsock {
                             lock(vsock).process_events();
+                        }
+                    }
+                    token if (TOKEN_NET..TOKEN_FS).contains(&token) => {
+                        let i = usize::try_from(token - TOKEN_NET).unwrap_or(usize::MAX);
+                        if let Some(net) = self.nets.get(i) {
+                            lock(net).process_events();
                         }
                     }
                     token if token >= TOKEN_FS => {

@@ -58,7 +58,24 @@ pub struct VmConfig {
     pub vsock: Option<PathBuf>,
     /// virtio-fs devices: (tag, host directory) each.
     pub shares: Vec<(String, PathBuf)>,
+    /// virtio-net devices, in the order the guest enumerates them (at most [`MAX_NETS`]).
+    pub nets: Vec<NetConfig>,
 }
+
+/// One virtio-net device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Its tap. [`start`] gives the device a duplicate of the fd; the tap lives until the
+    /// device and every copy of this config are gone.
+    pub tap: std::sync::Arc<devices::virtio::net::Tap>,
+    /// The MAC address the guest sees.
+    pub mac: [u8; 6],
+    /// The MTU the device announces.
+    pub mtu: u32,
+}
+
+/// Most virtio-net devices a VM has.
+pub const MAX_NETS: usize = 8;
 
 /// Seccomp for the VMM's threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +242,12 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
             config.vcpus
         )));
     }
+    if config.nets.len() > MAX_NETS {
+        return Err(VmError::Config(format!(
+            "{} network interfaces requested; at most {MAX_NETS} are supported",
+            config.nets.len()
+        )));
+    }
     if config.mem_mib < 32 || config.mem_mib > 64 * 1024 {
         return Err(VmError::Config(format!(
             "{} MiB of memory requested; 32 MiB to 64 GiB are supported",
@@ -311,6 +334,23 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
         fs_devices.push(device);
     }
+    let mut net_devices = Vec::new();
+    let first_net = 1 + u32::try_from(config.shares.len()).unwrap_or(u32::MAX);
+    for (i, net) in (first_net..).zip(&config.nets) {
+        let tap = net
+            .tap
+            .try_clone()
+            .map_err(|e| VmError::Devices(format!("virtio-net on {}: {e}", net.tap.name())))?;
+        let device = devices::virtio::net::Net::new(tap, net.mac, net.mtu)
+            .map_err(|e| VmError::Devices(format!("virtio-net on {}: {e}", net.tap.name())))?;
+        let device = Arc::new(Mutex::new(device));
+        let base =
+            layout::VIRTIO_MMIO_BASE + u64::from(i) * devices::virtio::mmio::MMIO_WINDOW_SIZE;
+        let gsi = layout::VIRTIO_IRQ_BASE + i;
+        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
+        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
+        net_devices.push(device);
+    }
 
     // Guest image.
     let cmdline = host::cmdline(
@@ -371,6 +411,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         power_off_evt,
         vsock: vsock_device.clone(),
         fs: fs_devices,
+        nets: net_devices,
         exits: exit_tx,
         seccomp: config.seccomp,
     };

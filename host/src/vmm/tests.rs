@@ -73,6 +73,7 @@ fn boot(
         seccomp,
         vsock: None,
         shares: vec![],
+        nets: vec![],
     };
     let vm = super::start(&config, std::time::Instant::now()).unwrap();
     let (why, timeline) = vm.wait(Some(timeout));

@@ -211,6 +211,10 @@ impl MmioTransport {
             QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             INTERRUPT_STATUS => self.interrupt.status(),
+            // A device that gave up on the driver after activation asks for a reset.
+            STATUS if self.status & S_DRIVER_OK != 0 && lock(&self.device).needs_reset() => {
+                self.status | S_NEEDS_RESET
+            }
             STATUS => self.status,
             // The devices never change their configuration space after creation.
             CONFIG_GENERATION => 0,

@@ -16,6 +16,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 #[cfg(test)]
@@ -158,6 +159,13 @@ pub trait VirtioDevice: Send {
     /// Stops the device and returns it to its pre-activation state (the driver wrote 0 to the
     /// status register). The device must drop its queues and stop signalling.
     fn reset(&mut self);
+
+    /// Whether the device gave up on the driver (a malformed request it cannot work around)
+    /// and needs a reset: the transport then reports `DEVICE_NEEDS_RESET` in the status
+    /// register.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// A device shared between its transport (vCPU threads) and the VMM event loop.

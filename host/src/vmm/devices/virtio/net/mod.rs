@@ -1,0 +1,652 @@
+//! virtio-net (device id 1) over a tap device: the guest's Ethernet frames go to the tap and
+//! the tap's frames come to the guest. The monitor puts the tap into the container's network
+//! namespace and joins it to the engine's veth with tc redirects (`monitor/network`); this
+//! module only moves frames.
+//!
+//! # What the device offers
+//!
+//! - Queues: 0 receive, 1 transmit, 256 entries each. No control queue, no multiqueue.
+//! - Features: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC` (the veth's MAC, so the engine's
+//!   bridge and ARP tables see the address they expect), `VIRTIO_NET_F_MTU` (the veth's MTU)
+//!   and `VIRTIO_NET_F_STATUS` (link always up).
+//! - No offloads (no `CSUM`, `GUEST_CSUM`, TSO/UFO, `MRG_RXBUF`): the tap is configured
+//!   without offloads, so the host kernel checksums and segments every frame before it reaches
+//!   us, every received frame fits one MTU-sized guest buffer, and the only header the device
+//!   ever sends is all zeroes with `num_buffers = 1`. Offloads would cut the per-packet cost
+//!   (fewer, larger frames through the VMM thread); they are left for when throughput matters
+//!   more than a small, obviously correct device.
+//! - Configuration space (`struct virtio_net_config`): `mac`, `status` = `LINK_UP`,
+//!   `max_virtqueue_pairs` = 1, `mtu`. Read-only.
+//!
+//! # The data path
+//!
+//! The device keeps its own epoll set (the same shape as the vsock and fs devices): the two
+//! queue notifications, the tap fd (edge-triggered, readable and writable) and a "more work"
+//! eventfd. The VMM polls [`Net::epoll_fd`] and calls [`Net::process_events`], which moves
+//! frames both ways until it would block:
+//!
+//! - **Transmit**: each TX chain (device-readable buffers: the 12-byte header, then the
+//!   frame) is copied into a host buffer and written to the tap as one frame. The chain goes
+//!   back to the guest at once. If the tap answers `EAGAIN` the frame stays in the device
+//!   (one frame at most) and TX stops until the tap is writable again.
+//! - **Receive**: frames are read from the tap into a host buffer and copied into the next RX
+//!   chain (device-writable buffers). With no RX buffer available the frame stays in the
+//!   device (one frame at most) and the tap is not read again until the guest adds buffers
+//!   (its RX notification): the kernel's tap queue, bounded by its `txqueuelen`, holds the
+//!   rest and drops beyond it, as a full NIC ring would.
+//!
+//! So the device never buffers more than one frame per direction. At most
+//! [`MAX_FRAMES_PER_CALL`] frames move per direction per call; when more wait the device
+//! signals its own eventfd so the event loop comes back after its other work (the vsock
+//! control channel shares the thread).
+//!
+//! # Guest mistakes
+//!
+//! A malformed chain (a TX chain with a device-writable buffer or more than
+//! [`MAX_FRAME_LEN`] bytes or less than a header, an RX chain with a device-readable buffer or
+//! no room for a header, a buffer outside guest memory) marks the device broken: one log
+//! line, the device stops touching its queues, raises a configuration interrupt and reports
+//! `DEVICE_NEEDS_RESET` until the driver resets it. Frames the device cannot use (a TX
+//! header asking for offloads that were not negotiated, a frame shorter than an Ethernet
+//! header, a received frame larger than the guest's buffer) are dropped and counted, with a
+//! rate-limited log line.
+
+mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::{
+    ActivateError, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
+    guest_log,
+};
+
+/// The receive queue.
+const RXQ: usize = 0;
+/// The transmit queue.
+const TXQ: usize = 1;
+/// Queue max sizes.
+const QUEUE_SIZES: [u16; 2] = [256; 2];
+
+/// The longest frame either way, header included: 12 bytes of header and 65550 of frame
+/// (a 64 KiB IP packet, an Ethernet header and a VLAN tag), as Firecracker allows.
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65_550;
+
+/// Bytes of an Ethernet header: the shortest frame worth passing on.
+const ETH_HLEN: usize = 14;
+
+/// Frames moved per direction per [`Net::process_events`] call.
+pub const MAX_FRAMES_PER_CALL: usize = 64;
+
+/// `struct virtio_net_config`: mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
+const CONFIG_LEN: usize = 12;
+
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the frame's checksum is left for the device to fill in.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+
+/// Tokens in the device's epoll set.
+const TOKEN_RXQ: u64 = 0;
+const TOKEN_TXQ: u64 = 1;
+const TOKEN_TAP: u64 = 2;
+const TOKEN_MORE: u64 = 3;
+
+/// Why a virtio-net device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// the MTU {0} is outside 68..=65535
+    #[error("the MTU {0} is outside 68..=65535")]
+    Mtu(u32),
+    /// {0:02x?} is not a unicast MAC address
+    #[error("{0:02x?} is not a unicast MAC address")]
+    Mac([u8; 6]),
+    /// cannot set up the device's epoll set
+    #[error("cannot set up the device's epoll set")]
+    Epoll(#[source] io::Error),
+}
+
+/// Frame and byte counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames written to the tap.
+    pub tx_frames: AtomicU64,
+    /// Their bytes (header excluded).
+    pub tx_bytes: AtomicU64,
+    /// Guest frames dropped (see the module docs).
+    pub tx_dropped: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Their bytes (header excluded).
+    pub rx_bytes: AtomicU64,
+    /// Tap frames dropped.
+    pub rx_dropped: AtomicU64,
+}
+
+fn count(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// The virtio-net device. See the module docs.
+#[derive(Debug)]
+pub struct Net {
+    config: [u8; CONFIG_LEN],
+    tap: Tap,
+    epoll: Epoll,
+    more: EventFd,
+    acked_features: u64,
+    active: Option<Active>,
+    /// A frame read from the tap that waits for an RX buffer: `rx_buf[..rx_len]`.
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    /// A guest frame the tap did not take yet: `tx_buf[..tx_len]`.
+    tx_buf: Vec<u8>,
+    tx_len: usize,
+    /// The driver sent a malformed chain; nothing moves until it resets the device.
+    broken: bool,
+    metrics: Arc<NetMetrics>,
+}
+
+/// What the device holds while the driver runs it.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    evts: Vec<EventFd>,
+}
+
+/// A chain the device cannot use: the device breaks.
+#[derive(Debug)]
+struct Malformed(String);
+
+impl Net {
+    /// A device with MAC `mac` and MTU `mtu` whose frames go through `tap`.
+    pub fn new(tap: Tap, mac: [u8; 6], mtu: u32) -> Result<Self, NetError> {
+        let mtu16 = u16::try_from(mtu)
+            .ok()
+            .filter(|&m| m >= 68)
+            .ok_or(NetError::Mtu(mtu))?;
+        // Multicast bit set, or all zeroes: not an address a NIC can have.
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return Err(NetError::Mac(mac));
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        let link_up = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
+        config[6..8].copy_from_slice(&link_up.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&mtu16.to_le_bytes());
+        let epoll = Epoll::new().map_err(NetError::Epoll)?;
+        let more = EventFd::new(EFD_NONBLOCK).map_err(NetError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tap.as_raw_fd(),
+                EpollEvent::new(
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                    TOKEN_TAP,
+                ),
+            )
+            .map_err(NetError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                more.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_MORE),
+            )
+            .map_err(NetError::Epoll)?;
+        Ok(Self {
+            config,
+            tap,
+            epoll,
+            more,
+            acked_features: 0,
+            active: None,
+            rx_buf: vec![0; MAX_FRAME_LEN],
+            rx_len: 0,
+            tx_buf: vec![0; MAX_FRAME_LEN],
+            tx_len: 0,
+            broken: false,
+            metrics: Arc::new(NetMetrics::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The fd the VMM polls (for `EPOLLIN`); call [`Net::process_events`] when it is readable.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Moves frames both ways until the tap or the guest's buffers would block (or the
+    /// per-call budget runs out), then interrupts the guest if it used any buffer.
+    pub fn process_events(&mut self) {
+        let mut events = [EpollEvent::default(); 4];
+        let ready = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                eprintln!("virtio-net: epoll_wait: {e}");
+                0
+            }
+        };
+        for event in &events[..ready] {
+            // Clear the level-triggered eventfds; every direction is looked at below anyway.
+            match event.data() {
+                TOKEN_MORE => {
+                    let _ = self.more.read();
+                }
+                token @ (TOKEN_RXQ | TOKEN_TXQ) => {
+                    let index = usize::try_from(token).unwrap_or(usize::MAX);
+                    if let Some(evt) = self.active.as_ref().and_then(|a| a.evts.get(index)) {
+                        let _ = evt.read();
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.process_queues();
+    }
+
+    fn process_queues(&mut self) {
+        if self.broken || self.active.is_none() {
+            return;
+        }
+        let tx = self.process_tx();
+        let rx = self.process_rx();
+        let (tx, rx) = match (tx, rx) {
+            (Ok(tx), Ok(rx)) => (tx, rx),
+            (Err(Malformed(why)), _) | (_, Err(Malformed(why))) => {
+                self.break_device(&why);
+                return;
+            }
+        };
+        if tx.more || rx.more {
+            // Level-triggered: the event loop calls again after its other work.
+            if let Err(e) = self.more.write(1) {
+                eprintln!("virtio-net: cannot re-arm the device: {e}");
+            }
+        }
+        let Some(active) = &mut self.active else {
+            return;
+        };
+        let mut notify = false;
+        for (index, used) in [(RXQ, rx.used), (TXQ, tx.used)] {
+            if used
+                && active.queues[index]
+                    .needs_notification(&active.mem)
+                    .unwrap_or(true)
+            {
+                notify = true;
+            }
+        }
+        if notify && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
+            eprintln!("virtio-net: cannot interrupt the guest: {e}");
+        }
+    }
+
+    /// Marks the device broken: it stops until the driver resets it.
+    fn break_device(&mut self, why: &str) {
+        self.broken = true;
+        guest_log!("virtio-net: {why}; the device stops until the driver resets it");
+        if let Some(active) = &self.active
+            && let Err(e) = active.interrupt.trigger(InterruptKind::Config)
+        {
+            eprintln!("virtio-net: cannot signal the configuration interrupt: {e}");
+        }
+    }
+
+    /// Sends the pending frame, then guest frames, until the tap would block, the guest has
+    /// none left or the budget is spent.
+    fn process_tx(&mut self) -> Result<Progress, Malformed> {
+        let mut progress = Progress::default();
+        if self.tx_len > 0 {
+            if !send_frame(&self.tap, &self.tx_buf[..self.tx_len], &self.metrics) {
+                return Ok(progress);
+            }
+            self.tx_len = 0;
+        }
+        let Some(active) = &mut self.active else {
+            return Ok(progress);
+        };
+        for _ in 0..MAX_FRAMES_PER_CALL {
+            let mem = &active.mem;
+            let queue = &mut active.queues[TXQ];
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(progress);
+            };
+            let head = chain.head_index();
+            let len = read_tx_chain(mem, chain, &mut self.tx_buf)?;
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                return Err(Malformed(format!(
+                    "cannot return TX descriptor {head}: {e}"
+                )));
+            }
+            progress.used = true;
+            if let Some(why) = tx_frame_problem(&self.tx_buf[..len]) {
+                guest_log!("virtio-net: dropping a {len}-byte TX frame: {why}");
+                self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // No offloads were negotiated: the tap gets a header of zeroes.
+            self.tx_buf[..VNET_HDR_LEN].fill(0);
+            if !send_frame(&self.tap, &self.tx_buf[..len], &self.metrics) {
+                // Wait for the tap to become writable (an edge on the tap fd).
+                self.tx_len = len;
+                return Ok(progress);
+            }
+        }
+        progress.more = active.queues[TXQ]
+            .avail_idx(&active.mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != active.queues[TXQ].next_avail());
+        Ok(progress)
+    }
+
+    /// Delivers tap frames into RX buffers until the tap is empty, the guest has no buffer
+    /// or the budget is spent.
+    fn process_rx(&mut self) -> Result<Progress, Malformed> {
+        let mut progress = Progress::default();
+        let Some(active) = &mut self.active else {
+            return Ok(progress);
+        };
+        for _ in 0..MAX_FRAMES_PER_CALL {
+            if self.rx_len == 0 {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(n) => {
+                        if let Some(why) = rx_frame_problem(&self.rx_buf[..n]) {
+                            guest_log!("virtio-net: dropping a {n}-byte frame from the tap: {why}");
+                            self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        self.rx_len = n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+                    Err(e) => {
+                        eprintln!("virtio-net: reading the tap {}: {e}", self.tap.name());
+                        return Ok(progress);
+                    }
+                }
+            }
+            let mem = &active.mem;
+            let queue = &mut active.queues[RXQ];
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Wait for the guest's RX notification; the frame stays.
+                return Ok(progress);
+            };
+            let head = chain.head_index();
+            let frame = &mut self.rx_buf[..self.rx_len];
+            // The header of a frame without offloads: zeroes, and one buffer.
+            frame[..VNET_HDR_LEN].fill(0);
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            match write_rx_chain(mem, chain, frame)? {
+                Some(written) => {
+                    queue.add_used(mem, head, written).map_err(|e| {
+                        Malformed(format!("cannot return RX descriptor {head}: {e}"))
+                    })?;
+                    progress.used = true;
+                    self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    count(&self.metrics.rx_bytes, frame.len() - VNET_HDR_LEN);
+                }
+                None => {
+                    // The buffer is too small for this frame: keep it for the next one.
+                    queue.go_to_previous_position();
+                    guest_log!(
+                        "virtio-net: a {}-byte frame does not fit the guest's receive buffer; dropped",
+                        frame.len()
+                    );
+                    self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.rx_len = 0;
+        }
+        progress.more = true;
+        Ok(progress)
+    }
+
+    fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            // The eventfds are duplicates of the transport's: closing ours would not remove
+            // them from the epoll set, so remove them explicitly.
+            for evt in &active.evts {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    evt.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
+    }
+}
+
+/// What one direction did in one call.
+#[derive(Debug, Default, Clone, Copy)]
+struct Progress {
+    /// At least one chain went to the used ring.
+    used: bool,
+    /// Work is left (the budget ran out).
+    more: bool,
+}
+
+/// Writes one frame to the tap; false if the tap cannot take it yet (`EAGAIN`). Other
+/// failures drop the frame.
+fn send_frame(tap: &Tap, frame: &[u8], metrics: &NetMetrics) -> bool {
+    match tap.write_frame(frame) {
+        Ok(_) => {
+            metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
+            count(&metrics.tx_bytes, frame.len() - VNET_HDR_LEN);
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+        Err(e) => {
+            guest_log!(
+                "virtio-net: the tap {} refused a {}-byte frame: {e}",
+                tap.name(),
+                frame.len()
+            );
+            metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    true
+}
+
+/// Copies a TX chain (header and frame) into `buf`; returns its length.
+fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Result<usize, Malformed> {
+    let head = chain.head_index();
+    let mut len = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(Malformed(format!(
+                "TX chain {head} has a device-writable buffer"
+            )));
+        }
+        let dlen = usize::try_from(desc.len()).unwrap_or(usize::MAX);
+        let end = len
+            .checked_add(dlen)
+            .filter(|&end| end <= buf.len())
+            .ok_or_else(|| {
+                Malformed(format!(
+                    "TX chain {head} is longer than {MAX_FRAME_LEN} bytes"
+                ))
+            })?;
+        mem.read_slice(&mut buf[len..end], desc.addr())
+            .map_err(|e| Malformed(format!("TX chain {head}: {e}")))?;
+        len = end;
+    }
+    if len < VNET_HDR_LEN {
+        return Err(Malformed(format!(
+            "TX chain {head} holds {len} bytes, less than a virtio-net header"
+        )));
+    }
+    Ok(len)
+}
+
+/// Copies `frame` into an RX chain; `None` if the chain is too small for it.
+fn write_rx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &[u8],
+) -> Result<Option<u32>, Malformed> {
+    let head = chain.head_index();
+    let descs: Vec<_> = chain.collect();
+    let mut capacity = 0usize;
+    for desc in &descs {
+        if !desc.is_write_only() {
+            return Err(Malformed(format!(
+                "RX chain {head} has a device-readable buffer"
+            )));
+        }
+        capacity = capacity.saturating_add(usize::try_from(desc.len()).unwrap_or(usize::MAX));
+    }
+    if capacity < VNET_HDR_LEN {
+        return Err(Malformed(format!(
+            "RX chain {head} has room for {capacity} bytes, less than a virtio-net header"
+        )));
+    }
+    if frame.len() > capacity {
+        return Ok(None);
+    }
+    let mut rest = frame;
+    for desc in &descs {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest
+            .len()
+            .min(usize::try_from(desc.len()).unwrap_or(usize::MAX));
+        mem.write_slice(&rest[..n], desc.addr())
+            .map_err(|e| Malformed(format!("RX chain {head}: {e}")))?;
+        rest = &rest[n..];
+    }
+    Ok(Some(u32::try_from(frame.len()).unwrap_or(u32::MAX)))
+}
+
+/// Why a guest frame (header included) cannot go to the tap, if it cannot.
+fn tx_frame_problem(frame: &[u8]) -> Option<&'static str> {
+    if frame.len() < VNET_HDR_LEN + ETH_HLEN {
+        return Some("shorter than an Ethernet header");
+    }
+    // flags (u8), gso_type (u8): no offloads were negotiated, so both must be zero.
+    if frame[0] != 0 || frame[1] != 0 {
+        return Some("its header asks for offloads that were not negotiated");
+    }
+    None
+}
+
+/// Why a tap frame (header included) cannot go to the guest, if it cannot.
+fn rx_frame_problem(frame: &[u8]) -> Option<&'static str> {
+    if frame.len() < VNET_HDR_LEN + ETH_HLEN {
+        return Some("shorter than an Ethernet header");
+    }
+    // The tap has no offloads, so it never leaves a checksum or a segmentation to us.
+    if frame[0] & HDR_F_NEEDS_CSUM != 0 || frame[1] != 0 {
+        return Some("it needs a checksum or segmentation offload");
+    }
+    None
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_space("virtio-net", &self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR-less legacy devices; ours is
+        // a modern device without it, so the whole space is read-only.
+        super::refuse_config_write("virtio-net", offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<DeviceQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                want: QUEUE_SIZES.len(),
+                got: queues.len(),
+            });
+        }
+        let (queues, evts): (Vec<Queue>, Vec<EventFd>) =
+            queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
+        for (registered, (token, evt)) in [TOKEN_RXQ, TOKEN_TXQ].into_iter().zip(&evts).enumerate()
+        {
+            let event = EpollEvent::new(EventSet::IN, token);
+            if let Err(e) = self
+                .epoll
+                .ctl(ControlOperation::Add, evt.as_raw_fd(), event)
+            {
+                for evt in &evts[..registered] {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        evt.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+                return Err(ActivateError::Register(e));
+            }
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+            evts,
+        });
+        // Frames that arrived on the tap before the driver came up are read on the next call
+        // (the guest's first RX notification).
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.deactivate();
+        self.acked_features = 0;
+        self.broken = false;
+        self.rx_len = 0;
+        self.tx_len = 0;
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
