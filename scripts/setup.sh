@@ -14,6 +14,7 @@ PACKAGES="
   qemu-system-x86 strace
   busybox-static
   runc crun
+  iproute2
 "
 
 install_deps() {

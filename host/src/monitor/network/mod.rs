@@ -553,6 +553,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_network_namespace_with_a_path_gives_the_vm_a_network() {
+        let spec = |namespaces: &str| -> oci_spec::runtime::Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "rootfs"}},
+                    "linux": {{"namespaces": [{namespaces}]}}}}"#
+            ))
+            .unwrap()
+        };
+        // No network namespace, or a new (empty) one: the VM gets only lo.
+        assert_eq!(netns_path(&spec(r#"{"type": "pid"}"#)), None);
+        assert_eq!(netns_path(&spec(r#"{"type": "network"}"#)), None);
+        assert_eq!(
+            netns_path(&spec(
+                r#"{"type": "pid"}, {"type": "network", "path": "/run/netns/x"}"#
+            )),
+            Some(PathBuf::from("/run/netns/x"))
+        );
+    }
+
+    #[test]
     fn teardown_without_a_record_does_nothing() {
         let dir = std::env::temp_dir().join(format!("husk-net-norecord-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

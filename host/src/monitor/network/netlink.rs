@@ -447,6 +447,7 @@ impl Netlink {
     }
 
     /// Whether interface `index` has an ingress qdisc.
+    #[cfg(test)]
     pub fn has_ingress_qdisc(&self, index: u32) -> io::Result<bool> {
         const RTM_GETQDISC: u16 = 38;
         let msgs = self.dump(RTM_GETQDISC, &tcmsg(0, 0, 0, 0))?;

@@ -240,7 +240,7 @@ fn a_full_tap_holds_one_frame_and_stops_tx_until_writable() {
 fn tap_frames_fill_rx_chains_with_a_clean_header() {
     let mem = guest_memory();
     let mut h = Harness::new(&mem);
-    let (head, bufs) = h.add_rx(&[VNET_HDR_LEN as u32, 1000, 1000]);
+    let (head, bufs) = h.add_rx(&[12, 1000, 1000]);
     let f = frame(1514, 0x5a);
     // DATA_VALID (2) from the tap is not passed on: GUEST_CSUM was not negotiated.
     h.peer.send(&with_header(&f, 2)).unwrap();
