@@ -341,3 +341,45 @@ fn a_missing_network_namespace_is_a_clear_error_and_leaves_nothing() {
         "state left"
     );
 }
+
+/// What `podman --network none` makes: a namespace with only `lo`, named by path. The VM gets
+/// no virtio-net device and only `lo` (the spec-level rule, no namespace or one without a
+/// path, is a unit test of the monitor).
+#[test]
+fn a_namespace_with_only_loopback_gives_the_vm_only_lo() {
+    if guest_image().is_none() {
+        return;
+    }
+    if !kvm_available() || !is_root() || !has_iproute2() {
+        skip::<()>("needs /dev/kvm, root and iproute2");
+        return;
+    }
+    let name = format!("husk-e2e-lo-{}", std::process::id());
+    ip(&["netns", "add", &name]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(name.clone());
+    let tmp = TempDir::new("net-lo");
+    let root = tmp.path().join("state");
+    let _cleanup = ContainerRoot(root.clone());
+    let bundle_dir = tmp.path().join("bundle");
+    std::fs::create_dir_all(&bundle_dir).unwrap();
+    let netns = PathBuf::from("/run/netns").join(&name);
+    let Some(bundle) = network_bundle(&bundle_dir, "ip -o link", Some(&netns)) else {
+        return;
+    };
+    let (code, out, err) = husk(&root, &["run", "lo1", "--bundle", bundle.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let links: Vec<&str> = out.lines().collect();
+    assert_eq!(links.len(), 1, "{out}");
+    assert!(
+        links[0].contains(": lo:") && links[0].contains("UP"),
+        "{out}"
+    );
+    // Nothing was created in the namespace.
+    assert!(!ip(&["-n", &name, "-o", "link"]).contains("_husk"));
+}
