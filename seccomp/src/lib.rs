@@ -436,6 +436,7 @@ mod tests {
             ("PROT_EXEC", int(libc::PROT_EXEC)),
             ("SIGABRT", int(libc::SIGABRT)),
             ("SIGRTMIN", int(libc::SIGRTMIN())),
+            ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD),
         ];
         assert_eq!(KVM_RUN, 0xAE80);
         let mut checked = 0;

@@ -9,12 +9,16 @@
 //! - Features: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC` (the veth's MAC, so the engine's
 //!   bridge and ARP tables see the address they expect), `VIRTIO_NET_F_MTU` (the veth's MTU)
 //!   and `VIRTIO_NET_F_STATUS` (link always up).
-//! - No offloads (no `CSUM`, `GUEST_CSUM`, TSO/UFO, `MRG_RXBUF`): the tap is configured
-//!   without offloads, so the host kernel checksums and segments every frame before it reaches
-//!   us, every received frame fits one MTU-sized guest buffer, and the only header the device
-//!   ever sends is all zeroes with `num_buffers = 1`. Offloads would cut the per-packet cost
-//!   (fewer, larger frames through the VMM thread); they are left for when throughput matters
-//!   more than a small, obviously correct device.
+//! - Offloads: checksums and TCP segmentation both ways (`CSUM`, `GUEST_CSUM`,
+//!   `HOST_TSO4/6`, `GUEST_TSO4/6`), passed straight through to the tap, which takes the same
+//!   virtio-net header: a TCP stream moves in frames of up to 64 KiB instead of MTU-sized ones,
+//!   so the guest and the VMM thread handle a fraction of the packets (the tc mirred redirects
+//!   carry GSO packets as they are). When the driver has negotiated its features, the device
+//!   sets the tap's offloads (`TUNSETOFFLOAD`) to what the driver can receive, on the VMM
+//!   thread before the next read. Every header is checked against the negotiated features both
+//!   ways; frames asking for more are dropped. Not offered: UFO and ECN segmentation,
+//!   `MRG_RXBUF` (so with `GUEST_TSO*` Linux posts 64 KiB "big" receive buffers and each frame
+//!   fits one chain; `num_buffers` is always 1), `CTRL_VQ`, multiqueue.
 //! - Configuration space (`struct virtio_net_config`): `mac`, `status` = `LINK_UP`,
 //!   `max_virtqueue_pairs` = 1, `mtu`. Read-only.
 //!
@@ -62,7 +66,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -95,8 +103,18 @@ pub const MAX_FRAMES_PER_CALL: usize = 64;
 /// `struct virtio_net_config`: mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
 const CONFIG_LEN: usize = 12;
 
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the frame's checksum is left for the device to fill in.
-const HDR_F_NEEDS_CSUM: u8 = 1;
+/// Feature bits as masks.
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// The offloads the device offers: checksums and TCP segmentation both ways.
+const OFFLOAD_FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6);
 
 /// Tokens in the device's epoll set.
 const TOKEN_RXQ: u64 = 0;
@@ -156,6 +174,8 @@ pub struct Net {
     tx_len: usize,
     /// The driver sent a malformed chain; nothing moves until it resets the device.
     broken: bool,
+    /// The tap's offloads must be set to what the driver negotiated before the next read.
+    offload_pending: bool,
     metrics: Arc<NetMetrics>,
 }
 
@@ -220,6 +240,7 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME_LEN],
             tx_len: 0,
             broken: false,
+            offload_pending: false,
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -268,6 +289,17 @@ impl Net {
     fn process_queues(&mut self) {
         if self.broken || self.active.is_none() {
             return;
+        }
+        if self.offload_pending {
+            self.offload_pending = false;
+            let flags = tap_offloads(self.acked_features);
+            if let Err(e) = self.tap.set_offload(flags) {
+                // The tap then does all checksums and segmentation itself: slower, still right.
+                eprintln!(
+                    "virtio-net: cannot set the offloads {flags:#x} of the tap {}: {e}",
+                    self.tap.name()
+                );
+            }
         }
         let tx = self.process_tx();
         let rx = self.process_rx();
@@ -340,13 +372,13 @@ impl Net {
                 )));
             }
             progress.used = true;
-            if let Some(why) = tx_frame_problem(&self.tx_buf[..len]) {
+            if let Some(why) = tx_frame_problem(&self.tx_buf[..len], self.acked_features) {
                 guest_log!("virtio-net: dropping a {len}-byte TX frame: {why}");
                 self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // No offloads were negotiated: the tap gets a header of zeroes.
-            self.tx_buf[..VNET_HDR_LEN].fill(0);
+            // num_buffers means nothing on transmit.
+            self.tx_buf[10..VNET_HDR_LEN].fill(0);
             if !send_frame(&self.tap, &self.tx_buf[..len], &self.metrics) {
                 // Wait for the tap to become writable (an edge on the tap fd).
                 self.tx_len = len;
@@ -370,7 +402,8 @@ impl Net {
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(n) => {
-                        if let Some(why) = rx_frame_problem(&self.rx_buf[..n]) {
+                        if let Some(why) = rx_frame_problem(&self.rx_buf[..n], self.acked_features)
+                        {
                             guest_log!("virtio-net: dropping a {n}-byte frame from the tap: {why}");
                             self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -392,8 +425,10 @@ impl Net {
             };
             let head = chain.head_index();
             let frame = &mut self.rx_buf[..self.rx_len];
-            // The header of a frame without offloads: zeroes, and one buffer.
-            frame[..VNET_HDR_LEN].fill(0);
+            // The tap's header as it is (checked against the features), in one buffer.
+            if self.acked_features & bit(VIRTIO_NET_F_GUEST_CSUM) == 0 {
+                frame[0] &= !as_flag(VIRTIO_NET_HDR_F_DATA_VALID);
+            }
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
             match write_rx_chain(mem, chain, frame)? {
                 Some(written) => {
@@ -540,28 +575,75 @@ fn write_rx_chain(
     Ok(Some(u32::try_from(frame.len()).unwrap_or(u32::MAX)))
 }
 
+/// A header flag or GSO type as the `u8` the header carries (all are below 256).
+const fn as_flag(value: u32) -> u8 {
+    (value & 0xff) as u8
+}
+
+/// The tap offloads (`TUN_F_*`) that match the driver's receive features.
+fn tap_offloads(features: u64) -> libc::c_uint {
+    let mut flags = 0;
+    if features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 {
+        flags |= libc::TUN_F_CSUM;
+        // The kernel refuses TSO without CSUM.
+        if features & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if features & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+/// Whether a header's `flags` and `gso_type` ask only for what `csum`, `tso4` and `tso6`
+/// (features) allow.
+fn header_allowed(frame: &[u8], features: u64, csum: u32, tso4: u32, tso6: u32) -> bool {
+    let (flags, gso) = (frame[0], frame[1]);
+    let csum_ok = features & bit(csum) != 0;
+    let known = as_flag(VIRTIO_NET_HDR_F_NEEDS_CSUM) | as_flag(VIRTIO_NET_HDR_F_DATA_VALID);
+    if flags & !known != 0 || (flags & as_flag(VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0 && !csum_ok) {
+        return false;
+    }
+    match u32::from(gso) {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => csum_ok && features & bit(tso4) != 0,
+        VIRTIO_NET_HDR_GSO_TCPV6 => csum_ok && features & bit(tso6) != 0,
+        // UDP, ECN: never offered.
+        _ => false,
+    }
+}
+
 /// Why a guest frame (header included) cannot go to the tap, if it cannot.
-fn tx_frame_problem(frame: &[u8]) -> Option<&'static str> {
+fn tx_frame_problem(frame: &[u8], features: u64) -> Option<&'static str> {
     if frame.len() < VNET_HDR_LEN + ETH_HLEN {
         return Some("shorter than an Ethernet header");
     }
-    // flags (u8), gso_type (u8): no offloads were negotiated, so both must be zero.
-    if frame[0] != 0 || frame[1] != 0 {
-        return Some("its header asks for offloads that were not negotiated");
-    }
-    None
+    let allowed = header_allowed(
+        frame,
+        features,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    );
+    (!allowed).then_some("its header asks for offloads that were not negotiated")
 }
 
 /// Why a tap frame (header included) cannot go to the guest, if it cannot.
-fn rx_frame_problem(frame: &[u8]) -> Option<&'static str> {
+fn rx_frame_problem(frame: &[u8], features: u64) -> Option<&'static str> {
     if frame.len() < VNET_HDR_LEN + ETH_HLEN {
         return Some("shorter than an Ethernet header");
     }
-    // The tap has no offloads, so it never leaves a checksum or a segmentation to us.
-    if frame[0] & HDR_F_NEEDS_CSUM != 0 || frame[1] != 0 {
-        return Some("it needs a checksum or segmentation offload");
-    }
-    None
+    // The tap's offloads follow the negotiated features, so this only happens to frames it
+    // queued before a driver reset renegotiated less.
+    let allowed = header_allowed(
+        frame,
+        features,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+    );
+    (!allowed).then_some("it needs an offload the driver did not negotiate")
 }
 
 impl VirtioDevice for Net {
@@ -575,9 +657,10 @@ impl VirtioDevice for Net {
 
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_NET_F_MAC
-            | 1 << VIRTIO_NET_F_MTU
-            | 1 << VIRTIO_NET_F_STATUS
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_MTU)
+            | bit(VIRTIO_NET_F_STATUS)
+            | OFFLOAD_FEATURES
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -634,6 +717,8 @@ impl VirtioDevice for Net {
             queues,
             evts,
         });
+        // The tap learns the negotiated offloads on the VMM thread, before its next read.
+        self.offload_pending = true;
         // Frames that arrived on the tap before the driver came up are read on the next call
         // (the guest's first RX notification).
         Ok(())

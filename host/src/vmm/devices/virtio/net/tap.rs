@@ -1,9 +1,10 @@
 //! The tap device behind a virtio-net device: a `/dev/net/tun` queue opened as
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, non-blocking, with a 12-byte virtio-net header
-//! (`struct virtio_net_hdr_v1`) in front of every frame in both directions and no offloads.
+//! (`struct virtio_net_hdr_v1`) in front of every frame in both directions.
 //!
-//! All configuration (`TUNSETIFF`, `TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`) happens in
-//! [`Tap::open`], before the VMM threads install their seccomp filters; afterwards the device
+//! `TUNSETIFF` and `TUNSETVNETHDRSZ` happen in [`Tap::open`], before the VMM threads install
+//! their seccomp filters. `TUNSETOFFLOAD` happens again whenever a driver has negotiated its
+//! features (on the VMM thread, whose filter allows exactly that ioctl); otherwise the device
 //! only reads and writes the fd.
 //!
 //! The tap is created in the network namespace of the *calling thread*: the monitor opens it
@@ -108,17 +109,36 @@ impl Tap {
         // `hdr_len`, alive for the call.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         check(rc, "TUNSETVNETHDRSZ")?;
-        // No offloads: the kernel checksums and segments everything before it reaches us, so
-        // every frame fits an MTU-sized guest buffer and no header field but num_buffers is
-        // ever set.
-        let no_offloads: libc::c_ulong = 0;
-        // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, no_offloads) };
-        check(rc, "TUNSETOFFLOAD")?;
-        Ok(Self {
+        let tap = Self {
             file,
             name: name.to_owned(),
-        })
+        };
+        // No offloads until a driver negotiates some: the kernel checksums and segments
+        // everything before it reaches us.
+        tap.set_offload(0).map_err(|source| TapError::Configure {
+            name: name.to_owned(),
+            what: "TUNSETOFFLOAD",
+            source,
+        })?;
+        Ok(tap)
+    }
+
+    /// Sets what the tap may leave undone in the frames it gives us (`TUN_F_*`): a checksum
+    /// (`TUN_F_CSUM`), TCP segmentation (`TUN_F_TSO4`, `TUN_F_TSO6`, which need `TUN_F_CSUM`).
+    /// Frames we write may always carry such requests in their header.
+    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// A tap over an fd that already behaves like one (one frame per read and write, header

@@ -39,16 +39,22 @@ struct Harness<'a> {
 }
 
 impl<'a> Harness<'a> {
+    /// A device whose driver negotiated no offloads.
     fn new(mem: &'a GuestMemoryMmap) -> Self {
+        Self::with_features(mem, VIRTIO_F_VERSION_1)
+    }
+
+    fn with_features(mem: &'a GuestMemoryMmap, features: u64) -> Self {
         let (ours, peer) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
         let tap = Tap::from_file(std::fs::File::from(OwnedFd::from(ours)), "test0");
-        Self::with_tap(mem, tap, peer)
+        Self::with_tap(mem, tap, peer, features)
     }
 
-    fn with_tap(mem: &'a GuestMemoryMmap, tap: Tap, peer: UnixDatagram) -> Self {
+    fn with_tap(mem: &'a GuestMemoryMmap, tap: Tap, peer: UnixDatagram, features: u64) -> Self {
         let mut dev = Net::new(tap, MAC, 1500).unwrap();
+        dev.ack_features(features);
         let rx = TestQueue::new(mem, RX_RING, 256);
         let tx = TestQueue::new(mem, TX_RING, 256);
         let irq = Arc::new(Interrupt::new().unwrap());
@@ -141,10 +147,65 @@ fn config_space_holds_mac_status_and_mtu() {
         assert_ne!(features & (1 << bit), 0, "feature {bit}");
     }
     assert_ne!(features & VIRTIO_F_VERSION_1, 0);
-    // No offloads: CSUM (0), GUEST_CSUM (1), GUEST_TSO4 (7), HOST_TSO4 (11), MRG_RXBUF (15).
-    for bit in [0, 1, 7, 11, 15] {
+    assert_eq!(features & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+    // One buffer per frame: no MRG_RXBUF (15); no UFO (10, 14), no ECN (9, 13), no CTRL_VQ (17).
+    for bit in [9, 10, 13, 14, 15, 17] {
         assert_eq!(features & (1 << bit), 0, "feature {bit}");
     }
+}
+
+/// A header with `flags`, `gso_type`, and made-up lengths and offsets that must survive.
+fn offload_header(flags: u8, gso: u8) -> Vec<u8> {
+    let mut h = vec![flags, gso];
+    for v in [54u16, 1448, 34, 16, 0] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+#[test]
+fn negotiated_offloads_pass_headers_through_both_ways() {
+    let mem = guest_memory();
+    let mut h = Harness::with_features(&mem, VIRTIO_F_VERSION_1 | OFFLOAD_FEATURES);
+    let big = frame(9000, 4);
+    // Guest to host: a TSO frame with a checksum to do.
+    let mut tx = offload_header(1, 1);
+    tx.extend_from_slice(&big);
+    h.send(&tx, 4096);
+    // Host to guest: a TSO6 frame whose checksum is verified, and one UDP-fragmentation frame
+    // (never offered), dropped.
+    let (head, bufs) = h.add_rx(&[12, 65550]);
+    let mut udp = offload_header(0, 3);
+    udp.extend_from_slice(&frame(100, 5));
+    h.peer.send(&udp).unwrap();
+    let mut rx = offload_header(2, 4);
+    rx.extend_from_slice(&big);
+    h.peer.send(&rx).unwrap();
+    h.dev.process_events();
+    assert_eq!(h.peer_frames(), vec![tx]);
+    let len = VNET_HDR_LEN + big.len();
+    assert_eq!(h.rx.take_used(), vec![(head, u32::try_from(len).unwrap())]);
+    let mut want = rx.clone();
+    want[10] = 1; // num_buffers
+    assert_eq!(h.received(&bufs, len), want);
+    assert_eq!(h.dev.metrics().rx_dropped.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn the_tap_offloads_follow_the_receive_features() {
+    let all = VIRTIO_F_VERSION_1 | OFFLOAD_FEATURES;
+    assert_eq!(
+        tap_offloads(all),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+    );
+    // TSO without a checksum offload is refused by the kernel: none then.
+    assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+    assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM)), libc::TUN_F_CSUM);
+    // Host-side features (what the guest may send) do not matter to the tap's reads.
+    assert_eq!(
+        tap_offloads(bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4)),
+        0
+    );
 }
 
 #[test]
@@ -403,7 +464,8 @@ fn arp_through_a_real_tap() {
         nl.set_up(index, 1500).unwrap();
         let mem = guest_memory();
         let (_unused, peer) = UnixDatagram::pair().unwrap();
-        let mut h = Harness::with_tap(&mem, tap, peer);
+        // All offloads negotiated: the device sets them on the real tap.
+        let mut h = Harness::with_tap(&mem, tap, peer, VIRTIO_F_VERSION_1 | OFFLOAD_FEATURES);
         // ARP request: who has 10.77.0.1? tell 10.77.0.2 (our MAC).
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&MAC);
