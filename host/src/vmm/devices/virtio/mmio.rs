@@ -519,6 +519,7 @@ mod tests {
         activated: Option<Vec<u16>>,
         resets: u32,
         config: [u8; 8],
+        broken: bool,
     }
 
     impl VirtioDevice for Recorder {
@@ -558,6 +559,10 @@ mod tests {
         fn reset(&mut self) {
             self.activated = None;
             self.resets += 1;
+            self.broken = false;
+        }
+        fn needs_reset(&self) -> bool {
+            self.broken
         }
     }
 
@@ -631,6 +636,23 @@ mod tests {
         write32(&mut t, SHM_SEL, 0);
         assert_eq!(read32(&mut t, SHM_LEN_LOW), u32::MAX);
         assert_eq!(read32(&mut t, SHM_LEN_HIGH), u32::MAX);
+    }
+
+    #[test]
+    fn a_device_that_gave_up_reports_needs_reset_until_reset() {
+        let (mut t, dev, mem) = transport();
+        let q0 = TestQueue::new(&mem, 0x1_0000, 16);
+        let q1 = TestQueue::new(&mem, 0x2_0000, 8);
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, &q0, 16);
+        setup_queue(&mut t, 1, &q1, 8);
+        let running = S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+        write32(&mut t, STATUS, running);
+        assert_eq!(read32(&mut t, STATUS), running);
+        dev.lock().unwrap().broken = true;
+        assert_eq!(read32(&mut t, STATUS), running | S_NEEDS_RESET);
+        write32(&mut t, STATUS, 0);
+        assert_eq!(read32(&mut t, STATUS), 0);
     }
 
     #[test]
