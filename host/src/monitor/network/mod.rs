@@ -1,9 +1,10 @@
 //! The container's network: the engine's network namespace, joined to the VM's virtio-net
 //! devices.
 //!
-//! Engines (podman, containerd's CNI, Docker) create a network namespace, put one end of a
-//! veth pair in it with addresses and routes, and name it in the spec (`linux.namespaces`
-//! entry of type `network` with a `path`). A VM cannot use a veth, so the monitor does what
+//! Engines (podman, containerd's CNI) create a network namespace, put one end of a veth pair
+//! in it with addresses and routes, and name it in the spec (`linux.namespaces` entry of type
+//! `network` with a `path`). (Docker 20.10 instead asks for a new namespace and fills it from
+//! a prestart hook; husk runs no hooks yet, so such a container gets only `lo`.) A VM cannot use a veth, so the monitor does what
 //! Kata Containers does by default ("tcfilter" interworking):
 //!
 //! 1. enter the namespace (on a short-lived thread: `setns` changes only the calling thread),
