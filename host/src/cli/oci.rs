@@ -436,9 +436,13 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 
 /// Removes a container whose monitor is gone: first what a killed monitor could not undo in
 /// the container's network namespace (its tap, qdiscs and filters), then the state directory.
+/// A network cleanup that fails (an unreadable record, a namespace that cannot be entered) is
+/// reported but does not keep the state directory: a retry could not do better.
 fn remove_entry(entry: state::Entry) -> Result<()> {
-    crate::monitor::network::teardown(entry.dir())
-        .context("cleaning up the container's network namespace")?;
+    if let Err(e) = crate::monitor::network::teardown(entry.dir()) {
+        let e = anyhow::Error::from(e);
+        eprintln!("husk: cleaning up the container's network namespace: {e:#}");
+    }
     entry.remove()?;
     Ok(())
 }
