@@ -1,7 +1,8 @@
 //! The container's network: the test plays the engine (a network namespace with a veth,
 //! addresses and a default route, named in the spec), and checks both directions through the
 //! VM's virtio-net device with one VM boot: the container fetches 1 MiB from an HTTP server
-//! on the host side, and the host fetches a page from busybox httpd in the container. Then
+//! on the host side, and the host fetches a page and the same 1 MiB back from busybox httpd
+//! in the container. Then
 //! nothing of husk's is left in the namespace, and it is as the engine made it.
 //!
 //! Needs root, /dev/kvm, the guest image, busybox-static and iproute2 (`ip`, `tc`).
@@ -175,7 +176,7 @@ fn container_reaches_the_host_and_the_host_reaches_the_container() {
     let script = format!(
         "ip -o addr show dev eth0; ip route; \
          wget -q -O /tmp/f http://{host_ip}:{port}/file && echo WGET-BYTES $(wc -c < /tmp/f); \
-         mkdir /tmp/www && echo hello-from-the-vm > /tmp/www/index.html; \
+         mkdir /tmp/www && echo hello-from-the-vm > /tmp/www/index.html && cp /tmp/f /tmp/www/big; \
          nc -l -p 9000 > /tmp/bye & NC=$!; \
          httpd -p 8080 -h /tmp/www && echo READY; \
          wait $NC; echo GOT $(cat /tmp/bye)"
@@ -250,6 +251,21 @@ fn container_reaches_the_host_and_the_host_reaches_the_container() {
     let mut page = String::new();
     conn.read_to_string(&mut page).unwrap();
     assert!(page.contains("hello-from-the-vm"), "{page}");
+    // And the 1 MiB file back, container to host.
+    let start = Instant::now();
+    let mut conn = TcpStream::connect((guest_ip.as_str(), 8080)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    conn.write_all(b"GET /big HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).unwrap();
+    let upload_time = start.elapsed();
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        reply[split..] == body[..],
+        "got {} bytes back",
+        reply.len() - split
+    );
     // nc was started before READY but may not listen yet (every exec is slow in a nested
     // guest): a refused connection is retried, a bounded number of times.
     let mut bye = None;
@@ -279,9 +295,12 @@ fn container_reaches_the_host_and_the_host_reaches_the_container() {
     );
     assert!(rest.iter().any(|l| l == "GOT bye"), "{rest:?}");
     eprintln!(
-        "network: 1 MiB host -> container by wget in {:.2} s ({:.0} KiB/s)",
+        "network: 1 MiB host -> container by wget in {:.2} s ({:.0} KiB/s), \
+         container -> host from httpd in {:.2} s ({:.0} KiB/s)",
         wget_time.as_secs_f64(),
-        1024.0 / wget_time.as_secs_f64()
+        1024.0 / wget_time.as_secs_f64(),
+        upload_time.as_secs_f64(),
+        1024.0 / upload_time.as_secs_f64()
     );
 
     // Nothing of ours is left, and the namespace is as the engine made it.
