@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // Every payload (and the raw input itself) decoded as either side's message; what
     // decodes must re-encode and decode to the same value.
-    for payload in frames.iter().map(Vec::as_slice).chain(std::iter::once(data)) {
+    for payload in frames
+        .iter()
+        .map(Vec::as_slice)
+        .chain(std::iter::once(data))
+    {
         if let Ok(m) = decode::<HostMessage>(payload) {
             let again = encode_frame(&m).expect("a decoded message re-encodes");
             assert_eq!(decode::<HostMessage>(&again[4..]).ok(), Some(m));

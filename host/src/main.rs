@@ -1,16 +1,10 @@
-//! `husk`: an OCI runtime that runs each container in its own KVM microVM.
-
-mod assets;
-mod cli;
-mod monitor;
-mod oci;
-mod phases;
-mod vmm;
+//! `husk`: an OCI runtime that runs each container in its own KVM microVM. The code is in the
+//! library (`src/lib.rs`).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    cli::main(process_start)
+    husk::main(process_start)
 }

@@ -1,0 +1,139 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`, off by default).
+//!
+//! Each function takes the fuzzer's bytes and drives the real code with them: the virtio
+//! devices through their real MMIO transport, over guest memory and split queues the input
+//! fills, and the bundle loader with a `config.json` the input is. Nothing here stands in for
+//! the code under test; the harness only plays the parts a guest driver, a host client or a
+//! container engine would play. Every function must return for every input: a panic, an abort
+//! or a sanitizer report is a bug in the module under test (or in this harness).
+//!
+//! The device inputs are a small program of operations (see the `ops` module), so that a fuzzer can
+//! both write arbitrary bytes anywhere in guest memory and, cheaply, build well-formed
+//! descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios in the same
+//! format for the checked-in corpora.
+
+mod bundle;
+mod driver;
+mod fs;
+mod mmio;
+mod ops;
+mod vsock;
+
+/// `config.json` bytes through bundle loading and validation (VM sizing included).
+pub fn bundle_config(data: &[u8]) {
+    bundle::run(data);
+}
+
+/// A virtio-vsock device behind its MMIO transport: TX/RX/event queues filled by the input,
+/// several notifications per input, and host-side Unix socket clients the input also drives.
+pub fn virtio_vsock(data: &[u8]) {
+    vsock::run(data);
+}
+
+/// A virtio-fs device behind its MMIO transport, serving a fresh temporary directory: FUSE
+/// requests from queues the input fills.
+pub fn virtio_fs(data: &[u8]) {
+    fs::run(data);
+}
+
+/// Register reads and writes of any width and offset on the virtio-mmio transport of a real
+/// device (vsock or fs, chosen by the input), including queue setup with arbitrary sizes and
+/// addresses against guest memory with a hole, and notifications once the device runs.
+pub fn virtio_mmio(data: &[u8]) {
+    mmio::run(data);
+}
+
+/// The seed corpus of `target` (one of the functions above), as (name, input) pairs.
+pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
+    match target {
+        "bundle_config" => bundle::seeds(),
+        "virtio_vsock" => vsock::seeds(),
+        "virtio_fs" => fs::seeds(),
+        "virtio_mmio" => mmio::seeds(),
+        _ => Vec::new(),
+    }
+}
+
+/// A fresh, empty directory for one input's files, removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(label: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("husk-fuzz-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The seeds are the checked-in corpora: `fuzz/corpus/<target>/seed_<name>`. These tests
+    //! run every seed through its target (a seed that crashes would make the fuzzer stop at
+    //! once) and check that the files match the scenarios above. To rewrite the files after
+    //! changing a scenario: `HUSK_FUZZ_WRITE_SEEDS=1 cargo test -p husk --features fuzzing
+    //! fuzzing::`.
+
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A target's name and entry point.
+    type Target = (&'static str, fn(&[u8]));
+
+    const TARGETS: [Target; 4] = [
+        ("bundle_config", bundle_config),
+        ("virtio_vsock", virtio_vsock),
+        ("virtio_fs", virtio_fs),
+        ("virtio_mmio", virtio_mmio),
+    ];
+
+    fn corpus(target: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target)
+    }
+
+    #[test]
+    fn every_seed_runs_and_matches_the_corpus() {
+        let write = std::env::var_os("HUSK_FUZZ_WRITE_SEEDS").is_some();
+        for (target, run) in TARGETS {
+            let seeds = seeds(target);
+            assert!(seeds.len() >= 3, "{target}: {} seeds", seeds.len());
+            for (name, bytes) in &seeds {
+                run(bytes);
+                let path = corpus(target).join(format!("seed_{name}"));
+                if write {
+                    std::fs::create_dir_all(corpus(target)).unwrap();
+                    std::fs::write(&path, bytes).unwrap();
+                } else {
+                    let on_disk = std::fs::read(&path).unwrap_or_default();
+                    assert!(
+                        on_disk == *bytes,
+                        "{} is not the seed the scenario writes: rerun with HUSK_FUZZ_WRITE_SEEDS=1",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_and_empty_inputs_are_valid_programs() {
+        for (_, run) in TARGETS {
+            for input in [&[][..], &[0], &[0xff; 3], &[6, 6, 6, 6, 6, 6, 6]] {
+                run(input);
+            }
+        }
+    }
+}

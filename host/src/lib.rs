@@ -1,0 +1,26 @@
+//! `husk`: an OCI runtime that runs each container in its own KVM microVM.
+//!
+//! This library is the whole of the `husk` binary (`src/main.rs` only calls [`main`]); it is a
+//! library so that the fuzz targets in `fuzz/` can drive the guest-facing code. Everything but
+//! [`main`] is private to the crate, except the `fuzzing` module, which exists only with the
+//! `fuzzing` cargo feature (off by default) and is not part of any supported interface.
+
+mod assets;
+mod cli;
+mod monitor;
+mod oci;
+mod phases;
+mod vmm;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Parses the command line and runs the command; `process_start` is when the process began
+/// (the start of the boot timeline).
+pub fn main(process_start: Instant) -> ExitCode {
+    cli::main(process_start)
+}
