@@ -105,6 +105,33 @@
 //! the filter is logged the same way, with `sig=0`, and allowed. `comm` is the thread's name,
 //! which tells you the filter.
 //!
+//! # Debugging switches
+//!
+//! Only the developer command `husk vm boot` has them; both are for debugging and neither is
+//! reachable from the OCI commands:
+//!
+//! - `husk vm boot --seccomp-log ...`: every thread installs its filter in [`Mode::Log`], so a
+//!   syscall outside the list is logged (`type=1326 ... sig=0`) and allowed, and one run lists
+//!   everything a workload misses;
+//! - `husk vm boot --no-seccomp ...`: no filter at all (to tell a seccomp kill from another
+//!   crash).
+//!
+//! The per-container monitor (`husk create`/`run`) always runs in [`Mode::Enforce`]: there is
+//! no flag or environment variable that weakens a container's filters, so an engine's
+//! environment cannot. To debug a container workload, reproduce it with `husk vm boot
+//! --seccomp-log`, or read the kernel log line of the kill (above).
+//!
+//! # Which ioctls, checked how
+//!
+//! The `ioctl` rules were checked against what a real boot does after the filters are on:
+//! `strace -f -e trace=ioctl,seccomp husk vm boot --vcpus 2 --vsock S ...` shows every KVM
+//! setup ioctl (`KVM_CREATE_*`, `KVM_SET_*`, `KVM_IRQFD`, `KVM_IOEVENTFD`, ...) before the
+//! first `seccomp()` of each thread, and afterwards only `KVM_RUN` on the vCPU threads and no
+//! ioctl at all on the others, except `FIONBIO` when a host connection arrives (std's
+//! `set_nonblocking`). Tests kill each kind of thread with an ioctl outside its list
+//! (`KVM_GET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the API thread) and
+//! with a syscall outside its list.
+//!
 //! # Adding a syscall
 //!
 //! Edit the JSON: add a rule to the section of the thread that needs it, with a `"comment"`
@@ -315,8 +342,14 @@ mod tests {
     const fn ior(ty: u32, nr: u32, size: u32) -> u32 {
         (2 << 30) | (size << 16) | (ty << 8) | nr
     }
+    /// `_IOW(type, nr, size)`.
+    const fn iow(ty: u32, nr: u32, size: u32) -> u32 {
+        (1 << 30) | (size << 16) | (ty << 8) | nr
+    }
     const KVMIO: u32 = 0xAE;
     const KVM_RUN: u32 = io(KVMIO, 0x80);
+    /// `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (32 bytes): a VM ioctl only the setup may make.
+    const KVM_IRQFD: u32 = iow(KVMIO, 0x76, 32);
     /// `_IOR(KVMIO, 0x81, struct kvm_regs)`, 144 bytes on x86_64: a vCPU ioctl the filter denies.
     const KVM_GET_REGS: u32 = ior(KVMIO, 0x81, 144);
 
@@ -645,6 +678,90 @@ mod tests {
             return;
         };
         assert_killed_by_seccomp(&output, "filtered", "socket: survived");
+    }
+
+    /// `getppid`: harmless, and in no thread's list.
+    fn raw_getppid() {
+        // SAFETY: getppid takes no arguments and cannot fail.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+
+    /// `ioctl(FIONBIO)` is the one request the vmm and api threads may make (std's
+    /// `set_nonblocking`); it must get through to the kernel, which answers EFAULT here because
+    /// the argument pointer is null.
+    fn fionbio_allowed(fd: &OwnedFd) {
+        let request = u32::try_from(libc::FIONBIO).unwrap();
+        assert_eq!(raw_ioctl(fd, request), (-1, libc::EFAULT));
+        say("ioctl(FIONBIO): allowed");
+    }
+
+    #[test]
+    fn child_vmm_filter_kills_a_denied_syscall() {
+        let Some(output) = in_child("child_vmm_filter_kills_a_denied_syscall", || {
+            apply(ThreadKind::Vmm).unwrap();
+            say("filtered");
+            raw_getppid();
+            say("getppid: survived");
+        }) else {
+            return;
+        };
+        assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+    }
+
+    /// The event loop never makes a KVM ioctl: irqfds and ioeventfds are registered before the
+    /// filter goes on.
+    #[test]
+    fn child_vmm_filter_kills_a_kvm_ioctl() {
+        let Some(output) = in_child("child_vmm_filter_kills_a_kvm_ioctl", || {
+            let (_r, w) = pipe();
+            apply(ThreadKind::Vmm).unwrap();
+            fionbio_allowed(&w);
+            raw_ioctl(&w, KVM_IRQFD);
+            say("KVM_IRQFD: survived");
+        }) else {
+            return;
+        };
+        assert_killed_by_seccomp(&output, "ioctl(FIONBIO): allowed", "KVM_IRQFD: survived");
+    }
+
+    #[test]
+    fn child_api_filter_kills_a_kvm_ioctl() {
+        let Some(output) = in_child("child_api_filter_kills_a_kvm_ioctl", || {
+            let (_r, w) = pipe();
+            apply(ThreadKind::Api).unwrap();
+            fionbio_allowed(&w);
+            raw_ioctl(&w, KVM_RUN);
+            say("KVM_RUN: survived");
+        }) else {
+            return;
+        };
+        assert_killed_by_seccomp(&output, "ioctl(FIONBIO): allowed", "KVM_RUN: survived");
+    }
+
+    #[test]
+    fn child_api_filter_kills_another_denied_syscall() {
+        let Some(output) = in_child("child_api_filter_kills_another_denied_syscall", || {
+            apply(ThreadKind::Api).unwrap();
+            say("filtered");
+            raw_getppid();
+            say("getppid: survived");
+        }) else {
+            return;
+        };
+        assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+    }
+
+    #[test]
+    fn child_vcpu_filter_kills_another_denied_syscall() {
+        let Some(output) = in_child("child_vcpu_filter_kills_another_denied_syscall", || {
+            apply(ThreadKind::Vcpu).unwrap();
+            say("filtered");
+            raw_getppid();
+            say("getppid: survived");
+        }) else {
+            return;
+        };
+        assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
     }
 
     #[test]
