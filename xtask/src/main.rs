@@ -4,8 +4,10 @@
 //! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
 //! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
+//! - `fuzz`: each cargo-fuzz target for a while, with executions and crashes per target.
 
 mod bench;
+mod fuzz;
 mod image;
 mod progress;
 mod tools;
@@ -32,6 +34,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run each fuzz target in fuzz/ for a while (one after the other) and report executions
+    /// and crashes per target; fails on a crash, naming the input that caused it.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
         Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
         Command::Bench(BenchCommand::Startup(args)) => bench::startup::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
