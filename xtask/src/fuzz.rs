@@ -1,15 +1,17 @@
 //! `cargo xtask fuzz`: runs each cargo-fuzz target in `fuzz/` for a while, one after the other,
 //! and reports executions and crashes per target.
 //!
-//! Each target starts from its checked-in corpus (`fuzz/corpus/<target>/`, read only) and
+//! The targets are built once (`cargo +nightly fuzz build`, release with ASan) and their
+//! binaries run directly. Each target starts from its checked-in corpus (`fuzz/corpus/<target>/`, read only) and
 //! writes what it discovers to `fuzz/target/corpus/<target>/` (kept between runs, not checked
 //! in). libFuzzer's output goes to `fuzz/target/fuzz-logs/<target>.log`; the summary comes from
 //! its final statistics. A crash, leak, timeout (an input running over 10 s) or out-of-memory
 //! fails the run with the path of the input that caused it, under `fuzz/artifacts/<target>/`:
 //! replay it with `cargo +nightly fuzz run <target> <path>` in `fuzz/`.
+//! The binaries are single-process, single-threaded libFuzzer runs (`-jobs` unset): one core.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -141,37 +143,54 @@ fn list_targets(fuzz_dir: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The binary `cargo fuzz build` made for `target` (under `fuzz/target/<triple>/release/`).
+fn target_binary(fuzz_dir: &Path, target: &str) -> Result<PathBuf> {
+    let build_dir = fuzz_dir.join("target");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&build_dir)
+        .with_context(|| format!("reading {}", build_dir.display()))?
+        .filter_map(|entry| Some(entry.ok()?.path().join("release").join(target)))
+        .filter(|path| path.is_file())
+        .collect();
+    // The newest, should several target triples have been built.
+    found.sort_by_key(|path| path.metadata().and_then(|m| m.modified()).ok());
+    found
+        .pop()
+        .with_context(|| format!("cargo fuzz build made no binary for {target}"))
+}
+
+/// Runs the built binary of `target` directly (no rebuild check between targets), with the
+/// options `cargo fuzz run` would pass and ours.
 fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+    let binary = target_binary(fuzz_dir, target)?;
     let scratch = fuzz_dir.join("target/corpus").join(target);
     let seeds = fuzz_dir.join("corpus").join(target);
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    std::fs::create_dir_all(&seeds).with_context(|| format!("creating {}", seeds.display()))?;
+    let artifacts = fuzz_dir.join("artifacts").join(target);
+    for dir in [&scratch, &seeds, &artifacts] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let log_path = logs.join(format!("{target}.log"));
     let log =
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let started = Instant::now();
     eprintln!("-- {target}: {seconds} s, log {}", log_path.display());
-    let status = cargo_fuzz(fuzz_dir)
-        .args(["run", target])
+    let status = Command::new(&binary)
+        .current_dir(fuzz_dir)
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .arg(format!("-max_total_time={seconds}"))
+        .args(["-print_final_stats=1", "-timeout=10", "-rss_limit_mb=2048"])
+        // New inputs go to the first directory; the checked-in corpus is only read.
         .arg(&scratch)
         .arg(&seeds)
-        .args([
-            "--",
-            &format!("-max_total_time={seconds}"),
-            "-print_final_stats=1",
-            "-timeout=10",
-            "-rss_limit_mb=2048",
-        ])
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
-        .with_context(|| format!("running cargo fuzz run {target}"))?;
+        .with_context(|| format!("running {}", binary.display()))?;
     let text = std::fs::read_to_string(&log_path)
         .with_context(|| format!("reading {}", log_path.display()))?;
     let mut outcome = parse_log(&text);
     if !status.success() && outcome.failure.is_none() {
         outcome.failure = Some(format!(
-            "cargo fuzz run exited with {status} after {} s",
+            "{target} exited with {status} after {} s",
             started.elapsed().as_secs()
         ));
     }
@@ -182,6 +201,7 @@ fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, seconds: u64) -> Resul
 /// `#N` status line, and the report and saved input of a failure.
 fn parse_log(text: &str) -> Outcome {
     let mut outcome = Outcome::default();
+    let mut last_status = None;
     for line in text.lines() {
         if let Some((key, value)) = line
             .strip_prefix("stat::")
@@ -198,10 +218,9 @@ fn parse_log(text: &str) -> Outcome {
         } else if let Some(n) = line
             .strip_prefix('#')
             .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            && outcome.executions.is_none_or(|seen| n > seen)
+            .and_then(|n| n.parse::<u64>().ok())
         {
-            outcome.executions = Some(n);
+            last_status = Some(n);
         } else if let Some(path) = line.split("Test unit written to ").nth(1) {
             outcome.artifact = Some(path.trim().to_owned());
         } else if outcome.failure.is_none()
@@ -213,6 +232,8 @@ fn parse_log(text: &str) -> Outcome {
             outcome.failure = Some(line.trim_start_matches('=').trim().to_owned());
         }
     }
+    // The final statistics are exact; without them (a crash), the last status line.
+    outcome.executions = outcome.executions.or(last_status);
     outcome
 }
 
