@@ -7,10 +7,17 @@
 //! container engine would play. Every function must return for every input: a panic, an abort
 //! or a sanitizer report is a bug in the module under test (or in this harness).
 //!
-//! The device inputs are a small program of operations (see the `ops` module), so that a fuzzer can
-//! both write arbitrary bytes anywhere in guest memory and, cheaply, build well-formed
-//! descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios in the same
+//! The device inputs are a small program of operations (see the `ops` module), so that a
+//! fuzzer can both write arbitrary bytes anywhere in guest memory and, cheaply, build
+//! well-formed descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios in the same
 //! format for the checked-in corpora.
+//!
+//! Adding a device (virtio-net, say) is a harness and an entry point: a struct holding the
+//! device (`Arc<Mutex<Net>>`) and its host side (whatever the device's backend is, opened for
+//! real by the harness), `impl driver::Device` (`process` calls the device's event
+//! handler; `host_op` plays the host side), and a `run` that builds a `driver::Driver` on
+//! `driver::guest_memory()`, calls `init` and `run` (see `vsock.rs`); then a seeds function,
+//! a line in [`seeds`] and in the tests below, and a target file plus `[[bin]]` in `fuzz/`.
 
 mod bundle;
 mod driver;
