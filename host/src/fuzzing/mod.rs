@@ -9,8 +9,8 @@
 //!
 //! The device inputs are a small program of operations (see the `ops` module), so that a
 //! fuzzer can both write arbitrary bytes anywhere in guest memory and, cheaply, build
-//! well-formed descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios in the same
-//! format for the checked-in corpora.
+//! well-formed descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios
+//! in the same format for the checked-in corpora.
 //!
 //! Adding a device (virtio-net, say) is a harness and an entry point: a struct holding the
 //! device (`Arc<Mutex<Net>>`) and its host side (whatever the device's backend is, opened for
