@@ -209,20 +209,22 @@ pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
     })
 }
 
-/// The number of CPUs in a list like `0-3,5`.
+/// The number of CPUs in a list like `0-3,5`; `None` for a malformed list or one whose count
+/// does not fit a `u64` (the caller refuses any count above the vCPU maximum anyway).
 fn count_cpus(list: &str) -> Option<u64> {
-    let mut n = 0;
+    let mut n: u64 = 0;
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        n += match part.split_once('-') {
+        let count = match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-                b.checked_sub(a)? + 1
+                b.checked_sub(a)?.checked_add(1)?
             }
             None => {
                 part.parse::<u64>().ok()?;
                 1
             }
         };
+        n = n.checked_add(count)?;
     }
     (n > 0).then_some(n)
 }
@@ -277,6 +279,28 @@ mod tests {
         assert!(vm_size(&s).unwrap_err().1.contains("lots"));
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"cpu":{"cpus":"3-1"}}}}"#);
         assert!(vm_size(&s).is_err());
+    }
+
+    /// Ranges spanning the whole of u64 overflowed the count: a panic in debug builds, a
+    /// wrapped (wrong) count in release builds, where `0-18446744073709551615,0` was 1 CPU.
+    #[test]
+    fn huge_cpu_ranges_are_refused_not_overflowed() {
+        for cpus in [
+            "0-18446744073709551615",
+            "1-18446744073709551615,0",
+            "0-18446744073709551614,0-5",
+        ] {
+            let s = spec(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"resources":{{"cpu":{{"cpus":"{cpus}"}}}}}}}}"#
+            ));
+            let err = vm_size(&s).unwrap_err();
+            assert!(
+                err.1.contains("vCPUs") || err.1.contains("CPU list"),
+                "{cpus}: {err:?}"
+            );
+        }
+        assert_eq!(count_cpus("0-18446744073709551615"), None);
+        assert_eq!(count_cpus("5-5,9"), Some(2));
     }
 
     #[test]
