@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz`: runs each cargo-fuzz target in `fuzz/` for a while, one after the other,
 //! and reports executions and crashes per target.
 //!
-//! The targets are built once (`cargo +nightly fuzz build`, release with ASan) and their
+//! The targets are built once (`cargo +nightly fuzz build`: optimised, with ASan, overflow
+//! checks and debug assertions) and their
 //! binaries run directly, one process on one core each. Each target starts from its
 //! checked-in corpus (`fuzz/corpus/<target>/`, read only) and writes what it discovers to
 //! `fuzz/target/corpus/<target>/` (kept between runs, not checked in). libFuzzer's output goes to `fuzz/target/fuzz-logs/<target>.log`; the summary comes from
@@ -57,8 +58,10 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     );
 
     println!("== building {} fuzz targets", targets.len());
+    // Overflow checks and debug assertions on: an arithmetic overflow on guest input is a bug
+    // even where release builds would wrap silently.
     let status = cargo_fuzz(&fuzz_dir)
-        .arg("build")
+        .args(["build", "--debug-assertions"])
         .status()
         .context("running cargo fuzz build")?;
     ensure!(status.success(), "cargo fuzz build failed");
