@@ -2,13 +2,14 @@
 //! and reports executions and crashes per target.
 //!
 //! The targets are built once (`cargo +nightly fuzz build`: optimised, with ASan, overflow
-//! checks and debug assertions) and their
-//! binaries run directly, one process on one core each. Each target starts from its
-//! checked-in corpus (`fuzz/corpus/<target>/`, read only) and writes what it discovers to
-//! `fuzz/target/corpus/<target>/` (kept between runs, not checked in). libFuzzer's output goes to `fuzz/target/fuzz-logs/<target>.log`; the summary comes from
-//! its final statistics. A crash, leak, timeout (an input running over 10 s) or out-of-memory
-//! fails the run with the path of the input that caused it, under `fuzz/artifacts/<target>/`:
-//! replay it with `cargo +nightly fuzz run <target> <path>` in `fuzz/`.
+//! checks and debug assertions) and their binaries run directly, one process on one core
+//! each. Each target starts from its checked-in corpus (`fuzz/corpus/<target>/`, read only)
+//! and writes what it discovers to `fuzz/target/corpus/<target>/` (kept between runs, not
+//! checked in). libFuzzer's output goes to `fuzz/target/fuzz-logs/<target>.log`; the summary
+//! comes from its final statistics. A crash, leak, timeout (an input running over 10 s) or
+//! out-of-memory fails the run with the path of the input that caused it, under
+//! `fuzz/artifacts/<target>/`: replay it with `cargo +nightly fuzz run -a <target> <path>` in
+//! `fuzz/`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
