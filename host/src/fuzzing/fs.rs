@@ -5,19 +5,69 @@
 //! Input: a queue-size byte, then operations (see `ops`); no host actions.
 //!
 //! The requests run as root on the host, as in the monitor: the guest may create, write and
-//! grow files in the scratch directory. So that an input cannot fill the disk, the target caps
-//! the size of any file the process writes (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored so a write
-//! past it fails with `EFBIG`).
+//! grow files in the scratch directory. So that an input cannot fill the disk, the scratch
+//! directories live on a 64 MiB tmpfs of their own, mounted in a private mount namespace of
+//! the calling thread (`unshare(CLONE_NEWNS)` affects only that thread; libFuzzer calls the
+//! target from one thread). A full tmpfs is `ENOSPC` for the guest. Without the privilege to
+//! mount (not root), the target warns and uses the plain temporary directory, unbounded.
+//!
+//! (The bound used to be `RLIMIT_FSIZE`, which also capped the fuzzer's own log file: at
+//! 16 MiB of log, the process died writing to stderr.)
 
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
 
 use super::ScratchDir;
 use super::driver::{Device, Driver, guest_memory, queue_size};
 use super::ops::{Input, Ops};
 use crate::vmm::devices::virtio::fs::Fs;
 
-/// The largest file an input may write.
-const MAX_FILE_SIZE: u64 = 16 << 20;
+/// The options of the tmpfs the shares live on.
+const SHARE_TMPFS: &str = "size=64m,mode=0755";
+
+thread_local! {
+    /// Where this thread's shares go (see the module docs).
+    static SHARE_ROOT: PathBuf = share_root();
+}
+
+fn share_root() -> PathBuf {
+    let tid = nix::unistd::gettid();
+    let dir = std::env::temp_dir().join(format!("husk-fuzz-fs-{}-{tid}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the share root");
+    let mounted = unshare(CloneFlags::CLONE_NEWNS)
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+        })
+        .and_then(|()| {
+            mount(
+                Some("tmpfs"),
+                &dir,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some(SHARE_TMPFS),
+            )
+        });
+    match mounted {
+        Ok(()) => dir,
+        Err(e) => {
+            eprintln!(
+                "virtio_fs fuzz target: cannot mount a tmpfs for the shares ({e}); \
+                 using {} with no bound on file sizes",
+                std::env::temp_dir().display()
+            );
+            std::env::temp_dir()
+        }
+    }
+}
 
 pub(super) struct Harness {
     pub(super) dev: Arc<Mutex<Fs>>,
@@ -27,21 +77,7 @@ pub(super) struct Harness {
 
 impl Harness {
     pub(super) fn new() -> Self {
-        static LIMIT: Once = Once::new();
-        LIMIT.call_once(|| {
-            // SAFETY: SIG_IGN for SIGXFSZ installs no handler code; setrlimit reads the struct
-            // we pass, which lives across the call.
-            let rc = unsafe {
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                let limit = libc::rlimit {
-                    rlim_cur: MAX_FILE_SIZE,
-                    rlim_max: MAX_FILE_SIZE,
-                };
-                libc::setrlimit(libc::RLIMIT_FSIZE, &limit)
-            };
-            assert_eq!(rc, 0, "cap file sizes: {}", std::io::Error::last_os_error());
-        });
-        let dir = ScratchDir::new("fs");
+        let dir = SHARE_ROOT.with(|root| ScratchDir::new_in(root, "fs"));
         let share = &dir.0;
         std::fs::write(share.join("file"), b"hello from the host\n").expect("populate");
         std::fs::create_dir(share.join("dir")).expect("populate");
@@ -303,4 +339,34 @@ pub(super) fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("malformed", f.finish()));
 
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shares are bounded by a tmpfs, not by a process-wide file size limit (which also
+    /// limited the fuzzer's own log and killed a 10-minute run at 16 MiB of log).
+    #[test]
+    fn shares_live_on_a_bounded_tmpfs_and_files_elsewhere_are_unbounded() {
+        run(&super::seeds()[0].1);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct we pass, which lives across the call.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) };
+        assert_eq!(rc, 0);
+        assert_eq!(limit.rlim_cur, libc::RLIM_INFINITY);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: the tmpfs for the shares needs root");
+            return;
+        }
+        let root = SHARE_ROOT.with(Clone::clone);
+        let fs = nix::sys::statfs::statfs(&root).unwrap();
+        assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC);
+        let bytes = fs.blocks() * u64::try_from(fs.block_size()).unwrap();
+        assert_eq!(bytes, 64 << 20);
+    }
 }

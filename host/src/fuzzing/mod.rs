@@ -66,11 +66,15 @@ struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {
     fn new(label: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), label)
+    }
+
+    /// A scratch directory under `parent`.
+    fn new_in(parent: &std::path::Path, label: &str) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("husk-fuzz-{label}-{}-{n}", std::process::id()));
+        let dir = parent.join(format!("husk-fuzz-{label}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create a scratch directory");
         Self(dir)
