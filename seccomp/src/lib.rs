@@ -128,7 +128,8 @@
 //! setup ioctl (`KVM_CREATE_*`, `KVM_SET_*`, `KVM_IRQFD`, `KVM_IOEVENTFD`, ...) before the
 //! first `seccomp()` of each thread, and afterwards only `KVM_RUN` on the vCPU threads and no
 //! ioctl at all on the others, except `FIONBIO` when a host connection arrives (std's
-//! `set_nonblocking`). Tests kill each kind of thread with an ioctl outside its list
+//! `set_nonblocking`). (That boot had no network; with virtio-net the event loop also sets the
+//! tap's offloads, `TUNSETOFFLOAD`, when the guest driver activates the device.) Tests kill each kind of thread with an ioctl outside its list
 //! (`KVM_GET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the API thread) and
 //! with a syscall outside its list.
 //!
