@@ -2,25 +2,29 @@
 //! way `husk create` does (`Bundle::load`: JSON and spec parsing, version, root, process, VM
 //! sizing from resources and the `io.husk.vm.*` annotations).
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::Path;
 
+use super::ScratchDir;
 use crate::oci::bundle::Bundle;
 use crate::vmm::MAX_VCPUS;
 
-/// One bundle directory for the process (with a `rootfs` directory), whose config.json each
-/// input replaces. Left behind in the temporary directory when the fuzzer exits.
-fn bundle_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("husk-fuzz-bundle-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("rootfs")).expect("create the bundle directory");
+thread_local! {
+    /// A bundle directory (with a `rootfs` directory) whose config.json each input replaces.
+    /// One per thread, so that tests running the target in parallel do not race on the file;
+    /// removed when the thread ends (the fuzzer's main thread never does: it stays in the
+    /// temporary directory).
+    static BUNDLE_DIR: ScratchDir = {
+        let dir = ScratchDir::new("bundle");
+        std::fs::create_dir(dir.0.join("rootfs")).expect("create the bundle's rootfs");
         dir
-    })
+    };
 }
 
 pub(super) fn run(data: &[u8]) {
-    let dir = bundle_dir();
+    BUNDLE_DIR.with(|dir| load(&dir.0, data));
+}
+
+fn load(dir: &Path, data: &[u8]) {
     std::fs::write(dir.join("config.json"), data).expect("write config.json");
     match Bundle::load(dir) {
         Ok(bundle) => {
