@@ -35,6 +35,7 @@ pub(super) struct Harness {
 
 impl Harness {
     pub(super) fn new() -> Self {
+        ignore_sigpipe();
         let dir = ScratchDir::new("vsock");
         let uds = dir.0.join("v.sock");
         let dev = Vsock::new(GUEST_CID, &uds).expect("a vsock device");
@@ -120,6 +121,20 @@ impl Device for Harness {
             }
         }
     }
+}
+
+/// The device relies on `SIGPIPE` being ignored, as Rust's runtime does before the husk
+/// binary's `main` (see the vsock module docs): a write to a host socket whose reader has gone
+/// must fail with `EPIPE`. A fuzz binary's `main` is libFuzzer's, which leaves the default
+/// (terminate), so the harness sets what the monitor runs with.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the process depends on
+        // SIGPIPE's disposition.
+        let previous = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        assert_ne!(previous, libc::SIG_ERR, "ignore SIGPIPE");
+    });
 }
 
 pub(super) fn run(data: &[u8]) {
