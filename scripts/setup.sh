@@ -13,8 +13,9 @@ PACKAGES="
   linux-source-6.1
   qemu-system-x86 strace
   busybox-static
-  runc crun
   iproute2
+  podman conmon crun runc uidmap slirp4netns netavark aardvark-dns iptables
+  containerd docker.io
 "
 
 install_deps() {
@@ -33,7 +34,19 @@ install_deps() {
     fi
 }
 
+# crun 1.8 refuses a hybrid cgroup v1 host whose hugetlb controller is not mounted (it looks
+# for /sys/fs/cgroup/hugetlb); mount that hierarchy where the kernel has it and nobody did.
+mount_hugetlb_v1() {
+    [ -d /sys/fs/cgroup/memory ] || return 0
+    grep -q '^hugetlb' /proc/cgroups || return 0
+    mountpoint -q /sys/fs/cgroup/hugetlb && return 0
+    echo "== mounting the cgroup v1 hugetlb hierarchy (for crun)"
+    mkdir -p /sys/fs/cgroup/hugetlb
+    mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
+}
+
 install_deps
+[ "$(id -u)" -eq 0 ] && mount_hugetlb_v1
 [ "${1:-}" = "--deps" ] && exit 0
 
 echo "== building the guest image"

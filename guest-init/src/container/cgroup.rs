@@ -14,6 +14,9 @@ use oci_spec::runtime::LinuxResources;
 /// The name of the container's cgroup under the hierarchy root.
 const NAME: &str = "container";
 
+/// The swap limit, which exists only where the kernel has swap.
+const SWAP_MAX: &str = "memory.swap.max";
+
 /// One limit file and the value to write into it.
 type Setting = (&'static str, String);
 
@@ -47,7 +50,7 @@ pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
                 } else {
                     (swap - limit).to_string()
                 };
-                out.push(("memory.swap.max", v));
+                out.push((SWAP_MAX, v));
             }
         }
         if let Some(r) = mem.reservation() {
@@ -141,6 +144,12 @@ impl Cgroup {
             }
         }
         for (file, value) in all {
+            // A guest kernel without swap (husk's has none: CONFIG_SWAP is off) has no
+            // memory.swap.max: nothing can be swapped, so every swap limit is already met.
+            // Engines set one whenever the *host* accounts swap (podman: twice the limit).
+            if file == SWAP_MAX && !self.path.join(file).exists() {
+                continue;
+            }
             self.write_file(file, &value)?;
         }
         Ok(())
@@ -269,6 +278,30 @@ mod tests {
         assert_eq!(get("cpuset.cpus"), Some("0-1"));
         assert_eq!(get("pids.max"), Some("64"));
         assert_eq!(get("io.weight"), Some("default 4950"));
+    }
+
+    /// A cgroup directory as a kernel without swap shows it: memory.max, no memory.swap.max.
+    fn fake_cgroup_without_swap(root: &Path) {
+        let dir = root.join(NAME);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("memory.max"), "max\n").unwrap();
+    }
+
+    #[test]
+    fn swap_limit_is_skipped_where_the_kernel_has_no_swap() {
+        let root = std::env::temp_dir().join(format!("husk-cg-noswap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fake_cgroup_without_swap(&root);
+        let res: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":314572800,"swap":629145600}}"#).unwrap();
+        let cg = Cgroup::create(&root, Some(&res)).expect("a swap limit without swap is met");
+        assert_eq!(fs::read_to_string(cg.path().join("memory.max")).unwrap(), "314572800");
+        assert!(!cg.path().join(SWAP_MAX).exists(), "no swap file may be invented");
+        // Where the kernel has swap, the limit is written.
+        fs::write(cg.path().join(SWAP_MAX), "max\n").unwrap();
+        Cgroup::create(&root, Some(&res)).unwrap();
+        assert_eq!(fs::read_to_string(cg.path().join(SWAP_MAX)).unwrap(), "314572800");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
