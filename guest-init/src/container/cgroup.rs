@@ -295,12 +295,21 @@ mod tests {
         let res: LinuxResources =
             serde_json::from_str(r#"{"memory":{"limit":314572800,"swap":629145600}}"#).unwrap();
         let cg = Cgroup::create(&root, Some(&res)).expect("a swap limit without swap is met");
-        assert_eq!(fs::read_to_string(cg.path().join("memory.max")).unwrap(), "314572800");
-        assert!(!cg.path().join(SWAP_MAX).exists(), "no swap file may be invented");
+        assert_eq!(
+            fs::read_to_string(cg.path().join("memory.max")).unwrap(),
+            "314572800"
+        );
+        assert!(
+            !cg.path().join(SWAP_MAX).exists(),
+            "no swap file may be invented"
+        );
         // Where the kernel has swap, the limit is written.
         fs::write(cg.path().join(SWAP_MAX), "max\n").unwrap();
         Cgroup::create(&root, Some(&res)).unwrap();
-        assert_eq!(fs::read_to_string(cg.path().join(SWAP_MAX)).unwrap(), "314572800");
+        assert_eq!(
+            fs::read_to_string(cg.path().join(SWAP_MAX)).unwrap(),
+            "314572800"
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 
