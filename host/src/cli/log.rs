@@ -14,6 +14,16 @@ pub enum Format {
     Json,
 }
 
+impl Format {
+    /// The flag's value for this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Json => "json",
+        }
+    }
+}
+
 /// Where errors go.
 #[derive(Debug)]
 pub struct Logger {

@@ -1,5 +1,6 @@
 //! The `husk` command line: runc's commands, flags and exit codes, plus developer commands.
 
+mod exec_relay;
 mod log;
 mod oci;
 mod vm;
@@ -80,6 +81,7 @@ pub fn main(process_start: Instant) -> ExitCode {
     let logger = log::Logger::new(cli.log.clone(), cli.log_format, cli.debug);
     let ctx = oci::Context {
         log: cli.log.clone(),
+        log_format: cli.log_format,
         root: cli.root.clone(),
         debug: cli.debug,
     };

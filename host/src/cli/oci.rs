@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use husk_proto::{Stdio, VsockPort};
 use oci_spec::runtime::Spec;
 
+use super::exec_relay::Started;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
 use crate::monitor::{self, MonitorArgs};
 use crate::oci::bundle::Bundle;
@@ -22,6 +23,8 @@ use crate::oci::state::{self, State, Status, Store};
 pub struct Context {
     /// `--log`.
     pub log: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: super::log::Format,
     /// `--root`.
     pub root: PathBuf,
     /// `--debug`: the VM's serial console goes to the monitor's stderr.
@@ -103,34 +106,41 @@ pub struct RunArgs {
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// Container id.
-    id: String,
+    pub(super) id: String,
     /// An OCI process JSON file instead of ARGS.
     #[arg(long, short = 'p')]
-    process: Option<PathBuf>,
-    /// Allocate a terminal (not supported yet).
+    pub(super) process: Option<PathBuf>,
+    /// Allocate a terminal (in the guest; its master goes to --console-socket, or this
+    /// command relays it to its own terminal).
     #[arg(long, short = 't')]
-    tty: bool,
-    /// Do not wait for the process (its stdio is /dev/null).
+    pub(super) tty: bool,
+    /// Return once the process runs; a host process (the exec relay, whose pid goes to
+    /// --pid-file) holds its stdio and exits with its status.
     #[arg(long, short = 'd')]
-    detach: bool,
+    pub(super) detach: bool,
     /// Extra environment variables (KEY=VALUE).
     #[arg(long, short = 'e')]
-    env: Vec<String>,
+    pub(super) env: Vec<String>,
     /// Working directory.
     #[arg(long)]
-    cwd: Option<String>,
+    pub(super) cwd: Option<String>,
     /// UID[:GID].
     #[arg(long, short = 'u')]
-    user: Option<String>,
-    /// Write the process's (guest) pid here.
+    pub(super) user: Option<String>,
+    /// Write the pid of the host process that stands for the exec'd process here (it exits
+    /// with the process's status).
     #[arg(long)]
-    pid_file: Option<PathBuf>,
+    pub(super) pid_file: Option<PathBuf>,
     /// Unix socket for the pty master (with --tty).
     #[arg(long)]
-    console_socket: Option<PathBuf>,
+    pub(super) console_socket: Option<PathBuf>,
+    /// The exec relay reports "ok" (or the error) on this inherited descriptor once the
+    /// process runs (internal: set by --detach).
+    #[arg(long, hide = true)]
+    pub(super) started_fd: Option<i32>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<String>,
+    pub(super) args: Vec<String>,
 }
 
 /// `events`.
@@ -310,7 +320,7 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
     Ok(child)
 }
 
-fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+pub(super) fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
     let tmp = path.with_extension("tmp-husk");
     std::fs::write(&tmp, pid.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
@@ -331,7 +341,7 @@ fn start_container(ctx: &Context, id: &str) -> Result<()> {
             st.status
         );
     }
-    match monitor::request(&entry.monitor_socket(), &MonitorRequest::Start)
+    match monitor::request(&entry.sockets()?.monitor(), &MonitorRequest::Start)
         .map_err(anyhow::Error::msg)?
         .0
     {
@@ -386,16 +396,26 @@ pub fn kill(ctx: &Context, args: KillArgs) -> Result<ExitCode> {
         st.status,
         Status::Created | Status::Running | Status::Paused
     ) {
-        bail!("cannot kill container {}: it is {}", args.id, st.status);
+        // runc's words: the containerd shim recognises them as "already finished".
+        bail!(
+            "cannot kill container {}: container not running (it is {})",
+            args.id,
+            st.status
+        );
     }
     let req = MonitorRequest::Kill {
         signal,
         all: args.all,
     };
-    match monitor::request(&entry.monitor_socket(), &req)
-        .map_err(anyhow::Error::msg)?
-        .0
-    {
+    let first = match monitor::request(&entry.sockets()?.monitor(), &req) {
+        Ok((first, _)) => first,
+        // The process ended while the signal was on its way: the monitor went away with it.
+        Err(_) if entry.current()?.status == Status::Stopped => {
+            bail!("cannot kill container {}: container not running", args.id)
+        }
+        Err(e) => bail!(e),
+    };
+    match first {
         MonitorReply::Ok => Ok(ExitCode::SUCCESS),
         MonitorReply::Error(e) => bail!("signalling container {}: {e}", args.id),
         other => bail!("unexpected reply {other:?}"),
@@ -526,43 +546,41 @@ fn bind_stdio_ports(vsock: &Path) -> Result<(u32, [UnixListener; 3])> {
 
 /// `husk exec`.
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
+    let mut started = Started::new(args.pid_file.clone(), args.started_fd)?;
+    let result = exec_attached(ctx, &args, &mut started);
+    if let Err(e) = &result {
+        started.fail(e);
+    }
+    result
+}
+
+/// `exec` after its flags were read: detached through the exec relay, or attached (which is
+/// what the relay itself runs).
+fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Result<ExitCode> {
     if args.console_socket.is_some() && !args.tty {
         bail!("--console-socket needs --tty");
     }
     if args.tty && args.detach && args.console_socket.is_none() {
         bail!("exec --tty --detach needs --console-socket (someone must hold the terminal)");
     }
-    let (socket, st, vsock) = {
+    if args.detach && args.started_fd.is_some() {
+        bail!("--started-fd is the exec relay's own flag; it cannot be --detach'ed");
+    }
+    // The sockets outlive the entry: the lock is not held while the process runs.
+    let (sockets, st) = {
         let entry = ctx.store().open(&args.id)?;
-        let st = entry.current()?;
-        (entry.monitor_socket(), st, entry.vsock_socket())
+        (entry.sockets()?, entry.current()?)
     };
+    let (socket, vsock) = (sockets.monitor(), sockets.vsock());
     if st.status != Status::Running {
         bail!("cannot exec in container {}: it is {}", args.id, st.status);
     }
-    let process_json = exec_process(&st, &args)?;
-    if args.tty {
-        return exec_tty(&args, &socket, &vsock, process_json);
-    }
+    let process_json = exec_process(&st, args)?;
     if args.detach {
-        let req = MonitorRequest::Exec {
-            process_json,
-            stdio: Stdio::NULL,
-            console_socket: None,
-        };
-        return match monitor::request(&socket, &req)
-            .map_err(anyhow::Error::msg)?
-            .0
-        {
-            MonitorReply::ExecStarted { pid, .. } => {
-                if let Some(p) = &args.pid_file {
-                    write_pid_file(p, pid)?;
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
-            other => bail!("unexpected reply {other:?}"),
-        };
+        return super::exec_relay::detach(ctx, args);
+    }
+    if args.tty {
+        return exec_tty(args, &socket, &vsock, process_json, started);
     }
     let (base, listeners) = bind_stdio_ports(&vsock)?;
     let cleanup = |base: u32| {
@@ -587,11 +605,7 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
         }
     };
     match first {
-        MonitorReply::ExecStarted { pid, .. } => {
-            if let Some(p) = &args.pid_file {
-                write_pid_file(p, pid)?;
-            }
-        }
+        MonitorReply::ExecStarted { .. } => started.ok()?,
         MonitorReply::Error(e) => {
             cleanup(base);
             bail!("exec in container {}: {e}", args.id);
@@ -638,13 +652,14 @@ fn exec_tty(
     socket: &Path,
     vsock: &Path,
     process_json: Vec<u8>,
+    started: &mut Started,
 ) -> Result<ExitCode> {
     use crate::monitor::console;
     let mut process: serde_json::Value = serde_json::from_slice(&process_json)?;
     process["terminal"] = serde_json::Value::Bool(true);
     let process_json = serde_json::to_vec(&process)?;
     if let Some(console_socket) = &args.console_socket {
-        // The monitor holds the terminal; we only wait (unless detached).
+        // The monitor holds the terminal; we only wait.
         let req = MonitorRequest::Exec {
             process_json,
             stdio: Stdio::NULL,
@@ -652,16 +667,9 @@ fn exec_tty(
         };
         let (first, mut reader) = monitor::request(socket, &req).map_err(anyhow::Error::msg)?;
         match first {
-            MonitorReply::ExecStarted { pid, .. } => {
-                if let Some(p) = &args.pid_file {
-                    write_pid_file(p, pid)?;
-                }
-            }
+            MonitorReply::ExecStarted { .. } => started.ok()?,
             MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
             other => bail!("unexpected reply {other:?}"),
-        }
-        if args.detach {
-            return Ok(ExitCode::SUCCESS);
         }
         return match monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)? {
             MonitorReply::Exited(code) => {
@@ -697,8 +705,8 @@ fn exec_tty(
             bail!(e);
         }
     };
-    let (pid, exec_id) = match first {
-        MonitorReply::ExecStarted { pid, exec } => (pid, exec),
+    let exec_id = match first {
+        MonitorReply::ExecStarted { exec, .. } => exec,
         MonitorReply::Error(e) => {
             cleanup();
             bail!("exec in container {}: {e}", args.id);
@@ -708,9 +716,7 @@ fn exec_tty(
             bail!("unexpected reply {other:?}");
         }
     };
-    if let Some(p) = &args.pid_file {
-        write_pid_file(p, pid)?;
-    }
+    started.ok()?;
     let conn = term_l.accept().map(|(c, _)| c);
     cleanup();
     let conn = conn.context("accepting the guest's terminal connection")?;
@@ -768,7 +774,7 @@ pub fn pause(ctx: &Context, args: IdArg, pause: bool) -> Result<ExitCode> {
     } else {
         MonitorRequest::Resume
     };
-    match monitor::request(&entry.monitor_socket(), &req)
+    match monitor::request(&entry.sockets()?.monitor(), &req)
         .map_err(anyhow::Error::msg)?
         .0
     {
@@ -781,7 +787,7 @@ pub fn pause(ctx: &Context, args: IdArg, pause: bool) -> Result<ExitCode> {
 /// `husk events`: stats events as JSON lines (runc's format), once with --stats.
 pub fn events(ctx: &Context, args: EventsArgs) -> Result<ExitCode> {
     loop {
-        let socket = {
+        let sockets = {
             let entry = ctx.store().open(&args.id)?;
             let st = entry.current()?;
             if !matches!(st.status, Status::Created | Status::Running) {
@@ -790,9 +796,9 @@ pub fn events(ctx: &Context, args: EventsArgs) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            entry.monitor_socket()
+            entry.sockets()?
         };
-        let data = match monitor::request(&socket, &MonitorRequest::Stats)
+        let data = match monitor::request(&sockets.monitor(), &MonitorRequest::Stats)
             .map_err(anyhow::Error::msg)?
             .0
         {
@@ -819,7 +825,7 @@ pub fn ps(ctx: &Context, args: PsArgs) -> Result<ExitCode> {
     ) {
         bail!("container {} is {}", args.id, st.status);
     }
-    let pids = match monitor::request(&entry.monitor_socket(), &MonitorRequest::Ps)
+    let pids = match monitor::request(&entry.sockets()?.monitor(), &MonitorRequest::Ps)
         .map_err(anyhow::Error::msg)?
         .0
     {
@@ -959,5 +965,45 @@ mod tests {
         assert_eq!(parse_signal("2").unwrap(), 2);
         assert!(parse_signal("0").is_err());
         assert!(parse_signal("SIGNOPE").is_err());
+    }
+
+    /// A container whose monitor is gone (pid 0 never names one) is stopped: `kill` says so
+    /// in runc's words, which the containerd shim maps to "process already finished".
+    #[test]
+    fn killing_a_stopped_container_says_not_running() {
+        let root = std::env::temp_dir().join(format!("husk-kill-stopped-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let ctx = Context {
+            log: None,
+            log_format: super::super::log::Format::Text,
+            root: root.clone(),
+            debug: false,
+        };
+        let entry = ctx.store().create("c1").unwrap();
+        entry
+            .write(&State {
+                oci_version: state::OCI_VERSION.into(),
+                id: "c1".into(),
+                status: Status::Running,
+                pid: Some(0),
+                bundle: root.clone(),
+                annotations: Default::default(),
+                created: state::now_rfc3339(),
+                monitor_start_time: 0,
+                exit_status: Some(0),
+            })
+            .unwrap();
+        drop(entry);
+        let args = KillArgs {
+            id: "c1".into(),
+            signal: "TERM".into(),
+            all: false,
+        };
+        let e = kill(&ctx, args).unwrap_err().to_string();
+        assert!(
+            e.contains("c1") && e.contains("container not running"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

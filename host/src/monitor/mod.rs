@@ -33,6 +33,7 @@ use husk_proto::{
 };
 
 use crate::oci::bundle::Bundle;
+use crate::oci::sockets::SocketDir;
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{self, SeccompMode, VmConfig, VmExit};
 use api::{MonitorReply, MonitorRequest};
@@ -163,6 +164,8 @@ enum Pending {
 
 struct Monitor {
     dir: PathBuf,
+    /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
+    sockets: SocketDir,
     state: State,
     guest: UnixStream,
     events: Receiver<Ev>,
@@ -194,9 +197,10 @@ impl Monitor {
             .map(|netns| network::setup(&netns, dir))
             .transpose()
             .map_err(|e| format!("setting up the network: {}", error_chain(&e)))?;
-        let vsock = dir.join("vsock.sock");
+        let sockets = SocketDir::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let vsock = sockets.vsock();
         let listen = |port: u32| {
-            let path = PathBuf::from(format!("{}_{port}", vsock.display()));
+            let path = sockets.vsock_port(port);
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path).map_err(|e| format!("listening on {}: {e}", path.display()))
         };
@@ -393,12 +397,13 @@ impl Monitor {
         // Readers feeding the main loop.
         let reader = guest.try_clone().map_err(|e| fail(e.to_string()))?;
         spawn_guest_reader(reader, tx.clone());
-        let commands = UnixListener::bind(dir.join("monitor.sock"))
+        let commands = UnixListener::bind(sockets.monitor())
             .map_err(|e| fail(format!("listening on monitor.sock: {e}")))?;
         spawn_command_acceptor(commands, tx.clone());
 
         Ok(Monitor {
             dir: dir.to_path_buf(),
+            sockets,
             state,
             guest,
             events,
@@ -607,7 +612,7 @@ impl Monitor {
     /// the slave and relays it (so the exec can be detached), on a port of its own.
     fn exec_console(&mut self, exec_id: ExecId, socket: &Path) -> Result<Stdio, String> {
         let port = EXEC_CONSOLE_PORT_BASE + exec_id.0;
-        let path = PathBuf::from(format!("{}_{port}", self.dir.join("vsock.sock").display()));
+        let path = self.sockets.vsock_port(port);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| format!("listening on {}: {e}", path.display()))?;

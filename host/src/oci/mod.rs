@@ -2,4 +2,5 @@
 //! under `--root`.
 
 pub mod bundle;
+pub mod sockets;
 pub mod state;

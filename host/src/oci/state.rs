@@ -224,14 +224,10 @@ impl Entry {
         &self.dir
     }
 
-    /// The monitor's control socket.
-    pub fn monitor_socket(&self) -> PathBuf {
-        self.dir.join("monitor.sock")
-    }
-
-    /// The vsock device's host-side socket (guest-initiated connections go to `<it>_<port>`).
-    pub fn vsock_socket(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+    /// The container's sockets (the monitor's control socket, the vsock device's), by paths
+    /// valid while the returned value lives.
+    pub fn sockets(&self) -> Result<super::sockets::SocketDir, StateError> {
+        super::sockets::SocketDir::open(&self.dir).map_err(io("opening", &self.dir))
     }
 
     /// Reads state.json (as written; see [`Entry::current`] for the live status).
