@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod engines;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -193,27 +195,39 @@ impl Drop for TempDir {
 /// Makes an OCI bundle in `dir`: a busybox-static rootfs (Debian's `busybox-static`) and a
 /// config.json running `args`. Returns `None` (a skip) when busybox is not installed.
 pub fn busybox_bundle(dir: &Path, args: &[&str]) -> Option<PathBuf> {
+    busybox_rootfs(&dir.join("rootfs"))?;
+    let config = serde_json_config(args);
+    std::fs::write(dir.join("config.json"), config).expect("writing config.json");
+    Some(dir.to_path_buf())
+}
+
+/// Makes a root filesystem at `rootfs`: busybox-static, its applets the tests use, and
+/// `/etc/passwd`/`/etc/group` with root and an unprivileged `user` (1000:1000). `None` (a
+/// skip) when busybox is not installed.
+pub fn busybox_rootfs(rootfs: &Path) -> Option<PathBuf> {
     let busybox = Path::new("/bin/busybox");
     if !busybox.is_file() {
         return skip("busybox-static is not installed (apt-get install -y busybox-static)");
     }
-    let rootfs = dir.join("rootfs");
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "www"] {
         std::fs::create_dir_all(rootfs.join(d)).expect("creating the rootfs");
     }
     std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copying busybox");
     for applet in [
         "sh", "echo", "cat", "sleep", "uname", "ls", "ps", "id", "env", "true", "false", "kill",
-        "hostname", "mount", "grep", "head",
+        "hostname", "mount", "grep", "head", "tty", "nproc", "wget", "httpd", "ip", "touch",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
             .expect("linking an applet");
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
-    let config = serde_json_config(args);
-    std::fs::write(dir.join("config.json"), config).expect("writing config.json");
-    Some(dir.to_path_buf())
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "served-from-the-container\n").unwrap();
+    Some(rootfs.to_path_buf())
 }
 
 /// A minimal runc-style config.json (no network namespace: the VM is the network boundary).

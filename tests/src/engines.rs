@@ -1,0 +1,607 @@
+//! Real container engines driven against husk: podman, containerd (`ctr`) and Docker, each
+//! started by the test with its own state and data directories (nothing of the machine's own
+//! engine configuration or storage is used or touched), and torn down on drop: containers
+//! removed, daemons stopped, husk containers the engine left behind force-deleted, mounts
+//! under the test's directory undone, the directory removed.
+//!
+//! No registry is reachable from CI, so the test image is built here from busybox-static
+//! ([`crate::busybox_rootfs`]): a rootfs tar for `podman import` / `docker import`, and an OCI
+//! image archive (made by hand: layout, index, manifest, config, one layer) for
+//! `ctr images import`.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{ContainerRoot, Outcome, TempDir, run_with_timeout, skip};
+
+/// The name the test image has in every engine.
+pub const IMAGE: &str = "localhost/husk-busybox:test";
+
+/// How long one engine command may take: a container start boots a VM (~35 s on nested
+/// kvm_pvm, several times that when the machine is busy).
+pub const ENGINE_LIMIT: Duration = Duration::from_secs(600);
+
+/// The programs an engine test needs on `PATH`, or a skip naming the missing ones.
+pub fn require_programs(programs: &[&str]) -> Option<()> {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| which(p).is_none())
+        .collect();
+    if missing.is_empty() {
+        Some(())
+    } else {
+        skip(&format!(
+            "{} not installed (./scripts/setup.sh --deps installs the engines)",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// `program` on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Runs `cmd` with the engine time limit and returns how it ended; panics when it cannot be
+/// started or runs past the limit (an engine that hangs is a failure, with its output).
+pub fn run(cmd: Command) -> Outcome {
+    let shown = format!("{cmd:?}");
+    let out = run_with_timeout(cmd, ENGINE_LIMIT).unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        !out.timed_out,
+        "{shown} ran past {} s:\n{}",
+        ENGINE_LIMIT.as_secs(),
+        out.output
+    );
+    out
+}
+
+/// Runs `cmd` and asserts it exits with `code`; returns its output.
+pub fn expect_code(cmd: Command, code: i32) -> String {
+    let shown = format!("{cmd:?}");
+    let out = run(cmd);
+    assert_eq!(
+        out.code,
+        Some(code),
+        "{shown} exited {:?}, not {code}:\n{}",
+        out.code,
+        out.output
+    );
+    out.output
+}
+
+/// Runs `cmd` and asserts it succeeds; returns its output.
+pub fn expect_ok(cmd: Command) -> String {
+    expect_code(cmd, 0)
+}
+
+/// A busybox rootfs and its tar (`rootfs.tar`) in `dir`, or a skip.
+pub fn image_tar(dir: &Path) -> Option<PathBuf> {
+    let rootfs = crate::busybox_rootfs(&dir.join("image-rootfs"))?;
+    let tar = dir.join("rootfs.tar");
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".");
+    expect_ok(cmd);
+    Some(tar)
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(path);
+    let out = expect_ok(cmd);
+    out.split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// An OCI image archive (the layout `ctr images import` reads) of one uncompressed layer,
+/// `layer_tar`, named [`IMAGE`], for linux/amd64.
+pub fn oci_archive(layer_tar: &Path, out: &Path) {
+    let dir = out.with_extension("layout");
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let tmp = blobs.join("incoming");
+        std::fs::write(&tmp, bytes).unwrap();
+        let digest = sha256_file(&tmp);
+        std::fs::rename(&tmp, blobs.join(&digest)).unwrap();
+        (digest, bytes.len())
+    };
+    let layer = std::fs::read(layer_tar).unwrap();
+    let (layer_digest, layer_size) = put(&layer);
+    // Uncompressed: the diff id is the layer's own digest.
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"), "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"), "size": layer_size}],
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"), "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": IMAGE,
+                "org.opencontainers.image.ref.name": "test"}}],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C").arg(&dir).arg("-cf").arg(out).arg(".");
+    expect_ok(cmd);
+}
+
+/// Unmounts everything mounted at or under `dir` (deepest first), lazily: what a crashed
+/// engine left there must not keep the directory from being removed.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 reads the NUL-terminated path we own; MNT_DETACH has no
+            // memory effects.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// A daemon the test started; stopped (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).expect("creating the daemon log");
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Daemon { name, child, log }
+    }
+
+    /// Waits until `ready` says yes; panics with the daemon's log when it died or took too long.
+    fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ready() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}):\n{}", self.name, self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready after 120 s:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the pid of our own child, which we have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// podman with its own storage (vfs), run root, containers.conf and storage.conf, running
+/// husk as `--runtime` with its own husk state root.
+#[derive(Debug)]
+pub struct Podman {
+    dir: TempDir,
+    runtime: PathBuf,
+    husk_root: PathBuf,
+}
+
+impl Podman {
+    /// Sets up the directories and configuration; imports [`IMAGE`].
+    pub fn new(runtime: &Path) -> Option<Podman> {
+        require_programs(&["podman", "conmon", "tar"])?;
+        let dir = TempDir::new("podman");
+        // The machine has no CAP_SYS_RESOURCE and caps open files at 20000: podman's default
+        // ulimits (raised nofile) would fail every container.
+        let conf = r#"[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+log_driver = "k8s-file"
+
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+
+[network]
+network_backend = "netavark"
+"#;
+        std::fs::write(dir.path().join("containers.conf"), conf).unwrap();
+        let storage = format!(
+            "[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/storage\"\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("storage.conf"), storage).unwrap();
+        let podman = Podman {
+            husk_root: dir.path().join("husk"),
+            dir,
+            runtime: runtime.to_path_buf(),
+        };
+        let tar = image_tar(podman.dir.path())?;
+        let mut cmd = podman.cmd();
+        cmd.arg("import").arg(&tar).arg(IMAGE);
+        expect_ok(cmd);
+        Some(podman)
+    }
+
+    /// A `podman` command with this instance's storage, configuration and runtime.
+    pub fn cmd(&self) -> Command {
+        let d = self.dir.path();
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", d.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
+            .env("XDG_RUNTIME_DIR", d.join("xdg"))
+            .arg("--root")
+            .arg(d.join("storage"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .arg("--storage-driver")
+            .arg("vfs")
+            .arg("--tmpdir")
+            .arg(d.join("tmp"))
+            .arg("--runtime")
+            .arg(&self.runtime)
+            .arg("--runtime-flag")
+            .arg(format!("root={}", self.husk_root.display()));
+        cmd
+    }
+
+    /// `podman ARGS`.
+    pub fn with(&self, args: &[&str]) -> Command {
+        let mut cmd = self.cmd();
+        cmd.args(args);
+        cmd
+    }
+
+    /// The husk state root this podman's containers live under.
+    pub fn husk_root(&self) -> &Path {
+        &self.husk_root
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = run_with_timeout(self.with(&["rm", "-a", "-f", "-t", "0"]), ENGINE_LIMIT);
+        drop(ContainerRoot(self.husk_root.clone()));
+        unmount_under(self.dir.path());
+    }
+}
+
+/// containerd with its own configuration, root, state and socket, driven with `ctr` in a
+/// namespace of its own; husk is the runc v2 shim's binary (`--runc-binary`).
+#[derive(Debug)]
+pub struct Containerd {
+    daemon: Option<Daemon>,
+    socket: PathBuf,
+    namespace: String,
+    dir: TempDir,
+}
+
+impl Containerd {
+    /// Writes the configuration, starts containerd, waits for it and imports [`IMAGE`].
+    pub fn start() -> Option<Containerd> {
+        require_programs(&[
+            "containerd",
+            "ctr",
+            "containerd-shim-runc-v2",
+            "tar",
+            "sha256sum",
+        ])?;
+        let dir = TempDir::new("containerd");
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            socket = socket.display(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(d.join("config.toml"));
+        let mut daemon = Daemon::spawn("containerd", cmd, d.join("containerd.log"));
+        let namespace = format!("husk-test-{}", std::process::id());
+        let mut c = Containerd {
+            daemon: None,
+            socket,
+            namespace,
+            dir,
+        };
+        daemon.wait_ready(|| {
+            c.ctr(&["version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        c.daemon = Some(daemon);
+        let tar = image_tar(c.dir.path())?;
+        let archive = c.dir.path().join("image.oci.tar");
+        oci_archive(&tar, &archive);
+        let mut cmd = c.ctr(&["images", "import", "--snapshotter", "native"]);
+        cmd.arg(&archive);
+        let out = expect_ok(cmd);
+        assert!(out.contains(IMAGE), "ctr import: {out}");
+        Some(c)
+    }
+
+    /// `ctr ARGS` against this containerd, in the test's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args);
+        cmd
+    }
+
+    /// The shim's runtime root for this namespace: where husk keeps the containers' state.
+    pub fn husk_root(&self) -> PathBuf {
+        PathBuf::from("/run/containerd/runc").join(&self.namespace)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.daemon.is_some() {
+            let ids = run_with_timeout(self.ctr(&["containers", "list", "-q"]), ENGINE_LIMIT)
+                .map(|o| o.output)
+                .unwrap_or_default();
+            for id in ids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = run_with_timeout(
+                    self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]),
+                    ENGINE_LIMIT,
+                );
+                let _ = run_with_timeout(self.ctr(&["tasks", "rm", "-f", id]), ENGINE_LIMIT);
+                let _ = run_with_timeout(self.ctr(&["containers", "rm", id]), ENGINE_LIMIT);
+            }
+        }
+        drop(ContainerRoot(self.husk_root()));
+        let _ = std::fs::remove_dir_all(self.husk_root());
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// dockerd with its own data root, exec root (its containerd included), pid file and socket,
+/// and husk added as the runtime `husk`.
+#[derive(Debug)]
+pub struct Dockerd {
+    daemon: Option<Daemon>,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Dockerd {
+    /// Starts dockerd (with the default bridge network when `bridge`, else none and no
+    /// iptables rules) and imports [`IMAGE`].
+    pub fn start(husk: &Path, bridge: bool) -> Option<Dockerd> {
+        require_programs(&["dockerd", "docker", "containerd", "tar"])?;
+        // Short: the exec root holds containerd's sockets (108-byte limit).
+        let dir = TempDir::new("dkr");
+        let d = dir.path();
+        let socket = d.join("docker.sock");
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--add-runtime")
+            .arg(format!("husk={}", husk.display()))
+            .args(["--storage-driver", "vfs", "--log-driver", "json-file"]);
+        if !bridge {
+            cmd.args(["--bridge", "none", "--iptables=false", "--ip-masq=false"]);
+        }
+        let mut daemon = Daemon::spawn("dockerd", cmd, d.join("dockerd.log"));
+        let mut c = Dockerd {
+            daemon: None,
+            socket,
+            dir,
+        };
+        daemon.wait_ready(|| {
+            c.docker(&["version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        c.daemon = Some(daemon);
+        let tar = image_tar(c.dir.path())?;
+        let mut cmd = c.docker(&["import"]);
+        cmd.arg(&tar).arg(IMAGE);
+        expect_ok(cmd);
+        Some(c)
+    }
+
+    /// `docker ARGS` against this dockerd.
+    pub fn docker(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_CONFIG", self.dir.path().join("client"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args);
+        cmd
+    }
+
+    /// Where dockerd's runc v2 shim keeps husk's state (Docker 20.10 gives every runc-like
+    /// runtime the root `<exec-root>/runtime-runc/<namespace>`).
+    pub fn husk_root(&self) -> PathBuf {
+        self.dir.path().join("exec/runtime-runc/moby")
+    }
+
+    /// dockerd's log so far.
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.daemon.is_some() {
+            let ids = run_with_timeout(self.docker(&["ps", "-a", "-q"]), ENGINE_LIMIT)
+                .map(|o| o.output)
+                .unwrap_or_default();
+            for id in ids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = run_with_timeout(self.docker(&["rm", "-f", id]), ENGINE_LIMIT);
+            }
+        }
+        drop(ContainerRoot(self.husk_root()));
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// A one-file HTTP server on the host (for containers to fetch from): answers every request
+/// with `body`, on all addresses, until dropped.
+#[derive(Debug)]
+pub struct HttpServer {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpServer {
+    /// Listens on 0.0.0.0 (an ephemeral port).
+    pub fn start(body: &'static str) -> HttpServer {
+        let listener = TcpListener::bind("0.0.0.0:0").expect("binding the HTTP server");
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                        let mut buf = [0u8; 4096];
+                        let _ = s.read(&mut buf);
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        HttpServer { port, stop }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `GET /` from `127.0.0.1:port`, retried for up to a minute while the server comes up
+/// (connection refused or reset); the body, or the last error.
+pub fn http_get_local(port: u16) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(body) if !body.is_empty() => return Ok(body),
+            Ok(_) if Instant::now() >= deadline => return Err("empty reply".into()),
+            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
