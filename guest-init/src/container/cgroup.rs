@@ -80,10 +80,17 @@ pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
             out.push(("cpuset.mems", mems.clone()));
         }
     }
-    if let Some(pids) = res.pids() {
+    // A pids limit of 0 is "not set" in runc (it would otherwise forbid every fork).
+    if let Some(pids) = res.pids().filter(|p| p.limit() != 0) {
         out.push(("pids.max", max_or(pids.limit())));
     }
-    if let Some(weight) = res.block_io().as_ref().and_then(|b| b.weight()) {
+    // Weight 0 is "not set" (Docker always sends blockIO.weight, 0 by default), as in runc.
+    if let Some(weight) = res
+        .block_io()
+        .as_ref()
+        .and_then(|b| b.weight())
+        .filter(|w| *w != 0)
+    {
         // blkio weight [10, 1000] → io.weight [1, 10000].
         let w = 1 + (u64::from(weight).saturating_sub(10) * 9999) / 990;
         out.push(("io.weight", format!("default {w}")));
@@ -311,6 +318,16 @@ mod tests {
             "314572800"
         );
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn zero_weights_and_pids_limit_are_unset_as_in_runc() {
+        let res: LinuxResources = serde_json::from_str(
+            r#"{"blockIO":{"weight":0},"cpu":{"shares":0},"pids":{"limit":0}}"#,
+        )
+        .unwrap();
+        let s = settings(&res).unwrap();
+        assert!(s.is_empty(), "{s:?}");
     }
 
     #[test]
