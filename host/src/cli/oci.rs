@@ -546,6 +546,11 @@ fn bind_stdio_ports(vsock: &Path) -> Result<(u32, [UnixListener; 3])> {
 
 /// `husk exec`.
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
+    if let Some(fd) = args.started_fd {
+        // The exec relay lives as long as the exec'd process, as the monitor lives with the
+        // container: nothing the engine leaked into `exec --detach` may live on in it.
+        close_inherited_fds(fd);
+    }
     let mut started = Started::new(args.pid_file.clone(), args.started_fd)?;
     let result = exec_attached(ctx, &args, &mut started);
     if let Err(e) = &result {
