@@ -152,6 +152,9 @@ fn podman_runs_husk_containers() {
 
     // rm -f of a running container ends its VM. (Booted after c1 is gone, not alongside it:
     // podman gives a create 240 s, which two VMs booting at once on a busy machine can miss.)
+    // `-t 60`, not `-t 0`: after SIGKILL podman waits only 5 s for the container's pid, and
+    // that pid (the monitor) ends when the VM has powered off, which on a busy nested host
+    // takes longer; the TERM the process acts on exercises the same removal.
     expect_ok(podman.with(&[
         "run",
         "-d",
@@ -160,12 +163,13 @@ fn podman_runs_husk_containers() {
         "--network",
         "none",
         IMAGE,
-        "sleep",
-        "100000",
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 1; done",
     ]));
     let state = expect_ok(podman.with(&["inspect", "doomed", "--format", "{{.State.Status}}"]));
     assert_eq!(state.trim(), "running");
-    expect_ok(podman.with(&["rm", "-f", "-t", "0", "doomed"]));
+    expect_ok(podman.with(&["rm", "-f", "-t", "60", "doomed"]));
     let ps = expect_ok(podman.with(&["ps", "-a", "-q"]));
     assert_eq!(ps.trim(), "", "containers left: {ps}");
     assert_no_husk_containers(&podman);
