@@ -154,7 +154,7 @@ fn podman_runs_husk_containers() {
     // podman gives a create 240 s, which two VMs booting at once on a busy machine can miss.)
     // `-t 60`, not `-t 0`: after SIGKILL podman waits only 5 s for the container's pid, and
     // that pid (the monitor) ends when the VM has powered off, which on a busy nested host
-    // takes longer; the TERM the process acts on exercises the same removal.
+    // can take longer (a known limit); a TERM the process acts on exercises the same removal.
     expect_ok(podman.with(&[
         "run",
         "-d",
@@ -165,8 +165,17 @@ fn podman_runs_husk_containers() {
         IMAGE,
         "sh",
         "-c",
-        "trap 'exit 0' TERM; while true; do sleep 1; done",
+        "trap 'exit 0' TERM; echo trap-set; while true; do sleep 1; done",
     ]));
+    // A TERM that comes before the trap is set is lost (pid 1 ignores it by default).
+    let deadline = std::time::Instant::now() + engines::ENGINE_LIMIT;
+    while !expect_ok(podman.with(&["logs", "doomed"])).contains("trap-set") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "doomed never set its trap"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     let state = expect_ok(podman.with(&["inspect", "doomed", "--format", "{{.State.Status}}"]));
     assert_eq!(state.trim(), "running");
     expect_ok(podman.with(&["rm", "-f", "-t", "60", "doomed"]));
