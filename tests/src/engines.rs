@@ -323,7 +323,33 @@ impl Drop for Podman {
     fn drop(&mut self) {
         let _ = run_with_timeout(self.with(&["rm", "-a", "-f", "-t", "0"]), ENGINE_LIMIT);
         drop(ContainerRoot(self.husk_root.clone()));
+        // conmon runs `podman container cleanup` when a container ends; one still running
+        // would recreate the directories after they are removed.
+        wait_for_processes_naming(self.dir.path(), Duration::from_secs(60));
         unmount_under(self.dir.path());
+    }
+}
+
+/// Waits (at most `limit`) until no process has `dir` on its command line.
+fn wait_for_processes_naming(dir: &Path, limit: Duration) {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id().to_string();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let busy = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name();
+                name.to_string_lossy() != me
+                    && std::fs::read(e.path().join("cmdline"))
+                        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+            });
+        if !busy {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
