@@ -36,16 +36,28 @@ fn shell_line(cmd: &Command) -> String {
     words.join(" ")
 }
 
-/// Nothing of husk's is left once podman removed its containers.
+/// Nothing of husk's is left once podman removed its containers. podman deletes from the
+/// runtime in `rm` or in the cleanup process conmon starts when a container ends, which may
+/// still be running: poll (up to the engine limit) rather than look once.
 fn assert_no_husk_containers(podman: &Podman) {
-    let left: Vec<String> = std::fs::read_dir(podman.husk_root())
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "husk state left behind: {left:?}");
+    let deadline = std::time::Instant::now() + engines::ENGINE_LIMIT;
+    loop {
+        let left: Vec<String> = std::fs::read_dir(podman.husk_root())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "husk state left behind: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 #[test]
