@@ -51,19 +51,7 @@ pub(super) struct Sample {
 pub fn run(args: &BootBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     let root = crate::workspace_root();
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| root.join("target/husk-image"));
-    let vmlinux = image.join("vmlinux");
-    let initrd = image.join("initramfs.cpio");
-    for f in [&vmlinux, &initrd] {
-        ensure!(
-            f.is_file(),
-            "{} missing: run `cargo xtask build-image` first",
-            f.display()
-        );
-    }
+    let (vmlinux, initrd) = super::guest_image(args.image.as_deref())?;
     ensure!(
         std::fs::OpenOptions::new()
             .read(true)
@@ -86,7 +74,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
             "KVM"
         },
         args.runs,
-        image.display()
+        vmlinux.parent().unwrap_or(Path::new("")).display()
     );
     let mut results: Vec<(&str, Vec<Sample>)> = Vec::new();
     let mut husk_samples = Vec::new();

@@ -22,6 +22,25 @@ pub fn build_husk(root: &Path) -> Result<std::path::PathBuf> {
     Ok(root.join("target/release/husk"))
 }
 
+/// The guest image the benchmarks boot: `(vmlinux, initramfs)` in `dir` (default
+/// `target/husk-image`), both checked to exist.
+pub fn guest_image(dir: Option<&Path>) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = dir.map_or_else(
+        || crate::workspace_root().join("target/husk-image"),
+        Path::to_path_buf,
+    );
+    let vmlinux = dir.join("vmlinux");
+    let initrd = dir.join("initramfs.cpio");
+    for f in [&vmlinux, &initrd] {
+        ensure!(
+            f.is_file(),
+            "{} missing: run `cargo xtask build-image` first",
+            f.display()
+        );
+    }
+    Ok((vmlinux, initrd))
+}
+
 /// The median of some values (NaN for none).
 pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();

@@ -108,23 +108,11 @@ fn round(ms: f64) -> f64 {
 pub fn run(args: &StartupBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     let root = crate::workspace_root();
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| root.join("target/husk-image"));
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| root.join("target/bench/startup"));
-    let vmlinux = image.join("vmlinux");
-    let initrd = image.join("initramfs.cpio");
-    for f in [&vmlinux, &initrd] {
-        ensure!(
-            f.is_file(),
-            "{} missing: run `cargo xtask build-image` first",
-            f.display()
-        );
-    }
+    let (vmlinux, initrd) = super::guest_image(args.image.as_deref())?;
     check_tools()?;
     let kvm_pvm = is_kvm_pvm();
     let cmdline = guest_cmdline(&root, kvm_pvm)?;
