@@ -272,10 +272,30 @@ network_backend = "netavark"
             dir.path().display()
         );
         std::fs::write(dir.path().join("storage.conf"), storage).unwrap();
+        // The husk state root goes in through a wrapper, not `--runtime-flag`: podman does not
+        // pass runtime flags on to the `podman container cleanup` that conmon runs when a
+        // container ends, so that cleanup would `delete` under husk's default root and leave
+        // the container's state behind.
+        let husk_root = dir.path().join("husk");
+        let wrapper = dir.path().join("husk-runtime");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec '{}' --root '{}' \"$@\"\n",
+                runtime.display(),
+                husk_root.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let podman = Podman {
-            husk_root: dir.path().join("husk"),
+            husk_root,
             dir,
-            runtime: runtime.to_path_buf(),
+            runtime: wrapper,
         };
         let tar = image_tar(podman.dir.path())?;
         let mut cmd = podman.cmd();
@@ -300,9 +320,7 @@ network_backend = "netavark"
             .arg("--tmpdir")
             .arg(d.join("tmp"))
             .arg("--runtime")
-            .arg(&self.runtime)
-            .arg("--runtime-flag")
-            .arg(format!("root={}", self.husk_root.display()));
+            .arg(&self.runtime);
         cmd
     }
 
