@@ -110,7 +110,11 @@ impl Drop for EngineNetns {
 fn network_bundle(dir: &Path, script: &str, netns: Option<&Path>) -> Option<PathBuf> {
     let bundle = busybox_bundle(dir, &["sh", "-c", script])?;
     for applet in ["wget", "httpd", "nc", "ip", "wc", "mkdir", "date"] {
-        std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin").join(applet)).unwrap();
+        let link = bundle.join("rootfs/bin").join(applet);
+        // busybox_bundle already links some of them.
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).unwrap();
+        }
     }
     let path = bundle.join("config.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
