@@ -2,7 +2,7 @@
 //! (see `husk_e2e::engines::Podman`). VM boots are few on purpose (~35 s each on nested
 //! kvm_pvm): one long-running container carries exec, logs, kill, stop, volumes, env, user and
 //! resource limits; a second checks `run --rm -it` and exit codes. `rm -f` of a running
-//! container has its own test, ignored for a known bug (see its reason).
+//! container has its own test.
 //!
 //! The networking checks (default bridge, published ports) are separate tests; the bridge one
 //! is still ignored (see its reason).
@@ -172,8 +172,6 @@ fn podman_runs_husk_containers() {
 }
 
 #[test]
-#[ignore = "known bug, not yet diagnosed: after `podman rm -f` of a running container husk's \
-            state directory for it is still there (seen twice; every earlier step passes)"]
 fn podman_rm_force_removes_a_running_container() {
     let Some(()) = prerequisites() else { return };
     let Some(podman) = Podman::new(&husk_binary()) else {
