@@ -4,6 +4,7 @@
 //! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
 //! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
+//! - `bench podman`: `podman run --rm IMAGE true` with husk next to runc and crun.
 //! - `fuzz`: each cargo-fuzz target for a while, with executions and crashes per target.
 
 mod bench;
@@ -46,6 +47,9 @@ enum BenchCommand {
     /// First exec of a 1 MiB binary and sequential read throughput through the virtio-fs
     /// share, next to the same on the host.
     Fs(bench::fs::FsBenchArgs),
+    /// `podman run --rm IMAGE true` wall time with husk as podman's runtime, next to runc and
+    /// crun under the same podman, in turns.
+    Podman(bench::podman::PodmanBenchArgs),
     /// Where each millisecond of `husk run` goes (husk's own phase timestamps), next to runc
     /// run, crun run and QEMU microvm's boot-to-init in the same run; memory and density.
     Startup(bench::startup::StartupBenchArgs),
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::BuildImage(args) => image::build_image(&args).map(drop),
         Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
         Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
+        Command::Bench(BenchCommand::Podman(args)) => bench::podman::run(&args),
         Command::Bench(BenchCommand::Startup(args)) => bench::startup::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     };

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod fs;
+pub mod podman;
 pub mod startup;
 
 use std::path::Path;

@@ -68,14 +68,14 @@ pub struct StartupBenchArgs {
 
 /// min / median / p90 of some milliseconds.
 #[derive(Debug, Clone, Copy)]
-struct Stats {
-    min: f64,
-    median: f64,
-    p90: f64,
+pub(super) struct Stats {
+    pub(super) min: f64,
+    pub(super) median: f64,
+    pub(super) p90: f64,
 }
 
 impl Stats {
-    fn of(values: &[f64]) -> Stats {
+    pub(super) fn of(values: &[f64]) -> Stats {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         let n = v.len();
@@ -95,7 +95,7 @@ impl Stats {
         }
     }
 
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         json!({"min_ms": round(self.min), "median_ms": round(self.median), "p90_ms": round(self.p90)})
     }
 }
@@ -268,7 +268,7 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
 }
 
 /// Fails with the install command for whatever the benchmark needs and is missing.
-fn check_tools() -> Result<()> {
+pub(super) fn check_tools() -> Result<()> {
     ensure!(
         std::fs::OpenOptions::new()
             .read(true)
@@ -310,10 +310,15 @@ fn check_tools() -> Result<()> {
 }
 
 /// A scratch directory removed at the end, even on errors.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(path: &Path) -> Result<Scratch> {
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub(super) fn new(path: &Path) -> Result<Scratch> {
         let _ = std::fs::remove_dir_all(path);
         std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Scratch(path.to_path_buf()))
@@ -328,7 +333,7 @@ impl Drop for Scratch {
 
 /// An OCI bundle in `dir`: `runc spec`'s config.json running `args`, with a busybox-static
 /// rootfs (or the rootfs at `rootfs`, by absolute path).
-fn make_bundle(dir: &Path, args: &[&str], rootfs: Option<&Path>) -> Result<PathBuf> {
+pub(super) fn make_bundle(dir: &Path, args: &[&str], rootfs: Option<&Path>) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let rootfs = match rootfs {
         Some(r) => r.to_path_buf(),
