@@ -16,6 +16,7 @@ use super::exec_relay::Started;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
 use crate::monitor::{self, MonitorArgs};
 use crate::oci::bundle::Bundle;
+use crate::oci::hooks::{self, HookKind};
 use crate::oci::state::{self, State, Status, Store};
 
 /// What every command needs.
@@ -257,6 +258,10 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
     if let Err(e) = entry.write(&initial) {
         return Err(fail(entry, e.into()));
     }
+    // What `start` and `delete` run (the monitor runs the create hooks from the bundle).
+    if let Err(e) = hooks::save(entry.dir(), bundle.spec.hooks().as_ref()) {
+        return Err(fail(entry, e.into()));
+    }
     // The monitor reports "ok" or an error on this pipe.
     let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
     let write_fd = write_end.as_raw_fd();
@@ -346,6 +351,12 @@ fn start_container(ctx: &Context, id: &str) -> Result<()> {
         .0
     {
         MonitorReply::Ok => {
+            // Without the container's lock: a hook may well run `husk state`.
+            let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.current());
+            drop(entry);
+            if let (Some(kept), Ok(st)) = (kept, st) {
+                hooks::run_warning(HookKind::Poststart, Some(&kept), &st);
+            }
             crate::phases::record_now("start-returned");
             Ok(())
         }
@@ -455,15 +466,22 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 }
 
 /// Removes a container whose monitor is gone: first what a killed monitor could not undo in
-/// the container's network namespace (its tap, qdiscs and filters), then the state directory.
-/// A network cleanup that fails (an unreadable record, a namespace that cannot be entered) is
-/// reported but does not keep the state directory: a retry could not do better.
+/// the container's network namespace (its tap, qdiscs and filters), then the state directory,
+/// then runs its `poststop` hooks (the spec: after the container is deleted, before `delete`
+/// returns; also after a failed `create`). A network cleanup that fails (an unreadable record,
+/// a namespace that cannot be entered) is reported but does not keep the state directory: a
+/// retry could not do better.
 fn remove_entry(entry: state::Entry) -> Result<()> {
     if let Err(e) = crate::monitor::network::teardown(entry.dir()) {
         let e = anyhow::Error::from(e);
         eprintln!("husk: cleaning up the container's network namespace: {e:#}");
     }
+    let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.read());
     entry.remove()?;
+    if let (Some(kept), Ok(mut st)) = (kept, st) {
+        st.status = Status::Stopped;
+        hooks::run_warning(HookKind::Poststop, Some(&kept), &st);
+    }
     Ok(())
 }
 

@@ -33,6 +33,7 @@ use husk_proto::{
 };
 
 use crate::oci::bundle::Bundle;
+use crate::oci::hooks;
 use crate::oci::sockets::SocketDir;
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{self, SeccompMode, VmConfig, VmExit};
@@ -192,11 +193,14 @@ impl Monitor {
         let id = ContainerId::new(args.id.clone()).map_err(|e| e.to_string())?;
         let image = crate::assets::find()?;
         let (share, mounts) = share::prepare(dir, &bundle)?;
-        // Undone on drop: when the monitor ends, or right away if creating fails below.
-        let network = network::netns_path(&bundle.spec)
-            .map(|netns| network::setup(&netns, dir))
-            .transpose()
-            .map_err(|e| format!("setting up the network: {}", error_chain(&e)))?;
+        // The network namespace (a new one while the monitor still has a single thread), the
+        // hooks that fill it, then its interfaces for the VM: undone on drop, when the monitor
+        // ends or right away if creating fails below.
+        let net_err =
+            |e: network::NetworkError| format!("setting up the network: {}", error_chain(&e));
+        let netns = network::Netns::for_spec(&bundle.spec).map_err(net_err)?;
+        hooks::run_create(&bundle, &args.id, netns.host()).map_err(|e| error_chain(&e))?;
+        let network = network::setup(&netns, dir).map_err(net_err)?;
         let sockets = SocketDir::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let vsock = sockets.vsock();
         let listen = |port: u32| {

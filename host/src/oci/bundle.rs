@@ -51,6 +51,16 @@ pub enum BundleError {
         /// What is wrong.
         why: String,
     },
+    /// A hook husk cannot run, or one the spec does not allow.
+    #[error("{path}: {field}: {why}")]
+    InvalidHook {
+        /// The file.
+        path: PathBuf,
+        /// The JSON path of the hook's field (`hooks.prestart[0].path`).
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 /// How big the VM is.
@@ -137,6 +147,11 @@ impl Bundle {
             return Err(invalid("process", "missing: nothing to run".into()));
         }
         let vm = vm_size(&spec).map_err(|(field, why)| invalid(field, why))?;
+        super::hooks::check(&spec).map_err(|(field, why)| BundleError::InvalidHook {
+            path: path.clone(),
+            field,
+            why,
+        })?;
         Ok(Bundle {
             dir,
             config_json,

@@ -1,6 +1,7 @@
-//! The OCI side of husk: bundles (config.json and how big a VM it needs) and the state store
-//! under `--root`.
+//! The OCI side of husk: bundles (config.json and how big a VM it needs), the hooks they name,
+//! and the state store under `--root`.
 
 pub mod bundle;
+pub mod hooks;
 pub mod sockets;
 pub mod state;

@@ -1,15 +1,29 @@
-//! The container's network: the engine's network namespace, joined to the VM's virtio-net
-//! devices.
+//! The container's network: its network namespace, joined to the VM's virtio-net devices.
 //!
-//! Engines (podman, containerd's CNI) create a network namespace, put one end of a veth pair
-//! in it with addresses and routes, and name it in the spec (`linux.namespaces` entry of type
-//! `network` with a `path`). (Docker 20.10 instead asks for a new namespace and fills it from
-//! a prestart hook; husk runs no hooks yet, so such a container gets only `lo`.) A VM cannot use a veth, so the monitor does what
-//! Kata Containers does by default ("tcfilter" interworking):
+//! Where the namespace comes from ([`Netns`]):
 //!
-//! 1. enter the namespace (on a short-lived thread: `setns` changes only the calling thread),
-//!    open an rtnetlink socket there (it stays bound to that namespace) and list its
-//!    interfaces; every Ethernet interface except loopback and our own taps is taken;
+//! - the engine's: podman (netavark) and containerd's CNI create a namespace, put one end of a
+//!   veth pair in it with addresses and routes, and name it in the spec (`linux.namespaces`
+//!   entry of type `network` with a `path`);
+//! - the monitor's own: an entry *without* a path asks for a new namespace. The monitor's main
+//!   thread unshares one first thing in `create` (before any thread exists, so every thread of
+//!   the monitor is in it and `/proc/<monitor pid>/ns/net`, the state's `pid`'s, names it) and
+//!   brings its `lo` up. The `prestart`/`createRuntime` hooks then run (see
+//!   [`crate::oci::hooks`]; they are `setns`ed back into the host's namespace, which
+//!   [`Netns::host`] keeps open): this is how Docker 20.10 fills it, its `libnetwork-setkey`
+//!   hook having dockerd move a configured veth into `/proc/<pid>/ns/net`. Without such a
+//!   hook (plain `husk run`) it stays empty. It dies with the monitor unless an engine
+//!   bind-mounted it (dockerd does, and deletes it with the container);
+//! - none: no network namespace entry; the VM has only `lo` and the monitor stays in the
+//!   host's namespace.
+//!
+//! A VM cannot use a veth, so for the first two the monitor does what Kata Containers does by
+//! default ("tcfilter" interworking):
+//!
+//! 1. in the namespace (entering the engine's on a short-lived thread, as `setns` changes
+//!    only the calling thread; its own it is in already), open an rtnetlink socket (it stays
+//!    bound to that namespace) and list its interfaces; every Ethernet interface except
+//!    loopback and our own taps is taken;
 //! 2. for each, read its MAC, MTU, addresses and main-table routes;
 //! 3. create a tap `tap<N>_husk` beside it (same MTU, up), add an ingress qdisc to both and a
 //!    u32 match-all filter with a `mirred egress redirect` action in each direction, so every
@@ -29,9 +43,10 @@
 //! is as the engine made it. A namespace that is gone, or whose interface is no longer the
 //! one recorded, is left alone.
 //!
-//! No network namespace in the spec, a namespace without a path (a new, empty one) or one
-//! with only loopback: no virtio-net device; the VM has only `lo`, which husk-init always
-//! brings up.
+//! A namespace with only loopback (or none at all): no virtio-net device; the VM has only
+//! `lo`, which husk-init always brings up. The record of the monitor's own namespace is only
+//! for the monitor's own undoing: once the monitor is gone its namespace is gone too, or
+//! belongs to the engine that kept it (and deletes it with its veth), so `teardown` leaves it.
 //!
 //! Not handled: interfaces that are not Ethernet (ipvlan L3, wireguard, ...) are skipped
 //! with a log line; two VMs in one namespace (a pod's containers as separate VMs) cannot
@@ -41,7 +56,7 @@ pub mod netlink;
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -128,13 +143,23 @@ pub enum NetworkError {
     /// the thread that entered the network namespace died
     #[error("the thread that entered the network namespace died")]
     Thread,
+    /// cannot create the container's network namespace
+    #[error("cannot create the container's network namespace")]
+    Unshare {
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// What the monitor changed in a namespace: enough to undo it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
-    /// The namespace's path, from the spec.
+    /// The namespace's path: the spec's, or `/proc/<monitor pid>/ns/net` for the monitor's own.
     pub netns: PathBuf,
+    /// Whether it is the monitor's own namespace (nothing to undo once the monitor is gone).
+    #[serde(default)]
+    pub own: bool,
     /// One entry per interface taken.
     pub interfaces: Vec<InterfaceRecord>,
 }
@@ -166,17 +191,97 @@ pub struct Network {
     pub guest: NetworkConfig,
 }
 
-/// The network namespace path the spec names, if any (`None`: no network namespace entry,
-/// or one without a path, which asks for a new, empty namespace).
-pub fn netns_path(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
-        .path()
-        .clone()
+/// The network namespace the spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested {
+    /// No `network` entry in `linux.namespaces`: the host's (the VM has only `lo`).
+    None,
+    /// An entry with a `path`: the engine's namespace.
+    Path(PathBuf),
+    /// An entry without a path: a new, empty one.
+    New,
+}
+
+/// What the spec asks for.
+pub fn requested(spec: &oci_spec::runtime::Spec) -> Requested {
+    let entry = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|n| {
+            n.iter()
+                .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        });
+    match entry {
+        None => Requested::None,
+        Some(ns) => ns.path().clone().map_or(Requested::New, Requested::Path),
+    }
+}
+
+/// The container's network namespace (see the module docs).
+#[derive(Debug)]
+pub enum Netns {
+    /// None asked for: the VM has only `lo`.
+    None,
+    /// The engine's, at this path.
+    Path(PathBuf),
+    /// The monitor's own: the one its main thread unshared.
+    Own {
+        /// The host's network namespace, where hooks run.
+        host: OwnedFd,
+        /// `/proc/<monitor pid>/ns/net`, the name hooks and engines use for it.
+        path: PathBuf,
+    },
+}
+
+impl Netns {
+    /// The namespace the spec asks for. A new one is made here for the calling thread and the
+    /// threads it starts afterwards: call this on the main thread before any other thread
+    /// exists, so that `/proc/<pid>/ns/net` names it and every thread is in it.
+    pub fn for_spec(spec: &oci_spec::runtime::Spec) -> Result<Netns, NetworkError> {
+        match requested(spec) {
+            Requested::None => Ok(Netns::None),
+            Requested::Path(p) => Ok(Netns::Path(p)),
+            Requested::New => Netns::unshare(),
+        }
+    }
+
+    /// Moves the calling thread into a new network namespace with `lo` up.
+    fn unshare() -> Result<Netns, NetworkError> {
+        let here = Path::new("/proc/thread-self/ns/net");
+        let host = std::fs::File::open(here).map_err(|source| NetworkError::OpenNamespace {
+            path: here.to_owned(),
+            source,
+        })?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetworkError::Unshare { source })?;
+        let path = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        let nl_err = |what: &str| {
+            let (path, what) = (path.clone(), what.to_owned());
+            move |source| NetworkError::Netlink { path, what, source }
+        };
+        // Loopback starts down in a new namespace; containers expect it up (runc does the
+        // same), and engines' hooks may use it.
+        let nl = Netlink::open().map_err(nl_err("opening rtnetlink"))?;
+        let links = nl.links().map_err(nl_err("listing interfaces"))?;
+        if let Some(lo) = links.iter().find(|l| l.flags & IFF_LOOPBACK != 0) {
+            nl.set_up(lo.index, lo.mtu)
+                .map_err(nl_err("bringing up lo"))?;
+        }
+        Ok(Netns::Own {
+            host: host.into(),
+            path,
+        })
+    }
+
+    /// The host's network namespace, when the caller is not in it (the monitor's own
+    /// namespace): hooks are run there.
+    pub fn host(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Netns::Own { host, .. } => Some(host.as_fd()),
+            Netns::None | Netns::Path(_) => None,
+        }
+    }
 }
 
 /// Runs `f` on a thread that has joined the network namespace at `netns`.
@@ -211,17 +316,21 @@ fn eligible(link: &Link) -> bool {
         && !link.name.ends_with(TAP_SUFFIX)
 }
 
-/// Takes over the interfaces of the namespace at `netns` for the VM (see the module docs),
-/// recording what it changes in `<state_dir>/network.json`. On error, whatever was changed is
-/// undone.
-pub fn setup(netns: &Path, state_dir: &Path) -> Result<Network, NetworkError> {
+/// Takes over the interfaces of `netns` for the VM (see the module docs), recording what it
+/// changes in `<state_dir>/network.json`; `None` without a namespace. On error, whatever was
+/// changed is undone. The monitor's own namespace is the calling thread's.
+pub fn setup(netns: &Netns, state_dir: &Path) -> Result<Option<Network>, NetworkError> {
     let record_path = state_dir.join(RECORD_FILE);
-    let path = netns.to_owned();
+    let (path, own) = match netns {
+        Netns::None => return Ok(None),
+        Netns::Path(p) => (p.clone(), false),
+        Netns::Own { path, .. } => (path.clone(), true),
+    };
     let nl_err = |what: String| {
         let path = path.clone();
         move |source| NetworkError::Netlink { path, what, source }
     };
-    let (nl, taps) = in_netns(netns, || {
+    let take = || {
         let nl = Netlink::open().map_err(nl_err("opening rtnetlink".into()))?;
         let links = nl.links().map_err(nl_err("listing interfaces".into()))?;
         if let Some(ours) = links.iter().find(|l| l.name.ends_with(TAP_SUFFIX)) {
@@ -257,11 +366,13 @@ pub fn setup(netns: &Path, state_dir: &Path) -> Result<Network, NetworkError> {
             );
         }
         Ok((nl, taps))
-    })?;
+    };
+    let (nl, taps) = if own { take()? } else { in_netns(&path, take)? };
     let mut network = Network {
         nl,
         record: Record {
-            netns: netns.to_owned(),
+            netns: path.clone(),
+            own,
             interfaces: Vec::new(),
         },
         record_path,
@@ -270,7 +381,7 @@ pub fn setup(netns: &Path, state_dir: &Path) -> Result<Network, NetworkError> {
     };
     // On error `network` drops, which undoes what was done.
     network.plumb(taps)?;
-    Ok(network)
+    Ok(Some(network))
 }
 
 impl Network {
@@ -473,6 +584,10 @@ pub fn teardown(state_dir: &Path) -> Result<(), NetworkError> {
         path: path.clone(),
         source: e.into(),
     })?;
+    if record.own {
+        // The monitor's namespace went with it, or is the engine's now (see the module docs).
+        return std::fs::remove_file(&path).map_err(|source| NetworkError::Record { path, source });
+    }
     let netns = record.netns.clone();
     let undone = in_netns(&netns, || {
         let nl = Netlink::open().map_err(|source| NetworkError::Netlink {
@@ -554,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_network_namespace_with_a_path_gives_the_vm_a_network() {
+    fn the_spec_asks_for_no_namespace_a_path_or_a_new_one() {
         let spec = |namespaces: &str| -> oci_spec::runtime::Spec {
             serde_json::from_str(&format!(
                 r#"{{"ociVersion": "1.0.2", "root": {{"path": "rootfs"}},
@@ -562,14 +677,13 @@ mod tests {
             ))
             .unwrap()
         };
-        // No network namespace, or a new (empty) one: the VM gets only lo.
-        assert_eq!(netns_path(&spec(r#"{"type": "pid"}"#)), None);
-        assert_eq!(netns_path(&spec(r#"{"type": "network"}"#)), None);
+        assert_eq!(requested(&spec(r#"{"type": "pid"}"#)), Requested::None);
+        assert_eq!(requested(&spec(r#"{"type": "network"}"#)), Requested::New);
         assert_eq!(
-            netns_path(&spec(
+            requested(&spec(
                 r#"{"type": "pid"}, {"type": "network", "path": "/run/netns/x"}"#
             )),
-            Some(PathBuf::from("/run/netns/x"))
+            Requested::Path(PathBuf::from("/run/netns/x"))
         );
     }
 
@@ -583,7 +697,8 @@ mod tests {
 
     #[test]
     fn a_missing_namespace_is_a_clear_error() {
-        let err = setup(Path::new("/nonexistent/netns"), Path::new("/tmp")).unwrap_err();
+        let netns = Netns::Path(PathBuf::from("/nonexistent/netns"));
+        let err = setup(&netns, Path::new("/tmp")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
     }
 }
@@ -690,7 +805,7 @@ mod netns_tests {
         };
         let state = std::env::temp_dir().join(format!("husk-net-state-{}", ns.name));
         std::fs::create_dir_all(&state).unwrap();
-        let network = setup(&ns.path(), &state).unwrap();
+        let network = setup(&Netns::Path(ns.path()), &state).unwrap().unwrap();
         assert_eq!(network.devices.len(), 1);
         assert_eq!(network.devices[0].mtu, 1400);
         assert_eq!(network.guest.interfaces[0].name, "eth0");
@@ -731,7 +846,7 @@ mod netns_tests {
         // A second VM in the same namespace is refused.
         let state2 = state.join("second");
         std::fs::create_dir_all(&state2).unwrap();
-        let err = setup(&ns.path(), &state2).unwrap_err();
+        let err = setup(&Netns::Path(ns.path()), &state2).unwrap_err();
         assert!(matches!(err, NetworkError::Busy { .. }), "{err}");
 
         drop(network);
@@ -747,7 +862,7 @@ mod netns_tests {
         };
         let state = std::env::temp_dir().join(format!("husk-net-state-{}", ns.name));
         std::fs::create_dir_all(&state).unwrap();
-        let network = setup(&ns.path(), &state).unwrap();
+        let network = setup(&Netns::Path(ns.path()), &state).unwrap().unwrap();
         // As if the monitor were killed: nothing undone, the tap fd stays open.
         std::mem::forget(network);
         teardown(&state).unwrap();

@@ -1,0 +1,683 @@
+//! OCI hooks (runtime spec, config.md "POSIX-platform Hooks"): programs the engine names in
+//! `config.json` that the runtime runs at points of the container's lifecycle, each with the
+//! container's state JSON on its stdin.
+//!
+//! | hook | who runs it, when | state `status` | a failure |
+//! |---|---|---|---|
+//! | `prestart`, `createRuntime` | the monitor, during `create`: after the container's network namespace exists, before the VM boots | `creating` | fails `create`, which cleans up |
+//! | `poststart` | `husk start`, after the guest started the process | `running` | a warning; the rest still run |
+//! | `poststop` | `husk delete` (and `run`, and a failed `create`), after the container is gone | `stopped` | a warning; the rest still run |
+//! | `createContainer`, `startContainer` | refused when the bundle is loaded | | |
+//!
+//! Every hook runs in the runtime's namespaces, never the container's: the monitor runs
+//! `prestart`/`createRuntime` from inside the network namespace it made for the container, so
+//! it `setns`es the hook back into the host's (the namespace itself is the state's `pid`'s,
+//! `/proc/<pid>/ns/net`, which is what Docker's `libnetwork-setkey` prestart hook hands to
+//! dockerd to fill). The working directory is the bundle, as runc's.
+//!
+//! Why `createContainer` and `startContainer` are refused: the spec runs them in the
+//! container's mount namespace, i.e. inside the VM, where the host's binaries (the hook's
+//! `path`) do not exist and from where nothing on the host can be reached. Running them on the
+//! host instead would give them a different file system than the one they are written for, so
+//! husk says it cannot honour them rather than pretend.
+//!
+//! The hooks of a container are kept in its state directory ([`HOOKS_FILE`]) when it is
+//! created, so `start` and `delete` run the ones it was created with even if the bundle changed
+//! or is gone.
+//!
+//! A hook's stdin, stdout and stderr are memory files, not pipes: a hook that does not read its
+//! stdin, or that leaves a child holding its stdout, can neither block nor outlive the wait.
+//! A hook past its `timeout` is killed (SIGKILL) and fails.
+
+use std::io::{Read, Seek};
+use std::os::fd::BorrowedFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::{Hook, Hooks, Spec};
+
+use super::bundle::Bundle;
+use super::state::State;
+
+/// The copy of the spec's hooks in the container's state directory.
+pub const HOOKS_FILE: &str = "hooks.json";
+
+/// How much of a failed hook's output its error quotes (the end of it).
+const OUTPUT_EXCERPT: usize = 2048;
+
+/// The points of the lifecycle at which hooks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    /// `hooks.prestart` (deprecated by the spec; Docker 20.10 uses it).
+    Prestart,
+    /// `hooks.createRuntime`.
+    CreateRuntime,
+    /// `hooks.poststart`.
+    Poststart,
+    /// `hooks.poststop`.
+    Poststop,
+}
+
+impl HookKind {
+    /// The spec's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HookKind::Prestart => "prestart",
+            HookKind::CreateRuntime => "createRuntime",
+            HookKind::Poststart => "poststart",
+            HookKind::Poststop => "poststop",
+        }
+    }
+
+    fn hooks(self, hooks: &Hooks) -> &[Hook] {
+        let list = match self {
+            HookKind::Prestart => hooks.prestart(),
+            HookKind::CreateRuntime => hooks.create_runtime(),
+            HookKind::Poststart => hooks.poststart(),
+            HookKind::Poststop => hooks.poststop(),
+        };
+        list.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for HookKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a hook failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// {kind} hook {path}: cannot run it
+    #[error("{kind} hook {path}: cannot run it")]
+    Spawn {
+        /// Which hooks.
+        kind: HookKind,
+        /// The hook's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// {kind} hook {path} failed ({status}); its output: {output}
+    #[error("{kind} hook {path} failed ({status}); its output: {output:?}")]
+    Failed {
+        /// Which hooks.
+        kind: HookKind,
+        /// The hook's path.
+        path: PathBuf,
+        /// How it ended ("exit status 3", "killed by signal 9").
+        status: String,
+        /// The end of what it wrote (stderr, then stdout).
+        output: String,
+    },
+    /// {kind} hook {path} ran past its timeout of {timeout} s and was killed
+    #[error("{kind} hook {path} ran past its timeout of {timeout} s and was killed")]
+    Timeout {
+        /// Which hooks.
+        kind: HookKind,
+        /// The hook's path.
+        path: PathBuf,
+        /// The spec's timeout.
+        timeout: i64,
+    },
+    /// {kind} hook {path}: {what}
+    #[error("{kind} hook {path}: {what}")]
+    Io {
+        /// Which hooks.
+        kind: HookKind,
+        /// The hook's path.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// cannot write or read the container's hooks {path}
+    #[error("cannot write or read the container's hooks {path}")]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The state a hook reads on stdin: the runtime spec's state, nothing of husk's own.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HookState<'a> {
+    oci_version: &'a str,
+    id: &'a str,
+    status: super::state::Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<i32>,
+    bundle: &'a Path,
+    annotations: &'a std::collections::HashMap<String, String>,
+}
+
+impl<'a> From<&'a State> for HookState<'a> {
+    fn from(s: &'a State) -> Self {
+        HookState {
+            oci_version: &s.oci_version,
+            id: &s.id,
+            status: s.status,
+            pid: s.pid,
+            bundle: &s.bundle,
+            annotations: &s.annotations,
+        }
+    }
+}
+
+/// What is wrong with the spec's hooks for husk, as (JSON path of the field, why); checked
+/// when a bundle is loaded, so nothing has run or been made yet.
+pub fn check(spec: &Spec) -> Result<(), (String, String)> {
+    let Some(hooks) = spec.hooks() else {
+        return Ok(());
+    };
+    for (name, list) in [
+        ("createContainer", hooks.create_container()),
+        ("startContainer", hooks.start_container()),
+    ] {
+        if let Some(first) = list.as_deref().and_then(<[Hook]>::first) {
+            return Err((
+                format!("hooks.{name}"),
+                format!(
+                    "{} would have to run inside the container, which is a VM without the \
+                     host's programs; husk does not run {name} hooks (use createRuntime or \
+                     poststart, which run on the host)",
+                    first.path().display()
+                ),
+            ));
+        }
+    }
+    for kind in [
+        HookKind::Prestart,
+        HookKind::CreateRuntime,
+        HookKind::Poststart,
+        HookKind::Poststop,
+    ] {
+        for (i, hook) in kind.hooks(hooks).iter().enumerate() {
+            let field = |f: &str| format!("hooks.{kind}[{i}]{f}");
+            if !hook.path().is_absolute() {
+                return Err((
+                    field(".path"),
+                    format!("{} is not an absolute path", hook.path().display()),
+                ));
+            }
+            if let Some(t) = hook.timeout()
+                && t <= 0
+            {
+                return Err((
+                    field(".timeout"),
+                    format!("{t}: must be more than 0 seconds"),
+                ));
+            }
+            if let Some(bad) = hook.env().iter().flatten().find(|e| !e.contains('=')) {
+                return Err((field(".env"), format!("{bad:?} is not KEY=VALUE")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `hooks` (those `start` and `delete` will run) in the state directory `dir`.
+pub fn save(dir: &Path, hooks: Option<&Hooks>) -> Result<(), HookError> {
+    let path = dir.join(HOOKS_FILE);
+    let Some(hooks) = hooks else {
+        return Ok(());
+    };
+    let data = serde_json::to_vec(hooks).map_err(std::io::Error::from);
+    data.and_then(|d| std::fs::write(&path, d))
+        .map_err(|source| HookError::Store { path, source })
+}
+
+/// The hooks kept in the state directory `dir` (none when there is no file).
+pub fn load(dir: &Path) -> Result<Option<Hooks>, HookError> {
+    let path = dir.join(HOOKS_FILE);
+    match std::fs::read(&path) {
+        Ok(d) => serde_json::from_slice(&d)
+            .map(Some)
+            .map_err(|e| HookError::Store {
+                path,
+                source: e.into(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(HookError::Store { path, source }),
+    }
+}
+
+/// [`load`] for the hooks that only warn (`poststart`, `poststop`): a file that cannot be read
+/// is a warning too, and no hooks.
+pub fn load_or_warn(dir: &Path) -> Option<Hooks> {
+    load(dir).unwrap_or_else(|e| {
+        eprintln!("husk: warning: {}", error_chain(&e));
+        None
+    })
+}
+
+/// Runs the `kind` hooks of `hooks` in order with `state` on their stdin, stopping at the
+/// first that fails. `netns`: the network namespace to run them in, when the caller is not in
+/// the host's (the monitor, after it made the container's).
+pub fn run(
+    kind: HookKind,
+    hooks: Option<&Hooks>,
+    state: &State,
+    netns: Option<BorrowedFd<'_>>,
+) -> Result<(), HookError> {
+    let Some(hooks) = hooks else {
+        return Ok(());
+    };
+    kind.hooks(hooks)
+        .iter()
+        .try_for_each(|h| run_one(kind, h, state, netns))
+}
+
+/// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
+/// `createRuntime`, with the state of a container being created whose `pid` is this process
+/// (the monitor). `netns`: see [`run`].
+pub fn run_create(
+    bundle: &Bundle,
+    id: &str,
+    netns: Option<BorrowedFd<'_>>,
+) -> Result<(), HookError> {
+    let hooks = bundle.spec.hooks().as_ref();
+    if hooks.is_none() {
+        return Ok(());
+    }
+    let state = State {
+        oci_version: super::state::OCI_VERSION.into(),
+        id: id.to_owned(),
+        status: super::state::Status::Creating,
+        pid: i32::try_from(std::process::id()).ok(),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: String::new(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    run(HookKind::Prestart, hooks, &state, netns)?;
+    run(HookKind::CreateRuntime, hooks, &state, netns)
+}
+
+/// Runs every `kind` hook of `hooks`; a failing one is reported on stderr (`husk: warning:
+/// ...`) and the rest still run, as the spec asks of `poststart` and `poststop`.
+pub fn run_warning(kind: HookKind, hooks: Option<&Hooks>, state: &State) {
+    let Some(hooks) = hooks else {
+        return;
+    };
+    for h in kind.hooks(hooks) {
+        if let Err(e) = run_one(kind, h, state, None) {
+            eprintln!("husk: warning: {}", error_chain(&e));
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// An anonymous memory file.
+fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map(std::fs::File::from)
+        .map_err(std::io::Error::from)
+}
+
+fn run_one(
+    kind: HookKind,
+    hook: &Hook,
+    state: &State,
+    netns: Option<BorrowedFd<'_>>,
+) -> Result<(), HookError> {
+    let path = hook.path().clone();
+    let io_err = |what| {
+        let path = path.clone();
+        move |source| HookError::Io {
+            kind,
+            path,
+            what,
+            source,
+        }
+    };
+    let mut stdin = memfd("husk-hook-state").map_err(io_err("making its stdin"))?;
+    serde_json::to_writer(&mut stdin, &HookState::from(state))
+        .map_err(std::io::Error::from)
+        .and_then(|()| stdin.rewind())
+        .map_err(io_err("writing the state to its stdin"))?;
+    let stdout = memfd("husk-hook-stdout").map_err(io_err("making its stdout"))?;
+    let stderr = memfd("husk-hook-stderr").map_err(io_err("making its stderr"))?;
+
+    let mut cmd = Command::new(&path);
+    if let Some((argv0, rest)) = hook.args().as_deref().and_then(<[String]>::split_first) {
+        cmd.arg0(argv0).args(rest);
+    }
+    cmd.env_clear();
+    for (k, v) in hook
+        .env()
+        .iter()
+        .flatten()
+        .filter_map(|e| e.split_once('='))
+    {
+        cmd.env(k, v);
+    }
+    if state.bundle.is_dir() {
+        cmd.current_dir(&state.bundle);
+    }
+    let clone = |f: &std::fs::File, what| f.try_clone().map_err(io_err(what));
+    cmd.stdin(clone(&stdin, "making its stdin")?)
+        .stdout(clone(&stdout, "making its stdout")?)
+        .stderr(clone(&stderr, "making its stderr")?);
+    if let Some(fd) = netns {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        // SAFETY: between fork and exec the closure makes one syscall, setns(2), which is
+        // async-signal-safe and touches no memory of the parent; `raw` stays open until
+        // spawn returns because the caller's borrow outlives this function.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
+        kind,
+        path: path.clone(),
+        source,
+    })?;
+    drop(cmd);
+
+    let deadline = hook
+        .timeout()
+        .map(|t| Instant::now() + Duration::from_secs(t.unsigned_abs()));
+    let mut nap = Duration::from_millis(1);
+    let status: ExitStatus = loop {
+        if let Some(status) = child.try_wait().map_err(io_err("waiting for it"))? {
+            break status;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HookError::Timeout {
+                kind,
+                path,
+                timeout: hook.timeout().unwrap_or_default(),
+            });
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let status = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => status.to_string(),
+    };
+    let mut output = tail(stderr);
+    let out = tail(stdout);
+    if !out.is_empty() {
+        if !output.is_empty() {
+            output.push('\n');
+        }
+        output.push_str(&out);
+    }
+    Err(HookError::Failed {
+        kind,
+        path,
+        status,
+        output: output.trim_end().to_owned(),
+    })
+}
+
+/// The last [`OUTPUT_EXCERPT`] bytes written to `f`, as text.
+fn tail(mut f: std::fs::File) -> String {
+    let len = f.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
+    let from = len.saturating_sub(OUTPUT_EXCERPT as u64);
+    let mut buf = Vec::new();
+    if f.seek(std::io::SeekFrom::Start(from)).is_ok() {
+        let _ = f.read_to_end(&mut buf);
+    }
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if from > 0 {
+        text.insert_str(0, "...");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::state::Status;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir().join(format!("husk-hooks-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn state(bundle: &Path) -> State {
+        State {
+            oci_version: "1.2.0".into(),
+            id: "c1".into(),
+            status: Status::Creating,
+            pid: Some(4242),
+            bundle: bundle.to_owned(),
+            annotations: [("a.b".to_string(), "v".to_string())].into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            monitor_start_time: 7,
+            exit_status: None,
+        }
+    }
+
+    /// A hook running the shell script `script` (inline, `sh -c`: a script file written and
+    /// executed at once can fail with ETXTBSY while another test thread forks).
+    fn sh(script: &str) -> serde_json::Value {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", script]})
+    }
+
+    fn hooks(kind: &str, list: Vec<serde_json::Value>) -> Hooks {
+        serde_json::from_value(serde_json::json!({ kind: list })).unwrap()
+    }
+
+    #[test]
+    fn a_hook_gets_the_state_on_stdin_its_args_env_and_the_bundle_as_cwd() {
+        let d = Dir::new("stdin");
+        let out = d.0.join("out");
+        let script = format!(
+            "cat > {out}.state; tr '\\0' ' ' < /proc/$$/cmdline > {out}.cmdline; \
+             echo \"$0|$1|$FOO|$PATH|$(pwd)\" > {out}.args",
+            out = out.display()
+        );
+        let hook = serde_json::json!({
+            "path": "/bin/sh",
+            "args": ["my-hook", "-c", script, "zero", "one"],
+            "env": ["FOO=bar=baz", "PATH=/bin:/usr/bin"],
+        });
+        let h = hooks("createRuntime", vec![hook]);
+        run(HookKind::CreateRuntime, Some(&h), &state(&d.0), None).unwrap();
+        let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", out.display())).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&read("state")).unwrap();
+        assert_eq!(got["ociVersion"], "1.2.0");
+        assert_eq!(got["id"], "c1");
+        assert_eq!(got["status"], "creating");
+        assert_eq!(got["pid"], 4242);
+        assert_eq!(got["bundle"], d.0.to_str().unwrap());
+        assert_eq!(got["annotations"]["a.b"], "v");
+        // Only the spec's fields.
+        assert!(got.get("created").is_none() && got.get("monitorStartTime").is_none());
+        // args[0] is argv[0], not the path.
+        assert!(
+            read("cmdline").starts_with("my-hook -c "),
+            "{}",
+            read("cmdline")
+        );
+        assert_eq!(
+            read("args").trim(),
+            format!("zero|one|bar=baz|/bin:/usr/bin|{}", d.0.display())
+        );
+    }
+
+    #[test]
+    fn hooks_run_in_order_and_the_first_failure_stops_the_rest() {
+        let d = Dir::new("order");
+        let log = d.0.join("log");
+        let list = || {
+            [("a", 0), ("b", 3), ("c", 0)]
+                .iter()
+                .map(|(name, code)| {
+                    sh(&format!(
+                        "echo {name} >> {}; echo out-of-{name}; echo err-of-{name} >&2; exit {code}",
+                        log.display()
+                    ))
+                })
+                .collect::<Vec<_>>()
+        };
+        let h = hooks("prestart", list());
+        let err = run(HookKind::Prestart, Some(&h), &state(&d.0), None).unwrap_err();
+        let text = error_chain(&err);
+        assert!(text.contains("prestart hook /bin/sh failed"), "{text}");
+        assert!(text.contains("exit status 3"), "{text}");
+        assert!(
+            text.contains("err-of-b") && text.contains("out-of-b"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\n");
+
+        // poststart/poststop: a failure is a warning; the rest still run.
+        std::fs::remove_file(&log).unwrap();
+        let h = hooks("poststop", list());
+        run_warning(HookKind::Poststop, Some(&h), &state(&d.0));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nc\n");
+    }
+
+    #[test]
+    fn a_hook_past_its_timeout_is_killed() {
+        let d = Dir::new("timeout");
+        let pidfile = d.0.join("pid");
+        let mut hook = sh(&format!("echo $$ > {}; exec sleep 30", pidfile.display()));
+        hook["timeout"] = 1.into();
+        let h = hooks("createRuntime", vec![hook]);
+        let t = Instant::now();
+        let err = run(HookKind::CreateRuntime, Some(&h), &state(&d.0), None).unwrap_err();
+        let took = t.elapsed();
+        assert!(
+            matches!(err, HookError::Timeout { timeout: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("timeout of 1 s"), "{err}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // The hook is gone (killed and reaped), not left sleeping.
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "hook {pid} still runs"
+        );
+    }
+
+    #[test]
+    fn a_hook_that_cannot_run_names_its_path() {
+        let d = Dir::new("missing");
+        let h = hooks(
+            "poststart",
+            vec![serde_json::json!({"path": "/nonexistent/hook"})],
+        );
+        let err = run(HookKind::Poststart, Some(&h), &state(&d.0), None).unwrap_err();
+        let text = error_chain(&err);
+        assert!(
+            text.contains("poststart hook /nonexistent/hook: cannot run it"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_long_output_is_quoted_by_its_end() {
+        let d = Dir::new("long");
+        let h = hooks(
+            "prestart",
+            vec![sh(
+                "i=0; while [ $i -lt 2000 ]; do echo line-$i >&2; i=$((i+1)); done; exit 1",
+            )],
+        );
+        let err = run(HookKind::Prestart, Some(&h), &state(&d.0), None).unwrap_err();
+        let HookError::Failed { output, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(output.starts_with("..."), "{output}");
+        assert!(output.ends_with("line-1999"), "{output}");
+        assert!(output.len() < OUTPUT_EXCERPT + 10);
+    }
+
+    #[test]
+    fn hooks_husk_cannot_honour_are_refused_by_name() {
+        let spec = |hooks: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "rootfs"}}, "hooks": {hooks}}}"#
+            ))
+            .unwrap()
+        };
+        let (field, why) = check(&spec(
+            r#"{"createContainer": [{"path": "/usr/bin/nvidia-hook"}]}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(field, "hooks.createContainer");
+        assert!(
+            why.contains("/usr/bin/nvidia-hook") && why.contains("VM"),
+            "{why}"
+        );
+        let (field, _) = check(&spec(r#"{"startContainer": [{"path": "/x"}]}"#)).unwrap_err();
+        assert_eq!(field, "hooks.startContainer");
+        let (field, _) =
+            check(&spec(r#"{"poststart": [{"path": "/a"}, {"path": "rel"}]}"#)).unwrap_err();
+        assert_eq!(field, "hooks.poststart[1].path");
+        let (field, _) =
+            check(&spec(r#"{"prestart": [{"path": "/a", "timeout": 0}]}"#)).unwrap_err();
+        assert_eq!(field, "hooks.prestart[0].timeout");
+        let (field, _) = check(&spec(
+            r#"{"poststop": [{"path": "/a", "env": ["NOEQUALS"]}]}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(field, "hooks.poststop[0].env");
+        // Empty lists are no hooks.
+        check(&spec(
+            r#"{"createContainer": [], "prestart": [{"path": "/a"}]}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn hooks_are_kept_in_the_state_directory() {
+        let d = Dir::new("store");
+        assert!(load(&d.0).unwrap().is_none());
+        let h = hooks("poststop", vec![sh("true")]);
+        save(&d.0, Some(&h)).unwrap();
+        assert_eq!(load(&d.0).unwrap(), Some(h));
+    }
+}
