@@ -855,6 +855,85 @@ mod netns_tests {
         std::fs::remove_dir_all(&state).unwrap();
     }
 
+    /// The monitor's own namespace, as Docker fills it: made on a thread of its own (as the
+    /// monitor's main thread makes it), `lo` up, a hook run from it lands in the host's
+    /// namespace, and what appears in it (here one end of a veth with an address and a
+    /// default route, put there by `ip` run from that thread) is taken for the VM.
+    #[test]
+    fn a_new_namespace_is_made_filled_by_a_hook_and_taken() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("SKIPPED: needs root and iproute2");
+            return;
+        }
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(
+            r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                "linux": {"namespaces": [{"type": "network"}]}}"#,
+        )
+        .unwrap();
+        let host_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let state = std::env::temp_dir().join(format!("husk-net-own-{}", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        let seen = state.join("hook-netns");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let netns = Netns::for_spec(&spec).unwrap();
+                let own_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+                assert_ne!(own_ns, host_ns);
+                assert!(ip(&["-o", "link", "show", "lo"]).contains("UP"));
+                // The hook runs in the host's namespace.
+                let hooks: oci_spec::runtime::Hooks = serde_json::from_value(serde_json::json!({
+                    "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c",
+                        format!("readlink /proc/self/ns/net > {}", seen.display())]}]
+                }))
+                .unwrap();
+                let st = crate::oci::state::State {
+                    oci_version: "1.2.0".into(),
+                    id: "own".into(),
+                    status: crate::oci::state::Status::Creating,
+                    pid: Some(1),
+                    bundle: state.clone(),
+                    annotations: Default::default(),
+                    created: String::new(),
+                    monitor_start_time: 0,
+                    exit_status: None,
+                };
+                crate::oci::hooks::run(
+                    crate::oci::hooks::HookKind::CreateRuntime,
+                    Some(&hooks),
+                    &st,
+                    netns.host(),
+                )
+                .unwrap();
+                let hook_ns = std::fs::read_to_string(&seen).unwrap();
+                assert_eq!(hook_ns.trim(), host_ns.to_str().unwrap());
+                // `ip` forked from this thread works in the new namespace.
+                // The peer goes to the host's namespace (that of this process's main
+                // thread): only eth0 is the container's. It goes when this namespace does.
+                let pid = std::process::id().to_string();
+                let peer = format!("hko{}", std::process::id() % 100_000);
+                ip(&[
+                    "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &pid,
+                ]);
+                ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+                ip(&["link", "set", "eth0", "up"]);
+                ip(&["route", "add", "default", "via", "10.77.0.1"]);
+                let network = setup(&netns, &state).unwrap().unwrap();
+                assert_eq!(network.guest.interfaces.len(), 1);
+                assert_eq!(network.guest.interfaces[0].name, "eth0");
+                assert!(network.record.own);
+                assert!(ip(&["-o", "link"]).contains("tap0_husk"));
+                // A killed monitor's record of its own namespace: nothing to undo later.
+                let record = std::fs::read(state.join(RECORD_FILE)).unwrap();
+                drop(network);
+                std::fs::write(state.join(RECORD_FILE), record).unwrap();
+                teardown(&state).unwrap();
+                assert!(!state.join(RECORD_FILE).exists());
+            });
+        });
+        std::fs::remove_dir_all(&state).unwrap();
+    }
+
     #[test]
     fn a_killed_monitor_is_cleaned_up_from_the_record() {
         let Some(ns) = EngineNetns::new("record") else {
