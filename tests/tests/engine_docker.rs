@@ -3,8 +3,9 @@
 //! file and socket (see `husk_e2e::engines::Dockerd`). One VM: `docker run --rm` holds the
 //! container while the test execs into it, reads its logs and stops it.
 //!
-//! The networking checks (default bridge, published ports) are a separate test, ignored until
-//! husk runs Docker's prestart hook (Docker 20.10 plumbs the namespace from it).
+//! The networking checks (default bridge, published ports) are a separate test: Docker 20.10
+//! asks for a new network namespace and fills it from a prestart hook, which the monitor runs
+//! with its own new namespace as the state's `/proc/<pid>/ns/net`.
 
 use husk_e2e::engines::{self, Dockerd, HttpServer, IMAGE, expect_code, expect_ok};
 use husk_e2e::{guest_image, husk_binary, is_root, kvm_available, skip};
@@ -116,8 +117,6 @@ fn docker_runs_husk_as_an_added_runtime() {
 }
 
 #[test]
-#[ignore = "Docker 20.10 fills the container's network namespace from a prestart hook, which \
-            husk does not run yet: the VM gets only lo"]
 fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
     let Some(()) = prerequisites() else { return };
     let Some(docker) = Dockerd::start(&husk_binary(), true) else {

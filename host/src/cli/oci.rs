@@ -915,7 +915,7 @@ pub fn features() -> Result<ExitCode> {
     let v = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": state::OCI_VERSION,
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": ["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
             "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",
             "relatime", "norelatime", "strictatime", "nostrictatime", "mode", "size"],

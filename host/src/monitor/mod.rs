@@ -4,6 +4,12 @@
 //! `<state dir>/monitor.sock`, keeps `state.json` current and finally exits with the
 //! container's exit status (128+N for signal N), after the VM is gone.
 //!
+//! Creating, in order: load the bundle; prepare the shared directory; the network namespace
+//! (a new one is unshared here, on the single thread the monitor has then); the `prestart` and
+//! `createRuntime` hooks (`crate::oci::hooks`, run back in the host's namespace); the
+//! namespace's interfaces taken for the VM (`network`); boot the VM; husk-init connects, gets
+//! the network and the spec; "ok" to `husk create`.
+//!
 //! Threads: besides the VMM's own (vmm, vCPUs) the monitor runs one reader of the guest's
 //! control connection, one acceptor of command connections (plus a short-lived reader per
 //! connection), one waiter on the VM, and the stdio relays. All of them feed one channel; the
