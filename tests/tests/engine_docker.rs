@@ -116,6 +116,32 @@ fn docker_runs_husk_as_an_added_runtime() {
     );
 }
 
+/// The host's address on Docker's default bridge. Docker 20.10 leaves `.IPAM.Config`'s
+/// `Gateway` of the default bridge empty, so it is read from the bridge device itself.
+fn bridge_gateway(docker: &Dockerd) -> String {
+    let inspect = |format: &str| {
+        expect_ok(docker.docker(&["network", "inspect", "bridge", "--format", format]))
+            .trim()
+            .to_owned()
+    };
+    let gateway = inspect("{{range .IPAM.Config}}{{.Gateway}}{{end}}");
+    if !gateway.is_empty() {
+        return gateway;
+    }
+    let device = inspect(r#"{{index .Options "com.docker.network.bridge.name"}}"#);
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", &device])
+        .output()
+        .expect("running ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv4 address on the bridge {device:?}: {text}"))
+        .to_owned()
+}
+
 #[test]
 fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
     let Some(()) = prerequisites() else { return };
@@ -124,14 +150,8 @@ fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
     };
     // The container fetches from a server on the host side of docker0...
     let server = HttpServer::start("hello-from-the-host\n");
-    let gateway = expect_ok(docker.docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-    ]));
-    let url = format!("http://{}:{}/", gateway.trim(), server.port());
+    let gateway = bridge_gateway(&docker);
+    let url = format!("http://{gateway}:{}/", server.port());
     let out = expect_ok(docker.docker(&[
         "run",
         "--rm",

@@ -877,7 +877,10 @@ mod netns_tests {
         let seen = state.join("hook-netns");
         std::thread::scope(|s| {
             s.spawn(|| {
+                let t = std::time::Instant::now();
                 let netns = Netns::for_spec(&spec).unwrap();
+                // What every container asking for a new namespace now pays in `create`.
+                eprintln!("network: a new namespace with lo up took {:?}", t.elapsed());
                 let own_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
                 assert_ne!(own_ns, host_ns);
                 assert!(ip(&["-o", "link", "show", "lo"]).contains("UP"));
