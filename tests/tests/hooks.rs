@@ -114,20 +114,27 @@ fn hooks_run_in_order_with_the_state_and_fill_a_new_network_namespace() {
 
     // 2. A failing createRuntime hook fails create (no VM is booted), names the hook, its
     //    status and its stderr; poststop still runs (the spec's lifecycle), nothing is left.
+    //    The child it leaves behind holds nothing `create` waits for.
     let out = tmp.path().join("failing-out");
     std::fs::create_dir_all(&out).unwrap();
     let dir = tmp.path().join("failing");
     std::fs::create_dir_all(&dir).unwrap();
     let hooks = serde_json::json!({
-        "createRuntime": [hook("echo the-hook-broke >&2; exit 3", &out)],
+        "createRuntime": [hook("sleep 20 & echo the-hook-broke >&2; exit 3", &out)],
         "poststop": [recorder("poststop", &out)],
     });
     let failing = bundle(&dir, "true", hooks).unwrap();
+    let started = std::time::Instant::now();
     let (code, _, stderr) = husk(
         &root,
         &["create", "failing", "--bundle", failing.to_str().unwrap()],
     );
     assert_ne!(code, 0, "create with a failing hook succeeded");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "create waited {:?} for the hook's child",
+        started.elapsed()
+    );
     assert!(
         stderr.contains("createRuntime hook /bin/sh failed (exit status 3)")
             && stderr.contains("the-hook-broke"),

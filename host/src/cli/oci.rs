@@ -959,6 +959,12 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     // Make sure the notify fd is ours (and close-on-exec from here on).
     // SAFETY: the fd number was given to us by `create`, which left it open for us.
     let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
+    // Not for the hooks the monitor runs: one that leaves a child behind would hold `create`'s
+    // pipe open, and `create` waits for its end.
+    let _ = nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
     close_inherited_fds(raw);
