@@ -12,7 +12,7 @@
 //! well-formed descriptor chains and notify queues. [`seeds`] encodes hand-written scenarios
 //! in the same format for the checked-in corpora.
 //!
-//! Adding a device (virtio-net, say) is a harness and an entry point: a struct holding the
+//! Adding a device is a harness and an entry point: a struct holding the
 //! device (`Arc<Mutex<Net>>`) and its host side (whatever the device's backend is, opened for
 //! real by the harness), `impl driver::Device` (`process` calls the device's event
 //! handler; `host_op` plays the host side), and a `run` that builds a `driver::Driver` on
@@ -23,6 +23,7 @@ mod bundle;
 mod driver;
 mod fs;
 mod mmio;
+mod net;
 mod ops;
 mod vsock;
 
@@ -43,6 +44,12 @@ pub fn virtio_fs(data: &[u8]) {
     fs::run(data);
 }
 
+/// A virtio-net device behind its MMIO transport, over a datagram socket pair in place of the
+/// tap: RX and TX chains the input lays out, frames the input sends from the host side.
+pub fn virtio_net(data: &[u8]) {
+    net::run(data);
+}
+
 /// Register reads and writes of any width and offset on the virtio-mmio transport of a real
 /// device (vsock or fs, chosen by the input), including queue setup with arbitrary sizes and
 /// addresses against guest memory with a hole, and notifications once the device runs.
@@ -57,6 +64,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_vsock" => vsock::seeds(),
         "virtio_fs" => fs::seeds(),
         "virtio_mmio" => mmio::seeds(),
+        "virtio_net" => net::seeds(),
         _ => Vec::new(),
     }
 }
@@ -102,11 +110,12 @@ mod tests {
     /// A target's name and entry point.
     type Target = (&'static str, fn(&[u8]));
 
-    const TARGETS: [Target; 4] = [
+    const TARGETS: [Target; 5] = [
         ("bundle_config", bundle_config),
         ("virtio_vsock", virtio_vsock),
         ("virtio_fs", virtio_fs),
         ("virtio_mmio", virtio_mmio),
+        ("virtio_net", virtio_net),
     ];
 
     fn corpus(target: &str) -> PathBuf {

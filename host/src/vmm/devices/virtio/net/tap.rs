@@ -142,8 +142,8 @@ impl Tap {
     }
 
     /// A tap over an fd that already behaves like one (one frame per read and write, header
-    /// included, non-blocking): a datagram socket in the tests.
-    #[cfg(test)]
+    /// included, non-blocking): a datagram socket in the tests and the fuzz target.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn from_file(file: File, name: &str) -> Self {
         Self {
             file,
