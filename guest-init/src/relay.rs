@@ -54,6 +54,8 @@ struct Pump {
     /// The host announced EOF (`CloseStdin`): the source ends once it has nothing more to
     /// read right now, instead of at a real EOF.
     eof_when_drained: bool,
+    /// Bytes written to the destination so far.
+    written: u64,
 }
 
 impl Pump {
@@ -66,6 +68,7 @@ impl Pump {
             buf: Vec::with_capacity(BUF_SIZE),
             src_done: false,
             eof_when_drained: false,
+            written: 0,
         }
     }
 
@@ -96,6 +99,7 @@ impl Pump {
                 match dst.write(&self.buf) {
                     Ok(n) => {
                         self.buf.drain(..n);
+                        self.written += n as u64;
                         moved = n > 0;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -287,6 +291,16 @@ impl ProcessIo {
             .all(Pump::done)
     }
 
+    /// Bytes of output that have reached the host's connections so far (a count that stops
+    /// moving means the host stopped reading).
+    pub fn output_written(&self) -> u64 {
+        self.pumps
+            .iter()
+            .filter(|p| p.dir == Direction::Output)
+            .map(|p| p.written)
+            .sum()
+    }
+
     /// Closes the process's stdin (pipes only: a terminal has no separate stdin to close)
     /// once what the host sent before has reached it: the host writes its last bytes, then
     /// asks, so they are in the connection (or the pump's buffer) by now and must not be
@@ -364,6 +378,7 @@ mod tests {
             }
         }
         assert_eq!(got, data);
+        assert_eq!(p.written, data.len() as u64);
         assert!(p.done());
     }
 

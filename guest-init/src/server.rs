@@ -27,6 +27,10 @@ use crate::{log, system};
 /// How long husk-init waits, on its way out, for the processes it killed.
 const REAP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the host may take none of an exited process's output before husk-init drops the
+/// rest and reports the exit (the monitor waits as long again on its side).
+const OUTPUT_STALL: Duration = Duration::from_secs(10);
+
 /// Reaps every child until none is left or `grace` has passed, so that husk-init's own exit
 /// means its container is gone. Outside a VM its orphans would otherwise pass to an init that
 /// may reap them late, and a pid namespace's init stays in exit until every process of the
@@ -86,6 +90,9 @@ struct Proc {
     pid: Pid,
     io: ProcessIo,
     exit: Option<WaitStatus>,
+    /// After the exit, while output is still on its way: how much had reached the host, and
+    /// since when no more has (see [`OUTPUT_STALL`]).
+    draining: Option<(u64, Instant)>,
 }
 
 /// The guest side of one control connection.
@@ -180,7 +187,13 @@ impl Server {
                 .iter()
                 .map(|(fd, ev)| PollFd::new(unsafe { BorrowedFd::borrow_raw(*fd) }, *ev))
                 .collect();
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            // An exited process whose output is still draining is looked at every second.
+            let timeout = if self.procs.values().any(|p| p.exit.is_some()) {
+                PollTimeout::from(1000u16)
+            } else {
+                PollTimeout::NONE
+            };
+            match nix::poll::poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(source) => {
                     return Err(ServerError::Setup {
@@ -274,6 +287,7 @@ impl Server {
                         pid,
                         io: spawned.io,
                         exit: None,
+                        draining: None,
                     },
                 );
                 self.container = Some(c);
@@ -348,6 +362,7 @@ impl Server {
                         pid,
                         io: spawned.io,
                         exit: None,
+                        draining: None,
                     },
                 );
                 Ok(Response::ExecStarted {
@@ -415,8 +430,29 @@ impl Server {
         }
     }
 
-    /// Reports exits whose output has fully reached the host.
+    /// Reports exits whose output has fully reached the host, or whose output the host has
+    /// taken nothing of for [`OUTPUT_STALL`] (the engine stopped reading: the rest is dropped,
+    /// so that the exit, and with it `husk kill` and `husk delete`, is not held up forever).
     fn report_exits(&mut self) -> Result<(), ServerError> {
+        let now = Instant::now();
+        for (key, p) in self.procs.iter_mut() {
+            if p.exit.is_none() || p.io.output_done() {
+                continue;
+            }
+            let written = p.io.output_written();
+            match p.draining {
+                Some((w, since)) if w == written => {
+                    if now.duration_since(since) >= OUTPUT_STALL {
+                        log::warning!(
+                            "{key} exited; the host took none of its output for {} s: dropping the rest",
+                            OUTPUT_STALL.as_secs()
+                        );
+                        p.io.abort();
+                    }
+                }
+                _ => p.draining = Some((written, now)),
+            }
+        }
         let done: Vec<(ProcessRef, WaitStatus)> = self
             .procs
             .iter()
