@@ -183,7 +183,7 @@ struct Monitor {
     pending: HashMap<RequestId, Pending>,
     execs: HashMap<ExecId, UnixStream>,
     exit_status: Option<i32>,
-    outputs: Vec<std::thread::JoinHandle<()>>,
+    outputs: Vec<relay::Output>,
     /// The container's network, undone when the monitor ends (dropped).
     _network: Option<network::Network>,
 }
@@ -360,8 +360,8 @@ impl Monitor {
             });
             drop((stdout_l, stderr_l));
         } else {
-            outputs.push(relay::output(stdout_l, stdio.stdout));
-            outputs.push(relay::output(stderr_l, stdio.stderr));
+            outputs.push(relay::output(stdout_l, stdio.stdout, "stdout"));
+            outputs.push(relay::output(stderr_l, stdio.stderr, "stderr"));
             relay::stdin(stdin_l, stdio.stdin);
         }
         if terminal {
@@ -465,9 +465,10 @@ impl Monitor {
                             self.exit_status = Some(code);
                             self.state.exit_status = Some(code);
                             // All output of the process has arrived (the guest closes the
-                            // streams first); let the relays finish writing it.
-                            for h in self.outputs.drain(..) {
-                                let _ = h.join();
+                            // streams first); let the relays finish writing it, unless the
+                            // reader has stopped taking it (then the monitor would never end).
+                            for out in self.outputs.drain(..) {
+                                out.finish(relay::OUTPUT_STALL);
                             }
                             if !shutting_down {
                                 shutting_down = true;
