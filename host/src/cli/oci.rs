@@ -618,7 +618,7 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
             stdout: Some(VsockPort(base + 1)),
             stderr: Some(VsockPort(base + 2)),
         },
-        console_socket: None,
+        console: false,
     };
     let (first, mut reader) = match monitor::request(&socket, &req) {
         Ok(r) => r,
@@ -682,13 +682,20 @@ fn exec_tty(
     process["terminal"] = serde_json::Value::Bool(true);
     let process_json = serde_json::to_vec(&process)?;
     if let Some(console_socket) = &args.console_socket {
-        // The monitor holds the terminal; we only wait.
+        // The monitor holds the terminal; we only wait. We open the pty and hand its master
+        // to the engine: the jailed monitor cannot reach the engine's socket by path.
+        let (master, slave, name) = console::open_pty().map_err(anyhow::Error::msg)?;
+        console::send_fd(console_socket, &name, &master).map_err(anyhow::Error::msg)?;
+        drop(master);
         let req = MonitorRequest::Exec {
             process_json,
             stdio: Stdio::NULL,
-            console_socket: Some(std::path::absolute(console_socket)?),
+            console: true,
         };
-        let (first, mut reader) = monitor::request(socket, &req).map_err(anyhow::Error::msg)?;
+        let (first, mut reader) =
+            monitor::request_with_fd(socket, &req, Some(std::os::fd::AsFd::as_fd(&slave)))
+                .map_err(anyhow::Error::msg)?;
+        drop(slave);
         match first {
             MonitorReply::ExecStarted { .. } => started.ok()?,
             MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
@@ -719,7 +726,7 @@ fn exec_tty(
         stdio: Stdio::Terminal {
             port: VsockPort(base),
         },
-        console_socket: None,
+        console: false,
     };
     let (first, mut reader) = match monitor::request(socket, &req) {
         Ok(r) => r,

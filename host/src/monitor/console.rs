@@ -24,19 +24,18 @@ impl Console {
     /// Opens a pty, sends its master to `socket`, keeps the slave (in raw mode: the guest's
     /// pty does the line discipline).
     pub fn open(socket: &Path) -> Result<Console, String> {
-        let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-        let name = nix::unistd::ttyname(&pty.slave)
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let mut termios = nix::sys::termios::tcgetattr(&pty.slave)
-            .map_err(|e| format!("tcgetattr on the pty: {e}"))?;
-        nix::sys::termios::cfmakeraw(&mut termios);
-        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
-            .map_err(|e| format!("tcsetattr on the pty: {e}"))?;
-        send_fd(socket, &name, &pty.master)?;
-        Ok(Console {
-            slave: File::from(pty.slave),
-        })
+        let (master, slave, name) = open_pty()?;
+        send_fd(socket, &name, &master)?;
+        Ok(Console::from_slave(slave))
+    }
+
+    /// The host side of a terminal whose master someone else holds (`husk exec
+    /// --console-socket` opens the pty itself and passes the slave to the jailed monitor,
+    /// which cannot reach the engine's socket by path).
+    pub fn from_slave(slave: OwnedFd) -> Console {
+        Console {
+            slave: File::from(slave),
+        }
     }
 
     /// Relays the slave to the guest's terminal connection (accepted on `listener`) and back,
@@ -105,6 +104,21 @@ pub fn window_size(tty: &impl AsRawFd) -> Option<WindowSize> {
         rows: ws.ws_row,
         cols: ws.ws_col,
     })
+}
+
+/// Opens a pseudo-terminal with its slave in raw mode (the guest's pty does the line
+/// discipline). Returns the master, the slave and the slave's name.
+pub fn open_pty() -> Result<(OwnedFd, OwnedFd, String), String> {
+    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    let name = nix::unistd::ttyname(&pty.slave)
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut termios = nix::sys::termios::tcgetattr(&pty.slave)
+        .map_err(|e| format!("tcgetattr on the pty: {e}"))?;
+    nix::sys::termios::cfmakeraw(&mut termios);
+    nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
+        .map_err(|e| format!("tcsetattr on the pty: {e}"))?;
+    Ok((pty.master, pty.slave, name))
 }
 
 /// Sends `fd` over the Unix socket at `path` with `name` as the payload.

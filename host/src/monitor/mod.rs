@@ -154,7 +154,8 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
 enum Ev {
     Guest(Option<GuestMessage>),
     Resize(ProcessRef, husk_proto::WindowSize),
-    Command(MonitorRequest, UnixStream),
+    /// A request, its connection, and the descriptor that came with it (if any).
+    Command(MonitorRequest, UnixStream, Option<std::os::fd::OwnedFd>),
     VmEnded(VmExit),
 }
 
@@ -449,7 +450,7 @@ impl Monitor {
         let mut shutting_down = false;
         while let Ok(ev) = self.events.recv() {
             match ev {
-                Ev::Command(req, stream) => self.command(req, stream),
+                Ev::Command(req, stream, fd) => self.command(req, stream, fd),
                 Ev::Resize(process, size) => {
                     let req = Request::ResizePty { process, size };
                     let _ = self.send(req, Pending::Ignore);
@@ -517,7 +518,12 @@ impl Monitor {
         code
     }
 
-    fn command(&mut self, req: MonitorRequest, mut stream: UnixStream) {
+    fn command(
+        &mut self,
+        req: MonitorRequest,
+        mut stream: UnixStream,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) {
         let result = match req {
             MonitorRequest::Start => {
                 if self.state.status != Status::Created {
@@ -551,22 +557,28 @@ impl Monitor {
             MonitorRequest::Exec {
                 process_json,
                 stdio,
-                console_socket,
+                console,
             } => {
                 if self.state.status != Status::Running {
                     Err(format!("cannot exec in a {} container", self.state.status))
                 } else {
                     let exec_id = ExecId(self.next_exec);
                     self.next_exec += 1;
-                    let stdio = match console_socket {
-                        Some(socket) => match self.exec_console(exec_id, &socket) {
+                    let stdio = if console {
+                        let Some(slave) = fd else {
+                            let e = "exec with a console: the pty did not come with the request";
+                            reply(&mut stream, &MonitorReply::Error(e.into()));
+                            return;
+                        };
+                        match self.exec_console(exec_id, slave) {
                             Ok(stdio) => stdio,
                             Err(e) => {
                                 reply(&mut stream, &MonitorReply::Error(e));
                                 return;
                             }
-                        },
-                        None => stdio,
+                        }
+                    } else {
+                        stdio
                     };
                     let req = Request::Exec(Box::new(ExecRequest {
                         exec_id,
@@ -619,15 +631,20 @@ impl Monitor {
         }
     }
 
-    /// A terminal for an exec'd process whose pty master goes to `socket`: the monitor holds
-    /// the slave and relays it (so the exec can be detached), on a port of its own.
-    fn exec_console(&mut self, exec_id: ExecId, socket: &Path) -> Result<Stdio, String> {
+    /// A terminal for an exec'd process whose pty master the caller sent to the engine: the
+    /// monitor holds the `slave` and relays it (so the exec can be detached), on a port of its
+    /// own.
+    fn exec_console(
+        &mut self,
+        exec_id: ExecId,
+        slave: std::os::fd::OwnedFd,
+    ) -> Result<Stdio, String> {
         let port = EXEC_CONSOLE_PORT_BASE + exec_id.0;
         let path = self.sockets.vsock_port(port);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| format!("listening on {}: {e}", path.display()))?;
-        let console = console::Console::open(socket)?;
+        let console = console::Console::from_slave(slave);
         let (rtx, rrx) = channel();
         console.relay(listener, rtx);
         let tx = self.events_tx.clone();
@@ -772,17 +789,15 @@ fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut line = String::new();
-                let Ok(reader) = stream.try_clone() else {
+                let Ok((line, mut fds)) = api::receive_request(&stream) else {
                     return;
                 };
-                if BufReader::new(reader).read_line(&mut line).is_err() {
-                    return;
-                }
                 let _ = stream.set_read_timeout(None);
-                match serde_json::from_str::<MonitorRequest>(&line) {
+                match serde_json::from_slice::<MonitorRequest>(&line) {
                     Ok(req) => {
-                        let _ = tx.send(Ev::Command(req, stream));
+                        // At most one descriptor is meaningful; extra ones are closed here.
+                        let fd = fds.drain(..).next();
+                        let _ = tx.send(Ev::Command(req, stream, fd));
                     }
                     Err(e) => {
                         let mut s = stream;
@@ -813,17 +828,22 @@ pub fn request(
     socket: &Path,
     req: &MonitorRequest,
 ) -> Result<(MonitorReply, BufReader<UnixStream>), String> {
+    request_with_fd(socket, req, None)
+}
+
+/// [`request`], passing `fd` along with it (see [`api::send_request`]).
+pub fn request_with_fd(
+    socket: &Path,
+    req: &MonitorRequest,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(MonitorReply, BufReader<UnixStream>), String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot reach the container's monitor at {}: {e}",
             socket.display()
         )
     })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| format!("talking to the monitor: {e}"))?;
+    api::send_request(&mut stream, req, fd).map_err(|e| format!("talking to the monitor: {e}"))?;
     let limit = reply_timeout();
     stream
         .set_read_timeout(Some(limit))
