@@ -466,15 +466,20 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 }
 
 /// Removes a container whose monitor is gone: first what a killed monitor could not undo in
-/// the container's network namespace (its tap, qdiscs and filters), then the state directory,
-/// then runs its `poststop` hooks (the spec: after the container is deleted, before `delete`
-/// returns; also after a failed `create`). A network cleanup that fails (an unreadable record,
-/// a namespace that cannot be entered) is reported but does not keep the state directory: a
-/// retry could not do better.
+/// the container's network namespace (its tap, qdiscs and filters), then the monitor's cgroup,
+/// then the state directory, then runs its `poststop` hooks (the spec: after the container is
+/// deleted, before `delete` returns; also after a failed `create`). A network or cgroup
+/// cleanup that fails (an unreadable record, a namespace that cannot be entered) is reported
+/// but does not keep the state directory: a retry could not do better.
 fn remove_entry(entry: state::Entry) -> Result<()> {
     if let Err(e) = crate::monitor::network::teardown(entry.dir()) {
         let e = anyhow::Error::from(e);
         eprintln!("husk: cleaning up the container's network namespace: {e:#}");
+    }
+    // The monitor's cgroup (see monitor::cgroup); like the network, not worth keeping the
+    // state for.
+    if let Err(e) = crate::monitor::cgroup::remove(entry.dir()) {
+        eprintln!("husk: {e}");
     }
     let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.read());
     entry.remove()?;

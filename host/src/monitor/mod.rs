@@ -16,7 +16,9 @@
 //! main thread handles the events in order, so the container's state has a single writer.
 
 pub mod api;
+pub mod cgroup;
 pub mod console;
+pub mod jail;
 pub mod network;
 mod relay;
 
@@ -240,6 +242,25 @@ impl Monitor {
                 .map(|n| n.devices.clone())
                 .unwrap_or_default(),
         };
+        // The last things that need the host's view, then the jail (before the VMM's threads).
+        let terminal = bundle.terminal();
+        let console = match (terminal, &args.console_socket) {
+            (false, _) => None,
+            (true, Some(socket)) => Some(console::Console::open(socket)?),
+            (true, None) => {
+                return Err("process.terminal is true but no --console-socket was given".into());
+            }
+        };
+        jail::enter(&jail::Jail {
+            id: &args.id,
+            state_dir: dir,
+            read_only: [Some(&config.kernel), config.initrd.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path)
+                .collect(),
+            network: network.is_some(),
+        })?;
         let vm =
             vmm::start(&config, process_start).map_err(|e| format!("starting the VM: {e:#}"))?;
         let stopper = vm.handle().map_err(|e| e.to_string())?;
@@ -342,13 +363,8 @@ impl Monitor {
             },
         };
         let mut create = create;
-        let terminal = bundle.terminal();
         let mut outputs = Vec::new();
-        if terminal {
-            let socket = args.console_socket.as_ref().ok_or_else(|| {
-                fail("process.terminal is true but no --console-socket was given".into())
-            })?;
-            let console = console::Console::open(socket).map_err(&fail)?;
+        if let Some(console) = console {
             let (rtx, rrx) = channel();
             console.relay(stdin_l, rtx);
             let tx = tx.clone();

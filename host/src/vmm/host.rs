@@ -20,11 +20,14 @@ pub struct HostProfile {
 }
 
 impl HostProfile {
-    /// Detects the host: kvm_pvm exposes itself as the `kvm_pvm` module in sysfs.
+    /// Detects the host: kvm_pvm exposes itself as the `kvm_pvm` module in sysfs. Looked at
+    /// once per process: the monitor detects it before it confines itself to a root without
+    /// `/sys` (see `monitor::jail`), and the VM it starts afterwards uses that answer.
     pub fn detect() -> HostProfile {
-        HostProfile {
+        static PROFILE: std::sync::OnceLock<HostProfile> = std::sync::OnceLock::new();
+        *PROFILE.get_or_init(|| HostProfile {
             kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
-        }
+        })
     }
 }
 

@@ -1,0 +1,318 @@
+//! Confinement of the monitor, done by the monitor itself once it has set up what needs the
+//! host's view (the share, the network, the container's terminal) and before the VMM's threads
+//! exist (capabilities, no_new_privs and the root are per thread and inherited at creation):
+//!
+//! - **its own cgroup** (see [`super::cgroup`]);
+//! - **a minimal root**: a read-only tmpfs holding, at the paths the monitor uses for them,
+//!   only the state directory (sockets, `state.json`, `network.json`, the share, with its bind
+//!   mounts), the guest kernel and initramfs (read-only), `/dev/kvm`, `/dev/null`, the
+//!   `HUSK_PHASES` file when phases are recorded, and a fresh `/proc` (the virtio-fs server
+//!   reopens its O_PATH descriptors through `/proc/self/fd`, long socket paths go through it
+//!   too). The monitor pivots into it and detaches the host's root. The taps were opened
+//!   before, so `/dev/net/tun` is not needed; the log and the container's stdio are
+//!   descriptors already;
+//! - **capabilities**: only what the virtio-fs server needs to act as the guest's root on the
+//!   share (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_MKNOD,
+//!   CAP_SETFCAP, and CAP_SETUID/CAP_SETGID for the per-request credential switch it makes),
+//!   plus CAP_NET_ADMIN when the container has a network (the monitor undoes its network
+//!   changes at exit, over its rtnetlink socket). Everything else is dropped from the
+//!   effective, permitted and inheritable sets; the bounding and ambient sets are emptied;
+//!   no_new_privs is set (the monitor never executes anything);
+//! - **rlimits**: RLIMIT_NOFILE bounded (the file server holds a descriptor per inode the guest
+//!   knows; the bound keeps a guest from eating the host's file table). RLIMIT_CORE is already 0
+//!   (see `no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply it to uid 0.
+//!
+//! **No unprivileged uid.** The share is served as the guest's root: files are created with the
+//! guest's uids, chowned, mknod'ed, whatever the container's root does. A monitor under another
+//! uid would need CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_SETUID all the same (the last
+//! lets it become uid 0 again at will; fuse-backend-rs's credential switch returns to euid 0
+//! after each request), so the uid would confine nothing the capability set does not already.
+//! What does confine it is the root above (the share is the only host tree it can reach) and
+//! the per-thread seccomp filters. A real gain needs an idmapped share in a user namespace: not
+//! done.
+//!
+//! `HUSK_JAIL=off` in the environment of `husk create` skips all of this (debugging: a
+//! monitor that can see the host, e.g. to `strace` or inspect it); the monitor logs that it is
+//! not confined.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::Mode;
+
+use super::cgroup;
+
+/// The environment variable that turns the jail off (`HUSK_JAIL=off`).
+pub const ENV: &str = "HUSK_JAIL";
+
+/// The bound on open descriptors (see the module docs): well above what a container's file
+/// tree needs at once, far below the kernel's default `nr_open` (1 Mi).
+const MAX_FILES: u64 = 262_144;
+
+/// What the monitor keeps after setup.
+#[derive(Debug)]
+pub struct Jail<'a> {
+    /// The container id (names its cgroup).
+    pub id: &'a str,
+    /// The container's state directory.
+    pub state_dir: &'a Path,
+    /// Files it still reads (the guest kernel and initramfs).
+    pub read_only: Vec<&'a Path>,
+    /// Whether it has a network to undo at exit.
+    pub network: bool,
+}
+
+/// Whether the jail is on (it is unless `HUSK_JAIL=off`).
+pub fn enabled() -> bool {
+    std::env::var_os(ENV).is_none_or(|v| v != "off")
+}
+
+/// Confines the calling process (see the module docs). Must be called while it has one thread.
+pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
+    if !enabled() {
+        eprintln!("husk monitor: {ENV}=off: the monitor is not confined");
+        return Ok(());
+    }
+    only_thread()?;
+    // What the VMM learns from the host's /sys, which the jail does not have.
+    crate::vmm::host::HostProfile::detect();
+    cgroup::join(jail.id, jail.state_dir)?;
+    let entries = entries(jail)?;
+    pivot_into_new_root(&entries)?;
+    drop(entries);
+    limit_resources()?;
+    drop_capabilities(&kept_capabilities(jail.network))
+}
+
+/// Capabilities and the root are per thread: a thread that existed before would keep the
+/// host's.
+fn only_thread() -> Result<(), String> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| format!("listing /proc/self/task: {e}"))?
+        .count();
+    if tasks == 1 {
+        Ok(())
+    } else {
+        Err(format!(
+            "confining the monitor: it has {tasks} threads, it must have one (a bug in husk)"
+        ))
+    }
+}
+
+/// One thing the new root holds, opened before the old root goes out of reach.
+#[derive(Debug)]
+struct Entry {
+    /// Where it is, on the host and in the jail.
+    path: PathBuf,
+    /// An O_PATH descriptor for it (bind-mounted from `/proc/self/fd/N`).
+    fd: OwnedFd,
+    dir: bool,
+    /// With the mounts below it (the share's bind mounts below the state directory).
+    recursive: bool,
+    read_only: bool,
+}
+
+fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
+    let mut wanted: Vec<(PathBuf, bool, bool)> = vec![(jail.state_dir.to_path_buf(), true, false)];
+    wanted.extend(
+        jail.read_only
+            .iter()
+            .map(|p| (p.to_path_buf(), false, true)),
+    );
+    wanted.push(("/dev/kvm".into(), false, false));
+    wanted.push(("/dev/null".into(), false, false));
+    if let Some(phases) = std::env::var_os(crate::phases::ENV).filter(|p| !p.is_empty()) {
+        let phases = PathBuf::from(phases);
+        // The recorder opens it for every phase; it must exist to be bind-mounted.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&phases)
+            .map_err(|e| format!("opening {}: {e}", phases.display()))?;
+        wanted.push((phases, false, false));
+    }
+    wanted
+        .into_iter()
+        .map(|(path, recursive, read_only)| {
+            let path = std::path::absolute(&path)
+                .map_err(|e| format!("confining the monitor: {}: {e}", path.display()))?;
+            let fd = nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| format!("confining the monitor: opening {}: {e}", path.display()))?;
+            let dir = std::fs::metadata(&path)
+                .map_err(|e| format!("confining the monitor: {}: {e}", path.display()))?
+                .is_dir();
+            Ok(Entry {
+                path,
+                fd,
+                dir,
+                recursive,
+                read_only,
+            })
+        })
+        .collect()
+}
+
+/// Builds the new root and pivots into it.
+fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
+    let err = |what: String| move |e: nix::Error| format!("confining the monitor: {what}: {e}");
+    // Relative paths (a relative --root, HUSK_IMAGE_DIR or HUSK_PHASES) keep working if the
+    // working directory is the same one in the jail (its path is there when it is an ancestor
+    // of what was bound).
+    let cwd = std::env::current_dir().ok();
+    let old_root = nix::fcntl::open(
+        "/",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err("opening /".into()))?;
+    // The new root is assembled on /dev, mounted over in this (private) mount namespace: a
+    // directory every host has, and nothing else of the host changes. Every source is already
+    // open, so hiding the host's /dev does not matter.
+    let new_root = Path::new("/dev");
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k,nr_inodes=256"),
+    )
+    .map_err(err("mounting the new root's tmpfs".into()))?;
+    for e in entries {
+        let target = new_root.join(e.path.strip_prefix("/").unwrap_or(&e.path));
+        let parent = target.parent().unwrap_or(new_root);
+        std::fs::create_dir_all(parent)
+            .map_err(|x| format!("confining the monitor: creating {}: {x}", parent.display()))?;
+        if e.dir {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::write(&target, b"")
+        }
+        .map_err(|x| format!("confining the monitor: creating {}: {x}", target.display()))?;
+        let source = PathBuf::from(format!("/proc/self/fd/{}", e.fd.as_raw_fd()));
+        let mut flags = MsFlags::MS_BIND;
+        if e.recursive {
+            flags |= MsFlags::MS_REC;
+        }
+        mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
+            .map_err(err(format!("bind-mounting {}", e.path.display())))?;
+        if e.read_only {
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .map_err(err(format!("making {} read-only", e.path.display())))?;
+        }
+    }
+    let proc = new_root.join("proc");
+    std::fs::create_dir(&proc)
+        .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
+    mount(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(err("mounting /proc".into()))?;
+
+    // As runc does: pivot_root(".", ".") stacks the old root on the new one, and detaching
+    // "." (the old root, from old_root's point of view) leaves the new one.
+    nix::unistd::chdir(new_root).map_err(err("entering the new root".into()))?;
+    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root".into()))?;
+    nix::unistd::fchdir(&old_root).map_err(err("entering the old root".into()))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the host's root".into()))?;
+    if cwd.is_none_or(|d| nix::unistd::chdir(&d).is_err()) {
+        nix::unistd::chdir("/").map_err(err("entering /".into()))?;
+    }
+    // The tmpfs itself read-only: the monitor writes only below the state directory.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(err("making the new root read-only".into()))
+}
+
+fn limit_resources() -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| format!("confining the monitor: reading RLIMIT_NOFILE: {e}"))?;
+    let limit = hard.min(MAX_FILES);
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit)
+        .map_err(|e| format!("confining the monitor: setting RLIMIT_NOFILE to {limit}: {e}"))
+}
+
+/// The capabilities the monitor keeps (see the module docs for why each).
+fn kept_capabilities(network: bool) -> CapsHashSet {
+    let mut keep: CapsHashSet = [
+        Capability::CAP_CHOWN,
+        Capability::CAP_DAC_OVERRIDE,
+        Capability::CAP_DAC_READ_SEARCH,
+        Capability::CAP_FOWNER,
+        Capability::CAP_FSETID,
+        Capability::CAP_MKNOD,
+        Capability::CAP_SETFCAP,
+        Capability::CAP_SETUID,
+        Capability::CAP_SETGID,
+    ]
+    .into_iter()
+    .collect();
+    if network {
+        keep.insert(Capability::CAP_NET_ADMIN);
+    }
+    keep
+}
+
+fn drop_capabilities(keep: &CapsHashSet) -> Result<(), String> {
+    let err = |what: &'static str| {
+        move |e: caps::errors::CapsError| format!("confining the monitor: {what}: {e}")
+    };
+    caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient capabilities"))?;
+    // Needs CAP_SETPCAP, which goes with the effective set below.
+    caps::clear(None, CapSet::Bounding).map_err(err("clearing the bounding set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(err("clearing the inheritable set"))?;
+    // Effective first: it must stay a subset of the permitted set.
+    caps::set(None, CapSet::Effective, keep).map_err(err("setting the effective set"))?;
+    caps::set(None, CapSet::Permitted, keep).map_err(err("setting the permitted set"))?;
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| format!("confining the monitor: setting no_new_privs: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_capability_is_kept_only_with_a_network() {
+        assert!(!kept_capabilities(false).contains(&Capability::CAP_NET_ADMIN));
+        assert!(kept_capabilities(true).contains(&Capability::CAP_NET_ADMIN));
+        for dropped in [
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_SYS_PTRACE,
+            Capability::CAP_SYS_MODULE,
+            Capability::CAP_SETPCAP,
+            Capability::CAP_KILL,
+            Capability::CAP_NET_RAW,
+        ] {
+            assert!(!kept_capabilities(true).contains(&dropped), "{dropped}");
+        }
+    }
+}
