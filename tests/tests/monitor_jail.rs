@@ -1,0 +1,321 @@
+//! The monitor's confinement, seen from the host (one VM boot, needs root and /dev/kvm): its
+//! capabilities, no_new_privs, its root (only what it needs), its own cgroup, a container
+//! that still works (exec, a write to a bind mount); then a container flooding its stdout
+//! while the engine reads slowly, then not at all: the monitor's own memory stays bounded, the
+//! control path answers, kill works, the monitor ends; and `delete` leaves nothing behind.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Component, Path};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use husk_e2e::{
+    ContainerRoot, TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root, kvm_available,
+    skip,
+};
+
+/// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail.rs):
+/// CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2, FOWNER 3, FSETID 4, SETGID 6, SETUID 7,
+/// MKNOD 27, SETFCAP 31.
+const KEPT: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 27)
+    | (1 << 31);
+
+fn status_field(pid: i32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// The monitor's resident memory without the guest's RAM (the one mapping of its size).
+fn monitor_own_rss_kib(pid: i32, guest_mib: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut total = 0;
+    let mut is_guest = false;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("Size:"), Some(kb)) => is_guest = kb.parse::<u64>().unwrap() == guest_mib * 1024,
+            (Some("Rss:"), Some(kb)) if !is_guest => total += kb.parse::<u64>().unwrap(),
+            _ => {}
+        }
+    }
+    total
+}
+
+fn first_component(p: &Path) -> String {
+    match p.components().nth(1) {
+        Some(Component::Normal(c)) => c.to_string_lossy().into_owned(),
+        other => panic!("{} has no first component: {other:?}", p.display()),
+    }
+}
+
+/// Runs a husk command and says how long it took.
+fn timed(root: &Path, args: &[&str]) -> ((i32, String, String), Duration) {
+    let t = Instant::now();
+    let r = husk(root, args);
+    (r, t.elapsed())
+}
+
+#[test]
+fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
+    let Some(image) = guest_image() else { return };
+    if !kvm_available() || !is_root() {
+        skip::<()>("needs /dev/kvm and root");
+        return;
+    }
+    let tmp = TempDir::new("jail");
+    let root = tmp.path().join("state");
+    let _cleanup = ContainerRoot(root.clone());
+    let bundle_dir = tmp.path().join("bundle");
+    let volume = tmp.path().join("volume");
+    std::fs::create_dir_all(&bundle_dir).unwrap();
+    std::fs::create_dir_all(&volume).unwrap();
+    // Prints a marker, waits for the test's go (a file an exec makes in the guest's /tmp),
+    // then writes 4 KiB lines to its stdout as fast as it can.
+    let script = "echo started; L=x; for i in 1 2 3 4 5 6 7 8 9 10 11 12; do L=$L$L; done; \
+                  while [ ! -e /tmp/flood ]; do sleep 0.1; done; while :; do echo $L; done";
+    let Some(bundle) = busybox_bundle(&bundle_dir, &["sh", "-c", script]) else {
+        return;
+    };
+    let config = bundle.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]
+    }));
+    std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+
+    // The container's stdout: a pipe the test reads at its own pace.
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let pid_file = tmp.path().join("pid");
+    let status = Command::new(husk_binary())
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "j1", "--bundle"])
+        .arg(&bundle)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .env_remove("HUSK_JAIL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap();
+    assert!(status.success(), "create failed");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // Capabilities: only the kept ones, nothing to regain.
+    let cap_eff = u64::from_str_radix(&status_field(pid, "CapEff"), 16).unwrap();
+    let cap_prm = u64::from_str_radix(&status_field(pid, "CapPrm"), 16).unwrap();
+    assert_eq!(cap_eff, KEPT, "CapEff {cap_eff:x}");
+    assert_eq!(cap_prm, KEPT, "CapPrm {cap_prm:x}");
+    assert_eq!(
+        u64::from_str_radix(&status_field(pid, "CapBnd"), 16).unwrap(),
+        0
+    );
+    assert_eq!(
+        u64::from_str_radix(&status_field(pid, "CapInh"), 16).unwrap(),
+        0
+    );
+    assert_eq!(
+        u64::from_str_radix(&status_field(pid, "CapAmb"), 16).unwrap(),
+        0
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Every thread (the VMM's were created after the jail) is confined alike.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let s = std::fs::read_to_string(task.join("status")).unwrap();
+        assert!(
+            s.contains(&format!("CapEff:\t{KEPT:016x}")),
+            "{}: {s}",
+            task.display()
+        );
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let hard: u64 = nofile.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(hard <= 262_144, "{nofile}");
+
+    // Its root: the state directory, the guest image, /dev (kvm, null) and /proc.
+    let jail_root = Path::new("/proc").join(pid.to_string()).join("root");
+    let top: BTreeSet<String> = std::fs::read_dir(&jail_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let expected: BTreeSet<String> = [
+        first_component(&root),
+        first_component(&image.vmlinux),
+        "dev".into(),
+        "proc".into(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(top, expected, "the monitor's root");
+    let devices: BTreeSet<String> = std::fs::read_dir(jail_root.join("dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(devices, ["kvm", "null"].map(String::from).into());
+    let inside = |p: &Path| jail_root.join(p.strip_prefix("/").unwrap());
+    assert!(inside(&root.join("j1/state.json")).is_file());
+    assert!(inside(&image.vmlinux).is_file());
+    // The bundle, the volume and the rest of the host are not there (only through the share).
+    assert!(
+        !inside(&bundle).exists(),
+        "the bundle is visible in the jail"
+    );
+    assert!(
+        !inside(&volume).exists(),
+        "the volume is visible in the jail"
+    );
+    assert!(!jail_root.join("etc").exists());
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    assert!(
+        root_line.contains(" - tmpfs ") && root_line.split(' ').nth(5).unwrap().starts_with("ro"),
+        "the monitor's / must be a read-only tmpfs: {root_line}"
+    );
+
+    // Its own cgroup, listed in the state directory for delete.
+    let record = std::fs::read_to_string(root.join("j1/cgroups")).unwrap();
+    let cgroups: Vec<&Path> = record.lines().map(Path::new).collect();
+    let has_hierarchy = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "));
+    assert_eq!(!cgroups.is_empty(), has_hierarchy, "cgroups: {record}");
+    for dir in &cgroups {
+        assert!(dir.ends_with("husk/j1"), "{}", dir.display());
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{}: {procs}",
+            dir.display()
+        );
+    }
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.is_empty() || own.contains("/husk/j1"),
+        "the monitor's cgroups: {own}"
+    );
+
+    // The container works: start, exec, a write through a bind mount.
+    assert_eq!(husk(&root, &["start", "j1"]).0, 0);
+    let mut stdout = std::fs::File::from(read_end);
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let (code, _, err) = husk(
+        &root,
+        &["exec", "j1", "sh", "-c", "echo from-exec > /vol/written"],
+    );
+    assert_eq!(code, 0, "exec: {err}");
+    assert_eq!(
+        std::fs::read_to_string(volume.join("written")).unwrap(),
+        "from-exec\n"
+    );
+
+    // The flood, read slowly (4 KiB every 100 ms, slower than the guest writes even on nested
+    // KVM), then not at all.
+    let guest_mib = 256;
+    let before = monitor_own_rss_kib(pid, guest_mib);
+    let (code, _, err) = husk(&root, &["exec", "j1", "touch", "/tmp/flood"]);
+    assert_eq!(code, 0, "exec: {err}");
+    let read_total = Arc::new(AtomicU64::new(0));
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (total, reading) = (read_total.clone(), reading.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while reading.load(Ordering::Relaxed) {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total.fetch_add(n as u64, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Keeps the pipe open, unread: the engine stopped reading.
+            stdout
+        })
+    };
+    std::thread::sleep(Duration::from_secs(8));
+    let ((code, state, err), took) = timed(&root, &["state", "j1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(state.contains("\"running\""), "{state}");
+    assert!(
+        took < Duration::from_secs(5),
+        "state took {took:?} during the flood"
+    );
+    let slow = read_total.load(Ordering::Relaxed);
+    assert!(slow > 64 << 10, "the slow reader got only {slow} bytes");
+    reading.store(false, Ordering::Relaxed);
+    let stdout = reader.join().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let during = monitor_own_rss_kib(pid, guest_mib);
+    println!(
+        "slow reader took {slow} bytes in 8 s; monitor's own RSS: {before} KiB before the flood, {during} KiB after 13 s of it"
+    );
+    assert!(
+        during < before + 32 * 1024,
+        "the monitor's own memory grew from {before} KiB to {during} KiB"
+    );
+    let ((code, _, err), took) = timed(&root, &["state", "j1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "state took {took:?} with nobody reading"
+    );
+    let ((code, _, err), took) = timed(&root, &["kill", "j1", "KILL"]);
+    assert_eq!(code, 0, "kill during the flood: {err}");
+    assert!(took < Duration::from_secs(10), "kill took {took:?}");
+    // With nobody reading, husk-init and then the monitor give up on the rest of the output
+    // (10 s without progress each) and the monitor ends.
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(60) {
+        let (_, state, _) = husk(&root, &["state", "j1"]);
+        if state.contains("\"stopped\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, state, _) = husk(&root, &["state", "j1"]);
+    assert!(
+        state.contains("\"stopped\""),
+        "the container did not stop within 60 s of kill with its stdout unread: {state}"
+    );
+    println!("stopped {:.1} s after kill", t.elapsed().as_secs_f64());
+    drop(stdout);
+
+    // Delete leaves nothing: no state directory, no cgroup.
+    let (code, _, err) = husk(&root, &["delete", "j1"]);
+    assert_eq!(code, 0, "delete: {err}");
+    assert!(!root.join("j1").exists());
+    for dir in &cgroups {
+        assert!(!dir.exists(), "{} is left after delete", dir.display());
+    }
+}
