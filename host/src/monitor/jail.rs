@@ -298,7 +298,160 @@ fn drop_capabilities(keep: &CapsHashSet) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
     use super::*;
+
+    /// Set in the copy of the test binary that enters the jail: the scratch directory.
+    const CHILD: &str = "HUSK_JAIL_TEST_CHILD";
+
+    /// What the child reports, one `key=value` line each.
+    fn report(key: &str, value: impl std::fmt::Display) {
+        println!("{key}={value}");
+    }
+
+    /// The child: a private mount namespace (as `share::prepare` makes), the jail, then what
+    /// it can and cannot see and do.
+    fn child(scratch: &Path) {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let state = scratch.join("state");
+        let kernel = scratch.join("image/vmlinux");
+        enter(&Jail {
+            id: &format!("jail-unit-{}", std::process::id()),
+            state_dir: &state,
+            read_only: vec![&kernel],
+            network: false,
+        })
+        .unwrap();
+        // Ends libtest's "test ... " line, which has no newline yet.
+        println!();
+        let mut top: Vec<String> = std::fs::read_dir("/")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        top.sort();
+        report("root", top.join(","));
+        report("state_write", std::fs::write(state.join("w"), b"x").is_ok());
+        report(
+            "root_write",
+            std::fs::write("/new", b"x")
+                .map_err(|e| e.raw_os_error() == Some(libc::EROFS))
+                .unwrap_err(),
+        );
+        report(
+            "kernel_read",
+            std::fs::read(&kernel).is_ok_and(|k| k == b"elf"),
+        );
+        report(
+            "kernel_write",
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&kernel)
+                .is_err(),
+        );
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        for field in ["CapEff", "CapBnd", "NoNewPrivs"] {
+            let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+            report(field, line.split_whitespace().nth(1).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_jailed_process_sees_and_may_only_what_it_was_given() {
+        if let Some(scratch) = std::env::var_os(CHILD) {
+            // libtest runs the test on a thread of its own: fork, so that the jail gets a
+            // process with one thread, as the monitor is when it enters it.
+            // SAFETY: the child only runs the test body and _exits; glibc's fork keeps malloc
+            // usable in the child, and libtest's main thread only waits for this one.
+            match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => {
+                    let ok = std::panic::catch_unwind(|| child(Path::new(&scratch))).is_ok();
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    // SAFETY: _exit ends the forked process without running the parent's
+                    // exit handlers twice.
+                    unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    let status = nix::sys::wait::waitpid(child, None).unwrap();
+                    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                }
+            }
+            return;
+        }
+        if !husk_e2e::is_root() || !Path::new("/dev/kvm").exists() {
+            husk_e2e::skip::<()>("needs root and /dev/kvm");
+            return;
+        }
+        let scratch = std::env::temp_dir().join(format!("husk-jail-unit-{}", std::process::id()));
+        let state = scratch.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(scratch.join("image")).unwrap();
+        std::fs::write(scratch.join("image/vmlinux"), b"elf").unwrap();
+        // One test alone on the main thread of a fresh copy of this binary: the jail needs a
+        // single-threaded process.
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "monitor::jail::tests::a_jailed_process_sees_and_may_only_what_it_was_given",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &scratch)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let cgroups_removed = cgroup::remove(&state);
+        let wrote = std::fs::read(state.join("w"));
+        std::fs::remove_dir_all(&scratch).unwrap();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let get = |key: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("no {key} in {stdout}"))
+                .to_owned()
+        };
+        let tmp_top = first_name(&scratch);
+        let mut expected = vec!["dev".to_string(), "proc".into(), tmp_top];
+        expected.sort();
+        expected.dedup();
+        assert_eq!(get("root"), expected.join(","));
+        assert_eq!(get("state_write"), "true");
+        assert_eq!(
+            wrote.unwrap(),
+            b"x",
+            "the write went to the real state directory"
+        );
+        assert_eq!(get("root_write"), "true", "/ must be read-only");
+        assert_eq!(get("kernel_read"), "true");
+        assert_eq!(get("kernel_write"), "true", "the kernel must be read-only");
+        let kept = kept_capabilities(false)
+            .into_iter()
+            .fold(0u64, |m, c| m | c.bitmask());
+        assert_eq!(get("CapEff"), format!("{kept:016x}"));
+        assert_eq!(get("CapBnd"), "0000000000000000");
+        assert_eq!(get("NoNewPrivs"), "1");
+        cgroups_removed.unwrap();
+    }
+
+    fn first_name(p: &Path) -> String {
+        p.components()
+            .nth(1)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .unwrap()
+    }
 
     #[test]
     fn the_network_capability_is_kept_only_with_a_network() {
