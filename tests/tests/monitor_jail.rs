@@ -18,17 +18,9 @@ use husk_e2e::{
 };
 
 /// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail.rs):
-/// CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2, FOWNER 3, FSETID 4, SETGID 6, SETUID 7,
-/// MKNOD 27, SETFCAP 31.
-const KEPT: u64 = (1 << 0)
-    | (1 << 1)
-    | (1 << 2)
-    | (1 << 3)
-    | (1 << 4)
-    | (1 << 6)
-    | (1 << 7)
-    | (1 << 27)
-    | (1 << 31);
+/// CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, SETGID 6, SETUID 7, MKNOD 27, SETFCAP 31.
+const KEPT: u64 =
+    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31);
 
 fn status_field(pid: i32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

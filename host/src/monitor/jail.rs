@@ -12,9 +12,12 @@
 //!   before, so `/dev/net/tun` is not needed; the log and the container's stdio are
 //!   descriptors already;
 //! - **capabilities**: only what the virtio-fs server needs to act as the guest's root on the
-//!   share (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_MKNOD,
-//!   CAP_SETFCAP, and CAP_SETUID/CAP_SETGID for the per-request credential switch it makes),
-//!   plus CAP_NET_ADMIN when the container has a network (the monitor undoes its network
+//!   share: CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, and CAP_SETUID/CAP_SETGID for the
+//!   per-request credential switch it makes (the fs device's tests fail without any one of
+//!   these); CAP_FSETID, CAP_MKNOD and CAP_SETFCAP for what a container's root may do that
+//!   those tests do not (keep set-id bits on write, make device nodes, set file capabilities,
+//!   as `apt` does for `ping`). Not CAP_DAC_READ_SEARCH: CAP_DAC_OVERRIDE covers reads and
+//!   searches, and the server does not use file handles. Plus CAP_NET_ADMIN when the container has a network (the monitor undoes its network
 //!   changes at exit, over its rtnetlink socket). Everything else is dropped from the
 //!   effective, permitted and inheritable sets; the bounding and ambient sets are emptied;
 //!   no_new_privs is set (the monitor never executes anything);
@@ -265,7 +268,6 @@ fn kept_capabilities(network: bool) -> CapsHashSet {
     let mut keep: CapsHashSet = [
         Capability::CAP_CHOWN,
         Capability::CAP_DAC_OVERRIDE,
-        Capability::CAP_DAC_READ_SEARCH,
         Capability::CAP_FOWNER,
         Capability::CAP_FSETID,
         Capability::CAP_MKNOD,
