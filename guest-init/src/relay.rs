@@ -1,5 +1,7 @@
 //! Stdio of container processes: pipes or a pseudo-terminal on the process side, one vsock
-//! stream per descriptor on the host side, and non-blocking pumps between them.
+//! stream per descriptor on the host side, and non-blocking pumps between them. A terminal is
+//! opened by the process itself in the container's devpts (`container::console`); its master
+//! joins the pumps here once it arrives.
 //!
 //! The process gets real pipes (not the sockets themselves) so that `/dev/stdout` can be
 //! opened and pipe semantics (SIGPIPE, atomic small writes) hold as under runc. Each pump
@@ -20,15 +22,35 @@ use crate::transport::Transport;
 /// Bytes a pump holds at most.
 pub const BUF_SIZE: usize = 64 * 1024;
 
-/// The descriptors the process gets as 0, 1 and 2.
+/// What the process gets as fds 0, 1 and 2.
 #[derive(Debug)]
-pub struct ChildStdio {
-    /// fd 0.
-    pub stdin: OwnedFd,
-    /// fd 1.
-    pub stdout: OwnedFd,
-    /// fd 2.
-    pub stderr: OwnedFd,
+pub enum ChildStdio {
+    /// These descriptors (pipes or /dev/null).
+    Fds {
+        /// fd 0.
+        stdin: OwnedFd,
+        /// fd 1.
+        stdout: OwnedFd,
+        /// fd 2.
+        stderr: OwnedFd,
+    },
+    /// A terminal it opens itself in the container's devpts; the master comes back to
+    /// [`ProcessIo::attach_terminal`].
+    Terminal,
+}
+
+impl ChildStdio {
+    /// The descriptors the forked child must keep (none for a terminal).
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        match self {
+            ChildStdio::Fds {
+                stdin,
+                stdout,
+                stderr,
+            } => vec![stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            ChildStdio::Terminal => Vec::new(),
+        }
+    }
 }
 
 /// Which way a pump moves bytes.
@@ -174,6 +196,8 @@ pub struct ProcessIo {
     pumps: Vec<Pump>,
     /// The pty master (for resizing), when the process has a terminal.
     master: Option<OwnedFd>,
+    /// The host's terminal connection while the master is on its way from the process.
+    terminal_conn: Option<File>,
 }
 
 fn nonblocking(fd: &impl AsFd) -> io::Result<()> {
@@ -205,23 +229,11 @@ impl ProcessIo {
         match *stdio {
             Stdio::Terminal { port } => {
                 let conn = connect(transport, port)?;
-                let (master, slave) = crate::sys::open_pty()?;
-                nonblocking(&master)?;
-                let out = File::from(master.try_clone()?);
-                let inp = File::from(master.try_clone()?);
-                let mut output = Pump::new(out, conn.try_clone()?, Direction::Output);
-                output.shutdown_dst = true;
-                let input = Pump::new(conn, inp, Direction::Input);
-                let child = ChildStdio {
-                    stdin: slave.try_clone()?,
-                    stdout: slave.try_clone()?,
-                    stderr: slave,
-                };
                 Ok((
-                    child,
+                    ChildStdio::Terminal,
                     ProcessIo {
-                        pumps: vec![output, input],
-                        master: Some(master),
+                        terminal_conn: Some(conn),
+                        ..ProcessIo::default()
                     },
                 ))
             }
@@ -258,7 +270,7 @@ impl ProcessIo {
                 let child_stdout = out(stdout)?;
                 let child_stderr = out(stderr)?;
                 Ok((
-                    ChildStdio {
+                    ChildStdio::Fds {
                         stdin: child_stdin,
                         stdout: child_stdout,
                         stderr: child_stderr,
@@ -267,6 +279,25 @@ impl ProcessIo {
                 ))
             }
         }
+    }
+
+    /// Relays the terminal whose master the process sent (see [`ChildStdio::Terminal`]).
+    pub fn attach_terminal(&mut self, master: OwnedFd) -> io::Result<()> {
+        let Some(conn) = self.terminal_conn.take() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the process has no terminal connection",
+            ));
+        };
+        nonblocking(&master)?;
+        let out = File::from(master.try_clone()?);
+        let inp = File::from(master.try_clone()?);
+        let mut output = Pump::new(out, conn.try_clone()?, Direction::Output);
+        output.shutdown_dst = true;
+        let input = Pump::new(conn, inp, Direction::Input);
+        self.pumps = vec![output, input];
+        self.master = Some(master);
+        Ok(())
     }
 
     /// Descriptors and events to poll for.
@@ -395,12 +426,49 @@ mod tests {
     }
 
     #[test]
+    fn a_terminal_master_joins_the_pumps_when_it_arrives() {
+        let (mut host, conn) = sockpair();
+        let mut io = ProcessIo {
+            terminal_conn: Some(conn),
+            ..ProcessIo::default()
+        };
+        // Not relayed yet: nothing to resize.
+        assert!(io.resize(10, 20).is_err());
+        let (master, slave) = crate::sys::open_pty().unwrap();
+        io.attach_terminal(master).unwrap();
+        io.resize(10, 20).unwrap();
+        let mut slave = File::from(slave);
+        slave.write_all(b"from the process\n").unwrap();
+        host.write_all(b"typed\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        for _ in 0..1000 {
+            io.progress();
+            match host.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if got.ends_with(b"typed\r\n") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The process's output, then the terminal's echo of what the host typed.
+        assert_eq!(got, b"from the process\r\ntyped\r\n");
+        assert!(
+            io.attach_terminal(crate::sys::open_pty().unwrap().0)
+                .is_err()
+        );
+    }
+
+    #[test]
     fn close_stdin_delivers_what_was_sent_before_it() {
         let (mut host_w, src) = sockpair();
         let (dst, mut proc_r) = sockpair();
         let mut io = ProcessIo {
             pumps: vec![Pump::new(src, dst, Direction::Input)],
-            master: None,
+            ..ProcessIo::default()
         };
         host_w.write_all(b"last words").unwrap();
         // The host keeps its end open: EOF comes from the request alone, and everything is

@@ -181,8 +181,8 @@ pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     }
 }
 
-/// Opens a new pseudo-terminal pair in the guest's devpts: (master, slave), both
-/// close-on-exec.
+/// Opens a new pseudo-terminal pair through the caller's `/dev/ptmx` (so in the devpts instance
+/// that the caller's mount namespace shows there): (master, slave), both close-on-exec.
 pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;

@@ -1047,6 +1047,15 @@ fn stdin_ends_when_the_host_closes_its_connection() {
     assert_eq!(e.code, ErrorCode::NoSuchProcess, "it has exited: {e}");
 }
 
+/// Adds the devpts mount every real spec has (`runc spec`, podman, containerd): a terminal
+/// comes from the container's own /dev/pts.
+fn with_devpts(cfg: &mut serde_json::Value) {
+    cfg["mounts"].as_array_mut().expect("mounts").push(json!(
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}
+    ));
+}
+
 #[test]
 fn a_terminal_process_sees_a_tty_and_its_size() {
     if skip_unless_root() {
@@ -1056,6 +1065,7 @@ fn a_terminal_process_sees_a_tty_and_its_size() {
     let mut cfg = sh(
         "test -t 0 && test -t 1 && echo is-a-tty; stty size; read line; stty size; echo \"got $line\"",
     );
+    with_devpts(&mut cfg);
     cfg["process"]["terminal"] = json!(true);
     cfg["process"]["consoleSize"] = json!({"height": 33, "width": 111});
     let (_, mut io) = h.create(&cfg, Want::Terminal).unwrap();
@@ -1076,23 +1086,95 @@ fn a_terminal_process_sees_a_tty_and_its_size() {
 }
 
 #[test]
+fn the_terminal_is_a_pty_of_the_container_devpts() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    // ttyname() must find the slave in the container's /dev/pts (busybox `tty` fails with
+    // "not a tty" otherwise), and the pty must be the container's own devpts instance: its
+    // first pty is number 0 whatever husk-init's devpts holds, and it is the controlling one
+    // (/dev/tty opens).
+    let mut cfg = sh("tty; ls -1 /dev/pts; readlink /proc/self/fd/1; echo via-dev-tty >/dev/tty");
+    with_devpts(&mut cfg);
+    cfg["process"]["terminal"] = json!(true);
+    let (_, io) = h.create(&cfg, Want::Terminal).unwrap();
+    h.ok(Request::Start);
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init),
+        exited(0),
+        "{}",
+        io.stdout.text()
+    );
+    let out = io.stdout.text();
+    let lines: Vec<&str> = out.lines().map(str::trim_end).collect();
+    assert_eq!(lines[0], "/dev/pts/0", "{out:?}");
+    assert_eq!(
+        lines[1..3],
+        ["0", "ptmx"],
+        "one pty in the new devpts instance: {out:?}"
+    );
+    assert_eq!(lines[3..], ["/dev/pts/0", "via-dev-tty"], "{out:?}");
+}
+
+#[test]
+fn the_terminal_belongs_to_the_process_user() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    // As under runc: the user can reopen its own terminal by name.
+    let mut cfg = sh("stat -c '%u %a' $(tty); echo reopened >$(tty)");
+    with_devpts(&mut cfg);
+    cfg["process"]["terminal"] = json!(true);
+    cfg["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let (_, io) = h.create(&cfg, Want::Terminal).unwrap();
+    h.ok(Request::Start);
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init),
+        exited(0),
+        "{}",
+        io.stdout.text()
+    );
+    assert_eq!(io.stdout.text(), "1000 620\r\nreopened\r\n");
+}
+
+#[test]
+fn a_terminal_without_a_devpts_in_the_container_fails_create_saying_so() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut cfg = sh("true");
+    cfg["process"]["terminal"] = json!(true);
+    let e = h.create(&cfg, Want::Terminal).unwrap_err();
+    assert!(
+        e.message.contains("/dev/ptmx") && e.message.contains("process.terminal"),
+        "{e:?}"
+    );
+    // husk-init carries on.
+    let run = h.run(&config(&["echo", "still-here"]));
+    assert_eq!(run.stdout, "still-here\n", "{run:?}");
+}
+
+#[test]
 fn an_exec_process_can_have_a_terminal() {
     if skip_unless_root() {
         return;
     }
     let mut h = Host::start();
-    let (_, io) = h
-        .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
-        .unwrap();
+    let mut cfg = sh("echo ready; exec sleep 100");
+    with_devpts(&mut cfg);
+    let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
     h.ok(Request::Start);
     io.stdout.wait_for("ready");
     // An exec'd process runs at once: its size can only come with it (as `runc exec` does).
-    let process = json!({"args": ["sh", "-c", "test -t 0 && echo tty; stty size"], "terminal": true,
+    let process = json!({"args": ["sh", "-c", "test -t 0 && echo tty; stty size; tty"], "terminal": true,
                          "consoleSize": {"height": 20, "width": 70},
                          "cwd": "/", "user": {"uid": 0, "gid": 0}});
     let (_, eio) = h.exec(3, &process, Want::Terminal).unwrap();
     assert_eq!(h.wait_exit(ProcessRef::Exec(ExecId(3))), exited(0));
-    assert_eq!(eio.stdout.text(), "tty\r\n20 70\r\n");
+    assert_eq!(eio.stdout.text(), "tty\r\n20 70\r\n/dev/pts/0\r\n");
 }
 
 #[test]

@@ -231,8 +231,6 @@ fn run_it(podman: &Podman, script_text: &str, code: i32) -> String {
 }
 
 #[test]
-#[ignore = "known bug: husk-init opens the pty in the guest's devpts, not in the container's \
-            /dev/pts (podman mounts a new devpts instance there), so ttyname() fails"]
 fn podman_it_terminal_has_a_name_in_the_container() {
     let Some(()) = prerequisites() else { return };
     let Some(podman) = Podman::new(&husk_binary()) else {

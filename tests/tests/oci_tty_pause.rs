@@ -95,6 +95,11 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     let cfg = b1.join("config.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
     v["process"]["terminal"] = serde_json::Value::Bool(true);
+    // The terminal comes from the container's own devpts, as with runc.
+    v["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}
+    ));
     v["process"]["env"] = serde_json::json!(["PATH=/bin", "HOME=/root", "TERM=xterm"]);
     std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
     let sock = tmp.path().join("console.sock");
@@ -150,9 +155,10 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     assert_eq!(r, 0);
     std::thread::sleep(Duration::from_millis(500));
     master
-        .write_all(b"stty size; test -t 0 && echo tty-ok-$((3+4))\n")
+        .write_all(b"stty size; test -t 0 && echo tty-ok-$((3+4)) $(tty)\n")
         .unwrap();
-    let seen = read_until(&mut master, "tty-ok-7", Duration::from_secs(30));
+    // `tty` names the pty in the container's /dev/pts (its first one).
+    let seen = read_until(&mut master, "tty-ok-7 /dev/pts/0", Duration::from_secs(30));
     assert!(seen.contains("40 100"), "{seen:?}");
 
     // exec --tty with a console socket (how engines run `exec -t`): the monitor holds the
@@ -173,7 +179,7 @@ fn terminal_pause_resume_and_two_containers_at_once() {
                     "tty1",
                     "sh",
                     "-c",
-                    "test -t 0 && echo exec-tty-$((2*3)); exit 9",
+                    "test -t 0 && echo exec-tty-$((2*3)) $(tty); exit 9",
                 ],
             )
         })
@@ -189,8 +195,12 @@ fn terminal_pause_resume_and_two_containers_at_once() {
             flags | libc::O_NONBLOCK,
         );
     }
-    let seen = read_until(&mut exec_master, "exec-tty-6", Duration::from_secs(60));
-    assert!(seen.contains("exec-tty-6"), "{seen:?}");
+    let seen = read_until(
+        &mut exec_master,
+        "exec-tty-6 /dev/pts/1",
+        Duration::from_secs(60),
+    );
+    assert!(seen.contains("exec-tty-6 /dev/pts/1"), "{seen:?}");
     let (code, _, err) = exec.join().unwrap();
     assert_eq!(code, 9, "exec --tty exit status: {err}");
 

@@ -6,6 +6,7 @@
 //! module) keeps the pipes to the waiting child and the cgroup.
 
 mod cgroup;
+mod console;
 mod mounts;
 mod process;
 mod seccomp;
@@ -144,33 +145,60 @@ fn close_fds_except(keep: &[RawFd]) {
     }
 }
 
-/// Connects a process's stdio; a terminal gets the spec's `consoleSize` before the process
-/// can read it (for an exec'd process there is no other moment: it runs at once).
+/// Both ends of the channel that carries a terminal's master from the process to us.
+type ConsoleChannel = (console::Receiver, console::Sender);
+
+/// Connects a process's stdio. A terminal also gets the channel on which the process sends
+/// its pty master (it opens the pty itself, in the container; see `console`).
 fn setup_stdio(
     stdio: &husk_proto::Stdio,
-    process: &process::ProcessPlan,
     env: &Env,
-) -> Result<(ChildStdio, ProcessIo), ErrorReply> {
+) -> Result<(ChildStdio, ProcessIo, Option<ConsoleChannel>), ErrorReply> {
     let (child, io) =
         ProcessIo::setup(stdio, &env.transport).map_err(|e| sys_reply("setting up stdio", e))?;
-    if let (true, Some((rows, cols))) = (stdio.is_terminal(), process.console_size) {
-        io.resize(rows, cols)
-            .map_err(|e| sys_reply("setting the terminal size (process.consoleSize)", e))?;
-    }
-    Ok((child, io))
+    let console = match child {
+        ChildStdio::Terminal => {
+            Some(console::channel().map_err(|e| sys_reply("creating the terminal channel", e))?)
+        }
+        ChildStdio::Fds { .. } => None,
+    };
+    Ok((child, io, console))
 }
 
-/// In a forked child: installs the stdio descriptors as 0, 1, 2.
-fn install_stdio(stdio: ChildStdio, terminal: bool) -> Result<(), ChildError> {
-    nix::unistd::setsid().map_err(|e| ChildError::sys("setsid", e))?;
-    for (fd, target) in [(&stdio.stdin, 0), (&stdio.stdout, 1), (&stdio.stderr, 2)] {
-        if fd.as_raw_fd() != target {
-            sys::dup_onto(fd, target).map_err(|e| ChildError::sys("dup2", e))?;
-        }
+/// Parent side: takes the master the child sends and relays it. If the child failed first,
+/// its own report says why.
+fn receive_terminal(
+    console: Option<console::Receiver>,
+    io: &mut ProcessIo,
+    report: &mut File,
+) -> Result<(), ErrorReply> {
+    let Some(rx) = console else { return Ok(()) };
+    match rx.receive() {
+        Ok(master) => io
+            .attach_terminal(master)
+            .map_err(|e| sys_reply("relaying the terminal", e)),
+        Err(e) => Err(match sync::read_report(report) {
+            Ok(sync::ChildReport::Failed(ce)) => ce.into(),
+            _ => sys_reply("receiving the process's terminal", e),
+        }),
     }
-    if terminal {
-        sys::set_controlling_tty(0)
-            .map_err(|e| ChildError::sys("making the pty the controlling terminal", e))?;
+}
+
+/// In a forked child: makes it a session leader with the stdio descriptors as 0, 1, 2 (a
+/// terminal comes later, from the container's devpts: [`console::Sender::open_terminal`]).
+fn install_stdio(stdio: ChildStdio) -> Result<(), ChildError> {
+    nix::unistd::setsid().map_err(|e| ChildError::sys("setsid", e))?;
+    if let ChildStdio::Fds {
+        stdin,
+        stdout,
+        stderr,
+    } = &stdio
+    {
+        for (fd, target) in [(stdin, 0), (stdout, 1), (stderr, 2)] {
+            if fd.as_raw_fd() != target {
+                sys::dup_onto(fd, target).map_err(|e| ChildError::sys("dup2", e))?;
+            }
+        }
     }
     Ok(())
 }
@@ -231,7 +259,7 @@ impl Container {
                 cg.destroy();
             }
         };
-        let (child_stdio, io) = match setup_stdio(&req.stdio, &plan.process, env) {
+        let (child_stdio, mut io, console) = match setup_stdio(&req.stdio, env) {
             Ok(x) => x,
             Err(e) => {
                 cleanup(&cgroup);
@@ -241,7 +269,7 @@ impl Container {
         let (mut go_r, mut go_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
         let (mut rep_r, mut rep_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
         let in_userns = plan.id_maps.is_some();
-        let terminal = req.stdio.is_terminal();
+        let (console_rx, console_tx) = console.unzip();
 
         let pid = match sys::fork_into_namespaces(plan.clone_flags) {
             Err(e) => {
@@ -252,16 +280,14 @@ impl Container {
                 drop(go_w);
                 drop(rep_r);
                 drop(io);
-                close_fds_except(&[
-                    go_r.as_raw_fd(),
-                    rep_w.as_raw_fd(),
-                    child_stdio.stdin.as_raw_fd(),
-                    child_stdio.stdout.as_raw_fd(),
-                    child_stdio.stderr.as_raw_fd(),
-                ]);
+                drop(console_rx);
+                let mut keep = vec![go_r.as_raw_fd(), rep_w.as_raw_fd()];
+                keep.extend(child_stdio.raw_fds());
+                keep.extend(console_tx.as_ref().map(console::Sender::raw_fd));
+                close_fds_except(&keep);
                 child_main(&mut rep_w, |rep| {
-                    install_stdio(child_stdio, terminal)?;
-                    init_child(&mut plan, &mut go_r, rep, in_userns)
+                    install_stdio(child_stdio)?;
+                    init_child(&mut plan, &mut go_r, rep, in_userns, console_tx)
                 });
             }
             Ok(pid) => Pid::from_raw(pid),
@@ -269,6 +295,7 @@ impl Container {
         drop(go_r);
         drop(rep_w);
         drop(child_stdio);
+        drop(console_tx);
 
         let fail = |e: ErrorReply, cg: &Option<cgroup::Cgroup>| {
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
@@ -298,6 +325,9 @@ impl Container {
                 sys_reply("releasing the container process", e),
                 &cgroup,
             ));
+        }
+        if let Err(e) = receive_terminal(console_rx, &mut io, &mut rep_r) {
+            return Err(fail(e, &cgroup));
         }
         match sync::read_report(&mut rep_r) {
             Ok(sync::ChildReport::Ready) => {}
@@ -405,7 +435,8 @@ impl Container {
             .map_err(|e| err(ErrorCode::InvalidSpec, format!("process.json: {e}")))?;
         let mut plan = process::ProcessPlan::from_spec(&spec)?;
         plan.terminal = req.stdio.is_terminal();
-        let (child_stdio, io) = setup_stdio(&req.stdio, &plan, env)?;
+        let (child_stdio, mut io, console) = setup_stdio(&req.stdio, env)?;
+        let (console_rx, console_tx) = console.unzip();
         let (mut rep_r, mut rep_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
         // Namespace descriptors, opened while /proc still shows guest pids.
         let open_ns = |name: &str| -> Result<OwnedFd, ErrorReply> {
@@ -442,19 +473,16 @@ impl Container {
         {
             log::error!("cannot return to husk-init's pid namespace: {e}");
         }
-        let terminal = plan.terminal;
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.path().join("cgroup.procs"));
         let pid = match forked {
             Err(e) => return Err(sys_reply("fork", e)),
             Ok(0) => {
                 drop(rep_r);
                 drop(io);
-                let mut keep = vec![
-                    rep_w.as_raw_fd(),
-                    child_stdio.stdin.as_raw_fd(),
-                    child_stdio.stdout.as_raw_fd(),
-                    child_stdio.stderr.as_raw_fd(),
-                ];
+                drop(console_rx);
+                let mut keep = vec![rep_w.as_raw_fd()];
+                keep.extend(child_stdio.raw_fds());
+                keep.extend(console_tx.as_ref().map(console::Sender::raw_fd));
                 keep.extend(ns_fds.iter().map(|(fd, _)| fd.as_raw_fd()));
                 close_fds_except(&keep);
                 child_main(&mut rep_w, |_| {
@@ -466,7 +494,11 @@ impl Container {
                         nix::sched::setns(fd, *flag)
                             .map_err(|e| ChildError::sys(format!("setns {flag:?}"), e))?;
                     }
-                    install_stdio(child_stdio, terminal)?;
+                    install_stdio(child_stdio)?;
+                    // In the container's mount namespace now: its /dev/ptmx.
+                    if let Some(tx) = console_tx {
+                        tx.open_terminal(plan.console_size)?;
+                    }
                     plan.default_home();
                     let exe = plan.find_executable()?;
                     plan.apply_limits()?;
@@ -477,6 +509,12 @@ impl Container {
         };
         drop(rep_w);
         drop(child_stdio);
+        drop(console_tx);
+        if let Err(e) = receive_terminal(console_rx, &mut io, &mut rep_r) {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(e);
+        }
         match sync::read_report(&mut rep_r) {
             Ok(sync::ChildReport::Closed) => Ok(Spawned { pid, io }),
             Ok(sync::ChildReport::Failed(e)) => {
@@ -561,6 +599,7 @@ fn init_child(
     go: &mut File,
     report: &mut File,
     in_userns: bool,
+    console: Option<console::Sender>,
 ) -> Result<std::convert::Infallible, ChildError> {
     if sync::wait_for(go) != Some(sync::GO_SETUP) {
         return Err(ChildError::sys("waiting for husk-init", "it gave up"));
@@ -581,6 +620,11 @@ fn init_child(
     }
     plan.rootfs.mount_all(in_userns)?;
     plan.rootfs.pivot()?;
+    // As runc: the terminal comes from the container's own devpts, before the root is
+    // finalised (remounted read-only, paths masked).
+    if let Some(tx) = console {
+        tx.open_terminal(plan.process.console_size)?;
+    }
     if let Some(h) = &plan.hostname {
         nix::unistd::sethostname(h)
             .map_err(|e| ChildError::sys(format!("setting hostname {h:?}"), e))?;

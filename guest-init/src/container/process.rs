@@ -283,6 +283,21 @@ impl ProcessPlan {
                 }
             }
         }
+        if self.terminal {
+            // The pty slave was created by root; as runc does, it becomes the process's own
+            // (its group stays devpts' `gid=`), so that it can reopen its terminal by name.
+            // In a user namespace that does not map the uid (EINVAL) or the slave's group
+            // (EPERM) it cannot change owner: it stays root's, which costs only that.
+            match nix::unistd::fchown(std::io::stdin(), Some(Uid::from_raw(self.uid)), None) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EPERM) => {}
+                Err(e) => {
+                    return Err(ChildError::sys(
+                        "giving the terminal to the process's user",
+                        e,
+                    ));
+                }
+            }
+        }
         let gids: Vec<Gid> = self
             .additional_gids
             .iter()

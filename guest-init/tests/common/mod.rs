@@ -41,7 +41,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "env", "id", "pwd", "hostname", "ls", "mkdir", "touch", "grep", "ps",
     "readlink", "sleep", "stty", "test", "true", "false", "kill", "head", "tr", "wc", "stat",
-    "mount", "sort", "printf", "ip",
+    "mount", "sort", "printf", "ip", "tty",
 ];
 
 /// Whether the tests can run (husk-init needs root to build containers). Prints the skip
