@@ -106,6 +106,93 @@ fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration, what: &str) {
     }
 }
 
+/// Whether `pid` runs (a zombie does not: the relay's new parent may reap it late).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// The signals an engine sends to the pid it holds for an exec'd process reach the process in
+/// the guest: `exec` itself, and the exec relay that `exec --detach --pid-file` leaves.
+fn exec_signals_reach_the_process(root: &std::path::Path, tmp: &std::path::Path) {
+    // The trap must be set before the signal comes: the script says when it is.
+    let script = |name: &str, code: u8| {
+        format!(
+            "trap 'echo {name}-got-term >/tmp/{name}.term; exit {code}' TERM; touch /tmp/{name}.ready; \
+             while :; do sleep 1; done"
+        )
+    };
+    let ready = |name: &str| {
+        let path = format!("/tmp/{name}.ready");
+        wait_for(
+            || husk(root, &["exec", "c1", "cat", &path]).0 == 0,
+            Duration::from_secs(60),
+            "the exec'd shell's trap",
+        );
+    };
+    // Attached: its exit status is the process's, which the trap chose.
+    let mut attached = Command::new(husk_binary())
+        .arg("--root")
+        .arg(root)
+        .args(["exec", "c1", "sh", "-c", &script("attached", 7)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    ready("attached");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(attached.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = attached.wait().unwrap();
+    assert_eq!(status.code(), Some(7), "exec after SIGTERM: {status}");
+    let (_, out, _) = husk(root, &["exec", "c1", "cat", "/tmp/attached.term"]);
+    assert_eq!(out, "attached-got-term\n");
+
+    // Detached: the pid file names the relay; the engine signals it.
+    let pid_file = tmp.join("exec.pid");
+    let status = Command::new(husk_binary())
+        .arg("--root")
+        .arg(root)
+        .args(["exec", "--detach", "--pid-file"])
+        .arg(&pid_file)
+        .args(["c1", "sh", "-c", &script("detached", 9)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap();
+    assert!(status.success(), "exec --detach: {status}");
+    let relay: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    ready("detached");
+    assert!(
+        running(relay),
+        "the relay must stand for the running process"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for(
+        || !running(relay),
+        Duration::from_secs(60),
+        "the relay to exit with the process",
+    );
+    let (_, out, _) = husk(root, &["exec", "c1", "cat", "/tmp/detached.term"]);
+    assert_eq!(
+        out, "detached-got-term\n",
+        "the signal reached the process's trap"
+    );
+}
+
 fn status_of(root: &std::path::Path, id: &str) -> String {
     let (code, out, err) = husk(root, &["state", id]);
     assert_eq!(code, 0, "state {id}: {err}");
@@ -237,6 +324,7 @@ fn lifecycle_of_a_container_in_a_vm() {
     assert_ne!(out.trim(), host_release.trim());
     let (code, _, _) = husk(&root, &["exec", "c1", "sh", "-c", "exit 5"]);
     assert_eq!(code, 5, "exec's exit status");
+    exec_signals_reach_the_process(&root, tmp.path());
     // ps: the main process is pid 1 of its namespace; ps lists guest pids.
     let (code, out, err) = husk(&root, &["ps", "c1", "--format", "json"]);
     assert_eq!(code, 0, "ps: {err}");

@@ -8,7 +8,9 @@
 //! terminal) and exits with its exit status (128+N for signal N). `--pid-file` gets the relay's
 //! pid. The relay is `husk exec` without `--detach`, started in its own session with the
 //! caller's stdio; it reports on an inherited pipe (`--started-fd`) once the process runs (or
-//! why it could not start), and only then does `exec --detach` return.
+//! why it could not start), and only then does `exec --detach` return. Signals the engine
+//! sends to that pid go on to the exec'd process (`signal_forward`), SIGKILL and SIGSTOP
+//! excepted.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -3,6 +3,7 @@
 mod exec_relay;
 mod log;
 mod oci;
+mod signal_forward;
 mod vm;
 
 use std::path::PathBuf;

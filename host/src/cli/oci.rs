@@ -13,6 +13,7 @@ use husk_proto::{Stdio, VsockPort};
 use oci_spec::runtime::Spec;
 
 use super::exec_relay::Started;
+use super::signal_forward::Forwarder;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
 use crate::monitor::{self, MonitorArgs};
 use crate::oci::bundle::Bundle;
@@ -633,7 +634,10 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         }
     };
     match first {
-        MonitorReply::ExecStarted { .. } => started.ok()?,
+        MonitorReply::ExecStarted { exec, .. } => {
+            Forwarder::block()?.start(socket.clone(), exec);
+            started.ok()?;
+        }
         MonitorReply::Error(e) => {
             cleanup(base);
             bail!("exec in container {}: {e}", args.id);
@@ -702,7 +706,10 @@ fn exec_tty(
                 .map_err(anyhow::Error::msg)?;
         drop(slave);
         match first {
-            MonitorReply::ExecStarted { .. } => started.ok()?,
+            MonitorReply::ExecStarted { exec, .. } => {
+                Forwarder::block()?.start(socket.to_path_buf(), exec);
+                started.ok()?;
+            }
             MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
             other => bail!("unexpected reply {other:?}"),
         }
@@ -751,6 +758,7 @@ fn exec_tty(
             bail!("unexpected reply {other:?}");
         }
     };
+    Forwarder::block()?.start(socket.to_path_buf(), exec_id);
     started.ok()?;
     let conn = term_l.accept().map(|(c, _)| c);
     cleanup();

@@ -24,6 +24,15 @@ pub enum MonitorRequest {
         /// All processes.
         all: bool,
     },
+    /// Deliver a signal to an exec'd process (`exec` is the id from
+    /// [`MonitorReply::ExecStarted`]): how `husk exec`, the exec relay included, forwards the
+    /// signals sent to it.
+    KillExec {
+        /// Which exec.
+        exec: u32,
+        /// Signal number.
+        signal: i32,
+    },
     /// The guest pids of the container's processes.
     Ps,
     /// Run another process in the container.

@@ -555,16 +555,11 @@ impl Monitor {
                 } else {
                     SignalTarget::Process(ProcessRef::Init)
                 };
-                let request = Request::Signal { target, signal };
-                if self.stopper.is_paused() {
-                    // A paused guest answers only once resumed: queue the signal and say so
-                    // now, as runc does for a frozen container (delivered on resume).
-                    self.send(request, Pending::Ignore)
-                        .map(|()| reply(&mut stream, &MonitorReply::Ok))
-                } else {
-                    let s = stream.try_clone().map_err(|e| e.to_string());
-                    s.and_then(|s| self.send(request, Pending::Reply(s)))
-                }
+                self.signal(target, signal, &mut stream)
+            }
+            MonitorRequest::KillExec { exec, signal } => {
+                let target = SignalTarget::Process(ProcessRef::Exec(ExecId(exec)));
+                self.signal(target, signal, &mut stream)
             }
             MonitorRequest::Ps => {
                 let s = stream.try_clone().map_err(|e| e.to_string());
@@ -644,6 +639,25 @@ impl Monitor {
         };
         if let Err(e) = result {
             reply(&mut stream, &MonitorReply::Error(e));
+        }
+    }
+
+    /// Sends a signal request to the guest; its answer goes to `stream`.
+    fn signal(
+        &mut self,
+        target: SignalTarget,
+        signal: i32,
+        stream: &mut UnixStream,
+    ) -> Result<(), String> {
+        let request = Request::Signal { target, signal };
+        if self.stopper.is_paused() {
+            // A paused guest answers only once resumed: queue the signal and say so now, as
+            // runc does for a frozen container (delivered on resume).
+            self.send(request, Pending::Ignore)
+                .map(|()| reply(stream, &MonitorReply::Ok))
+        } else {
+            let s = stream.try_clone().map_err(|e| e.to_string());
+            s.and_then(|s| self.send(request, Pending::Reply(s)))
         }
     }
 
