@@ -4,8 +4,7 @@
 //! resource limits; a second checks `run --rm -it` and exit codes. `rm -f` of a running
 //! container has its own test.
 //!
-//! The networking checks (default bridge, published ports) are separate tests; the bridge one
-//! is still ignored (see its reason).
+//! The networking checks (default bridge, published ports) are separate tests.
 
 use std::process::Command;
 
@@ -267,8 +266,6 @@ fn podman_bad_runtime_input_is_reported() {
 }
 
 #[test]
-#[ignore = "not yet seen passing against virtio-net: its one run hit podman's 240 s create \
-            timeout on a loaded host"]
 fn podman_bridge_network_reaches_a_server_on_the_host() {
     let Some(()) = prerequisites() else { return };
     let Some(podman) = Podman::new(&husk_binary()) else {
