@@ -24,3 +24,15 @@ use std::time::Instant;
 pub fn main(process_start: Instant) -> ExitCode {
     cli::main(process_start)
 }
+
+/// An error and its causes on one line (`a: b: c`), for messages that must name the root cause.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

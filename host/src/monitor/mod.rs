@@ -40,6 +40,7 @@ use husk_proto::{
     SignalTarget, Stdio, VsockPort,
 };
 
+use crate::error_chain;
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks;
 use crate::oci::sockets::SocketDir;
@@ -767,18 +768,6 @@ fn record_vm_phases(timeline: &vmm::Timeline) {
             crate::phases::record(m.name(), *t);
         }
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn reply(stream: &mut UnixStream, msg: &MonitorReply) {

@@ -40,6 +40,7 @@ use oci_spec::runtime::{Hook, Hooks, Spec};
 
 use super::bundle::Bundle;
 use super::state::State;
+use crate::error_chain;
 
 /// The copy of the spec's hooks in the container's state directory.
 pub const HOOKS_FILE: &str = "hooks.json";
@@ -316,18 +317,6 @@ pub fn run_warning(kind: HookKind, hooks: Option<&Hooks>, state: &State) {
             eprintln!("husk: warning: {}", error_chain(&e));
         }
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// An anonymous memory file.
