@@ -24,6 +24,19 @@ pub const IMAGE: &str = "localhost/husk-busybox:test";
 /// kvm_pvm, several times that when the machine is busy).
 pub const ENGINE_LIMIT: Duration = Duration::from_secs(600);
 
+/// What every engine test needs: root (for `needs`: KVM, namespaces and the engine's own
+/// `needs`), a usable /dev/kvm and the guest image; or a skip that says which is missing.
+pub fn prerequisites(needs: &str) -> Option<()> {
+    if !crate::is_root() {
+        return crate::skip(&format!("needs root (KVM, namespaces, {needs})"));
+    }
+    if !crate::kvm_available() {
+        return crate::skip("no usable /dev/kvm");
+    }
+    crate::guest_image()?;
+    Some(())
+}
+
 /// The programs an engine test needs on `PATH`, or a skip naming the missing ones.
 pub fn require_programs(programs: &[&str]) -> Option<()> {
     let missing: Vec<&str> = programs

@@ -6,17 +6,10 @@
 use std::process::Command;
 
 use husk_e2e::engines::{self, Containerd, IMAGE, expect_code, expect_ok};
-use husk_e2e::{guest_image, husk_binary, is_root, kvm_available, skip};
+use husk_e2e::husk_binary;
 
 fn prerequisites() -> Option<()> {
-    if !is_root() {
-        return skip("needs root (KVM, namespaces, containerd)");
-    }
-    if !kvm_available() {
-        return skip("no usable /dev/kvm");
-    }
-    guest_image()?;
-    Some(())
+    engines::prerequisites("containerd")
 }
 
 /// Polls `ctr tasks ls` until `id`'s task shows `status` (true), or until `gone` says the

@@ -8,17 +8,10 @@
 //! with its own new namespace as the state's `/proc/<pid>/ns/net`.
 
 use husk_e2e::engines::{self, Dockerd, HttpServer, IMAGE, expect_code, expect_ok};
-use husk_e2e::{guest_image, husk_binary, is_root, kvm_available, skip};
+use husk_e2e::husk_binary;
 
 fn prerequisites() -> Option<()> {
-    if !is_root() {
-        return skip("needs root (KVM, namespaces, dockerd)");
-    }
-    if !kvm_available() {
-        return skip("no usable /dev/kvm");
-    }
-    guest_image()?;
-    Some(())
+    engines::prerequisites("dockerd")
 }
 
 /// Polls `docker inspect` until the container's status is `status` (true), or until `gone`

@@ -9,18 +9,11 @@
 use std::process::Command;
 
 use husk_e2e::engines::{self, HttpServer, IMAGE, Podman, expect_code, expect_ok};
-use husk_e2e::{TempDir, guest_image, husk_binary, is_root, kvm_available, skip};
+use husk_e2e::{TempDir, husk_binary};
 
 /// Root, KVM and the guest image, or a skip.
 fn prerequisites() -> Option<()> {
-    if !is_root() {
-        return skip("needs root (KVM, namespaces, engine storage)");
-    }
-    if !kvm_available() {
-        return skip("no usable /dev/kvm");
-    }
-    guest_image()?;
-    Some(())
+    engines::prerequisites("engine storage")
 }
 
 /// `cmd` as one shell line (for `script -c`), its environment included.
