@@ -193,6 +193,27 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         "the monitor's / must be a read-only tmpfs: {root_line}"
     );
 
+    // The records husk acts on as root are read-only mounts of their own there (the monitor
+    // writes the rest of its state directory): `monitor::jail::PINNED`.
+    for name in [
+        "container.json",
+        "lock",
+        "hooks.json",
+        "network.json",
+        "cgroups",
+        "monitor.sock",
+    ] {
+        let at = root.join("j1").join(name);
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{name} is not pinned in the monitor: {mountinfo}"));
+        assert!(
+            line.split(' ').nth(5).unwrap().starts_with("ro"),
+            "{name} is pinned writable: {line}"
+        );
+    }
+
     // Its own cgroup, listed in the state directory for delete.
     let record = std::fs::read_to_string(root.join("j1/cgroups")).unwrap();
     let cgroups: Vec<&Path> = record.lines().map(Path::new).collect();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The file in the state directory that lists the monitor's cgroup directories.
-const RECORD_FILE: &str = "cgroups";
+pub const RECORD_FILE: &str = "cgroups";
 
 /// Where a hierarchy is mounted and which cgroup of it this process is in.
 #[derive(Debug, PartialEq, Eq)]

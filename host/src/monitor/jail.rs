@@ -11,6 +11,12 @@
 //!   too). The monitor pivots into it and detaches the host's root. The taps were opened
 //!   before, so `/dev/net/tun` is not needed; the log and the container's stdio are
 //!   descriptors already;
+//! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
+//!   its vsock sockets), but the files there that husk commands act on as root (see
+//!   `crate::oci::state` on what husk trusts) are bind-mounted read-only onto themselves first
+//!   ([`PINNED`]; missing ones are created empty, so that none can be added later): the
+//!   monitor can neither write them nor unlink or rename over them (EBUSY: they are mount
+//!   points in its mount namespace). On the host they stay plain files;
 //! - **capabilities**: only what the virtio-fs server needs to act as the guest's root on the
 //!   share: CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, and CAP_SETUID/CAP_SETGID for the
 //!   per-request credential switch it makes (the fs device's tests fail without any one of
@@ -47,6 +53,19 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 
 use super::cgroup;
+use crate::oci::{hooks, sockets, state};
+
+/// The files of the state directory pinned read-only (see the module docs): the container's
+/// fixed facts, the lock, the hooks `start` and `delete` run, the records of the network and
+/// cgroups `delete` undoes, and the control socket the commands connect to (bound before).
+pub const PINNED: &[&str] = &[
+    state::FIXED_FILE,
+    state::LOCK_FILE,
+    hooks::HOOKS_FILE,
+    super::network::RECORD_FILE,
+    cgroup::RECORD_FILE,
+    sockets::MONITOR_SOCKET,
+];
 
 /// The environment variable that turns the jail off (`HUSK_JAIL=off`).
 pub const ENV: &str = "HUSK_JAIL";
@@ -83,6 +102,7 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
     // What the VMM learns from the host's /sys, which the jail does not have.
     crate::vmm::host::HostProfile::detect();
     cgroup::join(jail.id, jail.state_dir)?;
+    pin(jail.state_dir)?;
     let entries = entries(jail)?;
     pivot_into_new_root(&entries)?;
     drop(entries);
@@ -103,6 +123,53 @@ fn only_thread() -> Result<(), String> {
             "confining the monitor: it has {tasks} threads, it must have one (a bug in husk)"
         ))
     }
+}
+
+/// Bind-mounts each of [`PINNED`] read-only onto itself, creating it empty if missing.
+fn pin(state_dir: &Path) -> Result<(), String> {
+    for name in PINNED {
+        let path = state_dir.join(name);
+        let err = |what: &str| {
+            let what = format!("confining the monitor: {what} {}", path.display());
+            move |e: nix::Error| format!("{what}: {e}")
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(format!(
+                    "confining the monitor: creating {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("pinning"))?;
+        mount(
+            None::<&str>,
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(err("making read-only"))?;
+    }
+    Ok(())
 }
 
 /// One thing the new root holds, opened before the old root goes out of reach.
@@ -326,6 +393,11 @@ mod tests {
         .unwrap();
         let state = scratch.join("state");
         let kernel = scratch.join("image/vmlinux");
+        // As the monitor leaves them: some records written, the socket bound, others absent.
+        std::fs::write(state.join(hooks::HOOKS_FILE), b"").unwrap();
+        std::fs::write(state.join(state::FIXED_FILE), b"{}").unwrap();
+        let _socket =
+            std::os::unix::net::UnixListener::bind(state.join(sockets::MONITOR_SOCKET)).unwrap();
         enter(&Jail {
             id: &format!("jail-unit-{}", std::process::id()),
             state_dir: &state,
@@ -359,6 +431,20 @@ mod tests {
                 .open(&kernel)
                 .is_err(),
         );
+        // Each pinned record: no write, no unlink, no rename over it, no replacing.
+        let decoy = state.join("decoy");
+        std::fs::write(&decoy, b"{}").unwrap();
+        let mut changed = Vec::new();
+        for name in PINNED {
+            let path = state.join(name);
+            let write = std::fs::OpenOptions::new().append(true).open(&path);
+            let remove = std::fs::remove_file(&path);
+            let rename = std::fs::rename(&decoy, &path);
+            if write.is_ok() || remove.is_ok() || rename.is_ok() || !path.exists() {
+                changed.push(format!("{name}: {write:?} {remove:?} {rename:?}"));
+            }
+        }
+        report("pinned_changed", changed.join(";"));
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         for field in ["CapEff", "CapBnd", "NoNewPrivs"] {
             let line = status.lines().find(|l| l.starts_with(field)).unwrap();
@@ -431,6 +517,7 @@ mod tests {
         expected.dedup();
         assert_eq!(get("root"), expected.join(","));
         assert_eq!(get("state_write"), "true");
+        assert_eq!(get("pinned_changed"), "", "a pinned record changed");
         assert_eq!(
             wrote.unwrap(),
             b"x",

@@ -43,7 +43,7 @@ use husk_proto::{
 use crate::error_chain;
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks;
-use crate::oci::sockets::SocketDir;
+use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{self, SeccompMode, VmConfig, VmExit};
 use api::{MonitorReply, MonitorRequest};
@@ -252,6 +252,23 @@ impl Monitor {
                 return Err("process.terminal is true but no --console-socket was given".into());
             }
         };
+        // The container's fixed facts and the control socket, before the jail pins them (see
+        // `crate::oci::state` on what husk trusts).
+        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        let mut state = State {
+            oci_version: state::OCI_VERSION.into(),
+            id: args.id.clone(),
+            status: Status::Creating,
+            pid: Some(pid),
+            bundle: bundle.dir.clone(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            created: state::now_rfc3339(),
+            monitor_start_time: state::process_start_time(pid).unwrap_or(0),
+            exit_status: None,
+        };
+        state::write_fixed(dir, &state).map_err(|e| e.to_string())?;
+        let commands = UnixListener::bind(sockets.monitor())
+            .map_err(|e| format!("listening on {}: {e}", sockets::MONITOR_SOCKET))?;
         jail::enter(&jail::Jail {
             id: &args.id,
             state_dir: dir,
@@ -408,25 +425,12 @@ impl Monitor {
             other => return Err(fail(format!("husk-init answered create with {other:?}"))),
         }
 
-        let pid = i32::try_from(std::process::id()).unwrap_or(0);
-        let state = State {
-            oci_version: state::OCI_VERSION.into(),
-            id: args.id.clone(),
-            status: Status::Created,
-            pid: Some(pid),
-            bundle: bundle.dir.clone(),
-            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-            created: state::now_rfc3339(),
-            monitor_start_time: state::process_start_time(pid).unwrap_or(0),
-            exit_status: None,
-        };
+        state.status = Status::Created;
         state::write_state(dir, &state).map_err(|e| fail(e.to_string()))?;
 
         // Readers feeding the main loop.
         let reader = guest.try_clone().map_err(|e| fail(e.to_string()))?;
         spawn_guest_reader(reader, tx.clone());
-        let commands = UnixListener::bind(sockets.monitor())
-            .map_err(|e| fail(format!("listening on monitor.sock: {e}")))?;
         spawn_command_acceptor(commands, tx.clone());
 
         Ok(Monitor {
@@ -524,7 +528,8 @@ impl Monitor {
         for (_, mut s) in self.execs.drain() {
             reply(&mut s, &MonitorReply::Error("the container stopped".into()));
         }
-        let _ = std::fs::remove_file(self.dir.join("monitor.sock"));
+        // Fails (EBUSY) when the jail pinned it; `delete` removes it with the directory.
+        let _ = std::fs::remove_file(self.dir.join(sockets::MONITOR_SOCKET));
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with("vsock.sock") {

@@ -230,18 +230,20 @@ pub fn check(spec: &Spec) -> Result<(), (String, String)> {
 /// Keeps `hooks` (those `start` and `delete` will run) in the state directory `dir`.
 pub fn save(dir: &Path, hooks: Option<&Hooks>) -> Result<(), HookError> {
     let path = dir.join(HOOKS_FILE);
-    let Some(hooks) = hooks else {
-        return Ok(());
+    // Without hooks an empty file: the jail pins it, so that the monitor cannot add one later.
+    let data = match hooks {
+        Some(hooks) => serde_json::to_vec(hooks).map_err(std::io::Error::from),
+        None => Ok(Vec::new()),
     };
-    let data = serde_json::to_vec(hooks).map_err(std::io::Error::from);
     data.and_then(|d| std::fs::write(&path, d))
         .map_err(|source| HookError::Store { path, source })
 }
 
-/// The hooks kept in the state directory `dir` (none when there is no file).
+/// The hooks kept in the state directory `dir` (none when there is no file, or an empty one).
 pub fn load(dir: &Path) -> Result<Option<Hooks>, HookError> {
     let path = dir.join(HOOKS_FILE);
     match std::fs::read(&path) {
+        Ok(d) if d.is_empty() => Ok(None),
         Ok(d) => serde_json::from_slice(&d)
             .map(Some)
             .map_err(|e| HookError::Store {

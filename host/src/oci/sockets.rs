@@ -18,6 +18,9 @@ const LONGEST_NAME: usize = "/vsock.sock_4294967295".len();
 /// What `sun_path` holds, less its NUL.
 const SUN_PATH_MAX: usize = 107;
 
+/// The monitor's control socket's name in the directory.
+pub const MONITOR_SOCKET: &str = "monitor.sock";
+
 /// A container directory's sockets.
 #[derive(Debug)]
 pub struct SocketDir {
@@ -46,7 +49,7 @@ impl SocketDir {
 
     /// The monitor's control socket.
     pub fn monitor(&self) -> PathBuf {
-        self.base.join("monitor.sock")
+        self.base.join(MONITOR_SOCKET)
     }
 
     /// The vsock device's host-side socket (guest-initiated connections to port P go to

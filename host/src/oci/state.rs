@@ -1,7 +1,9 @@
 //! The state store under `--root` (default `/run/husk`): one directory per container.
 //!
 //! ```text
-//! <root>/<id>/state.json     the runtime-spec state plus what husk needs (written atomically)
+//! <root>/<id>/state.json     the runtime-spec state, kept current by the monitor (atomically)
+//! <root>/<id>/container.json the same, as the monitor wrote it before it confined itself: the
+//!                            container's fixed facts (bundle, annotations, the monitor's pid)
 //! <root>/<id>/lock           flock(2)ed by every command on this id, so they serialise
 //! <root>/<id>/monitor.sock   the monitor's control socket
 //! <root>/<id>/vsock.sock     the VM's vsock device (host side), `vsock.sock_<port>` listeners
@@ -10,6 +12,17 @@
 //! Commands on different ids never contend: each id has its own lock. The monitor's liveness
 //! decides between "what state.json says" and `stopped`: a monitor that is gone (or whose pid
 //! now belongs to another process, told apart by its start time) means the container stopped.
+//!
+//! **What husk trusts.** Once the monitor has confined itself (`monitor::jail`) it serves a
+//! guest that may be hostile, so it is treated as possibly taken over: it can write to the
+//! directory (its sockets, `state.json`), and husk commands run as root act on what is there.
+//! What they act on as root (which process to SIGKILL, which hooks to run, which network
+//! changes and cgroups to undo, which file to lock, which socket to talk to) therefore comes
+//! only from files written before the jail, which the jail pins read-only in the monitor's
+//! mount namespace (see `monitor::jail::PINNED`): `container.json`, `hooks.json`,
+//! `network.json`, `cgroups`, `lock` and `monitor.sock`. Of `state.json` only the status and
+//! the exit status count, and it is read as a bounded regular file, never through a symlink or
+//! from a FIFO.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -19,6 +32,19 @@ use std::path::{Path, PathBuf};
 
 use husk_proto::ContainerId;
 use serde::{Deserialize, Serialize};
+
+/// The live state (see the module docs).
+const STATE_FILE: &str = "state.json";
+
+/// The fixed facts, written before the monitor's jail (see the module docs).
+pub const FIXED_FILE: &str = "container.json";
+
+/// The lock every command on the container takes.
+pub const LOCK_FILE: &str = "lock";
+
+/// More than any state file husk writes (annotations included) needs; a larger one is refused
+/// rather than read into memory.
+const MAX_STATE_LEN: u64 = 1 << 20;
 
 /// The runtime-spec version husk's state JSON follows.
 pub const OCI_VERSION: &str = "1.2.0";
@@ -164,7 +190,7 @@ impl Store {
     pub fn open(&self, id: &str) -> Result<Entry, StateError> {
         let id = ContainerId::new(id)?;
         let dir = self.root.join(id.as_str());
-        if !dir.join("state.json").exists() && !dir.join("lock").exists() {
+        if !dir.join(STATE_FILE).exists() && !dir.join(LOCK_FILE).exists() {
             return Err(StateError::NotFound(id.to_string()));
         }
         let lock = lock(&dir).map_err(|e| match e {
@@ -193,7 +219,7 @@ impl Store {
             Err(e) => return Err(io("reading", &self.root)(e)),
         };
         for entry in entries.flatten() {
-            if entry.path().join("state.json").exists() {
+            if entry.path().join(STATE_FILE).exists() {
                 ids.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
@@ -203,7 +229,7 @@ impl Store {
 }
 
 fn lock(dir: &Path) -> Result<File, StateError> {
-    let path = dir.join("lock");
+    let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -230,9 +256,9 @@ impl Entry {
         super::sockets::SocketDir::open(&self.dir).map_err(io("opening", &self.dir))
     }
 
-    /// Reads state.json (as written; see [`Entry::current`] for the live status).
+    /// Reads the state (as written; see [`Entry::current`] for the live status).
     pub fn read(&self) -> Result<State, StateError> {
-        read_state(&self.dir.join("state.json"), &self.id)
+        read_state(&self.dir, &self.id)
     }
 
     /// state.json with the status corrected for a monitor that is gone.
@@ -255,31 +281,86 @@ impl Entry {
     }
 }
 
-/// Reads a state file.
-pub fn read_state(path: &Path, id: &ContainerId) -> Result<State, StateError> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
+/// Reads the state in `dir`: `state.json`, with everything but the status and the exit status
+/// taken from `container.json` once that exists (see the module docs).
+pub fn read_state(dir: &Path, id: &ContainerId) -> Result<State, StateError> {
+    let path = dir.join(STATE_FILE);
+    let live = match read_bounded(&path) {
+        Ok(d) => parse(&path, &d)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(StateError::NotFound(id.to_string()));
         }
-        Err(e) => return Err(io("reading", path)(e)),
+        Err(e) => return Err(io("reading", &path)(e)),
     };
-    serde_json::from_slice(&data).map_err(|e| StateError::Corrupt {
+    let path = dir.join(FIXED_FILE);
+    match read_bounded(&path) {
+        // Empty: created by the jail to be pinned, before the monitor wrote it.
+        Ok(d) if d.is_empty() => Ok(live),
+        Ok(d) => Ok(State {
+            status: live.status,
+            exit_status: live.exit_status,
+            ..parse(&path, &d)?
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(live),
+        Err(e) => Err(io("reading", &path)(e)),
+    }
+}
+
+fn parse(path: &Path, data: &[u8]) -> Result<State, StateError> {
+    serde_json::from_slice(data).map_err(|e| StateError::Corrupt {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })
 }
 
+/// Reads a file the monitor may have replaced: not through a symlink (ELOOP), not from a FIFO
+/// or device (opened non-blocking, refused unless a regular file), at most
+/// [`MAX_STATE_LEN`] bytes.
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_STATE_LEN + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_STATE_LEN {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_STATE_LEN} bytes"
+        )));
+    }
+    Ok(data)
+}
+
 /// Writes `dir/state.json` atomically (temp file + rename). Used by the monitor without the
 /// lock: renames are atomic, and the monitor is the only writer while it lives.
 pub fn write_state(dir: &Path, state: &State) -> Result<(), StateError> {
-    let path = dir.join("state.json");
-    let tmp = dir.join(format!(".state.json.{}", std::process::id()));
+    write_atomic(dir, STATE_FILE, state)
+}
+
+/// Writes `dir/container.json`: the monitor, once, before it confines itself.
+pub fn write_fixed(dir: &Path, state: &State) -> Result<(), StateError> {
+    write_atomic(dir, FIXED_FILE, state)
+}
+
+fn write_atomic(dir: &Path, name: &str, state: &State) -> Result<(), StateError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let json = serde_json::to_vec(state).map_err(|e| StateError::Corrupt {
         path: path.clone(),
         msg: e.to_string(),
     })?;
-    let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
+    // A fresh file (O_EXCL): never one that something else put there, e.g. a symlink.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io("writing", &tmp))?;
     f.write_all(&json).map_err(io("writing", &tmp))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))
@@ -393,6 +474,58 @@ mod tests {
             t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
             "{t}"
         );
+    }
+
+    #[test]
+    fn only_the_status_is_taken_from_what_the_monitor_keeps_writing() {
+        let (store, root) = store();
+        let e = store.create("c3").unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let mut fixed = state("c3", Some(me));
+        fixed.status = Status::Creating;
+        write_fixed(e.dir(), &fixed).unwrap();
+        // What a monitor taken over by its guest could write: another pid, another bundle.
+        let mut lie = state("c3", Some(1));
+        lie.monitor_start_time = process_start_time(1).unwrap_or(0);
+        lie.bundle = "/elsewhere".into();
+        lie.status = Status::Paused;
+        lie.exit_status = Some(3);
+        e.write(&lie).unwrap();
+        let read = e.read().unwrap();
+        assert_eq!(read.pid, Some(me));
+        assert_eq!(read.bundle, PathBuf::from("/b"));
+        assert_eq!(read.monitor_start_time, fixed.monitor_start_time);
+        assert_eq!((read.status, read.exit_status), (Status::Paused, Some(3)));
+        // An empty record (the jail pins one before the monitor writes it) is no record.
+        std::fs::write(e.dir().join(FIXED_FILE), b"").unwrap();
+        assert_eq!(e.read().unwrap().pid, Some(1));
+        drop(e);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_that_is_a_symlink_a_fifo_or_huge_is_refused() {
+        let (store, root) = store();
+        let e = store.create("c4").unwrap();
+        let path = e.dir().join(STATE_FILE);
+        let secret = e.dir().join("secret");
+        std::fs::write(&secret, serde_json::to_vec(&state("c4", None)).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let err = e.read().unwrap_err().to_string();
+        assert!(err.contains("state.json"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        // A FIFO nobody writes to: an error at once, not a read that blocks.
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = e.read().unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let mut big = serde_json::to_vec(&state("c4", None)).unwrap();
+        big.resize(usize::try_from(MAX_STATE_LEN).unwrap() + 1, b' ');
+        std::fs::write(&path, big).unwrap();
+        let err = e.read().unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        drop(e);
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

@@ -580,6 +580,10 @@ pub fn teardown(state_dir: &Path) -> Result<(), NetworkError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => return Err(NetworkError::Record { path, source }),
     };
+    if data.is_empty() {
+        // No network: the jail pinned an empty record (see `jail::PINNED`).
+        return std::fs::remove_file(&path).map_err(|source| NetworkError::Record { path, source });
+    }
     let record: Record = serde_json::from_slice(&data).map_err(|e| NetworkError::Record {
         path: path.clone(),
         source: e.into(),
