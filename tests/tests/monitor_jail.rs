@@ -3,6 +3,9 @@
 //! that still works (exec, a write to a bind mount); then a container flooding its stdout
 //! while the engine reads slowly, then not at all: the monitor's own memory stays bounded, the
 //! control path answers, kill works, the monitor ends; and `delete` leaves nothing behind.
+//! Then (a second VM) the same monitor under `--monitor-uid`: its host uid, the files the
+//! container writes on a bind mount owned on disk as in the guest, its network, exec, and
+//! `delete` undoing what it could not.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -169,7 +172,8 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(devices, ["kvm", "null"].map(String::from).into());
+    // /dev/kvm was opened before: not in the jail.
+    assert_eq!(devices, ["null"].map(String::from).into());
     let inside = |p: &Path| jail_root.join(p.strip_prefix("/").unwrap());
     assert!(inside(&root.join("j1/state.json")).is_file());
     assert!(inside(&image.vmlinux).is_file());
@@ -331,4 +335,216 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
     for dir in &cgroups {
         assert!(!dir.exists(), "{} is left after delete", dir.display());
     }
+}
+
+/// A network namespace with one end of a veth in it, removed on drop.
+struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    fn new(name: &str, host: &str, guest: &str) -> TestNetns {
+        let veth_host = format!("{name}-h");
+        // What a run that was killed left.
+        for args in [["link", "del", &veth_host], ["netns", "del", name]] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
+        let ns = TestNetns { name: name.into() };
+        for args in [
+            vec!["netns", "add", name],
+            vec![
+                "link", "add", &veth_host, "type", "veth", "peer", "name", "eth0", "netns", name,
+            ],
+            vec!["addr", "add", host, "dev", &veth_host],
+            vec!["link", "set", &veth_host, "up"],
+            vec!["-n", name, "addr", "add", guest, "dev", "eth0"],
+            vec!["-n", name, "link", "set", "eth0", "up"],
+        ] {
+            let st = Command::new("ip").args(&args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}-h", self.name)])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
+    use std::os::unix::fs::MetadataExt;
+    const BASE: u32 = 300_000;
+    let Some(_image) = guest_image() else { return };
+    if !kvm_available() || !is_root() {
+        skip::<()>("needs /dev/kvm and root");
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        skip::<()>("needs ip (iproute2)");
+        return;
+    }
+    let tmp = TempDir::new("jail-uid");
+    let root = tmp.path().join("state");
+    let _cleanup = ContainerRoot(root.clone());
+    let bundle_dir = tmp.path().join("bundle");
+    let volume = tmp.path().join("volume");
+    std::fs::create_dir_all(&bundle_dir).unwrap();
+    std::fs::create_dir_all(&volume).unwrap();
+    let netns = TestNetns::new("husk-uid-t", "10.231.7.1/24", "10.231.7.2/24");
+    let script = "echo root > /vol/by-root && echo u > /vol/by-1000 && \
+                  chown 1000:1000 /vol/by-1000 && echo done > /vol/done; sleep 600";
+    let Some(bundle) = busybox_bundle(&bundle_dir, &["sh", "-c", script]) else {
+        return;
+    };
+    let config = bundle.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]
+    }));
+    v["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "network", "path": "/var/run/netns/husk-uid-t"}));
+    let caps = serde_json::json!(["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL"]);
+    for set in ["bounding", "effective", "permitted"] {
+        v["process"]["capabilities"][set] = caps.clone();
+    }
+    std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+
+    let pid_file = tmp.path().join("pid");
+    // The container's stdio (the monitor keeps it): not pipes this test would wait on.
+    let errors = tmp.path().join("create.err");
+    let status = Command::new(husk_binary())
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "--monitor-uid",
+            &BASE.to_string(),
+            "create",
+            "u1",
+            "--bundle",
+        ])
+        .arg(&bundle)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .env_remove("HUSK_JAIL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "create: {}",
+        std::fs::read_to_string(&errors).unwrap_or_default()
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // The monitor's host ids, with no groups, and the namespace it is root of.
+    let ids = format!("{BASE}\t{BASE}\t{BASE}\t{BASE}");
+    assert_eq!(status_field(pid, "Uid"), ids);
+    assert_eq!(status_field(pid, "Gid"), ids);
+    assert_eq!(status_field(pid, "Groups"), "");
+    let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", &BASE.to_string(), "65536"]
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(std::fs::metadata(root.join("u1")).unwrap().uid(), BASE);
+    // What husk acts on as root stays root's.
+    for name in [
+        "container.json",
+        "hooks.json",
+        "network.json",
+        "cgroups",
+        "lock",
+    ] {
+        let meta = std::fs::metadata(root.join("u1").join(name)).unwrap();
+        assert_eq!(meta.uid(), 0, "{name}");
+    }
+    let (code, state, err) = husk(&root, &["state", "u1"]);
+    assert_eq!(code, 0, "{err}");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["pid"], pid, "{state}");
+
+    // The container: files on the bind mount owned on disk as in the guest.
+    assert_eq!(husk(&root, &["start", "u1"]).0, 0);
+    let t = Instant::now();
+    while !volume.join("done").exists() && t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        volume.join("done").exists(),
+        "the container did not write /vol"
+    );
+    let owner = |name: &str| {
+        let m = std::fs::metadata(volume.join(name)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("by-root"), (0, 0));
+    assert_eq!(owner("by-1000"), (1000, 1000));
+    // exec (its sockets are bound by this root CLI, connected to by the monitor), and the
+    // network: the namespace's veth, taken for the VM.
+    let (code, out, err) = husk(&root, &["exec", "u1", "id", "-u"]);
+    assert_eq!((code, out.trim()), (0, "0"), "exec: {err}");
+    let (code, out, err) = husk(
+        &root,
+        &[
+            "exec",
+            "u1",
+            "busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "10",
+            "10.231.7.1",
+        ],
+    );
+    assert_eq!(code, 0, "ping from the container: {out}{err}");
+    assert!(
+        netns.ip(&["-o", "link"]).contains("_husk"),
+        "no tap in the namespace"
+    );
+
+    // Kill, delete: the monitor could not undo its network; delete does, from the record.
+    assert_eq!(husk(&root, &["kill", "u1", "KILL"]).0, 0);
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, err) = husk(&root, &["delete", "u1"]);
+    assert_eq!(code, 0, "delete: {err}");
+    assert!(!err.contains("cleaning up"), "delete: {err}");
+    assert!(!root.join("u1").exists());
+    let links = netns.ip(&["-o", "link"]);
+    assert!(!links.contains("_husk"), "a tap is left: {links}");
+    let addrs = netns.ip(&["-o", "addr", "show", "eth0"]);
+    assert!(
+        addrs.contains("10.231.7.2/24"),
+        "eth0's address was not given back: {addrs}"
+    );
 }

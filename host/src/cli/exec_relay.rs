@@ -179,6 +179,7 @@ mod tests {
             log_format: super::super::log::Format::Json,
             root: "/run/x".into(),
             debug: false,
+            monitor_uid: None,
         };
         let a = parse(&[
             "--detach",
@@ -238,6 +239,7 @@ mod tests {
             log_format: super::super::log::Format::Text,
             root: "/r".into(),
             debug: true,
+            monitor_uid: None,
         };
         let a = parse(&["-d", "c1", "sh", "-c", "echo --tty"]);
         let v = relay_args(&ctx, &a, 3).unwrap();

@@ -34,6 +34,11 @@ struct Cli {
     /// Accepted for compatibility (cgroups are applied inside the VM).
     #[arg(long, global = true)]
     systemd_cgroup: bool,
+    /// Run each container's monitor as this host uid and gid (not root), in a user namespace
+    /// where the container's ids 0-65535 are UID..UID+65535; its files keep their owners on
+    /// disk (served through idmapped mounts, which the filesystems must support).
+    #[arg(long, global = true, value_name = "UID", env = crate::monitor::userns::ENV)]
+    monitor_uid: Option<crate::monitor::userns::IdMap>,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +90,7 @@ pub fn main(process_start: Instant) -> ExitCode {
         log_format: cli.log_format,
         root: cli.root.clone(),
         debug: cli.debug,
+        monitor_uid: cli.monitor_uid,
     };
     let _ = cli.systemd_cgroup;
     let is_monitor = matches!(cli.command, Command::Monitor(_));

@@ -31,6 +31,8 @@ pub struct Context {
     pub root: PathBuf,
     /// `--debug`: the VM's serial console goes to the monitor's stderr.
     pub debug: bool,
+    /// `--monitor-uid`.
+    pub monitor_uid: Option<crate::monitor::userns::IdMap>,
 }
 
 impl Context {
@@ -275,6 +277,9 @@ fn create_container(ctx: &Context, args: &CreateArgs) -> Result<std::process::Ch
         .args(["--notify-fd", &write_fd.to_string()]);
     if ctx.debug {
         cmd.arg("--debug");
+    }
+    if let Some(map) = ctx.monitor_uid {
+        cmd.arg("--monitor-uid").arg(map.base().to_string());
     }
     if let Some(log) = &ctx.log {
         cmd.arg("--log")
@@ -553,17 +558,40 @@ fn exec_process(st: &State, args: &ExecArgs) -> Result<Vec<u8>> {
 
 /// Binds `vsock.sock_<port>` listeners for three consecutive free ports.
 fn bind_stdio_ports(vsock: &Path) -> Result<(u32, [UnixListener; 3])> {
+    // The monitor connects to them: they get the state directory's owner, which is the
+    // monitor's uid under --monitor-uid (root's otherwise, a no-op).
+    let dir = vsock.parent().unwrap_or(Path::new("."));
+    let owner = std::fs::metadata(dir)
+        .with_context(|| format!("reading the owner of {}", dir.display()))?;
+    let (uid, gid) = (
+        std::os::unix::fs::MetadataExt::uid(&owner),
+        std::os::unix::fs::MetadataExt::gid(&owner),
+    );
     let seed = std::process::id() % 10_000;
     for attempt in 0..1000u32 {
         let base = 10_000 + ((seed + attempt * 7) % 20_000) * 3;
-        let bind = |p: u32| UnixListener::bind(format!("{}_{p}", vsock.display()));
-        let (Ok(a), Ok(b), Ok(c)) = (bind(base), bind(base + 1), bind(base + 2)) else {
-            for p in base..base + 3 {
-                let _ = std::fs::remove_file(format!("{}_{p}", vsock.display()));
+        let mut bound = Vec::new();
+        for p in base..base + 3 {
+            let path = PathBuf::from(format!("{}_{p}", vsock.display()));
+            // A port taken by another exec: its socket is not ours to remove.
+            let Ok(l) = UnixListener::bind(&path) else {
+                break;
+            };
+            bound.push((path, l));
+        }
+        if bound.len() < 3 {
+            for (path, _) in bound {
+                let _ = std::fs::remove_file(path);
             }
             continue;
-        };
-        return Ok((base, [a, b, c]));
+        }
+        for (path, _) in &bound {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to uid {uid}", path.display()))?;
+        }
+        let mut listeners = bound.into_iter().map(|(_, l)| l);
+        let mut next = || listeners.next().expect("three bound");
+        return Ok((base, [next(), next(), next()]));
     }
     bail!("no free vsock ports for exec")
 }
@@ -997,6 +1025,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             console: ctx.debug,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
+            user: ctx.monitor_uid,
         },
         process_start,
     )
@@ -1027,6 +1056,7 @@ mod tests {
             log_format: super::super::log::Format::Text,
             root: root.clone(),
             debug: false,
+            monitor_uid: None,
         };
         let entry = ctx.store().create("c1").unwrap();
         entry

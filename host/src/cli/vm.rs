@@ -87,6 +87,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         } else {
             SeccompMode::Enforce
         },
+        kvm: None,
     };
     let vm = vmm::start(&config, process_start).context("starting the VM")?;
     // From here this thread only waits for the VM, stops its threads and reports.

@@ -5,11 +5,11 @@
 //! - **its own cgroup** (see [`super::cgroup`]);
 //! - **a minimal root**: a read-only tmpfs holding, at the paths the monitor uses for them,
 //!   only the state directory (sockets, `state.json`, `network.json`, the share, with its bind
-//!   mounts), the guest kernel and initramfs (read-only), `/dev/kvm`, `/dev/null`, the
-//!   `HUSK_PHASES` file when phases are recorded, and a fresh `/proc` (the virtio-fs server
-//!   reopens its O_PATH descriptors through `/proc/self/fd`, long socket paths go through it
-//!   too). The monitor pivots into it and detaches the host's root. The taps were opened
-//!   before, so `/dev/net/tun` is not needed; the log and the container's stdio are
+//!   mounts), the guest kernel and initramfs (read-only), `/dev/null`, the `HUSK_PHASES` file
+//!   when phases are recorded, and a fresh `/proc` (the virtio-fs server reopens its O_PATH
+//!   descriptors through `/proc/self/fd`, long socket paths go through it too). The monitor
+//!   pivots into it and detaches the host's root. `/dev/kvm` and the taps were opened before,
+//!   so neither it nor `/dev/net/tun` is there; the log and the container's stdio are
 //!   descriptors already;
 //! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
 //!   its vsock sockets), but the files there that husk commands act on as root (see
@@ -31,14 +31,14 @@
 //!   knows; the bound keeps a guest from eating the host's file table). RLIMIT_CORE is already 0
 //!   (see `no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply it to uid 0.
 //!
-//! **No unprivileged uid.** The share is served as the guest's root: files are created with the
-//! guest's uids, chowned, mknod'ed, whatever the container's root does. A monitor under another
-//! uid would need CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_SETUID all the same (the last
-//! lets it become uid 0 again at will; fuse-backend-rs's credential switch returns to euid 0
-//! after each request), so the uid would confine nothing the capability set does not already.
-//! What does confine it is the root above (the share is the only host tree it can reach) and
-//! the per-thread seccomp filters. A real gain needs an idmapped share in a user namespace: not
-//! done.
+//! **An unprivileged uid** (`--monitor-uid BASE`, see [`super::userns`]): the share is served
+//! as the guest's root (files created with the guest's uids, chowned, whatever the container's
+//! root does), so the monitor needs CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_SETUID;
+//! under a plain other uid that would confine nothing (CAP_SETUID makes it root again). So the
+//! monitor becomes root of a user namespace mapped to BASE..BASE+65535, with the share
+//! idmapped through it: its capabilities then hold only there. Without CAP_NET_ADMIN and
+//! CAP_MKNOD, which would mean nothing there. The root monitor (the default) is confined by
+//! the rest of the list above.
 //!
 //! `HUSK_JAIL=off` in the environment of `husk create` skips all of this (debugging: a
 //! monitor that can see the host, e.g. to `strace` or inspect it); the monitor logs that it is
@@ -53,6 +53,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 
 use super::cgroup;
+use super::userns::{IdMap, UserNs};
 use crate::oci::{hooks, sockets, state};
 
 /// The files of the state directory pinned read-only (see the module docs): the container's
@@ -85,6 +86,8 @@ pub struct Jail<'a> {
     pub read_only: Vec<&'a Path>,
     /// Whether it has a network to undo at exit.
     pub network: bool,
+    /// `--monitor-uid`: the user namespace to run in, and the share to idmap through it.
+    pub user: Option<(IdMap, &'a Path)>,
 }
 
 /// Whether the jail is on (it is unless `HUSK_JAIL=off`).
@@ -103,11 +106,17 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
     crate::vmm::host::HostProfile::detect();
     cgroup::join(jail.id, jail.state_dir)?;
     pin(jail.state_dir)?;
+    if let Some((map, share)) = jail.user {
+        let ns = UserNs::create(map)?;
+        ns.idmap(share)?;
+        give_state_dir(jail.state_dir, map.base())?;
+        ns.enter()?;
+    }
     let entries = entries(jail)?;
-    pivot_into_new_root(&entries)?;
+    pivot_into_new_root(&entries, jail.user.is_none())?;
     drop(entries);
     limit_resources()?;
-    drop_capabilities(&kept_capabilities(jail.network))
+    drop_capabilities(&kept_capabilities(jail.network, jail.user.is_some()))
 }
 
 /// Capabilities and the root are per thread: a thread that existed before would keep the
@@ -123,6 +132,28 @@ fn only_thread() -> Result<(), String> {
             "confining the monitor: it has {tasks} threads, it must have one (a bug in husk)"
         ))
     }
+}
+
+/// Gives the state directory, and what is in it but the pinned records and the share, to the
+/// monitor's uid: it writes its state there, and its vsock device connects to the sockets
+/// bound there (which needs write permission on them).
+fn give_state_dir(state_dir: &Path, base: u32) -> Result<(), String> {
+    let give = |path: &Path| {
+        std::os::unix::fs::lchown(path, Some(base), Some(base))
+            .map_err(|e| format!("giving {} to uid {base}: {e}", path.display()))
+    };
+    give(state_dir)?;
+    let entries = std::fs::read_dir(state_dir)
+        .map_err(|e| format!("listing {}: {e}", state_dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("listing {}: {e}", state_dir.display()))?;
+        let name = entry.file_name();
+        if name == "share" || PINNED.iter().any(|p| name == *p) {
+            continue;
+        }
+        give(&entry.path())?;
+    }
+    Ok(())
 }
 
 /// Bind-mounts each of [`PINNED`] read-only onto itself, creating it empty if missing.
@@ -192,8 +223,11 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
             .iter()
             .map(|p| (p.to_path_buf(), false, true)),
     );
-    wanted.push(("/dev/kvm".into(), false, false));
     wanted.push(("/dev/null".into(), false, false));
+    if jail.user.is_some() {
+        // The host's, bound: in a user namespace a fresh one cannot be mounted (module docs).
+        wanted.push(("/proc".into(), true, false));
+    }
     if let Some(phases) = std::env::var_os(crate::phases::ENV).filter(|p| !p.is_empty()) {
         let phases = PathBuf::from(phases);
         // The recorder opens it for every phase; it must exist to be bind-mounted.
@@ -225,8 +259,9 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
         .collect()
 }
 
-/// Builds the new root and pivots into it.
-fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
+/// Builds the new root and pivots into it; `fresh_proc`: mounts a new /proc there (otherwise
+/// it is one of the `entries`).
+fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String> {
     let err = |what: String| move |e: nix::Error| format!("confining the monitor: {what}: {e}");
     // Relative paths (a relative --root, HUSK_IMAGE_DIR or HUSK_PHASES) keep working if the
     // working directory is the same one in the jail (its path is there when it is an ancestor
@@ -284,17 +319,19 @@ fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
             .map_err(err(format!("making {} read-only", e.path.display())))?;
         }
     }
-    let proc = new_root.join("proc");
-    std::fs::create_dir(&proc)
-        .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
-    mount(
-        Some("proc"),
-        &proc,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(err("mounting /proc".into()))?;
+    if fresh_proc {
+        let proc = new_root.join("proc");
+        std::fs::create_dir(&proc)
+            .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
+        mount(
+            Some("proc"),
+            &proc,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(err("mounting /proc".into()))?;
+    }
 
     // As runc does: pivot_root(".", ".") stacks the old root on the new one, and detaching
     // "." (the old root, from old_root's point of view) leaves the new one.
@@ -330,8 +367,9 @@ fn limit_resources() -> Result<(), String> {
         .map_err(|e| format!("confining the monitor: setting RLIMIT_NOFILE to {limit}: {e}"))
 }
 
-/// The capabilities the monitor keeps (see the module docs for why each).
-fn kept_capabilities(network: bool) -> CapsHashSet {
+/// The capabilities the monitor keeps (see the module docs for why each); `in_userns`: those
+/// of a user namespace (`--monitor-uid`).
+fn kept_capabilities(network: bool, in_userns: bool) -> CapsHashSet {
     let mut keep: CapsHashSet = [
         Capability::CAP_CHOWN,
         Capability::CAP_DAC_OVERRIDE,
@@ -344,7 +382,10 @@ fn kept_capabilities(network: bool) -> CapsHashSet {
     ]
     .into_iter()
     .collect();
-    if network {
+    if in_userns {
+        // mknod is refused in a user namespace, and the network is the host's.
+        keep.remove(&Capability::CAP_MKNOD);
+    } else if network {
         keep.insert(Capability::CAP_NET_ADMIN);
     }
     keep
@@ -374,6 +415,12 @@ mod tests {
     /// Set in the copy of the test binary that enters the jail: the scratch directory.
     const CHILD: &str = "HUSK_JAIL_TEST_CHILD";
 
+    /// Set with [`CHILD`] for a jail with `--monitor-uid` (the base).
+    const CHILD_UID: &str = "HUSK_JAIL_TEST_UID";
+
+    /// The base the uid-mode test maps.
+    const TEST_BASE: u32 = 200_000;
+
     /// What the child reports, one `key=value` line each.
     fn report(key: &str, value: impl std::fmt::Display) {
         println!("{key}={value}");
@@ -381,7 +428,8 @@ mod tests {
 
     /// The child: a private mount namespace (as `share::prepare` makes), the jail, then what
     /// it can and cannot see and do.
-    fn child(scratch: &Path) {
+    fn child(scratch: &Path, user: Option<IdMap>) {
+        use std::os::unix::fs::MetadataExt;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
         mount(
             None::<&str>,
@@ -392,6 +440,7 @@ mod tests {
         )
         .unwrap();
         let state = scratch.join("state");
+        let share = state.join("share");
         let kernel = scratch.join("image/vmlinux");
         // As the monitor leaves them: some records written, the socket bound, others absent.
         std::fs::write(state.join(hooks::HOOKS_FILE), b"").unwrap();
@@ -403,6 +452,7 @@ mod tests {
             state_dir: &state,
             read_only: vec![&kernel],
             network: false,
+            user: user.map(|m| (m, share.as_path())),
         })
         .unwrap();
         // Ends libtest's "test ... " line, which has no newline yet.
@@ -414,6 +464,12 @@ mod tests {
         top.sort();
         report("root", top.join(","));
         report("state_write", std::fs::write(state.join("w"), b"x").is_ok());
+        // A file of an id outside the namespace's range, mode 0600: root may read it, the
+        // namespace's root may not.
+        report(
+            "unmapped_read",
+            std::fs::read(share.join("unmapped")).is_ok(),
+        );
         report(
             "root_write",
             std::fs::write("/new", b"x")
@@ -430,6 +486,21 @@ mod tests {
                 .write(true)
                 .open(&kernel)
                 .is_err(),
+        );
+        // The share: its root-owned file is the monitor's root's; what it creates and chowns
+        // lands on disk with the ids it gave.
+        report(
+            "share_owner",
+            std::fs::metadata(share.join("owned")).unwrap().uid(),
+        );
+        report(
+            "share_create",
+            std::fs::write(share.join("new"), b"x").is_ok(),
+        );
+        std::fs::write(share.join("given"), b"x").unwrap();
+        report(
+            "share_chown",
+            std::os::unix::fs::chown(share.join("given"), Some(1000), Some(1000)).is_ok(),
         );
         // Each pinned record: no write, no unlink, no rename over it, no replacing.
         let decoy = state.join("decoy");
@@ -450,89 +521,183 @@ mod tests {
             let line = status.lines().find(|l| l.starts_with(field)).unwrap();
             report(field, line.split_whitespace().nth(1).unwrap());
         }
+        let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap();
+        report(
+            "uid_map",
+            uid_map.split_whitespace().collect::<Vec<_>>().join(" "),
+        );
     }
 
-    #[test]
-    fn a_jailed_process_sees_and_may_only_what_it_was_given() {
-        if let Some(scratch) = std::env::var_os(CHILD) {
-            // libtest runs the test on a thread of its own: fork, so that the jail gets a
-            // process with one thread, as the monitor is when it enters it.
-            // SAFETY: the child only runs the test body and _exits; glibc's fork keeps malloc
-            // usable in the child, and libtest's main thread only waits for this one.
-            match unsafe { nix::unistd::fork() }.unwrap() {
-                nix::unistd::ForkResult::Child => {
-                    let ok = std::panic::catch_unwind(|| child(Path::new(&scratch))).is_ok();
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
-                    // SAFETY: _exit ends the forked process without running the parent's
-                    // exit handlers twice.
-                    unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-                }
-                nix::unistd::ForkResult::Parent { child } => {
-                    let status = nix::sys::wait::waitpid(child, None).unwrap();
-                    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
-                }
+    /// In the copy of the test binary: runs [`child`] in a single-threaded fork.
+    fn as_child(scratch: &std::ffi::OsStr) {
+        let user = std::env::var(CHILD_UID)
+            .ok()
+            .map(|b| b.parse::<IdMap>().unwrap());
+        // libtest runs the test on a thread of its own: fork, so that the jail gets a
+        // process with one thread, as the monitor is when it enters it.
+        // SAFETY: the child only runs the test body and _exits; glibc's fork keeps malloc
+        // usable in the child, and libtest's main thread only waits for this one.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let ok = std::panic::catch_unwind(|| child(Path::new(scratch), user)).is_ok();
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                // SAFETY: _exit ends the forked process without running the parent's
+                // exit handlers twice.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
             }
-            return;
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+
+    /// What a jail run in a fresh copy of this binary reported, and what it left on disk.
+    struct Outcome {
+        stdout: String,
+        wrote: std::io::Result<Vec<u8>>,
+        /// (uid, gid) on disk of the share's `new` and `given`, and of the state directory.
+        owners: [(u32, u32); 3],
+    }
+
+    impl Outcome {
+        fn get(&self, key: &str) -> String {
+            self.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("no {key} in {}", self.stdout))
+                .to_owned()
+        }
+    }
+
+    /// Runs test `name` as the jailed child (with `--monitor-uid` `user`), on a scratch tree
+    /// of a state directory (with a share) and a kernel.
+    fn run_jailed(name: &str, user: Option<u32>) -> Option<Outcome> {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(scratch) = std::env::var_os(CHILD) {
+            as_child(&scratch);
+            return None;
         }
         if !husk_e2e::is_root() || !Path::new("/dev/kvm").exists() {
-            husk_e2e::skip::<()>("needs root and /dev/kvm");
-            return;
+            return husk_e2e::skip("needs root and /dev/kvm");
         }
-        let scratch = std::env::temp_dir().join(format!("husk-jail-unit-{}", std::process::id()));
+        let scratch = std::env::temp_dir().join(format!(
+            "husk-jail-unit-{}-{}",
+            std::process::id(),
+            user.is_some()
+        ));
         let state = scratch.join("state");
-        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(state.join("share")).unwrap();
+        std::fs::write(state.join("share/owned"), b"root's").unwrap();
+        let unmapped = state.join("share/unmapped");
+        std::fs::write(&unmapped, b"70000's").unwrap();
+        std::os::unix::fs::chown(&unmapped, Some(70_000), Some(70_000)).unwrap();
+        std::fs::set_permissions(
+            &unmapped,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::create_dir_all(scratch.join("image")).unwrap();
         std::fs::write(scratch.join("image/vmlinux"), b"elf").unwrap();
         // One test alone on the main thread of a fresh copy of this binary: the jail needs a
         // single-threaded process.
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "monitor::jail::tests::a_jailed_process_sees_and_may_only_what_it_was_given",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, &scratch)
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            &format!("monitor::jail::tests::{name}"),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, &scratch);
+        if let Some(base) = user {
+            cmd.env(CHILD_UID, base.to_string());
+        }
+        let out = cmd.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let cgroups_removed = cgroup::remove(&state);
         let wrote = std::fs::read(state.join("w"));
+        let owner = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| (m.uid(), m.gid()))
+                .unwrap_or((u32::MAX, u32::MAX))
+        };
+        let owners = [
+            owner(&state.join("share/new")),
+            owner(&state.join("share/given")),
+            owner(&state),
+        ];
         std::fs::remove_dir_all(&scratch).unwrap();
         assert!(
             out.status.success(),
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("no {key} in {stdout}"))
-                .to_owned()
+        cgroups_removed.unwrap();
+        let outcome = Outcome {
+            stdout,
+            wrote,
+            owners,
         };
         let tmp_top = first_name(&scratch);
         let mut expected = vec!["dev".to_string(), "proc".into(), tmp_top];
         expected.sort();
         expected.dedup();
-        assert_eq!(get("root"), expected.join(","));
-        assert_eq!(get("state_write"), "true");
-        assert_eq!(get("pinned_changed"), "", "a pinned record changed");
+        assert_eq!(outcome.get("root"), expected.join(","));
+        assert_eq!(outcome.get("state_write"), "true");
         assert_eq!(
-            wrote.unwrap(),
+            outcome.wrote.as_deref().unwrap(),
             b"x",
             "the write went to the real state directory"
         );
-        assert_eq!(get("root_write"), "true", "/ must be read-only");
-        assert_eq!(get("kernel_read"), "true");
-        assert_eq!(get("kernel_write"), "true", "the kernel must be read-only");
-        let kept = kept_capabilities(false)
+        assert_eq!(outcome.get("pinned_changed"), "", "a pinned record changed");
+        assert_eq!(outcome.get("root_write"), "true", "/ must be read-only");
+        assert_eq!(outcome.get("kernel_read"), "true");
+        assert_eq!(
+            outcome.get("kernel_write"),
+            "true",
+            "the kernel must be read-only"
+        );
+        // Seen as root's, created as root's, chowned to 1000: on disk as in the guest.
+        assert_eq!(outcome.get("share_owner"), "0");
+        assert_eq!(outcome.get("share_create"), "true");
+        assert_eq!(outcome.get("share_chown"), "true");
+        assert_eq!(outcome.owners[0], (0, 0), "share/new on disk");
+        assert_eq!(outcome.owners[1], (1000, 1000), "share/given on disk");
+        let kept = kept_capabilities(false, user.is_some())
             .into_iter()
             .fold(0u64, |m, c| m | c.bitmask());
-        assert_eq!(get("CapEff"), format!("{kept:016x}"));
-        assert_eq!(get("CapBnd"), "0000000000000000");
-        assert_eq!(get("NoNewPrivs"), "1");
-        cgroups_removed.unwrap();
+        assert_eq!(outcome.get("CapEff"), format!("{kept:016x}"));
+        assert_eq!(outcome.get("CapBnd"), "0000000000000000");
+        assert_eq!(outcome.get("NoNewPrivs"), "1");
+        Some(outcome)
+    }
+
+    #[test]
+    fn a_jailed_process_sees_and_may_only_what_it_was_given() {
+        let Some(out) = run_jailed("a_jailed_process_sees_and_may_only_what_it_was_given", None)
+        else {
+            return;
+        };
+        assert_eq!(out.get("uid_map"), "0 0 4294967295");
+        assert_eq!(out.get("unmapped_read"), "true", "root may read any file");
+        assert_eq!(out.owners[2], (0, 0), "the state directory stays root's");
+    }
+
+    #[test]
+    fn a_jailed_process_with_a_uid_is_root_only_in_its_namespace() {
+        let Some(out) = run_jailed(
+            "a_jailed_process_with_a_uid_is_root_only_in_its_namespace",
+            Some(TEST_BASE),
+        ) else {
+            return;
+        };
+        assert_eq!(out.get("uid_map"), format!("0 {TEST_BASE} 65536"));
+        assert_eq!(
+            out.get("unmapped_read"),
+            "false",
+            "the monitor read a file of an id outside its range"
+        );
+        assert_eq!(out.owners[2], (TEST_BASE, TEST_BASE), "the state directory");
     }
 
     fn first_name(p: &Path) -> String {
@@ -544,8 +709,8 @@ mod tests {
 
     #[test]
     fn the_network_capability_is_kept_only_with_a_network() {
-        assert!(!kept_capabilities(false).contains(&Capability::CAP_NET_ADMIN));
-        assert!(kept_capabilities(true).contains(&Capability::CAP_NET_ADMIN));
+        assert!(!kept_capabilities(false, false).contains(&Capability::CAP_NET_ADMIN));
+        assert!(kept_capabilities(true, false).contains(&Capability::CAP_NET_ADMIN));
         for dropped in [
             Capability::CAP_SYS_ADMIN,
             Capability::CAP_SYS_PTRACE,
@@ -554,7 +719,10 @@ mod tests {
             Capability::CAP_KILL,
             Capability::CAP_NET_RAW,
         ] {
-            assert!(!kept_capabilities(true).contains(&dropped), "{dropped}");
+            assert!(
+                !kept_capabilities(true, false).contains(&dropped),
+                "{dropped}"
+            );
         }
     }
 }

@@ -24,6 +24,7 @@ mod relay;
 
 pub use relay::copy_streaming;
 mod share;
+pub mod userns;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -73,6 +74,8 @@ pub struct MonitorArgs {
     /// The `--log` file: the monitor's own diagnostics go there (never into the container's
     /// stderr, which is the stderr the monitor inherited).
     pub log: Option<PathBuf>,
+    /// `--monitor-uid`: run confined as this host uid (see [`userns`]).
+    pub user: Option<userns::IdMap>,
 }
 
 /// The stdio the monitor inherited from `husk create`: the container's.
@@ -123,6 +126,18 @@ fn no_core_dumps() -> Result<(), String> {
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(|e| format!("setting RLIMIT_CORE to 0: {e}"))?;
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("PR_SET_DUMPABLE 0: {e}"))
+}
+
+/// Opens `/dev/kvm` for the VMM (the monitor's jail does not hold it).
+fn open_kvm() -> Result<std::os::fd::OwnedFd, String> {
+    nix::fcntl::open(
+        "/dev/kvm",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        format!("cannot open /dev/kvm: {e} (is KVM available and do you have access to it?)")
+    })
 }
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
@@ -210,7 +225,7 @@ impl Monitor {
             |e: network::NetworkError| format!("setting up the network: {}", error_chain(&e));
         let netns = network::Netns::for_spec(&bundle.spec).map_err(net_err)?;
         hooks::run_create(&bundle, &args.id, netns.host()).map_err(|e| error_chain(&e))?;
-        let network = network::setup(&netns, dir).map_err(net_err)?;
+        let mut network = network::setup(&netns, dir).map_err(net_err)?;
         let sockets = SocketDir::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let vsock = sockets.vsock();
         let listen = |port: u32| {
@@ -237,11 +252,13 @@ impl Monitor {
             console: args.console,
             seccomp: SeccompMode::Enforce,
             vsock: Some(vsock.clone()),
-            shares: vec![(SHARE_TAG.to_string(), share)],
+            shares: vec![(SHARE_TAG.to_string(), share.clone())],
             nets: network
                 .as_ref()
                 .map(|n| n.devices.clone())
                 .unwrap_or_default(),
+            // Before the jail, which does not hold /dev/kvm.
+            kvm: Some(std::sync::Arc::new(open_kvm()?)),
         };
         // The last things that need the host's view, then the jail (before the VMM's threads).
         let terminal = bundle.terminal();
@@ -278,7 +295,13 @@ impl Monitor {
                 .map(PathBuf::as_path)
                 .collect(),
             network: network.is_some(),
+            user: args.user.map(|map| (map, share.as_path())),
         })?;
+        if args.user.is_some()
+            && let Some(network) = network.as_mut()
+        {
+            network.leave_to_delete();
+        }
         let vm =
             vmm::start(&config, process_start).map_err(|e| format!("starting the VM: {e:#}"))?;
         let stopper = vm.handle().map_err(|e| e.to_string())?;

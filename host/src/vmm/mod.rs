@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use husk_proto::marker::Marker;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
+use std::os::fd::FromRawFd;
 use vmm_sys_util::signal::Killable;
 
 use devices::EventFdTrigger;
@@ -60,6 +61,9 @@ pub struct VmConfig {
     pub shares: Vec<(String, PathBuf)>,
     /// virtio-net devices, in the order the guest enumerates them (at most [`MAX_NETS`]).
     pub nets: Vec<NetConfig>,
+    /// `/dev/kvm`, opened by the caller (the monitor opens it before it confines itself);
+    /// `None`: [`start`] opens it.
+    pub kvm: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// One virtio-net device.
@@ -255,7 +259,18 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         )));
     }
     let profile = host::HostProfile::detect();
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let kvm = match &config.kvm {
+        Some(fd) => {
+            let fd = fd.try_clone().map_err(|source| VmError::Os {
+                what: "duplicating the /dev/kvm descriptor",
+                source,
+            })?;
+            // SAFETY: `fd` is a fresh duplicate of an open /dev/kvm descriptor that nothing
+            // else owns; Kvm takes it over.
+            unsafe { Kvm::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+        }
+        None => Kvm::new().map_err(VmError::Kvm)?,
+    };
     let vm = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
     vm.set_tss_address(usize::try_from(layout::KVM_TSS).unwrap_or(0))
         .map_err(kvm_call("KVM_SET_TSS_ADDR"))?;

@@ -74,6 +74,7 @@ fn boot(
         vsock: None,
         shares: vec![],
         nets: vec![],
+        kvm: None,
     };
     let vm = super::start(&config, std::time::Instant::now()).unwrap();
     let (why, timeline) = vm.wait(Some(timeout));

@@ -185,6 +185,9 @@ pub struct Network {
     nl: Netlink,
     record: Record,
     record_path: PathBuf,
+    /// Undone by `husk delete` (from the record), not on drop: a monitor under `--monitor-uid`
+    /// has no say over the namespace once confined.
+    left_to_delete: bool,
     /// The virtio-net devices to give the VM.
     pub devices: Vec<NetConfig>,
     /// What husk-init configures.
@@ -376,6 +379,7 @@ pub fn setup(netns: &Netns, state_dir: &Path) -> Result<Option<Network>, Network
             interfaces: Vec::new(),
         },
         record_path,
+        left_to_delete: false,
         devices: Vec::new(),
         guest: NetworkConfig::default(),
     };
@@ -481,9 +485,19 @@ impl Network {
     }
 }
 
+impl Network {
+    /// From now on the setup is undone by `husk delete`, from the record, not on drop.
+    pub fn leave_to_delete(&mut self) {
+        self.left_to_delete = true;
+    }
+}
+
 impl Drop for Network {
     /// Undoes the setup (see the module docs); errors are logged.
     fn drop(&mut self) {
+        if self.left_to_delete {
+            return;
+        }
         undo(&self.nl, &self.record);
         let _ = std::fs::remove_file(&self.record_path);
     }
