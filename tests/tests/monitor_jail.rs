@@ -58,6 +58,54 @@ fn first_component(p: &Path) -> String {
     }
 }
 
+/// A test's directories: the state root (its containers deleted at the end), a bundle
+/// directory and a volume to bind-mount.
+struct Scratch {
+    /// First: the containers go before their directories.
+    _cleanup: ContainerRoot,
+    tmp: TempDir,
+    root: std::path::PathBuf,
+    bundle_dir: std::path::PathBuf,
+    volume: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new(label: &str) -> Scratch {
+        let tmp = TempDir::new(label);
+        let root = tmp.path().join("state");
+        let bundle_dir = tmp.path().join("bundle");
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir_all(&bundle_dir).unwrap();
+        std::fs::create_dir_all(&volume).unwrap();
+        Scratch {
+            _cleanup: ContainerRoot(root.clone()),
+            tmp,
+            root,
+            bundle_dir,
+            volume,
+        }
+    }
+
+    /// A busybox bundle running `sh -c script` with the volume at /vol, and `edit` applied to
+    /// its config.json; `None` (a skip) without busybox.
+    fn bundle(
+        &self,
+        script: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Option<std::path::PathBuf> {
+        let bundle = busybox_bundle(&self.bundle_dir, &["sh", "-c", script])?;
+        let config = bundle.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/vol", "type": "bind", "source": self.volume, "options": ["rbind", "rw"]
+        }));
+        edit(&mut v);
+        std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        Some(bundle)
+    }
+}
+
 /// Runs a husk command and says how long it took.
 fn timed(root: &Path, args: &[&str]) -> ((i32, String, String), Duration) {
     let t = Instant::now();
@@ -72,27 +120,15 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         skip::<()>("needs /dev/kvm and root");
         return;
     }
-    let tmp = TempDir::new("jail");
-    let root = tmp.path().join("state");
-    let _cleanup = ContainerRoot(root.clone());
-    let bundle_dir = tmp.path().join("bundle");
-    let volume = tmp.path().join("volume");
-    std::fs::create_dir_all(&bundle_dir).unwrap();
-    std::fs::create_dir_all(&volume).unwrap();
+    let scratch = Scratch::new("jail");
+    let (tmp, root, volume) = (&scratch.tmp, scratch.root.clone(), scratch.volume.clone());
     // Prints a marker, waits for the test's go (a file an exec makes in the guest's /tmp),
     // then writes 4 KiB lines to its stdout as fast as it can.
     let script = "echo started; L=x; for i in 1 2 3 4 5 6 7 8 9 10 11 12; do L=$L$L; done; \
                   while [ ! -e /tmp/flood ]; do sleep 0.1; done; while :; do echo $L; done";
-    let Some(bundle) = busybox_bundle(&bundle_dir, &["sh", "-c", script]) else {
+    let Some(bundle) = scratch.bundle(script, |_| {}) else {
         return;
     };
-    let config = bundle.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
-        "destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]
-    }));
-    std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 
     // The container's stdout: a pipe the test reads at its own pace.
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
@@ -409,34 +445,23 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
         skip::<()>("needs ip (iproute2)");
         return;
     }
-    let tmp = TempDir::new("jail-uid");
-    let root = tmp.path().join("state");
-    let _cleanup = ContainerRoot(root.clone());
-    let bundle_dir = tmp.path().join("bundle");
-    let volume = tmp.path().join("volume");
-    std::fs::create_dir_all(&bundle_dir).unwrap();
-    std::fs::create_dir_all(&volume).unwrap();
+    let scratch = Scratch::new("jail-uid");
+    let (tmp, root, volume) = (&scratch.tmp, scratch.root.clone(), scratch.volume.clone());
     let netns = TestNetns::new("husk-uid-t", "10.231.7.1/24", "10.231.7.2/24");
     let script = "echo root > /vol/by-root && echo u > /vol/by-1000 && \
                   chown 1000:1000 /vol/by-1000 && echo done > /vol/done; sleep 600";
-    let Some(bundle) = busybox_bundle(&bundle_dir, &["sh", "-c", script]) else {
+    let Some(bundle) = scratch.bundle(script, |v| {
+        v["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "network", "path": "/var/run/netns/husk-uid-t"}));
+        let caps = serde_json::json!(["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL"]);
+        for set in ["bounding", "effective", "permitted"] {
+            v["process"]["capabilities"][set] = caps.clone();
+        }
+    }) else {
         return;
     };
-    let config = bundle.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    v["mounts"].as_array_mut().unwrap().push(serde_json::json!({
-        "destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]
-    }));
-    v["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"type": "network", "path": "/var/run/netns/husk-uid-t"}));
-    let caps = serde_json::json!(["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL"]);
-    for set in ["bounding", "effective", "permitted"] {
-        v["process"]["capabilities"][set] = caps.clone();
-    }
-    std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 
     let pid_file = tmp.path().join("pid");
     // The container's stdio (the monitor keeps it): not pipes this test would wait on.

@@ -186,19 +186,7 @@ fn pin(state_dir: &Path) -> Result<(), String> {
             None::<&str>,
         )
         .map_err(err("pinning"))?;
-        mount(
-            None::<&str>,
-            &path,
-            None::<&str>,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(err("making read-only"))?;
+        remount_read_only(&path).map_err(err("making read-only"))?;
     }
     Ok(())
 }
@@ -304,19 +292,8 @@ fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String
         mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
             .map_err(err(format!("bind-mounting {}", e.path.display())))?;
         if e.read_only {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND
-                    | MsFlags::MS_REMOUNT
-                    | MsFlags::MS_RDONLY
-                    | MsFlags::MS_NOSUID
-                    | MsFlags::MS_NODEV
-                    | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            )
-            .map_err(err(format!("making {} read-only", e.path.display())))?;
+            remount_read_only(&target)
+                .map_err(err(format!("making {} read-only", e.path.display())))?;
         }
     }
     if fresh_proc {
@@ -343,9 +320,14 @@ fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String
         nix::unistd::chdir("/").map_err(err("entering /".into()))?;
     }
     // The tmpfs itself read-only: the monitor writes only below the state directory.
+    remount_read_only(Path::new("/")).map_err(err("making the new root read-only".into()))
+}
+
+/// Makes the mount at `target` read-only, without set-id, devices or execution.
+fn remount_read_only(target: &Path) -> nix::Result<()> {
     mount(
         None::<&str>,
-        "/",
+        target,
         None::<&str>,
         MsFlags::MS_BIND
             | MsFlags::MS_REMOUNT
@@ -355,7 +337,6 @@ fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String
             | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(err("making the new root read-only".into()))
 }
 
 fn limit_resources() -> Result<(), String> {
