@@ -582,3 +582,70 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
         "eth0's address was not given back: {addrs}"
     );
 }
+
+/// Unmounts a mount point on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_monitor_uid_with_an_overlay_rootfs_is_refused_by_name_and_leaves_nothing() {
+    // The monitor fails in its jail, before the VM: no boot, but the image and /dev/kvm are
+    // looked up first.
+    let Some(_image) = guest_image() else { return };
+    if !kvm_available() || !is_root() {
+        skip::<()>("needs /dev/kvm and root");
+        return;
+    }
+    let scratch = Scratch::new("jail-ovl");
+    let Some(bundle) = scratch.bundle("true", |_| {}) else {
+        return;
+    };
+    // The rootfs as podman and containerd give it: an overlay mount.
+    let layers = scratch.tmp.path().join("layers");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(layers.join("upper")).unwrap();
+    std::fs::create_dir_all(layers.join("work")).unwrap();
+    std::fs::rename(&rootfs, layers.join("lower")).unwrap();
+    std::fs::create_dir(&rootfs).unwrap();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        layers.join("lower").display(),
+        layers.join("upper").display(),
+        layers.join("work").display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .unwrap();
+    let _overlay = Mounted(rootfs.clone());
+
+    let (code, _, err) = husk(
+        &scratch.root,
+        &[
+            "--monitor-uid",
+            "300000",
+            "create",
+            "o1",
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0, "create with an overlay rootfs under --monitor-uid");
+    println!("create said: {}", err.trim());
+    assert!(
+        err.contains("idmapped") && err.contains("overlay at") && err.contains("rootfs"),
+        "the error does not name the overlay: {err}"
+    );
+    assert!(!scratch.root.join("o1").exists(), "create left its state");
+    let (_, list, _) = husk(&scratch.root, &["list", "-q"]);
+    assert!(list.trim().is_empty(), "{list}");
+}

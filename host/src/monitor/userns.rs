@@ -198,9 +198,15 @@ impl UserNs {
         if r < 0 {
             let e = std::io::Error::last_os_error();
             let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-                " (a filesystem under it does not support idmapped mounts)"
+                format!(
+                    " (a filesystem under it does not support idmapped mounts; they are: {}; \
+                     an overlay mount, as podman and containerd make for the rootfs, cannot be \
+                     idmapped: --monitor-uid needs the rootfs and bind mounts on e.g. ext4, xfs, \
+                     btrfs or tmpfs)",
+                    filesystems_under(dir)
+                )
             } else {
-                ""
+                String::new()
             };
             return Err(format!("{}{hint}", err("mount_setattr")(e)));
         }
@@ -239,6 +245,31 @@ impl UserNs {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .map_err(err("a mount namespace of its own"))?;
         Ok(())
+    }
+}
+
+/// The mounts at and below `dir` in this mount namespace, as `type at path` (for errors).
+fn filesystems_under(dir: &Path) -> String {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return "unknown".into();
+    };
+    let mut found: Vec<String> = Vec::new();
+    for line in info.lines() {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        let (Some(at), Some(kind)) = (left.split(' ').nth(4), right.split(' ').next()) else {
+            continue;
+        };
+        if Path::new(at).starts_with(dir) {
+            found.push(format!("{kind} at {at}"));
+        }
+    }
+    if found.is_empty() {
+        "none mounted there".into()
+    } else {
+        found.join(", ")
     }
 }
 
