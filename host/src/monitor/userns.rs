@@ -15,8 +15,10 @@
 //!
 //! What it needs, and what changes:
 //! - the filesystems under the rootfs and the bind mounts, and the one under `--root`, must
-//!   support idmapped mounts (ext4, xfs, btrfs, overlayfs, and tmpfs from Linux 6.3);
-//!   otherwise `create` fails naming the share;
+//!   support idmapped mounts (ext4, xfs, btrfs, and tmpfs from Linux 6.3); otherwise `create`
+//!   fails naming each mount under the share with its type. An overlay mount cannot be
+//!   idmapped (only its layers can), so the rootfs podman and containerd give (an overlay)
+//!   does not work in this mode yet: that would take remounting the overlay on idmapped layers;
 //! - ids above 65535 on the share are seen as the overflow id (65534) and cannot be given;
 //! - the guest cannot make device nodes on the share (mknod is refused in a user namespace);
 //! - the container's state directory is owned by BASE, because the monitor writes its state
