@@ -109,7 +109,7 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
     if let Some((map, share)) = jail.user {
         let ns = UserNs::create(map)?;
         ns.idmap(share)?;
-        give_state_dir(jail.state_dir, map.base())?;
+        give_state_dir(jail.state_dir, share, map.base())?;
         ns.enter()?;
     }
     let entries = entries(jail)?;
@@ -137,7 +137,7 @@ fn only_thread() -> Result<(), String> {
 /// Gives the state directory, and what is in it but the pinned records and the share, to the
 /// monitor's uid: it writes its state there, and its vsock device connects to the sockets
 /// bound there (which needs write permission on them).
-fn give_state_dir(state_dir: &Path, base: u32) -> Result<(), String> {
+fn give_state_dir(state_dir: &Path, share: &Path, base: u32) -> Result<(), String> {
     let give = |path: &Path| {
         std::os::unix::fs::lchown(path, Some(base), Some(base))
             .map_err(|e| format!("giving {} to uid {base}: {e}", path.display()))
@@ -148,7 +148,7 @@ fn give_state_dir(state_dir: &Path, base: u32) -> Result<(), String> {
     for entry in entries {
         let entry = entry.map_err(|e| format!("listing {}: {e}", state_dir.display()))?;
         let name = entry.file_name();
-        if name == "share" || PINNED.iter().any(|p| name == *p) {
+        if entry.path() == share || PINNED.iter().any(|p| name == *p) {
             continue;
         }
         give(&entry.path())?;
