@@ -259,11 +259,20 @@ pub struct Podman {
     dir: TempDir,
     runtime: PathBuf,
     husk_root: PathBuf,
+    /// podman's storage driver.
+    driver: &'static str,
 }
 
 impl Podman {
-    /// Sets up the directories and configuration; imports [`IMAGE`].
+    /// Sets up the directories and configuration, with the `vfs` storage driver (a
+    /// directory rootfs); imports [`IMAGE`].
     pub fn new(runtime: &Path) -> Option<Podman> {
+        Podman::configured(runtime, "vfs", &[])
+    }
+
+    /// As [`Podman::new`], with storage `driver` (`overlay` gives an overlay rootfs) and
+    /// `husk_args` before each husk command (e.g. `--monitor-uid N`).
+    pub fn configured(runtime: &Path, driver: &'static str, husk_args: &[&str]) -> Option<Podman> {
         require_programs(&["podman", "conmon", "tar"])?;
         let dir = TempDir::new("podman");
         // The machine has no CAP_SYS_RESOURCE and caps open files at 20000: podman's default
@@ -281,7 +290,7 @@ network_backend = "netavark"
 "#;
         std::fs::write(dir.path().join("containers.conf"), conf).unwrap();
         let storage = format!(
-            "[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/storage\"\n",
+            "[storage]\ndriver = \"{driver}\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/storage\"\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("storage.conf"), storage).unwrap();
@@ -294,9 +303,10 @@ network_backend = "netavark"
         std::fs::write(
             &wrapper,
             format!(
-                "#!/bin/sh\nexec '{}' --root '{}' \"$@\"\n",
+                "#!/bin/sh\nexec '{}' --root '{}' {} \"$@\"\n",
                 runtime.display(),
-                husk_root.display()
+                husk_root.display(),
+                husk_args.join(" ")
             ),
         )
         .unwrap();
@@ -309,6 +319,7 @@ network_backend = "netavark"
             husk_root,
             dir,
             runtime: wrapper,
+            driver,
         };
         let tar = image_tar(podman.dir.path())?;
         let mut cmd = podman.cmd();
@@ -329,7 +340,7 @@ network_backend = "netavark"
             .arg("--runroot")
             .arg(d.join("run"))
             .arg("--storage-driver")
-            .arg("vfs")
+            .arg(self.driver)
             .arg("--tmpdir")
             .arg(d.join("tmp"))
             .arg("--runtime")

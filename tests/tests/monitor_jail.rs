@@ -448,8 +448,12 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     let scratch = Scratch::new("jail-uid");
     let (tmp, root, volume) = (&scratch.tmp, scratch.root.clone(), scratch.volume.clone());
     let netns = TestNetns::new("husk-uid-t", "10.231.7.1/24", "10.231.7.2/24");
+    // On the bind mount and on the rootfs (an overlay, as an engine gives): files as root,
+    // given to 1000, and a copy-up of a lower layer's file.
     let script = "echo root > /vol/by-root && echo u > /vol/by-1000 && \
-                  chown 1000:1000 /vol/by-1000 && echo done > /vol/done; sleep 600";
+                  chown 1000:1000 /vol/by-1000 && echo root > /made && echo u > /made1000 && \
+                  chown 1000:1000 /made1000 && echo +guest >> /seed && echo done > /vol/done; \
+                  sleep 600";
     let Some(bundle) = scratch.bundle(script, |v| {
         v["linux"]["namespaces"]
             .as_array_mut()
@@ -462,6 +466,9 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     }) else {
         return;
     };
+    let overlay = overlay_rootfs(&scratch, &bundle, |rootfs| {
+        std::fs::write(rootfs.join("seed"), "lower\n").unwrap();
+    });
 
     let pid_file = tmp.path().join("pid");
     // The container's stdio (the monitor keeps it): not pipes this test would wait on.
@@ -540,6 +547,22 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     };
     assert_eq!(owner("by-root"), (0, 0));
     assert_eq!(owner("by-1000"), (1000, 1000));
+    let upper_owner = |name: &str| {
+        let m = std::fs::metadata(overlay.upper.join(name)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(upper_owner("made"), (0, 0));
+    assert_eq!(upper_owner("made1000"), (1000, 1000));
+    assert_eq!(upper_owner("seed"), (0, 0));
+    assert_eq!(
+        std::fs::read_to_string(overlay.upper.join("seed")).unwrap(),
+        "lower\n+guest\n"
+    );
+    let workdir = overlay.work.join("husk-u1");
+    assert!(
+        workdir.is_dir(),
+        "no work directory of husk's for the overlay"
+    );
     // exec (its sockets are bound by this root CLI, connected to by the monitor), and the
     // network: the namespace's veth, taken for the VM.
     let (code, out, err) = husk(&root, &["exec", "u1", "id", "-u"]);
@@ -574,6 +597,12 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     assert_eq!(code, 0, "delete: {err}");
     assert!(!err.contains("cleaning up"), "delete: {err}");
     assert!(!root.join("u1").exists());
+    assert!(
+        !workdir.exists(),
+        "delete left the overlay's work directory"
+    );
+    // The engine's overlay still works: its work directory was not shared.
+    std::fs::write(overlay.mounted.0.join("seed"), "engine\n").unwrap();
     let links = netns.ip(&["-o", "link"]);
     assert!(!links.contains("_husk"), "a tap is left: {links}");
     let addrs = netns.ip(&["-o", "addr", "show", "eth0"]);
@@ -592,8 +621,51 @@ impl Drop for Mounted {
     }
 }
 
+/// A bundle's rootfs made an overlay, as podman, Docker and containerd give it.
+struct OverlayRootfs {
+    upper: std::path::PathBuf,
+    work: std::path::PathBuf,
+    mounted: Mounted,
+}
+
+/// Moves the bundle's rootfs to a lower layer (`seed` adds to it) and mounts an overlay on it
+/// with an upper and a work directory, at the rootfs's place.
+fn overlay_rootfs(scratch: &Scratch, bundle: &Path, seed: impl FnOnce(&Path)) -> OverlayRootfs {
+    let layers = scratch.tmp.path().join("layers");
+    let (lower, upper, work) = (
+        layers.join("lower"),
+        layers.join("upper"),
+        layers.join("work"),
+    );
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::rename(&rootfs, &lower).unwrap();
+    seed(&lower);
+    std::fs::create_dir(&rootfs).unwrap();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .unwrap();
+    OverlayRootfs {
+        upper,
+        work,
+        mounted: Mounted(rootfs),
+    }
+}
+
 #[test]
-fn a_monitor_uid_with_an_overlay_rootfs_is_refused_by_name_and_leaves_nothing() {
+fn a_monitor_uid_with_an_overlay_of_relative_layers_is_refused_by_name_and_leaves_nothing() {
     // The monitor fails in its jail, before the VM: no boot, but the image and /dev/kvm are
     // looked up first.
     let Some(_image) = guest_image() else { return };
@@ -605,27 +677,27 @@ fn a_monitor_uid_with_an_overlay_rootfs_is_refused_by_name_and_leaves_nothing() 
     let Some(bundle) = scratch.bundle("true", |_| {}) else {
         return;
     };
-    // The rootfs as podman and containerd give it: an overlay mount.
+    // As engines mount dozens of layers: relative to a working directory the mount does not
+    // record.
     let layers = scratch.tmp.path().join("layers");
     let rootfs = bundle.join("rootfs");
-    std::fs::create_dir_all(layers.join("upper")).unwrap();
-    std::fs::create_dir_all(layers.join("work")).unwrap();
+    for dir in ["upper", "work"] {
+        std::fs::create_dir_all(layers.join(dir)).unwrap();
+    }
     std::fs::rename(&rootfs, layers.join("lower")).unwrap();
     std::fs::create_dir(&rootfs).unwrap();
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        layers.join("lower").display(),
-        layers.join("upper").display(),
-        layers.join("work").display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        &rootfs,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .unwrap();
+    let mounted = Command::new("mount")
+        .current_dir(&layers)
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir=lower,upperdir={},workdir={}",
+            layers.join("upper").display(),
+            layers.join("work").display()
+        ))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting the overlay");
     let _overlay = Mounted(rootfs.clone());
 
     let (code, _, err) = husk(
@@ -639,13 +711,20 @@ fn a_monitor_uid_with_an_overlay_rootfs_is_refused_by_name_and_leaves_nothing() 
             bundle.to_str().unwrap(),
         ],
     );
-    assert_ne!(code, 0, "create with an overlay rootfs under --monitor-uid");
+    assert_ne!(
+        code, 0,
+        "create with relative overlay layers under --monitor-uid"
+    );
     println!("create said: {}", err.trim());
     assert!(
-        err.contains("idmapped") && err.contains("overlay at") && err.contains("rootfs"),
-        "the error does not name the overlay: {err}"
+        err.contains("overlay at") && err.contains("rootfs") && err.contains("relative path"),
+        "the error does not name the overlay and its layer: {err}"
     );
     assert!(!scratch.root.join("o1").exists(), "create left its state");
     let (_, list, _) = husk(&scratch.root, &["list", "-q"]);
     assert!(list.trim().is_empty(), "{list}");
+    assert!(
+        !layers.join("work/husk-o1").exists(),
+        "create left a work directory"
+    );
 }

@@ -487,6 +487,10 @@ fn remove_entry(entry: state::Entry) -> Result<()> {
     if let Err(e) = crate::monitor::cgroup::remove(entry.dir()) {
         eprintln!("husk: {e}");
     }
+    // The work directories of overlays remounted for `--monitor-uid` (monitor::overlay).
+    if let Err(e) = crate::monitor::overlay::remove_workdirs(entry.dir(), &entry.id().to_string()) {
+        eprintln!("husk: {e}");
+    }
     let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.read());
     entry.remove()?;
     if let (Some(kept), Ok(mut st)) = (kept, st) {

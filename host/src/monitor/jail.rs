@@ -52,19 +52,21 @@ use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 
-use super::cgroup;
 use super::userns::{IdMap, UserNs};
+use super::{cgroup, overlay};
 use crate::oci::{hooks, sockets, state};
 
 /// The files of the state directory pinned read-only (see the module docs): the container's
-/// fixed facts, the lock, the hooks `start` and `delete` run, the records of the network and
-/// cgroups `delete` undoes, and the control socket the commands connect to (bound before).
+/// fixed facts, the lock, the hooks `start` and `delete` run, the records of the network,
+/// cgroups and overlay work directories `delete` undoes, and the control socket the commands
+/// connect to (bound before).
 pub const PINNED: &[&str] = &[
     state::FIXED_FILE,
     state::LOCK_FILE,
     hooks::HOOKS_FILE,
     super::network::RECORD_FILE,
     cgroup::RECORD_FILE,
+    overlay::RECORD_FILE,
     sockets::MONITOR_SOCKET,
 ];
 
@@ -105,10 +107,20 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
     // What the VMM learns from the host's /sys, which the jail does not have.
     crate::vmm::host::HostProfile::detect();
     cgroup::join(jail.id, jail.state_dir)?;
+    // Recorded before the records are pinned.
+    let overlays = match jail.user {
+        Some((_, share)) => overlay::find(share, jail.state_dir, jail.id)?,
+        None => Vec::new(),
+    };
     pin(jail.state_dir)?;
     if let Some((map, share)) = jail.user {
         let ns = UserNs::create(map)?;
-        ns.idmap(share)?;
+        // An overlay cannot be idmapped: off the share, then anew on idmapped layers.
+        overlay::take_off(&overlays)?;
+        ns.idmap(share, true)?;
+        for o in &overlays {
+            o.mount_idmapped(&ns, map, jail.id)?;
+        }
         give_state_dir(jail.state_dir, share, map.base())?;
         ns.enter()?;
     }
@@ -399,6 +411,9 @@ mod tests {
     /// Set with [`CHILD`] for a jail with `--monitor-uid` (the base).
     const CHILD_UID: &str = "HUSK_JAIL_TEST_UID";
 
+    /// Set with [`CHILD_UID`] when the share's rootfs is an overlay (the scratch's `merged`).
+    const CHILD_OVERLAY: &str = "HUSK_JAIL_TEST_OVERLAY";
+
     /// The base the uid-mode test maps.
     const TEST_BASE: u32 = 200_000;
 
@@ -410,7 +425,7 @@ mod tests {
     /// The child: a private mount namespace (as `share::prepare` makes), the jail, then what
     /// it can and cannot see and do.
     fn child(scratch: &Path, user: Option<IdMap>) {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
         mount(
             None::<&str>,
@@ -428,8 +443,22 @@ mod tests {
         std::fs::write(state.join(state::FIXED_FILE), b"{}").unwrap();
         let _socket =
             std::os::unix::net::UnixListener::bind(state.join(sockets::MONITOR_SOCKET)).unwrap();
+        let rootfs = share.join("rootfs");
+        let overlay = std::env::var_os(CHILD_OVERLAY).is_some();
+        if overlay {
+            // The engine's overlay, bound as `share::prepare` binds a rootfs.
+            std::fs::create_dir(&rootfs).unwrap();
+            mount(
+                Some(&scratch.join("layers/c/merged")),
+                &rootfs,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .unwrap();
+        }
         enter(&Jail {
-            id: &format!("jail-unit-{}", std::process::id()),
+            id: &unit_id(scratch),
             state_dir: &state,
             read_only: vec![&kernel],
             network: false,
@@ -502,6 +531,34 @@ mod tests {
             let line = status.lines().find(|l| l.starts_with(field)).unwrap();
             report(field, line.split_whitespace().nth(1).unwrap());
         }
+        if overlay {
+            // Through the new overlay: the layers' files with their owners, a lower layer's
+            // opaque directory honoured (a trusted xattr), a file of uid 1000 readable by the
+            // namespace's root, and writes: a new file, a chown, a copy-up.
+            let r = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+            report("ovl_read", r("file"));
+            report(
+                "ovl_dir_owner",
+                std::fs::metadata(rootfs.join("dir1000")).unwrap().uid(),
+            );
+            report("ovl_read_1000", r("dir1000/f"));
+            report("ovl_opaque", !rootfs.join("opaque/hidden").exists());
+            report(
+                "ovl_create",
+                std::fs::write(rootfs.join("made"), b"x").is_ok(),
+            );
+            std::fs::write(rootfs.join("made1000"), b"x").unwrap();
+            report(
+                "ovl_chown",
+                std::os::unix::fs::chown(rootfs.join("made1000"), Some(1000), Some(1000)).is_ok(),
+            );
+            let appended = std::fs::OpenOptions::new()
+                .append(true)
+                .mode(0o644)
+                .open(rootfs.join("file"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"+guest"));
+            report("ovl_copy_up", appended.is_ok());
+        }
         let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap();
         report(
             "uid_map",
@@ -533,8 +590,14 @@ mod tests {
         }
     }
 
+    /// The container id the jailed child uses (names its cgroup and overlay work directory).
+    fn unit_id(scratch: &Path) -> String {
+        scratch.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
     /// What a jail run in a fresh copy of this binary reported, and what it left on disk.
     struct Outcome {
+        /// The child's `key=value` lines, then those of what the parent saw after it.
         stdout: String,
         wrote: std::io::Result<Vec<u8>>,
         /// (uid, gid) on disk of the share's `new` and `given`, and of the state directory.
@@ -552,8 +615,9 @@ mod tests {
     }
 
     /// Runs test `name` as the jailed child (with `--monitor-uid` `user`), on a scratch tree
-    /// of a state directory (with a share) and a kernel.
-    fn run_jailed(name: &str, user: Option<u32>) -> Option<Outcome> {
+    /// of a state directory (with a share) and a kernel; with `overlay`, the share's rootfs is
+    /// an overlay mounted on the host (as an engine's).
+    fn run_jailed(name: &str, user: Option<u32>, overlay: bool) -> Option<Outcome> {
         use std::os::unix::fs::MetadataExt;
         if let Some(scratch) = std::env::var_os(CHILD) {
             as_child(&scratch);
@@ -563,7 +627,7 @@ mod tests {
             return husk_e2e::skip("needs root and /dev/kvm");
         }
         let scratch = std::env::temp_dir().join(format!(
-            "husk-jail-unit-{}-{}",
+            "husk-jail-unit-{}-{}-{overlay}",
             std::process::id(),
             user.is_some()
         ));
@@ -580,6 +644,7 @@ mod tests {
         .unwrap();
         std::fs::create_dir_all(scratch.join("image")).unwrap();
         std::fs::write(scratch.join("image/vmlinux"), b"elf").unwrap();
+        let engine = overlay.then(|| engine_overlay(&scratch));
         // One test alone on the main thread of a fresh copy of this binary: the jail needs a
         // single-threaded process.
         let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -593,8 +658,14 @@ mod tests {
         if let Some(base) = user {
             cmd.env(CHILD_UID, base.to_string());
         }
+        if overlay {
+            cmd.env(CHILD_OVERLAY, "1");
+        }
         let out = cmd.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(merged) = engine {
+            stdout.push_str(&after_overlay(&scratch, &merged));
+        }
         let cgroups_removed = cgroup::remove(&state);
         let wrote = std::fs::read(state.join("w"));
         let owner = |p: &Path| {
@@ -655,8 +726,11 @@ mod tests {
 
     #[test]
     fn a_jailed_process_sees_and_may_only_what_it_was_given() {
-        let Some(out) = run_jailed("a_jailed_process_sees_and_may_only_what_it_was_given", None)
-        else {
+        let Some(out) = run_jailed(
+            "a_jailed_process_sees_and_may_only_what_it_was_given",
+            None,
+            false,
+        ) else {
             return;
         };
         assert_eq!(out.get("uid_map"), "0 0 4294967295");
@@ -669,6 +743,7 @@ mod tests {
         let Some(out) = run_jailed(
             "a_jailed_process_with_a_uid_is_root_only_in_its_namespace",
             Some(TEST_BASE),
+            false,
         ) else {
             return;
         };
@@ -679,6 +754,123 @@ mod tests {
             "the monitor read a file of an id outside its range"
         );
         assert_eq!(out.owners[2], (TEST_BASE, TEST_BASE), "the state directory");
+    }
+
+    #[test]
+    fn a_jailed_process_with_a_uid_serves_an_overlay_rootfs_on_idmapped_layers() {
+        let Some(out) = run_jailed(
+            "a_jailed_process_with_a_uid_serves_an_overlay_rootfs_on_idmapped_layers",
+            Some(TEST_BASE),
+            true,
+        ) else {
+            return;
+        };
+        for (key, want) in [
+            ("ovl_read", "lower"),
+            ("ovl_dir_owner", "1000"),
+            ("ovl_read_1000", "1000's"),
+            ("ovl_opaque", "true"),
+            ("ovl_create", "true"),
+            ("ovl_chown", "true"),
+            ("ovl_copy_up", "true"),
+            // On disk, in the engine's upper directory, with the guest's ids.
+            ("upper_made", "0:0"),
+            ("upper_made1000", "1000:1000"),
+            ("upper_file", "0:0"),
+            ("upper_file_text", "lower+guest"),
+            ("engine_copy_up", "Ok(())"),
+            ("workdir_made", "true"),
+            ("workdir_removed", "Ok(()) true"),
+        ] {
+            assert_eq!(out.get(key), want, "{key}");
+        }
+    }
+
+    /// Mounts an overlay on the scratch's layers, as podman lays them out: two lower layers
+    /// (the upper one making `opaque` opaque) beside a directory holding the upper, work and
+    /// mount point (`c/merged`) of the container.
+    fn engine_overlay(scratch: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let l = scratch.join("layers");
+        for dir in [
+            "lower1/dir1000",
+            "lower1/opaque",
+            "lower2/opaque",
+            "c/upper",
+            "c/work",
+        ] {
+            std::fs::create_dir_all(l.join(dir)).unwrap();
+        }
+        std::fs::write(l.join("lower2/opaque/hidden"), b"").unwrap();
+        std::fs::write(l.join("lower2/other"), b"other").unwrap();
+        std::fs::write(l.join("lower1/file"), b"lower").unwrap();
+        std::fs::write(l.join("lower1/dir1000/f"), b"1000's").unwrap();
+        for p in ["lower1/dir1000", "lower1/dir1000/f"] {
+            std::os::unix::fs::chown(l.join(p), Some(1000), Some(1000)).unwrap();
+            std::fs::set_permissions(l.join(p), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let opaque =
+            std::ffi::CString::new(l.join("lower1/opaque").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: setxattr(2) reads the NUL-terminated path and name and the 1-byte value.
+        let r = unsafe {
+            libc::setxattr(
+                opaque.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let merged = l.join("c/merged");
+        std::fs::create_dir(&merged).unwrap();
+        let data = format!(
+            "lowerdir={}:{},upperdir={},workdir={}",
+            l.join("lower1").display(),
+            l.join("lower2").display(),
+            l.join("c/upper").display(),
+            l.join("c/work").display()
+        );
+        mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap();
+        merged
+    }
+
+    /// What the jailed child left in the engine's overlay, as `key=value` lines; whether the
+    /// engine's overlay still works (its work directory untouched); then unmounts it and
+    /// removes husk's work directory as `husk delete` does.
+    fn after_overlay(scratch: &Path, merged: &Path) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let upper = scratch.join("layers/c/upper");
+        let owner = |p: &str| {
+            std::fs::metadata(upper.join(p))
+                .map(|m| format!("{}:{}", m.uid(), m.gid()))
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let mut seen = String::new();
+        let mut see = |k: &str, v: String| seen.push_str(&format!("{k}={v}\n"));
+        see("upper_made", owner("made"));
+        see("upper_made1000", owner("made1000"));
+        see("upper_file", owner("file"));
+        see(
+            "upper_file_text",
+            std::fs::read_to_string(upper.join("file")).unwrap_or_default(),
+        );
+        let engine_copy_up = std::fs::write(merged.join("other"), b"engine");
+        see("engine_copy_up", format!("{engine_copy_up:?}"));
+        let id = unit_id(scratch);
+        let ours = scratch.join("layers/c/work").join(format!("husk-{id}"));
+        see("workdir_made", ours.is_dir().to_string());
+        umount2(merged, MntFlags::MNT_DETACH).unwrap();
+        let removed = overlay::remove_workdirs(&scratch.join("state"), &id);
+        see("workdir_removed", format!("{removed:?} {}", !ours.exists()));
+        seen
     }
 
     fn first_name(p: &Path) -> String {

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod console;
 pub mod jail;
 pub mod network;
+pub mod overlay;
 mod relay;
 
 pub use relay::copy_streaming;

@@ -16,9 +16,9 @@
 //! What it needs, and what changes:
 //! - the filesystems under the rootfs and the bind mounts, and the one under `--root`, must
 //!   support idmapped mounts (ext4, xfs, btrfs, and tmpfs from Linux 6.3); otherwise `create`
-//!   fails naming each mount under the share with its type. An overlay mount cannot be
-//!   idmapped (only its layers can), so the rootfs podman and containerd give (an overlay)
-//!   does not work in this mode yet: that would take remounting the overlay on idmapped layers;
+//!   fails naming each mount under the share with its type. An overlay rootfs (what podman,
+//!   Docker and containerd give) cannot be idmapped itself; it is mounted anew on idmapped
+//!   views of its layers (see [`super::overlay`]), so it is the layers' filesystem that must;
 //! - ids above 65535 on the share are seen as the overflow id (65534) and cannot be given;
 //! - the guest cannot make device nodes on the share (mknod is refused in a user namespace);
 //! - the container's state directory is owned by BASE, because the monitor writes its state
@@ -158,16 +158,17 @@ impl UserNs {
         Ok(UserNs { fd })
     }
 
-    /// Remounts `dir`, with every mount below it, idmapped through this namespace, in place
-    /// (in the calling process's mount namespace).
-    pub fn idmap(&self, dir: &Path) -> Result<(), String> {
+    /// Remounts `dir` idmapped through this namespace, in place (in the calling process's
+    /// mount namespace); `recursive`: with every mount below it, otherwise covering them.
+    pub fn idmap(&self, dir: &Path, recursive: bool) -> Result<(), String> {
         let err = |what: &str| {
             let what = format!("idmapping {} for the monitor's uid: {what}", dir.display());
             move |e: std::io::Error| format!("{what}: {e}")
         };
         let path = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| format!("{}: a NUL in the path", dir.display()))?;
-        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
+        let recursive = if recursive { libc::AT_RECURSIVE } else { 0 };
+        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | recursive as u32;
         // SAFETY: open_tree(2) reads the NUL-terminated path and returns a new descriptor or -1.
         let tree =
             unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
@@ -192,7 +193,7 @@ impl UserNs {
                 libc::SYS_mount_setattr,
                 tree.as_raw_fd(),
                 c"".as_ptr(),
-                (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as u32,
+                (libc::AT_EMPTY_PATH | recursive) as u32,
                 &raw const attr,
                 std::mem::size_of::<libc::mount_attr>(),
             )
@@ -202,9 +203,8 @@ impl UserNs {
             let hint = if e.raw_os_error() == Some(libc::EINVAL) {
                 format!(
                     " (a filesystem under it does not support idmapped mounts; they are: {}; \
-                     an overlay mount, as podman and containerd make for the rootfs, cannot be \
-                     idmapped: --monitor-uid needs the rootfs and bind mounts on e.g. ext4, xfs, \
-                     btrfs or tmpfs)",
+                     --monitor-uid needs the rootfs and bind mounts, or an overlay rootfs's \
+                     layers, on e.g. ext4, xfs, btrfs or tmpfs)",
                     filesystems_under(dir)
                 )
             } else {
@@ -252,22 +252,11 @@ impl UserNs {
 
 /// The mounts at and below `dir` in this mount namespace, as `type at path` (for errors).
 fn filesystems_under(dir: &Path) -> String {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return "unknown".into();
-    };
-    let mut found: Vec<String> = Vec::new();
-    for line in info.lines() {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            continue;
-        };
-        let (Some(at), Some(kind)) = (left.split(' ').nth(4), right.split(' ').next()) else {
-            continue;
-        };
-        if Path::new(at).starts_with(dir) {
-            found.push(format!("{kind} at {at}"));
-        }
-    }
+    let found: Vec<String> = super::overlay::mounts_under(dir)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| format!("{} at {}", m.kind, m.at.display()))
+        .collect();
     if found.is_empty() {
         "none mounted there".into()
     } else {

@@ -245,6 +245,11 @@ fn lock(dir: &Path) -> Result<File, StateError> {
 }
 
 impl Entry {
+    /// The container's id.
+    pub fn id(&self) -> &ContainerId {
+        &self.id
+    }
+
     /// The container's state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
