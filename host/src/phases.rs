@@ -11,7 +11,9 @@
 //!
 //! `mono_ns` is `CLOCK_MONOTONIC` in nanoseconds, one clock for every process on the host, so
 //! lines from the CLI and the monitor can be subtracted from each other. Lines are appended with
-//! `O_APPEND` (each one write, well under `PIPE_BUF`), so processes do not interleave. Phases the
+//! `O_APPEND` (each one write, well under `PIPE_BUF`), so processes do not interleave. Each
+//! process opens the file once, at its first phase: the monitor keeps writing to it from its
+//! jail, where the file is not (and, under `--monitor-uid`, could not be opened). Phases the
 //! monitor learns only when the VM has ended (first vCPU entry, the guest's boot markers) are
 //! written then, with the time they happened.
 //!
@@ -21,6 +23,7 @@
 //! |---|---|---|
 //! | `cli-start` | CLI | `main` entered (also for every other command but `monitor`) |
 //! | `monitor-start` | monitor | its `main` entered (spawned by `create`) |
+//! | `monitor-confined` | monitor | share, network and hooks set up, jail entered |
 //! | `vm-created` | monitor | memory, kernel, devices and vCPUs set up; about to run |
 //! | `first-vcpu-entry` | monitor | the boot vCPU's first `KVM_RUN` |
 //! | `init-started` | guest marker | husk-init's `main`: the kernel has booted |
@@ -49,7 +52,8 @@ pub const ENV: &str = "HUSK_PHASES";
 
 /// Where phases go, and how to turn an [`Instant`] into `CLOCK_MONOTONIC` nanoseconds.
 struct Recorder {
-    path: std::path::PathBuf,
+    /// The phase file, opened for appending (`None` if it could not be).
+    file: Option<std::fs::File>,
     anchor: Instant,
     anchor_ns: u64,
 }
@@ -63,8 +67,13 @@ fn recorder() -> Option<&'static Recorder> {
             // anchor converts any Instant of this process with the error of these two calls.
             let anchor = Instant::now();
             let anchor_ns = monotonic_ns();
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok();
             Some(Recorder {
-                path: path.into(),
+                file,
                 anchor,
                 anchor_ns,
             })
@@ -101,11 +110,7 @@ pub fn record(phase: &str, at: Instant) {
         serde_json::Value::from(phase),
         std::process::id()
     );
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&r.path)
-    {
+    if let Some(mut f) = r.file.as_ref() {
         let _ = f.write_all(line.as_bytes());
     }
 }

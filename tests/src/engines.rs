@@ -252,7 +252,7 @@ impl Drop for Daemon {
     }
 }
 
-/// podman with its own storage (vfs), run root, containers.conf and storage.conf, running
+/// podman with its own storage (vfs unless configured), run root, containers.conf and storage.conf, running
 /// husk as `--runtime` with its own husk state root.
 #[derive(Debug)]
 pub struct Podman {
@@ -474,6 +474,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
             .arg(&self.namespace)
             .args(args);
         cmd
+    }
+
+    /// containerd's root (its snapshotters' directories are below it).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
     }
 
     /// The shim's runtime root for this namespace: where husk keeps the containers' state.

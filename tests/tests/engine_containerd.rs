@@ -108,3 +108,91 @@ fn containerd_runs_husk_through_the_runc_shim() {
         root.display()
     );
 }
+
+#[test]
+fn containerd_overlayfs_with_a_monitor_of_its_own_uid() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(()) = prerequisites() else { return };
+    let Some(ctr) = Containerd::start() else {
+        return;
+    };
+    // The shim runs husk with --monitor-uid (a wrapper: the shim takes a binary, not flags).
+    let tmp = husk_e2e::TempDir::new("containerd-uid");
+    let wrapper = tmp.path().join("husk-uid");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec '{}' --monitor-uid 400000 \"$@\"\n",
+            husk_binary().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let wrapper_arg = wrapper.to_string_lossy().into_owned();
+    // The overlayfs snapshotter: the rootfs is an overlay mount, which the monitor mounts
+    // anew on idmapped layers.
+    let run: Command = ctr.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        "--runc-binary",
+        &wrapper_arg,
+        IMAGE,
+        "u1",
+        "sh",
+        "-c",
+        "echo x > /made && chown 1000:1000 /made && echo started; \
+         trap 'exit 7' TERM; while true; do sleep 1; done",
+    ]);
+    let snapshots = ctr
+        .root()
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    std::thread::scope(|s| {
+        let main = s.spawn(move || engines::run(run));
+        if !wait_for_task(&ctr, "u1", "RUNNING", || main.is_finished()) {
+            let out = main.join().unwrap();
+            panic!(
+                "ctr run ended ({:?}) before u1 ran:\n{}",
+                out.code, out.output
+            );
+        }
+        let out = expect_ok(ctr.ctr(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e1",
+            "u1",
+            "sh",
+            "-c",
+            "cat /made; id -u",
+        ]));
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["x", "0"]);
+        // The container's file in the container's snapshot, with the container's ids, and
+        // husk's work directory beside the snapshot's.
+        let made: Vec<_> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("fs/made"))
+            .filter(|p| p.exists())
+            .collect();
+        assert_eq!(made.len(), 1, "{made:?}");
+        let m = std::fs::metadata(&made[0]).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000));
+        let snapshot = made[0].parent().unwrap().parent().unwrap();
+        assert!(snapshot.join("work/husk-u1").is_dir());
+        expect_ok(ctr.ctr(&["tasks", "kill", "-s", "SIGTERM", "u1"]));
+        let main = main.join().unwrap();
+        assert_eq!(main.code, Some(7), "ctr run:\n{}", main.output);
+    });
+    let left = expect_ok(ctr.ctr(&["containers", "list", "-q"]));
+    assert_eq!(left.trim(), "", "containers left: {left}");
+    let husk_left: Vec<_> = std::fs::read_dir(ctr.husk_root())
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(husk_left.is_empty(), "husk state left: {husk_left:?}");
+}

@@ -5,12 +5,11 @@
 //! - **its own cgroup** (see [`super::cgroup`]);
 //! - **a minimal root**: a read-only tmpfs holding, at the paths the monitor uses for them,
 //!   only the state directory (sockets, `state.json`, `network.json`, the share, with its bind
-//!   mounts), the guest kernel and initramfs (read-only), `/dev/null`, the `HUSK_PHASES` file
-//!   when phases are recorded, and a fresh `/proc` (the virtio-fs server reopens its O_PATH
-//!   descriptors through `/proc/self/fd`, long socket paths go through it too). The monitor
-//!   pivots into it and detaches the host's root. `/dev/kvm` and the taps were opened before,
-//!   so neither it nor `/dev/net/tun` is there; the log and the container's stdio are
-//!   descriptors already;
+//!   mounts), the guest kernel and initramfs (read-only), `/dev/null` and a fresh `/proc` (the
+//!   virtio-fs server reopens its O_PATH descriptors through `/proc/self/fd`, long socket
+//!   paths go through it too). The monitor pivots into it and detaches the host's root.
+//!   `/dev/kvm` and the taps were opened before, so neither it nor `/dev/net/tun` is there; the
+//!   log, the container's stdio and the `HUSK_PHASES` file are descriptors already;
 //! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
 //!   its vsock sockets), but the files there that husk commands act on as root (see
 //!   `crate::oci::state` on what husk trusts) are bind-mounted read-only onto themselves first
@@ -113,20 +112,28 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
         None => Vec::new(),
     };
     pin(jail.state_dir)?;
-    if let Some((map, share)) = jail.user {
-        let ns = UserNs::create(map)?;
-        // An overlay cannot be idmapped: off the share, then anew on idmapped layers.
-        overlay::take_off(&overlays)?;
-        ns.idmap(share, true)?;
-        for o in &overlays {
-            o.mount_idmapped(&ns, map, jail.id)?;
+    let user_ns = match jail.user {
+        Some((map, share)) => {
+            let ns = UserNs::create(map)?;
+            // An overlay cannot be idmapped: off the share, then anew on idmapped layers.
+            overlay::take_off(&overlays)?;
+            ns.idmap(share, true)?;
+            for o in &overlays {
+                o.mount_idmapped(&ns, map, jail.id)?;
+            }
+            give_state_dir(jail.state_dir, share, map.base())?;
+            Some(ns)
         }
-        give_state_dir(jail.state_dir, share, map.base())?;
+        None => None,
+    };
+    // The new root is built as host root: the paths to what it holds may pass through
+    // directories the namespace's root could not search (containerd's state root is 0700).
+    let entries = entries(jail)?;
+    pivot_into_new_root(&entries)?;
+    drop(entries);
+    if let Some(ns) = user_ns {
         ns.enter()?;
     }
-    let entries = entries(jail)?;
-    pivot_into_new_root(&entries, jail.user.is_none())?;
-    drop(entries);
     limit_resources()?;
     drop_capabilities(&kept_capabilities(jail.network, jail.user.is_some()))
 }
@@ -224,20 +231,6 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
             .map(|p| (p.to_path_buf(), false, true)),
     );
     wanted.push(("/dev/null".into(), false, false));
-    if jail.user.is_some() {
-        // The host's, bound: in a user namespace a fresh one cannot be mounted (module docs).
-        wanted.push(("/proc".into(), true, false));
-    }
-    if let Some(phases) = std::env::var_os(crate::phases::ENV).filter(|p| !p.is_empty()) {
-        let phases = PathBuf::from(phases);
-        // The recorder opens it for every phase; it must exist to be bind-mounted.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&phases)
-            .map_err(|e| format!("opening {}: {e}", phases.display()))?;
-        wanted.push((phases, false, false));
-    }
     wanted
         .into_iter()
         .map(|(path, recursive, read_only)| {
@@ -259,9 +252,8 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
         .collect()
 }
 
-/// Builds the new root and pivots into it; `fresh_proc`: mounts a new /proc there (otherwise
-/// it is one of the `entries`).
-fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String> {
+/// Builds the new root, with `entries` and a new /proc, and pivots into it.
+fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
     let err = |what: String| move |e: nix::Error| format!("confining the monitor: {what}: {e}");
     // Relative paths (a relative --root, HUSK_IMAGE_DIR or HUSK_PHASES) keep working if the
     // working directory is the same one in the jail (its path is there when it is an ancestor
@@ -308,19 +300,17 @@ fn pivot_into_new_root(entries: &[Entry], fresh_proc: bool) -> Result<(), String
                 .map_err(err(format!("making {} read-only", e.path.display())))?;
         }
     }
-    if fresh_proc {
-        let proc = new_root.join("proc");
-        std::fs::create_dir(&proc)
-            .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
-        mount(
-            Some("proc"),
-            &proc,
-            Some("proc"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(err("mounting /proc".into()))?;
-    }
+    let proc = new_root.join("proc");
+    std::fs::create_dir(&proc)
+        .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
+    mount(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(err("mounting /proc".into()))?;
 
     // As runc does: pivot_root(".", ".") stacks the old root on the new one, and detaching
     // "." (the old root, from old_root's point of view) leaves the new one.
@@ -644,6 +634,12 @@ mod tests {
         .unwrap();
         std::fs::create_dir_all(scratch.join("image")).unwrap();
         std::fs::write(scratch.join("image/vmlinux"), b"elf").unwrap();
+        // Only root may search it, as containerd's state root: the jail is built as root.
+        std::fs::set_permissions(
+            &scratch,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
         let engine = overlay.then(|| engine_overlay(&scratch));
         // One test alone on the main thread of a fresh copy of this binary: the jail needs a
         // single-threaded process.

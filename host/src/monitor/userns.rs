@@ -29,9 +29,11 @@
 //! - the monitor cannot undo its network changes itself (CAP_NET_ADMIN in its namespace is
 //!   not CAP_NET_ADMIN over the container's network namespace): `husk delete` does, from the
 //!   pinned `network.json`, as it does for a killed monitor;
-//! - `/proc` in the jail is the host's, bound (mounting a fresh one needs privilege over the
-//!   host's pid namespace); it shows the same as the fresh one the root monitor gets;
-//! - a `HUSK_PHASES` file (benchmarks) is root's, and the monitor's phases are not recorded;
+//! - the jail's root is built and pivoted into as host root, and the namespace entered only
+//!   then (its new mount namespace is a copy of the jail's, whose mounts it cannot change or
+//!   unmount): the paths to the state directory may pass through directories only root may
+//!   search (containerd's state root is 0700), and a fresh `/proc` needs privilege over the
+//!   host's pid namespace;
 //! - monitors started with the same BASE share a host uid: they cannot ptrace or read one
 //!   another (they are not dumpable) but may signal one another. A range per container (as
 //!   Firecracker's jailer wants a uid per microVM) keeps them apart; allocating those ranges
