@@ -298,6 +298,7 @@ impl Monitor {
             network: network.is_some(),
             user: args.user.map(|map| (map, share.as_path())),
         })?;
+        crate::phases::record_now("monitor-confined");
         if args.user.is_some()
             && let Some(network) = network.as_mut()
         {

@@ -30,9 +30,10 @@ use serde_json::{Value, json};
 use super::boot::{self, guest_cmdline, is_kvm_pvm, qemu_kvm_cpu, which};
 
 /// The phases of `husk run` in causal order (host/src/phases.rs documents each one).
-const PHASES: [&str; 16] = [
+const PHASES: [&str; 17] = [
     "cli-start",
     "monitor-start",
+    "monitor-confined",
     "vm-created",
     "first-vcpu-entry",
     "init-started",
@@ -64,6 +65,10 @@ pub struct StartupBenchArgs {
     /// Directory with vmlinux and initramfs.cpio [default: target/husk-image]
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Also run `husk --monitor-uid BASE run` in each iteration (after `husk run`): its wall
+    /// time, phases and ratio to `husk run`.
+    #[arg(long, value_name = "BASE")]
+    monitor_uid: Option<u32>,
 }
 
 /// min / median / p90 of some milliseconds.
@@ -130,14 +135,25 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
     );
 
     let mut husk_phases: Vec<HashMap<String, f64>> = Vec::new();
+    let mut uid_phases: Vec<HashMap<String, f64>> = Vec::new();
     let mut walls: HashMap<&str, Vec<f64>> = HashMap::new();
     for i in 1..=args.runs {
         let id = format!("bench-{}-{i}", std::process::id());
         let phases_file = work.0.join(format!("phases-{i}.jsonl"));
-        let (ms, phases) = husk_run(&husk, &work.0.join("husk-root"), &bundle, &id, &phases_file)
+        let husk_root = work.0.join("husk-root");
+        let (ms, phases) = husk_run(&husk, &[], &husk_root, &bundle, &id, &phases_file)
             .with_context(|| format!("iteration {i}: husk run"))?;
         husk_phases.push(phases);
         walls.entry("husk run").or_default().push(ms);
+        if let Some(base) = args.monitor_uid {
+            let flags = ["--monitor-uid".to_string(), base.to_string()];
+            let file = work.0.join(format!("phases-uid-{i}.jsonl"));
+            let (ms, phases) = husk_run(&husk, &flags, &husk_root, &bundle, &id, &file)
+                .with_context(|| format!("iteration {i}: husk --monitor-uid {base} run"))?;
+            uid_phases.push(phases);
+            walls.entry(UID_RUN).or_default().push(ms);
+            println!("  iteration {i}: husk --monitor-uid {base} run {ms:>9.1} ms");
+        }
         let runc = oci_run("runc", &work.0.join("runc-root"), &bundle, &id)
             .with_context(|| format!("iteration {i}: runc run"))?;
         walls.entry("runc run").or_default().push(runc);
@@ -161,39 +177,20 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
         );
     }
 
-    // Phase durations: each phase minus the one before it in the chain.
-    let segments: Vec<(String, Stats, Vec<f64>)> = PHASES
-        .windows(2)
-        .map(|w| {
-            let values: Vec<f64> = husk_phases.iter().map(|p| p[w[1]] - p[w[0]]).collect();
-            (format!("{} → {}", w[0], w[1]), Stats::of(&values), values)
-        })
-        .collect();
-    println!();
-    println!(
-        "husk run phases over {} runs (ms; from husk's own timestamps):",
-        args.runs
-    );
-    println!(
-        "{:<42} {:>10} {:>10} {:>10} {:>12}",
-        "phase", "min", "median", "p90", "at (median)"
-    );
-    for (name, s, _) in &segments {
-        let end = name.rsplit(' ').next().unwrap_or("");
-        let at = Stats::of(&husk_phases.iter().map(|p| p[end]).collect::<Vec<_>>()).median;
-        println!(
-            "{name:<42} {:>10.1} {:>10.1} {:>10.1} {at:>12.1}",
-            s.min, s.median, s.p90
-        );
-    }
+    let segments = print_phases("husk run", &husk_phases);
+    let uid_segments = (!uid_phases.is_empty()).then(|| print_phases(UID_RUN, &uid_phases));
 
-    let order = [
+    let order: Vec<&str> = [
         "husk run",
+        UID_RUN,
         "runc run",
         "crun run",
         "husk boot-to-init",
         "QEMU microvm boot-to-init",
-    ];
+    ]
+    .into_iter()
+    .filter(|n| walls.contains_key(n))
+    .collect();
     let totals: Vec<(&str, Stats)> = order.iter().map(|n| (*n, Stats::of(&walls[n]))).collect();
     println!();
     println!(
@@ -207,7 +204,7 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
         );
     }
     let med = |n: &str| Stats::of(&walls[n]).median;
-    let ratios = [
+    let mut ratios = vec![
         ("husk run / runc run", med("husk run") / med("runc run")),
         ("husk run / crun run", med("husk run") / med("crun run")),
         (
@@ -215,6 +212,9 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
             med("husk boot-to-init") / med("QEMU microvm boot-to-init"),
         ),
     ];
+    if walls.contains_key(UID_RUN) {
+        ratios.push((UID_RATIO, med(UID_RUN) / med("husk run")));
+    }
     println!();
     for (name, r) in &ratios {
         println!("ratio of medians, {name}: {r:.3}x");
@@ -234,12 +234,8 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
         "machine": machine,
         "runs": args.runs,
         "bundle": "busybox-static, runc spec defaults, args [/bin/true], terminal false",
-        "husk_phases": segments.iter().map(|(name, s, v)| {
-            let mut j = s.json();
-            j["phase"] = json!(name);
-            j["values_ms"] = json!(v.iter().map(|x| round(*x)).collect::<Vec<_>>());
-            j
-        }).collect::<Vec<_>>(),
+        "husk_phases": phases_json(&segments),
+        "husk_monitor_uid_phases": uid_segments.as_deref().map(phases_json),
         "wall": totals.iter().map(|(name, s)| {
             let mut j = s.json();
             j["what"] = json!(name);
@@ -364,9 +360,61 @@ pub(super) fn make_bundle(dir: &Path, args: &[&str], rootfs: Option<&Path>) -> R
     Ok(dir.to_path_buf())
 }
 
-/// One `husk run`: wall time (ms) and the phases it recorded, as ms since `cli-start`.
+/// The name of the `--monitor-uid` variant's runs, and of its ratio to `husk run`.
+const UID_RUN: &str = "husk run --monitor-uid";
+const UID_RATIO: &str = "husk run --monitor-uid / husk run";
+
+/// A phase of the chain (`from → to`): its stats over the runs and its values.
+type Segment = (String, Stats, Vec<f64>);
+
+/// Prints the phase table of `what`'s runs; returns each phase's duration (each phase minus
+/// the one before it in the chain).
+fn print_phases(what: &str, runs: &[HashMap<String, f64>]) -> Vec<Segment> {
+    let segments: Vec<Segment> = PHASES
+        .windows(2)
+        .map(|w| {
+            let values: Vec<f64> = runs.iter().map(|p| p[w[1]] - p[w[0]]).collect();
+            (format!("{} → {}", w[0], w[1]), Stats::of(&values), values)
+        })
+        .collect();
+    println!();
+    println!(
+        "{what} phases over {} runs (ms; from husk's own timestamps):",
+        runs.len()
+    );
+    println!(
+        "{:<42} {:>10} {:>10} {:>10} {:>12}",
+        "phase", "min", "median", "p90", "at (median)"
+    );
+    for (name, s, _) in &segments {
+        let end = name.rsplit(' ').next().unwrap_or("");
+        let at = Stats::of(&runs.iter().map(|p| p[end]).collect::<Vec<_>>()).median;
+        println!(
+            "{name:<42} {:>10.1} {:>10.1} {:>10.1} {at:>12.1}",
+            s.min, s.median, s.p90
+        );
+    }
+    segments
+}
+
+fn phases_json(segments: &[Segment]) -> Value {
+    json!(
+        segments
+            .iter()
+            .map(|(name, s, v)| {
+                let mut j = s.json();
+                j["phase"] = json!(name);
+                j["values_ms"] = json!(v.iter().map(|x| round(*x)).collect::<Vec<_>>());
+                j
+            })
+            .collect::<Vec<_>>()
+    )
+}
+
+/// One `husk FLAGS run`: wall time (ms) and the phases it recorded, as ms since `cli-start`.
 fn husk_run(
     husk: &Path,
+    flags: &[String],
     root: &Path,
     bundle: &Path,
     id: &str,
@@ -375,6 +423,7 @@ fn husk_run(
     let _ = std::fs::remove_file(phases_file);
     let start = Instant::now();
     let out = Command::new(husk)
+        .args(flags)
         .arg("--root")
         .arg(root)
         .args(["run", "--bundle"])
@@ -892,7 +941,7 @@ mod tests {
         text += &line("start-returned", 1_000_000_000);
         let p = parse_phases(&text).unwrap();
         assert_eq!(p["cli-start"], 0.0);
-        assert_eq!(p["cli-exit"], 15.0 * 1.5);
+        assert_eq!(p["cli-exit"], 16.0 * 1.5);
         let without: String = text
             .lines()
             .filter(|l| !l.contains("power-off"))
