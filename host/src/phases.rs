@@ -89,6 +89,13 @@ fn monotonic_ns() -> u64 {
     secs * 1_000_000_000 + nanos
 }
 
+/// The descriptor of the phase file, if this process opened it (kept by whatever closes
+/// inherited descriptors).
+pub fn fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    recorder()?.file.as_ref().map(AsRawFd::as_raw_fd)
+}
+
 /// Whether phases are being recorded (callers skip gathering what would not be written).
 pub fn enabled() -> bool {
     recorder().is_some()

@@ -473,9 +473,11 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     let pid_file = tmp.path().join("pid");
     // The container's stdio (the monitor keeps it): not pipes this test would wait on.
     let errors = tmp.path().join("create.err");
+    let phases = tmp.path().join("phases.jsonl");
     let status = Command::new(husk_binary())
         .arg("--root")
         .arg(&root)
+        .env("HUSK_PHASES", &phases)
         .args([
             "--monitor-uid",
             &BASE.to_string(),
@@ -515,6 +517,18 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(std::fs::metadata(root.join("u1")).unwrap().uid(), BASE);
+    // The monitor records its phases from its jail too (the file, root's, is not there: it
+    // keeps it open from its first phase, through the closing of what it inherited).
+    let recorded = std::fs::read_to_string(&phases).unwrap();
+    for phase in ["monitor-start", "monitor-confined"] {
+        assert!(
+            recorded
+                .lines()
+                .any(|l| l.contains(&format!("\"phase\":\"{phase}\""))
+                    && l.contains(&format!("\"pid\":{pid}"))),
+            "the monitor did not record {phase}: {recorded}"
+        );
+    }
     // What husk acts on as root stays root's.
     for name in [
         "container.json",

@@ -189,10 +189,11 @@ pub struct SpecArgs {
     bundle: PathBuf,
 }
 
-/// Closes every descriptor the monitor inherited besides stdio (the container's) and the
-/// notify pipe. The monitor lives as long as the container, next to the guest-facing threads:
-/// whatever the engine leaked into `husk create` (a socket, a directory of the host) must not
-/// live on in it. (`--preserve-fds` is refused: descriptors cannot be passed into a VM.)
+/// Closes every descriptor the monitor inherited besides stdio (the container's), `keep` (the
+/// notify pipe) and the phase file this process opened (`crate::phases`). The monitor lives
+/// as long as the container, next to the guest-facing threads: whatever the engine leaked into
+/// `husk create` (a socket, a directory of the host) must not live on in it. (`--preserve-fds`
+/// is refused: descriptors cannot be passed into a VM.)
 fn close_inherited_fds(keep: RawFd) {
     let close = |first: RawFd, last: RawFd| {
         if first <= last {
@@ -209,8 +210,16 @@ fn close_inherited_fds(keep: RawFd) {
             };
         }
     };
-    close(3, keep - 1);
-    close(keep + 1, RawFd::MAX);
+    // The phase file would otherwise be closed under the recorder, and its number reused by
+    // a file its phases would then be written into.
+    let mut kept: Vec<RawFd> = std::iter::once(keep).chain(crate::phases::fd()).collect();
+    kept.sort_unstable();
+    let mut first = 3;
+    for k in kept {
+        close(first, k - 1);
+        first = first.max(k + 1);
+    }
+    close(first, RawFd::MAX);
 }
 
 /// The hidden `monitor` command.

@@ -42,8 +42,8 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::userns::{IdMap, UserNs};
 
-/// The record of the work directory the new overlay was given (its path, or empty), pinned:
-/// `husk delete` removes that directory.
+/// The record of the work directories the new overlays were given (their paths, one per
+/// line; empty without an overlay), pinned: `husk delete` removes them.
 pub const RECORD_FILE: &str = "overlay-workdir";
 
 /// One line of `/proc/self/mountinfo`.
