@@ -5,7 +5,10 @@
 //!
 //! Every cycle boots a VM (~30-40 s on the nested kvm_pvm CI hosts), so the default is a few
 //! cycles of each kind; `HUSK_CHURN_CYCLES=200` runs the full churn (and
-//! `HUSK_CHURN_WORKERS=N` how many run at once, default 2).
+//! `HUSK_CHURN_WORKERS=N` how many run at once, default 2). With `HUSK_CHURN_MONITOR_UID=BASE`
+//! every other cycle runs its monitor as `--monitor-uid BASE` on an overlay rootfs of its own
+//! (as podman's), which the test mounts and unmounts around the cycle; husk's work directory
+//! for the overlay must be gone after `delete`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -112,9 +115,10 @@ fn wait_stopped(root: &Path, id: &str) {
 }
 
 /// `husk create` with the container's stdio on /dev/null (the monitor keeps it open, so it
-/// must not be a pipe we wait on).
-fn create(root: &Path, bundle: &Path, id: &str) {
+/// must not be a pipe we wait on); `flags` go before the command.
+fn create(root: &Path, flags: &[String], bundle: &Path, id: &str) {
     let status = Command::new(husk_binary())
+        .args(flags)
         .arg("--root")
         .arg(root)
         .args(["create", id, "--bundle"])
@@ -127,10 +131,66 @@ fn create(root: &Path, bundle: &Path, id: &str) {
     assert!(status.success(), "create {id} failed");
 }
 
-/// One lifecycle; `kind` picks how it ends.
-fn cycle(root: &Path, bundle: &Path, n: usize) {
+/// A cycle's bundle with an overlay rootfs (lower: the shared busybox rootfs), as podman lays
+/// it out: `c-N/{upper,work,merged}`, the bundle's root path the mount point.
+struct OverlayBundle {
+    dir: PathBuf,
+    merged: PathBuf,
+}
+
+impl OverlayBundle {
+    fn mount(tmp: &Path, bundle: &Path, n: usize) -> OverlayBundle {
+        let dir = tmp.join(format!("c-{n}"));
+        for d in ["upper", "work", "merged", "bundle"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let merged = dir.join("merged");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+        config["root"]["path"] = serde_json::json!(merged);
+        std::fs::write(
+            dir.join("bundle/config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            bundle.join("rootfs").display(),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap();
+        OverlayBundle { dir, merged }
+    }
+}
+
+impl Drop for OverlayBundle {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.merged, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One lifecycle; `n % 3` picks how it ends; with `uid`, odd cycles run under
+/// `--monitor-uid` on an overlay rootfs.
+fn cycle(tmp: &Path, root: &Path, bundle: &Path, uid: Option<u32>, n: usize) {
     let id = format!("churn-{n}");
-    create(root, bundle, &id);
+    let uid = uid.filter(|_| n % 2 == 1);
+    let overlay = uid.map(|_| OverlayBundle::mount(tmp, bundle, n));
+    let flags: Vec<String> = uid
+        .map(|b| vec!["--monitor-uid".into(), b.to_string()])
+        .unwrap_or_default();
+    let bundle = overlay
+        .as_ref()
+        .map_or(bundle.to_path_buf(), |o| o.dir.join("bundle"));
+    create(root, &flags, &bundle, &id);
     let (code, _, err) = husk(root, &["start", &id]);
     assert_eq!(code, 0, "start {id}: {err}");
     match n % 3 {
@@ -162,6 +222,10 @@ fn cycle(root: &Path, bundle: &Path, n: usize) {
     }
     let (code, _, _) = husk(root, &["state", &id]);
     assert_ne!(code, 0, "{id} still exists after delete");
+    if let Some(o) = &overlay {
+        let workdir = o.dir.join("work").join(format!("husk-{id}"));
+        assert!(!workdir.exists(), "delete left {}", workdir.display());
+    }
 }
 
 #[test]
@@ -172,6 +236,9 @@ fn churn_leaves_nothing_behind() {
         return;
     }
     let cycles = env_count("HUSK_CHURN_CYCLES", 6);
+    let uid = std::env::var("HUSK_CHURN_MONITOR_UID")
+        .ok()
+        .map(|b| b.parse::<u32>().expect("HUSK_CHURN_MONITOR_UID: a uid"));
     let workers = env_count("HUSK_CHURN_WORKERS", 2).min(cycles);
     let tmp = TempDir::new("churn");
     let root = tmp.path().join("state");
@@ -194,7 +261,7 @@ fn churn_leaves_nothing_behind() {
                     if n >= cycles {
                         return;
                     }
-                    cycle(&root, &bundle, n);
+                    cycle(tmp.path(), &root, &bundle, uid, n);
                 }
             });
         }
