@@ -5,10 +5,10 @@
 //!
 //! Every cycle boots a VM (~30-40 s on the nested kvm_pvm CI hosts), so the default is a few
 //! cycles of each kind; `HUSK_CHURN_CYCLES=200` runs the full churn (and
-//! `HUSK_CHURN_WORKERS=N` how many run at once, default 2). With `HUSK_CHURN_MONITOR_UID=BASE`
-//! every other cycle runs its monitor as `--monitor-uid BASE` on an overlay rootfs of its own
-//! (as podman's), which the test mounts and unmounts around the cycle; husk's work directory
-//! for the overlay must be gone after `delete`.
+//! `HUSK_CHURN_WORKERS=N` how many run at once, default 2). Every other cycle runs its
+//! monitor as `--monitor-uid BASE` (`HUSK_CHURN_MONITOR_UID`, default 300000; `off`: none) on
+//! an overlay rootfs of its own (as podman's), which the test mounts and unmounts around the
+//! cycle; husk's work directory for the overlay must be gone after `delete`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -236,9 +236,14 @@ fn churn_leaves_nothing_behind() {
         return;
     }
     let cycles = env_count("HUSK_CHURN_CYCLES", 6);
-    let uid = std::env::var("HUSK_CHURN_MONITOR_UID")
-        .ok()
-        .map(|b| b.parse::<u32>().expect("HUSK_CHURN_MONITOR_UID: a uid"));
+    let uid = match std::env::var("HUSK_CHURN_MONITOR_UID").as_deref() {
+        Ok("off") => None,
+        Ok(b) => Some(
+            b.parse::<u32>()
+                .expect("HUSK_CHURN_MONITOR_UID: a uid or off"),
+        ),
+        Err(_) => Some(300_000),
+    };
     let workers = env_count("HUSK_CHURN_WORKERS", 2).min(cycles);
     let tmp = TempDir::new("churn");
     let root = tmp.path().join("state");
