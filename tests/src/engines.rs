@@ -440,7 +440,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(d.join("config.toml"));
         let mut daemon = Daemon::spawn("containerd", cmd, d.join("containerd.log"));
-        let namespace = format!("husk-test-{}", std::process::id());
+        // One per instance: tests of one binary run at once, and the shim's runtime root
+        // (husk's state root) is per namespace, shared by every containerd on the host.
+        static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let namespace = format!(
+            "husk-test-{}-{}",
+            std::process::id(),
+            INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let mut c = Containerd {
             daemon: None,
             socket,
