@@ -531,6 +531,11 @@ impl Dockerd {
     /// Starts dockerd (with the default bridge network when `bridge`, else none and no
     /// iptables rules) and imports [`IMAGE`].
     pub fn start(husk: &Path, bridge: bool) -> Option<Dockerd> {
+        Dockerd::start_with(husk, bridge, "vfs")
+    }
+
+    /// As [`Dockerd::start`], with storage `driver` (`overlay2` gives an overlay rootfs).
+    pub fn start_with(husk: &Path, bridge: bool, driver: &str) -> Option<Dockerd> {
         require_programs(&["dockerd", "docker", "containerd", "tar"])?;
         // Short: the exec root holds containerd's sockets (108-byte limit).
         let dir = TempDir::new("dkr");
@@ -547,7 +552,7 @@ impl Dockerd {
             .arg(format!("unix://{}", socket.display()))
             .arg("--add-runtime")
             .arg(format!("husk={}", husk.display()))
-            .args(["--storage-driver", "vfs", "--log-driver", "json-file"]);
+            .args(["--storage-driver", driver, "--log-driver", "json-file"]);
         if !bridge {
             cmd.args(["--bridge", "none", "--iptables=false", "--ip-masq=false"]);
         }

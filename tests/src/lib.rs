@@ -282,6 +282,44 @@ pub fn husk(root: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// An overlay mount, as engines make for a container's rootfs; unmounted when dropped.
+#[derive(Debug)]
+pub struct Overlay {
+    /// The mount point.
+    pub at: PathBuf,
+}
+
+impl Overlay {
+    /// Mounts an overlay of `lower` (topmost first), `upper` and `work` at `at` (all
+    /// existing directories, given by absolute paths).
+    pub fn mount(lower: &[&Path], upper: &Path, work: &Path, at: &Path) -> Overlay {
+        let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            at,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mounting an overlay at {} ({data}): {e}", at.display()));
+        Overlay {
+            at: at.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.at, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Whether the tests run as root (the status line of /proc/self says the effective uid).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

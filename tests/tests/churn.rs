@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_e2e::{
-    ContainerRoot, TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root, kvm_available,
-    skip,
+    ContainerRoot, Overlay, TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root,
+    kvm_available, skip,
 };
 
 fn env_count(name: &str, default: usize) -> usize {
@@ -135,7 +135,8 @@ fn create(root: &Path, flags: &[String], bundle: &Path, id: &str) {
 /// it out: `c-N/{upper,work,merged}`, the bundle's root path the mount point.
 struct OverlayBundle {
     dir: PathBuf,
-    merged: PathBuf,
+    /// Before `dir` goes: unmounted first.
+    mount: Option<Overlay>,
 }
 
 impl OverlayBundle {
@@ -153,27 +154,22 @@ impl OverlayBundle {
             serde_json::to_vec(&config).unwrap(),
         )
         .unwrap();
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            bundle.join("rootfs").display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
+        let mount = Overlay::mount(
+            &[&bundle.join("rootfs")],
+            &dir.join("upper"),
+            &dir.join("work"),
             &merged,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .unwrap();
-        OverlayBundle { dir, merged }
+        );
+        OverlayBundle {
+            dir,
+            mount: Some(mount),
+        }
     }
 }
 
 impl Drop for OverlayBundle {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.merged, nix::mount::MntFlags::MNT_DETACH);
+        drop(self.mount.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_e2e::{
-    ContainerRoot, TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root, kvm_available,
-    skip,
+    ContainerRoot, Overlay, TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root,
+    kvm_available, skip,
 };
 
 /// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail.rs):
@@ -616,7 +616,7 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
         "delete left the overlay's work directory"
     );
     // The engine's overlay still works: its work directory was not shared.
-    std::fs::write(overlay.mounted.0.join("seed"), "engine\n").unwrap();
+    std::fs::write(overlay.mount.at.join("seed"), "engine\n").unwrap();
     let links = netns.ip(&["-o", "link"]);
     assert!(!links.contains("_husk"), "a tap is left: {links}");
     let addrs = netns.ip(&["-o", "addr", "show", "eth0"]);
@@ -626,20 +626,11 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     );
 }
 
-/// Unmounts a mount point on drop.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 /// A bundle's rootfs made an overlay, as podman, Docker and containerd give it.
 struct OverlayRootfs {
     upper: std::path::PathBuf,
     work: std::path::PathBuf,
-    mounted: Mounted,
+    mount: Overlay,
 }
 
 /// Moves the bundle's rootfs to a lower layer (`seed` adds to it) and mounts an overlay on it
@@ -657,25 +648,8 @@ fn overlay_rootfs(scratch: &Scratch, bundle: &Path, seed: impl FnOnce(&Path)) ->
     std::fs::rename(&rootfs, &lower).unwrap();
     seed(&lower);
     std::fs::create_dir(&rootfs).unwrap();
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        &rootfs,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .unwrap();
-    OverlayRootfs {
-        upper,
-        work,
-        mounted: Mounted(rootfs),
-    }
+    let mount = Overlay::mount(&[&lower], &upper, &work, &rootfs);
+    OverlayRootfs { upper, work, mount }
 }
 
 #[test]
@@ -712,7 +686,7 @@ fn a_monitor_uid_with_an_overlay_of_relative_layers_is_refused_by_name_and_leave
         .status()
         .unwrap();
     assert!(mounted.success(), "mounting the overlay");
-    let _overlay = Mounted(rootfs.clone());
+    let _overlay = Overlay { at: rootfs.clone() };
 
     let (code, _, err) = husk(
         &scratch.root,

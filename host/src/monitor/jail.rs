@@ -659,8 +659,8 @@ mod tests {
         }
         let out = cmd.output().unwrap();
         let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some(merged) = engine {
-            stdout.push_str(&after_overlay(&scratch, &merged));
+        if let Some(engine) = engine {
+            stdout.push_str(&after_overlay(&scratch, engine));
         }
         let cgroups_removed = cgroup::remove(&state);
         let wrote = std::fs::read(state.join("w"));
@@ -785,7 +785,7 @@ mod tests {
     /// Mounts an overlay on the scratch's layers, as podman lays them out: two lower layers
     /// (the upper one making `opaque` opaque) beside a directory holding the upper, work and
     /// mount point (`c/merged`) of the container.
-    fn engine_overlay(scratch: &Path) -> std::path::PathBuf {
+    fn engine_overlay(scratch: &Path) -> husk_e2e::Overlay {
         use std::os::unix::fs::PermissionsExt;
         let l = scratch.join("layers");
         for dir in [
@@ -820,28 +820,18 @@ mod tests {
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
         let merged = l.join("c/merged");
         std::fs::create_dir(&merged).unwrap();
-        let data = format!(
-            "lowerdir={}:{},upperdir={},workdir={}",
-            l.join("lower1").display(),
-            l.join("lower2").display(),
-            l.join("c/upper").display(),
-            l.join("c/work").display()
-        );
-        mount(
-            Some("overlay"),
+        husk_e2e::Overlay::mount(
+            &[&l.join("lower1"), &l.join("lower2")],
+            &l.join("c/upper"),
+            &l.join("c/work"),
             &merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(data.as_str()),
         )
-        .unwrap();
-        merged
     }
 
     /// What the jailed child left in the engine's overlay, as `key=value` lines; whether the
     /// engine's overlay still works (its work directory untouched); then unmounts it and
     /// removes husk's work directory as `husk delete` does.
-    fn after_overlay(scratch: &Path, merged: &Path) -> String {
+    fn after_overlay(scratch: &Path, engine: husk_e2e::Overlay) -> String {
         use std::os::unix::fs::MetadataExt;
         let upper = scratch.join("layers/c/upper");
         let owner = |p: &str| {
@@ -858,12 +848,12 @@ mod tests {
             "upper_file_text",
             std::fs::read_to_string(upper.join("file")).unwrap_or_default(),
         );
-        let engine_copy_up = std::fs::write(merged.join("other"), b"engine");
+        let engine_copy_up = std::fs::write(engine.at.join("other"), b"engine");
         see("engine_copy_up", format!("{engine_copy_up:?}"));
         let id = unit_id(scratch);
         let ours = scratch.join("layers/c/work").join(format!("husk-{id}"));
         see("workdir_made", ours.is_dir().to_string());
-        umount2(merged, MntFlags::MNT_DETACH).unwrap();
+        drop(engine);
         let removed = overlay::remove_workdirs(&scratch.join("state"), &id);
         see("workdir_removed", format!("{removed:?} {}", !ours.exists()));
         seen
