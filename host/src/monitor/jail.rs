@@ -255,7 +255,7 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
 /// Builds the new root, with `entries` and a new /proc, and pivots into it.
 fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
     let err = |what: String| move |e: nix::Error| format!("confining the monitor: {what}: {e}");
-    // Relative paths (a relative --root, HUSK_IMAGE_DIR or HUSK_PHASES) keep working if the
+    // Relative paths (a relative --root or HUSK_IMAGE_DIR) keep working if the
     // working directory is the same one in the jail (its path is there when it is an ancestor
     // of what was bound).
     let cwd = std::env::current_dir().ok();

@@ -30,9 +30,10 @@
 //!   mounter's credentials, and through the idmapped upper layer only ids of the range can
 //!   create files (host root would get EOVERFLOW).
 //!
-//! Not supported, refused by name: relative layer paths (what podman and containerd fall back
-//! to when the absolute ones exceed a page of mount options, i.e. dozens of layers),
-//! data-only layers (`::`), paths with `,`, `:` or `\`, and mounts below an overlay (taking
+//! Layers given one by one (`lowerdir+=`, as fsconfig(2) mounts show) are read as well. Not
+//! supported, refused by name: relative layer paths (what podman and containerd fall back to
+//! when the absolute ones exceed a page of mount options, i.e. dozens of layers), data-only
+//! layers (`::`, `datadir+`), paths with `,`, `:` or `\`, and mounts below an overlay (taking
 //! the overlay off would take them too).
 
 use std::os::unix::ffi::OsStrExt;
@@ -168,11 +169,11 @@ impl Overlay {
                     }
                     lower = value.split(':').map(path).collect::<Result<_, _>>()?;
                 }
+                // One layer each, in order (mounted with fsconfig(2), as `lowerdir+=`).
+                "lowerdir+" => lower.push(path(&value)?),
                 "upperdir" => upper = Some(path(&value)?),
                 "workdir" => work = Some(path(&value)?),
-                "lowerdir+" | "datadir+" => {
-                    return Err(bad(format!("{key}: layers given by descriptor")));
-                }
+                "datadir+" => return Err(bad("data-only lower layers (`datadir+`)".into())),
                 // Its sharing of the upper directory (the module docs), and what needs the
                 // index.
                 "index" | "nfs_export" => {}
@@ -412,6 +413,7 @@ mod tests {
         for (opts, says) in [
             ("rw,lowerdir=l/AB,upperdir=/u,workdir=/w", "relative path"),
             ("rw,lowerdir=/a::/b", "data-only"),
+            ("rw,lowerdir+=/a,datadir+=/b", "data-only"),
             ("rw,lowerdir=/a\\054b", "`,`"),
             ("rw,upperdir=/u,workdir=/w", "no lowerdir"),
             ("rw,lowerdir=/a,upperdir=/u", "without a workdir"),
@@ -423,6 +425,13 @@ mod tests {
                 "{opts}: {err}"
             );
         }
+        // Layers given one by one (fsconfig), as this kernel shows them.
+        let mounts = parse_mountinfo(&line(
+            "rw,lowerdir+=/a,lowerdir+=/b,upperdir=/u,workdir=/w,uuid=on",
+        ));
+        let o = Overlay::parse(&mounts[0]).unwrap();
+        assert_eq!(o.lower, [Path::new("/a"), Path::new("/b")]);
+        assert_eq!(o.workdir("x"), Some(PathBuf::from("/w/husk-x")));
         // A lower-only overlay is read-only and needs no work directory.
         let mounts = parse_mountinfo(&line("ro,lowerdir=/a:/b"));
         let o = Overlay::parse(&mounts[0]).unwrap();
