@@ -519,13 +519,20 @@ impl Drop for Containerd {
 }
 
 /// dockerd with its own data root, exec root (its containerd included), pid file and socket,
-/// and husk added as the runtime `husk`.
+/// and husk added as the runtime `husk`. One at a time in a test binary: every dockerd on a
+/// host manages the default bridge `docker0`, and one started with `--bridge none` deletes it
+/// (seen here: a concurrent bridge test's published port then led nowhere).
 #[derive(Debug)]
 pub struct Dockerd {
     daemon: Option<Daemon>,
     socket: PathBuf,
     dir: TempDir,
+    /// Released after the daemon stopped (fields drop after `Drop::drop`).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the running [`Dockerd`] of this test binary.
+static DOCKERD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Dockerd {
     /// Starts dockerd (with the default bridge network when `bridge`, else none and no
@@ -537,6 +544,10 @@ impl Dockerd {
     /// As [`Dockerd::start`], with storage `driver` (`overlay2` gives an overlay rootfs).
     pub fn start_with(husk: &Path, bridge: bool, driver: &str) -> Option<Dockerd> {
         require_programs(&["dockerd", "docker", "containerd", "tar"])?;
+        // A test that failed while holding it changed nothing the next one needs.
+        let one_at_a_time = DOCKERD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Short: the exec root holds containerd's sockets (108-byte limit).
         let dir = TempDir::new("dkr");
         let d = dir.path();
@@ -561,6 +572,7 @@ impl Dockerd {
             daemon: None,
             socket,
             dir,
+            _one_at_a_time: one_at_a_time,
         };
         daemon.wait_ready(|| {
             c.docker(&["version"])
