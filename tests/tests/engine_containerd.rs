@@ -118,20 +118,7 @@ fn containerd_overlayfs_with_a_monitor_of_its_own_uid() {
     };
     // The shim runs husk with --monitor-uid (a wrapper: the shim takes a binary, not flags).
     let tmp = husk_e2e::TempDir::new("containerd-uid");
-    let wrapper = tmp.path().join("husk-uid");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec '{}' --monitor-uid 400000 \"$@\"\n",
-            husk_binary().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let wrapper = engines::monitor_uid_wrapper(tmp.path());
     let wrapper_arg = wrapper.to_string_lossy().into_owned();
     // The overlayfs snapshotter: the rootfs is an overlay mount, which the monitor mounts
     // anew on idmapped layers.

@@ -190,27 +190,11 @@ fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
 
 #[test]
 fn docker_on_overlay2_with_a_monitor_of_its_own_uid() {
-    use std::os::unix::fs::MetadataExt;
-    const BASE: &str = "400000";
     let Some(()) = prerequisites() else { return };
-    // The runtime with --monitor-uid (a wrapper: dockerd takes a binary), and the overlay2
-    // driver: the rootfs is an overlay mount, which the monitor mounts anew on idmapped
-    // layers.
+    // The runtime with --monitor-uid (dockerd takes a binary), and the overlay2 driver: the
+    // rootfs is an overlay mount, which the monitor mounts anew on idmapped layers.
     let tmp = husk_e2e::TempDir::new("docker-uid");
-    let wrapper = tmp.path().join("husk-uid");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec '{}' --monitor-uid {BASE} \"$@\"\n",
-            husk_binary().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let wrapper = engines::monitor_uid_wrapper(tmp.path());
     let Some(docker) = Dockerd::start_with(&wrapper, false, "overlay2") else {
         return;
     };
@@ -228,37 +212,20 @@ fn docker_on_overlay2_with_a_monitor_of_its_own_uid() {
         "-c",
         "trap 'exit 0' TERM; while true; do sleep 1; done",
     ]));
-    let out = expect_ok(docker.docker(&[
-        "exec",
-        "u1",
-        "sh",
-        "-c",
-        "echo x > /made && chown 1000:1000 /made && echo y >> /etc/passwd && id -u",
-    ]));
-    assert_eq!(out.trim(), "0", "exec: {out}");
+    let out = expect_ok(docker.docker(&["exec", "u1", "sh", "-c", engines::UID_WRITES]));
     let pid = expect_ok(docker.docker(&["inspect", "--format", "{{.State.Pid}}", "u1"]));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert_eq!(
-        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
-        [BASE; 4],
-        "the monitor's uids"
-    );
-    // The container's writes, in Docker's upper directory with the container's ids.
     let upper = expect_ok(docker.docker(&[
         "inspect",
         "--format",
         "{{.GraphDriver.Data.UpperDir}}",
         "u1",
     ]));
-    let upper = std::path::Path::new(upper.trim());
-    let owner = |name: &str| {
-        let m = std::fs::metadata(upper.join(name)).unwrap();
-        (m.uid(), m.gid())
-    };
-    assert_eq!(owner("made"), (1000, 1000));
-    assert_eq!(owner("etc/passwd"), (0, 0));
-    let work = upper.parent().unwrap().join("work");
+    engines::check_uid_writes(&out, &pid, &upper);
+    // husk's work directory, in the layer's.
+    let work = std::path::Path::new(upper.trim())
+        .parent()
+        .unwrap()
+        .join("work");
     let husk_work: Vec<_> = std::fs::read_dir(&work)
         .unwrap()
         .flatten()

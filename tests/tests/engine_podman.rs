@@ -315,12 +315,11 @@ fn podman_publishes_a_port_of_the_container() {
 
 #[test]
 fn podman_on_overlay_storage_with_a_monitor_of_its_own_uid() {
-    use std::os::unix::fs::MetadataExt;
-    const BASE: &str = "400000";
     let Some(()) = prerequisites() else { return };
     // podman's overlay driver: the rootfs is an overlay mount, which the monitor (a uid of
     // its own) mounts anew on idmapped layers.
-    let Some(podman) = Podman::configured(&husk_binary(), "overlay", &["--monitor-uid", BASE])
+    let uid = engines::MONITOR_UID.to_string();
+    let Some(podman) = Podman::configured(&husk_binary(), "overlay", &["--monitor-uid", &uid])
     else {
         return;
     };
@@ -336,41 +335,15 @@ fn podman_on_overlay_storage_with_a_monitor_of_its_own_uid() {
         "-c",
         "trap 'exit 0' TERM; while true; do sleep 1; done",
     ]));
-    let out = expect_ok(podman.with(&[
-        "exec",
-        "u1",
-        "sh",
-        "-c",
-        "echo x > /made && chown 1000:1000 /made && echo y >> /etc/passwd && id -u",
-    ]));
-    assert_eq!(out.trim(), "0", "exec: {out}");
+    let out = expect_ok(podman.with(&["exec", "u1", "sh", "-c", engines::UID_WRITES]));
     let pid = expect_ok(podman.with(&["inspect", "u1", "--format", "{{.State.Pid}}"]));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert_eq!(
-        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
-        [BASE; 4],
-        "the monitor's uids"
-    );
-    // The container's writes, in podman's upper directory with the container's ids.
     let upper = expect_ok(podman.with(&[
         "inspect",
         "u1",
         "--format",
         "{{.GraphDriver.Data.UpperDir}}",
     ]));
-    let upper = std::path::Path::new(upper.trim());
-    let owner = |name: &str| {
-        let m = std::fs::metadata(upper.join(name)).unwrap();
-        (m.uid(), m.gid())
-    };
-    assert_eq!(owner("made"), (1000, 1000));
-    assert_eq!(owner("etc/passwd"), (0, 0));
-    assert!(
-        std::fs::read_to_string(upper.join("etc/passwd"))
-            .unwrap()
-            .ends_with("y\n")
-    );
+    engines::check_uid_writes(&out, &pid, &upper);
     expect_ok(podman.with(&["rm", "-f", "-t", "60", "u1"]));
     assert_no_husk_containers(&podman);
 }
