@@ -59,53 +59,24 @@ fn hierarchies(proc_cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
 /// The mount of a hierarchy (`fstype`, with exactly the `controllers` among its options for
 /// v1) under which this process's cgroup `path` is visible.
 fn mount_of(mountinfo: &str, fstype: &str, controllers: &[&str], path: &str) -> Option<Hierarchy> {
-    for line in mountinfo.lines() {
-        // Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut right = right.split(' ');
-        if right.next() != Some(fstype) {
+    for m in super::mountinfo::parse(mountinfo) {
+        if m.kind != fstype {
             continue;
         }
-        let super_options: Vec<&str> = right.nth(1).unwrap_or("").split(',').collect();
+        let super_options: Vec<&str> = m.super_options.split(',').collect();
         if fstype == "cgroup" && !controllers.iter().all(|c| super_options.contains(c)) {
             continue;
         }
-        let fields: Vec<&str> = left.split(' ').collect();
-        let (Some(root), Some(mount_point)) = (fields.get(3), fields.get(4)) else {
-            continue;
-        };
-        let root = unescape(root);
-        let Ok(rel) = Path::new(path).strip_prefix(&root) else {
+        let Ok(rel) = Path::new(path).strip_prefix(&m.root) else {
             continue;
         };
         return Some(Hierarchy {
-            mount_point: PathBuf::from(unescape(mount_point)),
+            mount_point: m.at,
             current: rel.to_path_buf(),
             cpuset: false,
         });
     }
     None
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(Ok(v)) = field.get(i + 1..i + 4).map(|o| u8::from_str_radix(o, 8))
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Creates `husk/<id>` in each hierarchy, records them in the state directory and moves this
@@ -275,12 +246,6 @@ mod tests {
             )
             .is_empty()
         );
-    }
-
-    #[test]
-    fn escaped_mount_points_are_unescaped() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod api;
 pub mod cgroup;
 pub mod console;
 pub mod jail;
+mod mountinfo;
 pub mod network;
 pub mod overlay;
 mod relay;

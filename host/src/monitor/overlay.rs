@@ -36,79 +36,16 @@
 //! layers (`::`, `datadir+`), paths with `,`, `:` or `\`, and mounts below an overlay (taking
 //! the overlay off would take them too).
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
+use super::mountinfo::{self, MountLine};
 use super::userns::{IdMap, UserNs};
 
 /// The record of the work directories the new overlays were given (their paths, one per
 /// line; empty without an overlay), pinned: `husk delete` removes them.
 pub const RECORD_FILE: &str = "overlay-workdir";
-
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug)]
-pub struct MountLine {
-    /// Where it is mounted.
-    pub at: PathBuf,
-    /// The filesystem type.
-    pub kind: String,
-    /// The per-mount options (`rw,nosuid,...`).
-    mount_options: String,
-    /// The filesystem's own options (for an overlay: `rw,lowerdir=...`), still escaped.
-    super_options: String,
-}
-
-/// The mounts at and below `dir` in this mount namespace, in mount order.
-pub fn mounts_under(dir: &Path) -> Result<Vec<MountLine>, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
-    Ok(parse_mountinfo(&info)
-        .into_iter()
-        .filter(|m| m.at.starts_with(dir))
-        .collect())
-}
-
-fn parse_mountinfo(info: &str) -> Vec<MountLine> {
-    info.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let mut right = right.split(' ');
-            Some(MountLine {
-                at: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_octal(left.get(4)?))),
-                mount_options: (*left.get(5)?).to_owned(),
-                kind: right.next()?.to_owned(),
-                super_options: right.nth(1)?.to_owned(),
-            })
-        })
-        .collect()
-}
-
-/// Undoes the kernel's `\ooo` escapes (of space, tab, newline, `\`, `,`, `=` and `#`).
-fn unescape_octal(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-                out.push(u8::try_from(v).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    out
-}
 
 /// An overlay under the share, to be mounted anew on idmapped layers.
 #[derive(Debug, PartialEq)]
@@ -145,7 +82,7 @@ impl Overlay {
         let (mut lower, mut upper, mut work, mut options) = (Vec::new(), None, None, Vec::new());
         for o in m.super_options.split(',') {
             let (key, value) = o.split_once('=').unwrap_or((o, ""));
-            let value = String::from_utf8(unescape_octal(value))
+            let value = String::from_utf8(mountinfo::unescape(value))
                 .map_err(|_| bad(format!("{key}: not UTF-8")))?;
             let path = |p: &str| -> Result<PathBuf, String> {
                 if p.is_empty() || p.contains([',', ':', '\\']) {
@@ -284,7 +221,7 @@ fn workdir_name(id: &str) -> String {
 /// `state_dir` (before the records are pinned). Fails, naming it, on an overlay that cannot be
 /// remounted, or one with mounts below it.
 pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, String> {
-    let mounts = mounts_under(share)?;
+    let mounts = mountinfo::under(share)?;
     let mut found = Vec::new();
     for m in mounts.iter().filter(|m| m.kind == "overlay") {
         if let Some(below) = mounts
@@ -388,7 +325,7 @@ mod tests {
 
     #[test]
     fn an_overlay_is_read_from_its_mountinfo_line() {
-        let mounts = parse_mountinfo(PODMAN);
+        let mounts = mountinfo::parse(PODMAN);
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[1].at, Path::new("/run/husk/c1/share/mounts/0"));
         assert_eq!(mounts[1].kind, "ext4");
@@ -418,7 +355,7 @@ mod tests {
             ("rw,upperdir=/u,workdir=/w", "no lowerdir"),
             ("rw,lowerdir=/a,upperdir=/u", "without a workdir"),
         ] {
-            let mounts = parse_mountinfo(&line(opts));
+            let mounts = mountinfo::parse(&line(opts));
             let err = Overlay::parse(&mounts[0]).unwrap_err();
             assert!(
                 err.contains("/s/rootfs") && err.contains(says),
@@ -426,14 +363,14 @@ mod tests {
             );
         }
         // Layers given one by one (fsconfig), as this kernel shows them.
-        let mounts = parse_mountinfo(&line(
+        let mounts = mountinfo::parse(&line(
             "rw,lowerdir+=/a,lowerdir+=/b,upperdir=/u,workdir=/w,uuid=on",
         ));
         let o = Overlay::parse(&mounts[0]).unwrap();
         assert_eq!(o.lower, [Path::new("/a"), Path::new("/b")]);
         assert_eq!(o.workdir("x"), Some(PathBuf::from("/w/husk-x")));
         // A lower-only overlay is read-only and needs no work directory.
-        let mounts = parse_mountinfo(&line("ro,lowerdir=/a:/b"));
+        let mounts = mountinfo::parse(&line("ro,lowerdir=/a:/b"));
         let o = Overlay::parse(&mounts[0]).unwrap();
         assert_eq!((o.flags, o.workdir("x")), (MsFlags::MS_RDONLY, None));
     }

@@ -254,7 +254,7 @@ impl UserNs {
 
 /// The mounts at and below `dir` in this mount namespace, as `type at path` (for errors).
 fn filesystems_under(dir: &Path) -> String {
-    let found: Vec<String> = super::overlay::mounts_under(dir)
+    let found: Vec<String> = super::mountinfo::under(dir)
         .unwrap_or_default()
         .iter()
         .map(|m| format!("{} at {}", m.kind, m.at.display()))
