@@ -482,7 +482,8 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 
 /// Removes a container whose monitor is gone: first what a killed monitor could not undo in
 /// the container's network namespace (its tap, qdiscs and filters), then the monitor's cgroup,
-/// then the state directory, then runs its `poststop` hooks (the spec: after the container is
+/// then the work directories of overlays remounted for `--monitor-uid`, then the state
+/// directory, then runs its `poststop` hooks (the spec: after the container is
 /// deleted, before `delete` returns; also after a failed `create`). A network or cgroup
 /// cleanup that fails (an unreadable record, a namespace that cannot be entered) is reported
 /// but does not keep the state directory: a retry could not do better.
