@@ -10,7 +10,7 @@ use super::devices::EventFdTrigger;
 use super::devices::virtio::fs::Fs;
 use super::devices::virtio::net::Net;
 use super::devices::virtio::vsock::Vsock;
-use super::{SeccompMode, ThreadKind, VmExit};
+use super::{SeccompMode, ThreadKind, VmExit, lock};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
@@ -151,8 +151,4 @@ impl EventLoop {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

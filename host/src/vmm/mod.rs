@@ -10,32 +10,28 @@
 //! resets through the i8042 (`reboot=k`) or triple-faults, KVM reports an error, or the host
 //! asks ([`RunningVm::stop`]). Whatever comes first is the [`VmExit`].
 
-mod boot;
-mod cpu_setup;
-mod cpuid;
+mod arch;
+mod builder;
 pub mod devices;
 mod event_loop;
 pub mod host;
-mod layout;
-mod memory;
-mod mptable;
-mod vcpu;
+mod vstate;
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_proto::marker::Marker;
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_pit_config};
-use kvm_ioctls::{Kvm, VmFd};
-use std::os::fd::FromRawFd;
+use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::Killable;
 
+use arch::{boot, mptable, regs};
+pub use builder::start;
 use devices::EventFdTrigger;
-use devices::bus::Bus;
-use devices::marker::{MarkerLog, MarkerPort};
+use devices::legacy::marker::MarkerLog;
+use vstate::{memory, vcpu};
 
 /// How a VM is built.
 #[derive(Debug, Clone)]
@@ -142,7 +138,7 @@ pub enum VmError {
     Boot(#[from] boot::BootError),
     /// vCPU setup.
     #[error(transparent)]
-    Cpu(#[from] cpu_setup::CpuSetupError),
+    Cpu(#[from] regs::CpuSetupError),
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
@@ -157,6 +153,16 @@ pub enum VmError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Locks `mutex`, also when a thread panicked while holding it. The VMM's shared state
+/// (device registers, the vCPUs' run flags) stays usable after such a panic, and the panic
+/// itself already ends the VM; refusing the lock would only turn it into a hang or a second
+/// panic on another thread.
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -237,256 +243,6 @@ impl std::fmt::Debug for RunningVm {
 
 /// Most vCPUs a husk VM has (the kernel is built with NR_CPUS=8).
 pub const MAX_VCPUS: u8 = 8;
-
-/// Builds the VM and starts its threads.
-pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmError> {
-    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-        return Err(VmError::Config(format!(
-            "{} vCPUs requested; 1 to {MAX_VCPUS} are supported",
-            config.vcpus
-        )));
-    }
-    if config.nets.len() > MAX_NETS {
-        return Err(VmError::Config(format!(
-            "{} network interfaces requested; at most {MAX_NETS} are supported",
-            config.nets.len()
-        )));
-    }
-    if config.mem_mib < 32 || config.mem_mib > 64 * 1024 {
-        return Err(VmError::Config(format!(
-            "{} MiB of memory requested; 32 MiB to 64 GiB are supported",
-            config.mem_mib
-        )));
-    }
-    let profile = host::HostProfile::detect();
-    let kvm = match &config.kvm {
-        Some(fd) => {
-            let fd = fd.try_clone().map_err(|source| VmError::Os {
-                what: "duplicating the /dev/kvm descriptor",
-                source,
-            })?;
-            // SAFETY: `fd` is a fresh duplicate of an open /dev/kvm descriptor that nothing
-            // else owns; Kvm takes it over.
-            unsafe { Kvm::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
-        }
-        None => Kvm::new().map_err(VmError::Kvm)?,
-    };
-    let vm = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
-    vm.set_tss_address(usize::try_from(layout::KVM_TSS).unwrap_or(0))
-        .map_err(kvm_call("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP)
-        .map_err(kvm_call("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_call("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_call("KVM_CREATE_PIT2"))?;
-
-    let mem = memory::create(config.mem_mib << 20)?;
-    memory::register(&vm, &mem)?;
-
-    // Devices.
-    let stop_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
-    let reset_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
-    let power_off_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
-    let markers = Arc::new(Mutex::new(MarkerLog::default()));
-    let mut pio = Bus::new();
-    let dev_err = |e: devices::bus::Overlap| VmError::Devices(e.to_string());
-    pio.insert(
-        u64::from(husk_proto::marker::MARKER_PORT),
-        1,
-        Arc::new(Mutex::new(MarkerPort::new(
-            markers.clone(),
-            power_off_evt.try_clone().map_err(os("eventfd"))?,
-        ))),
-    )
-    .map_err(dev_err)?;
-    pio.insert(
-        u64::from(layout::I8042_PORT),
-        5,
-        Arc::new(Mutex::new(devices::i8042::I8042::new(
-            reset_evt.try_clone().map_err(os("eventfd"))?,
-        ))),
-    )
-    .map_err(dev_err)?;
-    if config.console {
-        let irq = EventFdTrigger::new().map_err(os("eventfd"))?;
-        vm.register_irqfd(&irq.0, layout::SERIAL_IRQ)
-            .map_err(kvm_call("KVM_IRQFD (serial)"))?;
-        pio.insert(
-            u64::from(layout::SERIAL_PORT),
-            8,
-            Arc::new(Mutex::new(devices::serial::SerialDevice::new(
-                irq,
-                Box::new(std::io::stdout()),
-            ))),
-        )
-        .map_err(dev_err)?;
-    }
-    let mut mmio = Bus::new();
-    let mut virtio_devices = Vec::new();
-    let mut vsock_device = None;
-    if let Some(uds) = &config.vsock {
-        let device = devices::virtio::vsock::Vsock::new(u64::from(husk_proto::GUEST_CID), uds)
-            .map_err(|e| VmError::Devices(format!("vsock at {}: {e}", uds.display())))?;
-        let device = Arc::new(Mutex::new(device));
-        let (base, gsi) = (layout::VIRTIO_MMIO_BASE, layout::VIRTIO_IRQ_BASE);
-        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
-        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
-        vsock_device = Some(device);
-    }
-    let mut fs_devices = Vec::new();
-    for (i, (tag, dir)) in (1u32..).zip(&config.shares) {
-        let device = devices::virtio::fs::Fs::new(tag, dir)
-            .map_err(|e| VmError::Devices(format!("virtio-fs {tag:?}: {e}")))?;
-        let device = Arc::new(Mutex::new(device));
-        let base =
-            layout::VIRTIO_MMIO_BASE + u64::from(i) * devices::virtio::mmio::MMIO_WINDOW_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + i;
-        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
-        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
-        fs_devices.push(device);
-    }
-    let mut net_devices = Vec::new();
-    let first_net = 1 + u32::try_from(config.shares.len()).unwrap_or(u32::MAX);
-    for (i, net) in (first_net..).zip(&config.nets) {
-        let tap = net
-            .tap
-            .try_clone()
-            .map_err(|e| VmError::Devices(format!("virtio-net on {}: {e}", net.tap.name())))?;
-        let device = devices::virtio::net::Net::new(tap, net.mac, net.mtu)
-            .map_err(|e| VmError::Devices(format!("virtio-net on {}: {e}", net.tap.name())))?;
-        let device = Arc::new(Mutex::new(device));
-        let base =
-            layout::VIRTIO_MMIO_BASE + u64::from(i) * devices::virtio::mmio::MMIO_WINDOW_SIZE;
-        let gsi = layout::VIRTIO_IRQ_BASE + i;
-        attach_virtio(&vm, &mem, &mut mmio, device.clone(), base, gsi)?;
-        virtio_devices.push((base, devices::virtio::mmio::MMIO_WINDOW_SIZE, gsi));
-        net_devices.push(device);
-    }
-
-    // Guest image.
-    let cmdline = host::cmdline(
-        profile,
-        &host::CmdlineOptions {
-            console: config.console,
-            virtio_devices,
-            extra: config.cmdline_extra.clone(),
-        },
-    );
-    let loaded = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
-    cpu_setup::write_boot_tables(&mem)?;
-    mptable::write(&mem, config.vcpus)?;
-
-    // vCPUs.
-    let base_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu::install_kick_handler().map_err(os("installing the vCPU kick signal handler"))?;
-    let run = Arc::new(vcpu::RunState::default());
-    let (exit_tx, exits) = channel();
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
-    let mut prepared = Vec::new();
-    for id in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_call("KVM_CREATE_VCPU"))?;
-        let mut cpuid = base_cpuid.clone();
-        cpuid::normalize(
-            &mut cpuid,
-            id,
-            cpuid::CpuidOptions {
-                vcpus: config.vcpus,
-                kvm_pvm: profile.kvm_pvm,
-            },
-        );
-        fd.set_cpuid2(&cpuid).map_err(kvm_call("KVM_SET_CPUID2"))?;
-        cpu_setup::setup_common(&fd)?;
-        if id == 0 {
-            cpu_setup::setup_boot_vcpu(&fd, loaded.entry.0)?;
-        }
-        prepared.push(vcpu::Vcpu {
-            fd,
-            id,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            run: run.clone(),
-            exits: exit_tx.clone(),
-            exit_evt: stop_evt.try_clone().map_err(os("eventfd"))?,
-            seccomp: config.seccomp,
-        });
-    }
-
-    let event_loop = event_loop::EventLoop {
-        stop_evt: stop_evt.try_clone().map_err(os("eventfd"))?,
-        reset_evt,
-        power_off_evt,
-        vsock: vsock_device.clone(),
-        fs: fs_devices,
-        nets: net_devices,
-        exits: exit_tx,
-        seccomp: config.seccomp,
-    };
-    let vm_ready = Instant::now();
-    let event_loop = std::thread::Builder::new()
-        .name("vmm".into())
-        .spawn(move || event_loop.run())
-        .map_err(os("spawning the vmm thread"))?;
-    let mut vcpus = Vec::new();
-    for v in prepared {
-        let name = format!("vcpu{}", v.id);
-        vcpus.push(
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || v.run())
-                .map_err(os("spawning a vCPU thread"))?,
-        );
-    }
-    Ok(RunningVm {
-        _vm: vm,
-        _mem: mem,
-        exits,
-        run,
-        stop_evt,
-        vcpus,
-        event_loop: Some(event_loop),
-        vsock: vsock_device,
-        markers,
-        process_start,
-        vm_ready,
-    })
-}
-
-/// Puts a virtio device on the MMIO bus at `base` with interrupt `gsi`: its queue
-/// notifications become ioeventfds and its interrupt an irqfd, so neither costs a trip
-/// through the VMM's threads.
-fn attach_virtio(
-    vm: &VmFd,
-    mem: &memory::GuestMem,
-    mmio: &mut Bus,
-    device: devices::virtio::SharedDevice,
-    base: u64,
-    gsi: u32,
-) -> Result<(), VmError> {
-    use devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
-    let transport = MmioTransport::new(mem.clone(), device)
-        .map_err(|e| VmError::Devices(format!("virtio-mmio transport at {base:#x}: {e}")))?;
-    vm.register_irqfd(transport.interrupt().irq_evt(), gsi)
-        .map_err(kvm_call("KVM_IRQFD (virtio)"))?;
-    for (i, evt) in (0u32..).zip(transport.queue_evts()) {
-        vm.register_ioevent(
-            evt,
-            &kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-            i,
-        )
-        .map_err(kvm_call("KVM_IOEVENTFD (virtio queue notify)"))?;
-    }
-    mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))
-        .map_err(|e| VmError::Devices(e.to_string()))
-}
 
 /// A handle that controls a running VM from any thread: stop, pause, resume.
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::BusDevice;
+use crate::vmm::lock;
 
 /// A device shared between the bus and whoever else drives it (e.g. the event loop).
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
@@ -88,13 +89,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device; a device whose lock was poisoned by a panicking thread is still used (its
-/// state is plain registers; the panic itself already ends the VM).
-pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

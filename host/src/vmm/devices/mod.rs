@@ -1,9 +1,7 @@
 //! Device models and the buses that route guest port I/O and MMIO accesses to them.
 
 pub mod bus;
-pub mod i8042;
-pub mod marker;
-pub mod serial;
+pub mod legacy;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

@@ -17,7 +17,7 @@
 //! the wrong device state) are logged, rate limited, and ignored; reads of such registers return
 //! zeros. Nothing here panics on guest input.
 
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -33,6 +33,7 @@ use super::{
     guest_log,
 };
 use crate::vmm::devices::BusDevice;
+use crate::vmm::lock;
 
 /// Size of the MMIO window each transport occupies (registers plus a 3.75 KiB config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -476,12 +477,6 @@ impl BusDevice for MmioTransport {
         };
         self.write_register(offset, u32::from_le_bytes(bytes));
     }
-}
-
-fn lock(device: &SharedDevice) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    // A panic while holding the lock cannot leave the register state inconsistent in a way
-    // that matters more than losing the device; keep serving the guest.
-    device.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[allow(clippy::cast_possible_truncation)] // Keeping the low half is the point.

@@ -15,7 +15,7 @@ use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemo
 use super::layout::{
     CMDLINE, CMDLINE_MAX, EBDA, HIGH_MEMORY, MMIO_GAP_END, MMIO_GAP_START, ZERO_PAGE,
 };
-use super::memory::{GuestMem, low_ram_end};
+use crate::vmm::vstate::memory::{GuestMem, low_ram_end};
 
 /// Errors loading the guest.
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn e820_covers_ram_and_reserves_the_legacy_hole() {
-        let mem = super::super::memory::create(64 << 20).unwrap();
+        let mem = crate::vmm::vstate::memory::create(64 << 20).unwrap();
         let map = e820_map(&mem);
         assert_eq!(
             map,
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn missing_and_bogus_kernels_are_clear_errors() {
-        let mem = super::super::memory::create(64 << 20).unwrap();
+        let mem = crate::vmm::vstate::memory::create(64 << 20).unwrap();
         let err = load(&mem, Path::new("/nonexistent/vmlinux"), None, "").unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
         let bogus = std::env::temp_dir().join(format!("husk-bogus-kernel-{}", std::process::id()));

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::VmExit;
-use super::devices::EventFdTrigger;
-use super::devices::bus::Bus;
+use crate::vmm::devices::EventFdTrigger;
+use crate::vmm::devices::bus::Bus;
+use crate::vmm::{VmExit, lock};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
@@ -46,7 +46,7 @@ pub struct Vcpu {
     /// Written together with `exits`, so the event loop wakes up.
     pub exit_evt: EventFdTrigger,
     /// Whether to confine the thread with its seccomp filter before the first entry.
-    pub seccomp: super::SeccompMode,
+    pub seccomp: crate::vmm::SeccompMode,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -58,7 +58,7 @@ impl std::fmt::Debug for Vcpu {
 impl Vcpu {
     /// Runs the vCPU until the VM stops. Returns the time of the first `KVM_RUN`.
     pub fn run(mut self) -> Option<Instant> {
-        if let Err(e) = super::apply_seccomp(self.seccomp, super::ThreadKind::Vcpu) {
+        if let Err(e) = crate::vmm::apply_seccomp(self.seccomp, crate::vmm::ThreadKind::Vcpu) {
             self.exit(VmExit::Error(format!("vCPU {}: {e}", self.id)));
             return None;
         }
@@ -161,10 +161,6 @@ pub struct RunState {
     /// The vCPU threads (cleared, under the lock, before they are joined: a kick never goes
     /// to a thread that is gone).
     threads: Mutex<Vec<libc::pthread_t>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl RunState {

@@ -7,7 +7,7 @@ use std::io::Write;
 use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
 
-use super::{BusDevice, EventFdTrigger};
+use crate::vmm::devices::{BusDevice, EventFdTrigger};
 
 /// The UART as a bus device.
 pub struct SerialDevice {

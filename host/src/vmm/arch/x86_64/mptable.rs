@@ -5,7 +5,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{EBDA, IOAPIC, LAPIC};
-use super::memory::GuestMem;
+use crate::vmm::vstate::memory::GuestMem;
 
 /// IO-APIC inputs (and ISA IRQs routed to them one to one).
 pub const IOAPIC_PINS: u8 = 24;
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn written_where_linux_scans() {
-        let mem = super::super::memory::create(2 << 20).unwrap();
+        let mem = crate::vmm::vstate::memory::create(2 << 20).unwrap();
         write(&mem, 2).unwrap();
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(639 * 1024)).unwrap();

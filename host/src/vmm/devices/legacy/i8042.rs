@@ -4,7 +4,7 @@
 
 use vm_superio::I8042Device;
 
-use super::{BusDevice, EventFdTrigger};
+use crate::vmm::devices::{BusDevice, EventFdTrigger};
 
 /// The controller at ports 0x60-0x64.
 #[derive(Debug)]

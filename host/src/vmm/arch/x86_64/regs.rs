@@ -7,7 +7,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{BOOT_GDT, BOOT_IDT, BOOT_STACK, PD, PDPT, PML4, ZERO_PAGE};
-use super::memory::GuestMem;
+use crate::vmm::vstate::memory::GuestMem;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +256,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_the_first_gib() {
-        let mem = super::super::memory::create(16 << 20).unwrap();
+        let mem = crate::vmm::vstate::memory::create(16 << 20).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPT);

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use husk_proto::marker::Marker;
 
-use super::{BusDevice, EventFdTrigger};
+use crate::vmm::devices::{BusDevice, EventFdTrigger};
 
 /// Marker timestamps, shared with whoever reports them.
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::vmm::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 /// Guest memory as the VMM uses it.
 pub type GuestMem = GuestMemoryMmap<()>;
