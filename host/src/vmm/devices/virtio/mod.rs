@@ -14,6 +14,7 @@
 //! [`guest_log!`] (rate limited, so a guest cannot flood the log either) and then ignored, or
 //! answered with `DEVICE_NEEDS_RESET` where the spec asks for it.
 
+mod active;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -29,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
+
+pub use active::Active;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

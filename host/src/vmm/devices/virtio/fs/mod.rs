@@ -116,15 +116,13 @@ use std::time::Duration;
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 use self::request::Served;
 use super::{
-    ActivateError, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
-    guest_log,
+    ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
 
 /// `VIRTIO_ID_FS`.
@@ -220,15 +218,6 @@ pub struct Fs {
     /// The driver was reset while mounted: the inodes and handles of that session must be
     /// dropped before the next driver's requests are served.
     stale_session: bool,
-}
-
-/// What the device holds while the driver runs it.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    evts: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -344,13 +333,8 @@ impl Fs {
         };
         if let Some(active) = &self.active {
             for event in &events[..ready] {
-                let evt = usize::try_from(event.data())
-                    .ok()
-                    .and_then(|i| active.evts.get(i));
-                if let Some(evt) = evt {
-                    // Clears the notification; both queues are looked at below either way.
-                    let _ = evt.read();
-                }
+                // Clears the notification; both queues are looked at below either way.
+                active.clear_notification(event.data());
             }
         }
         self.process_queues();
@@ -375,37 +359,14 @@ impl Fs {
                 self.mounted = outcome.mounted == Some(true);
             }
             if outcome.more {
-                // Level-triggered: the device's epoll fd stays readable, so the event loop
-                // calls again after serving its other fds.
-                if let Err(e) = active.evts[index].write(1) {
+                // The event loop calls again after serving its other fds.
+                if let Err(e) = active.renotify(index) {
                     eprintln!("virtio-fs: cannot re-arm queue {index}: {e}");
                 }
             }
         }
-        let mut notify = false;
-        for (queue, used) in active.queues.iter_mut().zip(used) {
-            // Evaluated for every used queue: with EVENT_IDX the call records state.
-            if used && queue.needs_notification(&active.mem).unwrap_or(true) {
-                notify = true;
-            }
-        }
-        if notify && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
-            eprintln!("virtio-fs: cannot interrupt the guest: {e}");
-        }
-    }
-
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            // The eventfds are duplicates of the transport's: closing ours would not remove
-            // them from the epoll set, so remove them explicitly.
-            for evt in &active.evts {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    evt.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-        }
+        let used: Vec<usize> = (0..used.len()).filter(|&i| used[i]).collect();
+        active.notify_used(&used, "virtio-fs");
     }
 }
 
@@ -487,44 +448,15 @@ impl VirtioDevice for Fs {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        let (queues, evts): (Vec<Queue>, Vec<EventFd>) =
-            queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
-        for (registered, evt) in evts.iter().enumerate() {
-            let token = u64::try_from(registered).unwrap_or(u64::MAX);
-            let event = EpollEvent::new(EventSet::IN, token);
-            if let Err(e) = self
-                .epoll
-                .ctl(ControlOperation::Add, evt.as_raw_fd(), event)
-            {
-                for evt in &evts[..registered] {
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Delete,
-                        evt.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
-                }
-                return Err(ActivateError::Register(e));
-            }
-        }
         // Requests the driver queued before DRIVER_OK are served when its notification (or
         // the next one) reaches the event loop.
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-            evts,
-        });
+        let want = QUEUE_SIZES.len();
+        self.active = Some(Active::new(&self.epoll, 0, want, mem, interrupt, queues)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.deactivate();
+        self.active = None;
         self.acked_features = 0;
         // The file system stays; what the old driver had looked up and opened goes before the
         // next driver is served (on the VMM thread, see `process_queues`).

@@ -72,14 +72,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{
-    ActivateError, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
+    ActivateError, Active, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
     guest_log,
 };
 
@@ -179,15 +179,6 @@ pub struct Net {
     metrics: Arc<NetMetrics>,
 }
 
-/// What the device holds while the driver runs it.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    evts: Vec<EventFd>,
-}
-
 /// A chain the device cannot use: the device breaks.
 #[derive(Debug)]
 struct Malformed(String);
@@ -275,9 +266,8 @@ impl Net {
                     let _ = self.more.read();
                 }
                 token @ (TOKEN_RXQ | TOKEN_TXQ) => {
-                    let index = usize::try_from(token).unwrap_or(usize::MAX);
-                    if let Some(evt) = self.active.as_ref().and_then(|a| a.evts.get(index)) {
-                        let _ = evt.read();
+                    if let Some(active) = &self.active {
+                        active.clear_notification(token);
                     }
                 }
                 _ => {}
@@ -319,19 +309,11 @@ impl Net {
         let Some(active) = &mut self.active else {
             return;
         };
-        let mut notify = false;
-        for (index, used) in [(RXQ, rx.used), (TXQ, tx.used)] {
-            if used
-                && active.queues[index]
-                    .needs_notification(&active.mem)
-                    .unwrap_or(true)
-            {
-                notify = true;
-            }
-        }
-        if notify && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
-            eprintln!("virtio-net: cannot interrupt the guest: {e}");
-        }
+        let used: Vec<usize> = [(RXQ, rx.used), (TXQ, tx.used)]
+            .into_iter()
+            .filter_map(|(index, used)| used.then_some(index))
+            .collect();
+        active.notify_used(&used, "virtio-net");
     }
 
     /// Marks the device broken: it stops until the driver resets it.
@@ -453,20 +435,6 @@ impl Net {
         }
         progress.more = true;
         Ok(progress)
-    }
-
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            // The eventfds are duplicates of the transport's: closing ours would not remove
-            // them from the epoll set, so remove them explicitly.
-            for evt in &active.evts {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    evt.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-        }
     }
 }
 
@@ -686,37 +654,16 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        let (queues, evts): (Vec<Queue>, Vec<EventFd>) =
-            queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
-        for (registered, (token, evt)) in [TOKEN_RXQ, TOKEN_TXQ].into_iter().zip(&evts).enumerate()
-        {
-            let event = EpollEvent::new(EventSet::IN, token);
-            if let Err(e) = self
-                .epoll
-                .ctl(ControlOperation::Add, evt.as_raw_fd(), event)
-            {
-                for evt in &evts[..registered] {
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Delete,
-                        evt.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
-                }
-                return Err(ActivateError::Register(e));
-            }
-        }
-        self.active = Some(Active {
+        // Queue i's notification has token i: TOKEN_RXQ, TOKEN_TXQ.
+        let want = QUEUE_SIZES.len();
+        self.active = Some(Active::new(
+            &self.epoll,
+            TOKEN_RXQ,
+            want,
             mem,
             interrupt,
             queues,
-            evts,
-        });
+        )?);
         // The tap learns the negotiated offloads on the VMM thread, before its next read.
         self.offload_pending = true;
         // Frames that arrived on the tap before the driver came up are read on the next call
@@ -725,7 +672,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.deactivate();
+        self.active = None;
         self.acked_features = 0;
         self.broken = false;
         self.rx_len = 0;

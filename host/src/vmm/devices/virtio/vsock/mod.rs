@@ -82,17 +82,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EpollEvent;
 
 use self::defs::{HDR_LEN, MAX_PKT_DATA, QUEUE_SIZE, RXQ, TXQ};
 use self::muxer::{Muxer, TOKEN_QUEUE_BASE};
 use super::{
-    ActivateError, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
-    guest_log,
+    ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
 
 /// Why a vsock device could not be created.
@@ -124,6 +122,11 @@ pub enum VsockError {
 /// Queue max sizes: rx, tx, event.
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
+/// Whether `token` is one of the queue notifications' (whether or not the device is active).
+fn is_queue_token(token: u64) -> bool {
+    (TOKEN_QUEUE_BASE..TOKEN_QUEUE_BASE + QUEUE_SIZES.len() as u64).contains(&token)
+}
+
 /// The vsock device. See the module docs.
 #[derive(Debug)]
 pub struct Vsock {
@@ -131,15 +134,6 @@ pub struct Vsock {
     acked_features: u64,
     muxer: Muxer,
     active: Option<Active>,
-}
-
-/// What the device holds while the driver runs it.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    evts: Vec<EventFd>,
 }
 
 impl Vsock {
@@ -178,18 +172,13 @@ impl Vsock {
         };
         for event in &events[..ready] {
             let token = event.data();
-            let queue = token
-                .checked_sub(TOKEN_QUEUE_BASE)
-                .and_then(|i| usize::try_from(i).ok())
-                .filter(|&i| i < QUEUE_SIZES.len());
-            match queue {
-                Some(index) => {
-                    if let Some(active) = &self.active {
-                        // Clears the notification; the queues are processed below either way.
-                        let _ = active.evts[index].read();
-                    }
-                }
-                None => self.muxer.handle_event(token, event.event_set()),
+            // A queue notification is cleared; the queues are processed below either way.
+            let queue = self
+                .active
+                .as_ref()
+                .and_then(|active| active.clear_notification(token));
+            if queue.is_none() && !is_queue_token(token) {
+                self.muxer.handle_event(token, event.event_set());
             }
         }
         self.process_queues();
@@ -211,28 +200,7 @@ impl Vsock {
             }
         }
         if used {
-            let needs = active
-                .queues
-                .iter_mut()
-                .take(2)
-                .any(|q| q.needs_notification(&active.mem).unwrap_or(true));
-            if needs && let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
-                eprintln!("virtio-vsock: cannot interrupt the guest: {e}");
-            }
-        }
-    }
-
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            // The eventfds are duplicates of the transport's: closing ours would not remove
-            // them from the epoll set, so remove them explicitly.
-            for evt in &active.evts {
-                let _ = self.muxer.epoll().ctl(
-                    ControlOperation::Delete,
-                    evt.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
+            active.notify_used(&[RXQ, TXQ], "virtio-vsock");
         }
     }
 
@@ -331,44 +299,23 @@ impl VirtioDevice for Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        let (queues, evts): (Vec<Queue>, Vec<EventFd>) =
-            queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
-        for (token, evt) in (TOKEN_QUEUE_BASE..).zip(&evts) {
-            let event = EpollEvent::new(EventSet::IN, token);
-            let added = self
-                .muxer
-                .epoll()
-                .ctl(ControlOperation::Add, evt.as_raw_fd(), event);
-            if let Err(e) = added {
-                self.active = Some(Active {
-                    mem,
-                    interrupt,
-                    queues,
-                    evts,
-                });
-                self.deactivate();
-                return Err(ActivateError::Register(e));
-            }
-        }
+        let epoll = self.muxer.epoll();
+        let want = QUEUE_SIZES.len();
         // Packets that already wait (host clients that connected before the driver came up)
         // go out when the driver kicks the RX queue after filling it, on the event loop.
-        self.active = Some(Active {
+        self.active = Some(Active::new(
+            epoll,
+            TOKEN_QUEUE_BASE,
+            want,
             mem,
             interrupt,
             queues,
-            evts,
-        });
+        )?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.deactivate();
+        self.active = None;
         self.muxer.reset();
         self.acked_features = 0;
     }
