@@ -20,10 +20,13 @@ use super::devices::virtio::fs::Fs;
 use super::devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use super::devices::virtio::net::Net;
 use super::devices::virtio::vsock::Vsock;
-use super::event_loop::EventLoop;
+use super::event_loop::{EventLoop, LoopControl};
 use super::host::{self, HostProfile};
+use super::persist::{
+    DevicesState, Persist, Shape, Snapshot, SnapshotError, VirtioDeviceState, VirtioState,
+};
 use super::vstate::{memory, vcpu};
-use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, os};
+use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, lock, os};
 
 /// Boots a VM: builds it from `config` and starts its threads.
 pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmError> {
@@ -33,7 +36,7 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
     let vm = create_vm(&kvm)?;
     let mem = memory::create(config.mem_mib << 20)?;
     memory::register(&vm, &mem)?;
-    let devices = Devices::attach(&vm, &mem, config)?;
+    let devices = Devices::attach(&vm, &mem, config, Origin::New)?;
 
     let cmdline = host::cmdline(
         profile,
@@ -57,7 +60,50 @@ pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmE
         }
         vcpus.push(fd);
     }
-    launch(vm, mem, devices, vcpus, config, process_start)
+    launch(kvm, vm, mem, devices, vcpus, config, process_start)
+}
+
+/// Builds a VM from `snapshot` (which must be of `config`'s shape) on `config`'s host
+/// resources (its vsock socket, shared directories, taps) and starts its threads: the guest
+/// goes on from where it was saved.
+pub fn restore(
+    config: &VmConfig,
+    snapshot: &Snapshot,
+    process_start: Instant,
+) -> Result<RunningVm, VmError> {
+    check(config)?;
+    let saved = &snapshot.state;
+    let shape = Shape::of(config);
+    if saved.shape != shape {
+        return Err(SnapshotError::Shape {
+            saved: saved.shape,
+            wanted: shape,
+        }
+        .into());
+    }
+    if saved.vcpus.len() != usize::from(config.vcpus) {
+        return Err(mismatch("the vCPUs"));
+    }
+    let kvm = open_kvm(config)?;
+    let vm = create_vm(&kvm)?;
+    let mem = memory::restore(&snapshot.memory, shape.mem_mib << 20)?;
+    memory::register(&vm, &mem)?;
+    let devices = Devices::attach(&vm, &mem, config, Origin::Saved(&saved.devices))?;
+    let mut vcpus = Vec::new();
+    for (id, state) in (0u8..).zip(&saved.vcpus) {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_call("KVM_CREATE_VCPU"))?;
+        state
+            .restore(&fd, id)
+            .map_err(|e| SnapshotError::Restore(e.to_string()))?;
+        vcpus.push(fd);
+    }
+    saved
+        .arch
+        .restore(&vm)
+        .map_err(|e| SnapshotError::Restore(e.to_string()))?;
+    launch(kvm, vm, mem, devices, vcpus, config, process_start)
 }
 
 /// Refuses shapes the VMM cannot build.
@@ -68,10 +114,10 @@ fn check(config: &VmConfig) -> Result<(), VmError> {
             config.vcpus
         )));
     }
-    if config.nets.len() > MAX_NETS {
+    let nets = config.nets.len() + usize::from(config.spare_nets);
+    if nets > MAX_NETS {
         return Err(VmError::Config(format!(
-            "{} network interfaces requested; at most {MAX_NETS} are supported",
-            config.nets.len()
+            "{nets} network interfaces requested; at most {MAX_NETS} are supported"
         )));
     }
     if config.mem_mib < 32 || config.mem_mib > 64 * 1024 {
@@ -147,15 +193,30 @@ fn create_vcpu(
     Ok(fd)
 }
 
+/// A virtio device of the VM, as the snapshot code needs to reach it.
+pub(super) enum VirtioHandle {
+    Vsock(Arc<Mutex<Vsock>>),
+    Fs(Arc<Mutex<Fs>>),
+    Net(Arc<Mutex<Net>>),
+}
+
+/// One virtio-mmio window: the transport and the device behind it.
+pub(super) struct VirtioSlot {
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub device: VirtioHandle,
+    /// The window's base address.
+    pub base: u64,
+    pub gsi: u32,
+}
+
 /// The devices of one VM, on their buses, with the events they raise for the event loop.
 pub(super) struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
-    pub vsock: Option<Arc<Mutex<Vsock>>>,
-    pub fs: Vec<Arc<Mutex<Fs>>>,
-    pub nets: Vec<Arc<Mutex<Net>>>,
-    /// Every virtio-mmio transport: (its window's base, its GSI).
-    pub transports: Vec<(Arc<Mutex<MmioTransport>>, u64, u32)>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The virtio devices in window order: vsock, the shares, the NICs.
+    pub virtio: Vec<VirtioSlot>,
     pub markers: Arc<Mutex<MarkerLog>>,
     /// Written by the vCPUs' exit reports and by a host stop request.
     pub stop_evt: EventFdTrigger,
@@ -165,53 +226,124 @@ pub(super) struct Devices {
     pub power_off_evt: EventFdTrigger,
 }
 
+/// How [`Devices`] come to be: made new for a boot, or restored from a snapshot.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    New,
+    Saved(&'a DevicesState),
+}
+
 impl Devices {
-    /// Creates the devices `config` asks for and puts them on the buses: the marker port and
-    /// the i8042 always, the serial console on request, then the virtio devices (vsock, the
-    /// virtio-fs shares, the NICs) in consecutive MMIO windows and GSIs, in that order.
-    fn attach(vm: &VmFd, mem: &memory::GuestMem, config: &VmConfig) -> Result<Self, VmError> {
+    /// Creates the devices `config` asks for (or restores them in their saved state) and puts
+    /// them on the buses: the marker port and the i8042 always, the serial console on
+    /// request, then the virtio devices (vsock, the virtio-fs shares, the NICs, the spare NICs)
+    /// in consecutive MMIO windows and GSIs, in that order.
+    fn attach(
+        vm: &VmFd,
+        mem: &memory::GuestMem,
+        config: &VmConfig,
+        origin: Origin<'_>,
+    ) -> Result<Self, VmError> {
+        let stop_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
+        let reset_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
+        let power_off_evt = EventFdTrigger::new().map_err(os("eventfd"))?;
+        let reset = reset_evt.try_clone().map_err(os("eventfd"))?;
+        let i8042 = match origin {
+            Origin::New => I8042::new(reset),
+            Origin::Saved(saved) => match I8042::restore(reset, &saved.i8042) {
+                Ok(dev) => dev,
+                Err(never) => match never {},
+            },
+        };
         let mut devices = Devices {
             pio: Bus::new(),
             mmio: Bus::new(),
-            vsock: None,
-            fs: Vec::new(),
-            nets: Vec::new(),
-            transports: Vec::new(),
+            i8042: Arc::new(Mutex::new(i8042)),
+            serial: None,
+            virtio: Vec::new(),
             markers: Arc::new(Mutex::new(MarkerLog::default())),
-            stop_evt: EventFdTrigger::new().map_err(os("eventfd"))?,
-            reset_evt: EventFdTrigger::new().map_err(os("eventfd"))?,
-            power_off_evt: EventFdTrigger::new().map_err(os("eventfd"))?,
+            stop_evt,
+            reset_evt,
+            power_off_evt,
         };
-        devices.attach_legacy(vm, config.console)?;
+        devices.attach_legacy(vm, config.console, origin)?;
+        let mut saved = match origin {
+            Origin::New => None,
+            Origin::Saved(s) => Some(s.virtio.iter()),
+        };
+        let mut next_saved = |what: &str| -> Result<Option<&VirtioState>, VmError> {
+            match &mut saved {
+                None => Ok(None),
+                Some(it) => it.next().map(Some).ok_or_else(|| {
+                    VmError::Snapshot(SnapshotError::Restore(format!("no saved state for {what}")))
+                }),
+            }
+        };
         if let Some(uds) = &config.vsock {
-            let device = Vsock::new(u64::from(husk_proto::GUEST_CID), uds)
-                .map_err(|e| VmError::Devices(format!("vsock at {}: {e}", uds.display())))?;
+            let what = format!("vsock at {}", uds.display());
+            let saved = next_saved(&what)?;
+            let device = match saved.map(|s| &s.device) {
+                None => Vsock::new(u64::from(husk_proto::GUEST_CID), uds),
+                Some(VirtioDeviceState::Vsock(s)) => Vsock::restore(uds.clone(), s),
+                Some(_) => return Err(mismatch(&what)),
+            }
+            .map_err(|e| VmError::Devices(format!("{what}: {e}")))?;
             let device = Arc::new(Mutex::new(device));
-            devices.attach_virtio(vm, mem, device.clone())?;
-            devices.vsock = Some(device);
+            let handle = VirtioHandle::Vsock(device.clone());
+            devices.attach_virtio(vm, mem, device, handle, saved)?;
         }
         for (tag, dir) in &config.shares {
-            let device = Fs::new(tag, dir)
-                .map_err(|e| VmError::Devices(format!("virtio-fs {tag:?}: {e}")))?;
+            let what = format!("virtio-fs {tag:?}");
+            let saved = next_saved(&what)?;
+            let device = match saved.map(|s| &s.device) {
+                None => Fs::new(tag, dir),
+                Some(VirtioDeviceState::Fs(s)) if s.tag == *tag => Fs::restore(dir.clone(), s),
+                Some(_) => return Err(mismatch(&what)),
+            }
+            .map_err(|e| VmError::Devices(format!("{what}: {e}")))?;
             let device = Arc::new(Mutex::new(device));
-            devices.attach_virtio(vm, mem, device.clone())?;
-            devices.fs.push(device);
+            let handle = VirtioHandle::Fs(device.clone());
+            devices.attach_virtio(vm, mem, device, handle, saved)?;
         }
-        for net in &config.nets {
-            let err = |e: &dyn std::fmt::Display| {
-                VmError::Devices(format!("virtio-net on {}: {e}", net.tap.name()))
+        let spares = (0..config.spare_nets).map(|_| None);
+        for net in config.nets.iter().map(Some).chain(spares) {
+            let what = match net {
+                Some(net) => format!("virtio-net on {}", net.tap.name()),
+                None => "a spare virtio-net".to_owned(),
             };
-            let tap = net.tap.try_clone().map_err(|e| err(&e))?;
-            let device = Net::new(tap, net.mac, net.mtu).map_err(|e| err(&e))?;
+            let err = |e: &dyn std::fmt::Display| VmError::Devices(format!("{what}: {e}"));
+            let tap = match net {
+                Some(net) => Some(net.tap.try_clone().map_err(|e| err(&e))?),
+                None => None,
+            };
+            let (mac, mtu) = net.map_or((SPARE_NET_MAC, SPARE_NET_MTU), |n| (n.mac, n.mtu));
+            let saved = next_saved(&what)?;
+            let device = match saved.map(|s| &s.device) {
+                None => match tap {
+                    Some(tap) => Net::new(tap, mac, mtu),
+                    None => Net::unattached(mac, mtu),
+                },
+                Some(VirtioDeviceState::Net(s)) => Net::restore((tap, mac, mtu), s),
+                Some(_) => return Err(mismatch(&what)),
+            }
+            .map_err(|e| err(&e))?;
             let device = Arc::new(Mutex::new(device));
-            devices.attach_virtio(vm, mem, device.clone())?;
-            devices.nets.push(device);
+            let handle = VirtioHandle::Net(device.clone());
+            devices.attach_virtio(vm, mem, device, handle, saved)?;
+        }
+        if saved.is_some_and(|mut rest| rest.next().is_some()) {
+            return Err(mismatch("the virtio devices (more were saved)"));
         }
         Ok(devices)
     }
 
     /// The port-I/O devices.
-    fn attach_legacy(&mut self, vm: &VmFd, console: bool) -> Result<(), VmError> {
+    fn attach_legacy(
+        &mut self,
+        vm: &VmFd,
+        console: bool,
+        origin: Origin<'_>,
+    ) -> Result<(), VmError> {
         let dev_err = |e: super::devices::bus::Overlap| VmError::Devices(e.to_string());
         let power_off = self.power_off_evt.try_clone().map_err(os("eventfd"))?;
         let marker = MarkerPort::new(self.markers.clone(), power_off);
@@ -222,44 +354,55 @@ impl Devices {
                 Arc::new(Mutex::new(marker)),
             )
             .map_err(dev_err)?;
-        let reset = self.reset_evt.try_clone().map_err(os("eventfd"))?;
         self.pio
-            .insert(
-                u64::from(layout::I8042_PORT),
-                5,
-                Arc::new(Mutex::new(I8042::new(reset))),
-            )
+            .insert(u64::from(layout::I8042_PORT), 5, self.i8042.clone())
             .map_err(dev_err)?;
         if console {
             let irq = EventFdTrigger::new().map_err(os("eventfd"))?;
             vm.register_irqfd(&irq.0, layout::SERIAL_IRQ)
                 .map_err(kvm_call("KVM_IRQFD (serial)"))?;
-            let serial = SerialDevice::new(irq, Box::new(std::io::stdout()));
+            let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+            let serial = match origin {
+                Origin::Saved(DevicesState {
+                    serial: Some(saved),
+                    ..
+                }) => SerialDevice::restore((irq, out), saved)
+                    .map_err(|e| VmError::Snapshot(SnapshotError::Restore(e)))?,
+                Origin::Saved(_) => return Err(mismatch("the serial console")),
+                Origin::New => SerialDevice::new(irq, out),
+            };
+            let serial = Arc::new(Mutex::new(serial));
             self.pio
-                .insert(
-                    u64::from(layout::SERIAL_PORT),
-                    8,
-                    Arc::new(Mutex::new(serial)),
-                )
+                .insert(u64::from(layout::SERIAL_PORT), 8, serial.clone())
                 .map_err(dev_err)?;
+            self.serial = Some(serial);
         }
         Ok(())
     }
 
-    /// Puts a virtio device on the MMIO bus in the next window, with the next GSI: its queue
-    /// notifications become ioeventfds and its interrupt an irqfd, so neither costs a trip
-    /// through the VMM's threads.
+    /// Puts a virtio device on the MMIO bus in the next window, with the next GSI, behind a
+    /// new transport or one restored from `saved`: its queue notifications become ioeventfds
+    /// and its interrupt an irqfd, so neither costs a trip through the VMM's threads.
     fn attach_virtio(
         &mut self,
         vm: &VmFd,
         mem: &memory::GuestMem,
         device: super::devices::virtio::SharedDevice,
+        handle: VirtioHandle,
+        saved: Option<&VirtioState>,
     ) -> Result<(), VmError> {
-        let index = u32::try_from(self.transports.len()).unwrap_or(u32::MAX);
+        let index = u32::try_from(self.virtio.len()).unwrap_or(u32::MAX);
         let base = layout::VIRTIO_MMIO_BASE + u64::from(index) * MMIO_WINDOW_SIZE;
         let gsi = layout::VIRTIO_IRQ_BASE + index;
-        let transport = MmioTransport::new(mem.clone(), device)
-            .map_err(|e| VmError::Devices(format!("virtio-mmio transport at {base:#x}: {e}")))?;
+        let what = || format!("virtio-mmio transport at {base:#x}");
+        let transport = match saved {
+            None => MmioTransport::new(mem.clone(), device)
+                .map_err(|e| VmError::Devices(format!("{}: {e}", what())))?,
+            Some(saved) => MmioTransport::restore((mem.clone(), device), &saved.transport)
+                .map_err(|e| {
+                    VmError::Snapshot(SnapshotError::Restore(format!("{}: {e}", what())))
+                })?,
+        };
         vm.register_irqfd(transport.interrupt().irq_evt(), gsi)
             .map_err(kvm_call("KVM_IRQFD (virtio)"))?;
         for (i, evt) in (0u32..).zip(transport.queue_evts()) {
@@ -274,24 +417,64 @@ impl Devices {
         self.mmio
             .insert(base, MMIO_WINDOW_SIZE, transport.clone())
             .map_err(|e| VmError::Devices(e.to_string()))?;
-        self.transports.push((transport, base, gsi));
+        self.virtio.push(VirtioSlot {
+            transport,
+            device: handle,
+            base,
+            gsi,
+        });
         Ok(())
     }
 
     /// The `virtio_mmio.device=` entries for the kernel command line: (base, size, GSI).
     fn virtio_ranges(&self) -> Vec<(u64, u64, u32)> {
-        self.transports
+        self.virtio
             .iter()
-            .map(|(_, base, gsi)| (*base, MMIO_WINDOW_SIZE, *gsi))
+            .map(|slot| (slot.base, MMIO_WINDOW_SIZE, slot.gsi))
             .collect()
     }
+
+    /// Every device's state. The vCPUs and the event loop must be paused.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            i8042: lock(&self.i8042).save(),
+            serial: self.serial.as_ref().map(|s| lock(s).save()),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|slot| VirtioState {
+                    transport: lock(&slot.transport).save(),
+                    device: match &slot.device {
+                        VirtioHandle::Vsock(d) => VirtioDeviceState::Vsock(lock(d).save()),
+                        VirtioHandle::Fs(d) => VirtioDeviceState::Fs(lock(d).save()),
+                        VirtioHandle::Net(d) => VirtioDeviceState::Net(lock(d).save()),
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The MAC of a spare NIC, until a container's configuration gives it its own: locally
+/// administered, unicast.
+pub const SPARE_NET_MAC: [u8; 6] = [0x02, 0x68, 0x75, 0x73, 0x6b, 0x00];
+
+/// The MTU a spare NIC announces: the largest, so that whatever MTU a container's network
+/// has later, the guest can set it (the driver takes the announced MTU as its maximum).
+pub const SPARE_NET_MTU: u32 = 65535;
+
+fn mismatch(what: &str) -> VmError {
+    VmError::Snapshot(SnapshotError::Restore(format!(
+        "the saved devices do not match the VM's: {what}"
+    )))
 }
 
 /// Starts the event loop and one thread per vCPU.
 fn launch(
+    kvm: Kvm,
     vm: VmFd,
     mem: memory::GuestMem,
-    devices: Devices,
+    mut devices: Devices,
     vcpu_fds: Vec<VcpuFd>,
     config: &VmConfig,
     process_start: Instant,
@@ -299,8 +482,8 @@ fn launch(
     vcpu::install_kick_handler().map_err(os("installing the vCPU kick signal handler"))?;
     let run = Arc::new(vcpu::RunState::default());
     let (exit_tx, exits) = channel();
-    let pio = Arc::new(devices.pio);
-    let mmio = Arc::new(devices.mmio);
+    let pio = Arc::new(std::mem::take(&mut devices.pio));
+    let mmio = Arc::new(std::mem::take(&mut devices.mmio));
     let mut prepared = Vec::new();
     for (id, fd) in (0u8..).zip(vcpu_fds) {
         prepared.push(vcpu::Vcpu {
@@ -314,15 +497,26 @@ fn launch(
             seccomp: config.seccomp,
         });
     }
+    let mut vsock = None;
+    let (mut fs, mut nets) = (Vec::new(), Vec::new());
+    for slot in &devices.virtio {
+        match &slot.device {
+            VirtioHandle::Vsock(d) => vsock = Some(d.clone()),
+            VirtioHandle::Fs(d) => fs.push(d.clone()),
+            VirtioHandle::Net(d) => nets.push(d.clone()),
+        }
+    }
+    let control = Arc::new(LoopControl::new().map_err(os("eventfd"))?);
     let event_loop = EventLoop {
         stop_evt: devices.stop_evt.try_clone().map_err(os("eventfd"))?,
-        reset_evt: devices.reset_evt,
-        power_off_evt: devices.power_off_evt,
-        vsock: devices.vsock.clone(),
-        fs: devices.fs,
-        nets: devices.nets,
+        reset_evt: devices.reset_evt.try_clone().map_err(os("eventfd"))?,
+        power_off_evt: devices.power_off_evt.try_clone().map_err(os("eventfd"))?,
+        vsock: vsock.clone(),
+        fs,
+        nets,
         exits: exit_tx,
         seccomp: config.seccomp,
+        control: control.clone(),
     };
     let vm_ready = Instant::now();
     let event_loop = std::thread::Builder::new()
@@ -340,15 +534,19 @@ fn launch(
         );
     }
     Ok(RunningVm {
-        _vm: vm,
-        _mem: mem,
+        kvm,
+        vm,
+        mem,
+        shape: Shape::of(config),
         exits,
         run,
-        stop_evt: devices.stop_evt,
+        loop_control: control,
+        stop_evt: devices.stop_evt.try_clone().map_err(os("eventfd"))?,
         vcpus,
         event_loop: Some(event_loop),
-        vsock: devices.vsock,
-        markers: devices.markers,
+        vsock,
+        markers: devices.markers.clone(),
+        devices: Some(devices),
         process_start,
         vm_ready,
     })

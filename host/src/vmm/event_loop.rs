@@ -2,7 +2,8 @@
 //! i8042 reset) and on the device back-ends, and turns them into a [`VmExit`].
 
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -16,6 +17,7 @@ const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
 const TOKEN_POWER_OFF: u64 = 2;
 const TOKEN_VSOCK: u64 = 3;
+const TOKEN_PAUSE: u64 = 4;
 /// virtio-net device `i` has token `TOKEN_NET + i` (below `TOKEN_FS`: at most 8 devices).
 const TOKEN_NET: u64 = 8;
 /// virtio-fs device `i` has token `TOKEN_FS + i`.
@@ -39,6 +41,77 @@ pub struct EventLoop {
     pub exits: Sender<VmExit>,
     /// Seccomp for this thread.
     pub seccomp: SeccompMode,
+    /// Pausing the loop from another thread.
+    pub control: Arc<LoopControl>,
+}
+
+/// Lets another thread hold the event loop between two events: a snapshot must see devices
+/// (and the guest memory they write) that do not change under it.
+#[derive(Debug)]
+pub struct LoopControl {
+    evt: EventFdTrigger,
+    state: Mutex<LoopPause>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LoopPause {
+    requested: bool,
+    parked: bool,
+}
+
+impl LoopControl {
+    /// A control for one loop.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(LoopControl {
+            evt: EventFdTrigger::new()?,
+            state: Mutex::new(LoopPause::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Stops the loop once it is done with the event at hand; returns whether it stopped
+    /// within `timeout` (if not, the request is withdrawn).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        lock(&self.state).requested = true;
+        let _ = vm_superio::Trigger::trigger(&self.evt);
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.state);
+        while !state.parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                state.requested = false;
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Lets a paused loop go on.
+    pub fn resume(&self) {
+        lock(&self.state).requested = false;
+        self.changed.notify_all();
+    }
+
+    /// On the loop's thread: waits while a pause is requested.
+    fn park(&self) {
+        let _ = self.evt.0.read();
+        let mut state = lock(&self.state);
+        state.parked = true;
+        self.changed.notify_all();
+        while state.requested {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.parked = false;
+    }
 }
 
 impl EventLoop {
@@ -57,6 +130,7 @@ impl EventLoop {
             (&self.stop_evt, TOKEN_STOP),
             (&self.reset_evt, TOKEN_RESET),
             (&self.power_off_evt, TOKEN_POWER_OFF),
+            (&self.control.evt, TOKEN_PAUSE),
         ] {
             epoll
                 .ctl(
@@ -129,6 +203,7 @@ impl EventLoop {
                         let _ = self.exits.send(VmExit::Reset);
                         return Ok(());
                     }
+                    TOKEN_PAUSE => self.control.park(),
                     TOKEN_VSOCK => {
                         if let Some(vsock) = &self.vsock {
                             lock(vsock).process_events();

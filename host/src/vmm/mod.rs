@@ -15,8 +15,10 @@ mod builder;
 pub mod devices;
 mod event_loop;
 pub mod host;
+pub mod persist;
 mod vstate;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::Killable;
 
 use arch::{boot, mptable, regs};
-pub use builder::start;
+pub use builder::{restore, start};
 use devices::EventFdTrigger;
 use devices::legacy::marker::MarkerLog;
 use vstate::{memory, vcpu};
@@ -55,8 +57,12 @@ pub struct VmConfig {
     pub vsock: Option<PathBuf>,
     /// virtio-fs devices: (tag, host directory) each.
     pub shares: Vec<(String, PathBuf)>,
-    /// virtio-net devices, in the order the guest enumerates them (at most [`MAX_NETS`]).
+    /// virtio-net devices, in the order the guest enumerates them (at most [`MAX_NETS`],
+    /// spare ones included).
     pub nets: Vec<NetConfig>,
+    /// virtio-net devices without a tap after those of `nets`: the slots of a VM template
+    /// that this VM does not use (their frames go nowhere).
+    pub spare_nets: u8,
     /// `/dev/kvm`, opened by the caller (the monitor opens it before it confines itself);
     /// `None`: [`start`] opens it.
     pub kvm: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -145,6 +151,9 @@ pub enum VmError {
     /// Device setup.
     #[error("setting up devices: {0}")]
     Devices(String),
+    /// Saving or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] persist::SnapshotError),
     /// Threads, eventfds, signals.
     #[error("{what}: {source}")]
     Os {
@@ -215,12 +224,15 @@ impl Timeline {
 
 /// A started VM.
 pub struct RunningVm {
-    // The VM and its memory: KVM's memory slots point into `_mem`'s mappings, so both live
+    // The VM and its memory: KVM's memory slots point into `mem`'s mappings, so both live
     // until every vCPU thread has been joined (fields drop in declaration order, after wait()).
-    _vm: VmFd,
-    _mem: memory::GuestMem,
+    vm: VmFd,
+    mem: memory::GuestMem,
+    kvm: kvm_ioctls::Kvm,
+    shape: persist::Shape,
     exits: Receiver<VmExit>,
     run: Arc<vcpu::RunState>,
+    loop_control: Arc<event_loop::LoopControl>,
     stop_evt: EventFdTrigger,
     vcpus: Vec<JoinHandle<Option<Instant>>>,
     event_loop: Option<JoinHandle<()>>,
@@ -228,6 +240,7 @@ pub struct RunningVm {
     // teardown (removing its socket file) happens there and not on whichever thread lets go
     // last.
     vsock: Option<Arc<Mutex<devices::virtio::vsock::Vsock>>>,
+    devices: Option<builder::Devices>,
     markers: Arc<Mutex<MarkerLog>>,
     process_start: Instant,
     vm_ready: Instant,
@@ -249,6 +262,7 @@ pub const MAX_VCPUS: u8 = 8;
 pub struct VmHandle {
     run: Arc<vcpu::RunState>,
     evt: Arc<EventFdTrigger>,
+    loop_control: Arc<event_loop::LoopControl>,
     vcpus: usize,
 }
 
@@ -257,6 +271,7 @@ impl VmHandle {
     /// first).
     pub fn stop(&self) {
         self.run.request_stop();
+        self.loop_control.resume();
         let _ = vm_superio::Trigger::trigger(&*self.evt);
     }
 
@@ -271,8 +286,9 @@ impl VmHandle {
         }
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the vCPUs (and, after a snapshot, the devices) run again.
     pub fn resume(&self) {
+        self.loop_control.resume();
         self.run.resume();
     }
 
@@ -288,6 +304,7 @@ impl RunningVm {
         Ok(VmHandle {
             run: self.run.clone(),
             evt: Arc::new(self.stop_evt.try_clone().map_err(os("eventfd"))?),
+            loop_control: self.loop_control.clone(),
             vcpus: self.vcpus.len(),
         })
     }
@@ -296,7 +313,86 @@ impl RunningVm {
     /// first).
     pub fn stop(&self) {
         self.run.request_stop();
+        self.loop_control.resume();
         let _ = vm_superio::Trigger::trigger(&self.stop_evt);
+    }
+
+    /// Whether the VM has ended (its event loop is gone); [`RunningVm::wait`] says why.
+    pub fn has_ended(&self) -> bool {
+        self.event_loop.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Whether husk-init has written `marker` yet.
+    pub fn marker_seen(&self, marker: Marker) -> bool {
+        lock(&self.markers)
+            .entries
+            .iter()
+            .any(|(_, m)| *m == Ok(marker))
+    }
+
+    /// Saves the VM into `dir` (an existing, empty directory): pauses it, has every vCPU save
+    /// its registers on its own thread, saves the irqchip, PIT and clock, every device and
+    /// guest memory (see [`persist`] for the files). The VM stays paused; [`VmHandle::resume`]
+    /// lets it go on, [`RunningVm::stop`] ends it.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), persist::SnapshotError> {
+        use persist::SnapshotError;
+        let failed = |e: String| SnapshotError::Save(e);
+        if !self.run.pause(self.vcpus.len()) {
+            return Err(failed("the vCPUs did not stop within a second".into()));
+        }
+        if !self.loop_control.pause(Duration::from_secs(5)) {
+            return Err(failed(
+                "the device event loop did not stop within 5 s".into(),
+            ));
+        }
+        let msr_indices = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| failed(format!("KVM_GET_MSR_INDEX_LIST: {e}")))?
+            .as_slice()
+            .to_vec();
+        let vcpus = self
+            .run
+            .save_all(self.vcpus.len(), msr_indices, Duration::from_secs(5))
+            .map_err(failed)?;
+        let arch = arch::vm::VmArchState::save(&self.vm).map_err(|e| failed(e.to_string()))?;
+        let devices = self
+            .devices
+            .as_ref()
+            .map(builder::Devices::save)
+            .ok_or_else(|| failed("the VM has ended".into()))?;
+        let io = |what, path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| SnapshotError::Io { what, path, source }
+        };
+        let create = |path: &std::path::Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io("creating", path))
+        };
+        let memory_path = dir.join(persist::MEMORY_FILE);
+        let memory_file = create(&memory_path)?;
+        memory::save(&self.mem, &memory_file).map_err(|e| failed(e.to_string()))?;
+        memory_file
+            .sync_all()
+            .map_err(io("syncing", &memory_path))?;
+        let memory =
+            persist::FileIdentity::of(&memory_file).map_err(io("reading", &memory_path))?;
+        let state = persist::VmState {
+            shape: self.shape,
+            memory,
+            arch,
+            vcpus,
+            devices,
+        };
+        let bytes = persist::encode_state(&state)?;
+        let state_path = dir.join(persist::STATE_FILE);
+        let mut state_file = create(&state_path)?;
+        std::io::Write::write_all(&mut state_file, &bytes).map_err(io("writing", &state_path))?;
+        state_file.sync_all().map_err(io("syncing", &state_path))
     }
 
     /// Waits for the VM to end (or `timeout`), stops every thread and returns why it ended.
@@ -329,6 +425,7 @@ impl RunningVm {
         if let Some(h) = self.event_loop.take() {
             let _ = h.join();
         }
+        drop(self.devices.take());
         drop(self.vsock.take());
         let markers = self
             .markers

@@ -74,6 +74,7 @@ fn boot(
         vsock: None,
         shares: vec![],
         nets: vec![],
+        spare_nets: 0,
         kvm: None,
     };
     let vm = super::start(&config, std::time::Instant::now()).unwrap();
@@ -143,4 +144,118 @@ fn a_spinning_guest_is_stopped_at_the_timeout() {
         matches!(why, VmExit::Error(ref e) if e.contains("did not finish")),
         "{why:?}"
     );
+}
+
+/// The tiny guest of the snapshot tests: marker 0x71, `ebx = 0x5a`, then it spins until the
+/// byte at 2 MiB is non-zero, writes `bl` as a marker and powers off.
+fn spinning_guest() -> Vec<u8> {
+    let mut code = marker(0x71);
+    code.extend([0xbb, 0x5a, 0x00, 0x00, 0x00]); // mov ebx, 0x5a
+    code.extend([0x80, 0x3c, 0x25, 0x00, 0x00, 0x20, 0x00, 0x00]); // cmp byte [0x200000], 0
+    code.extend([0x74, 0xf6]); // je back to the cmp
+    code.extend([0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
+    code.extend(marker(Marker::PowerOff as u8));
+    code.extend([0xeb, 0xfe]);
+    code
+}
+
+/// A VM of `spinning_guest` with 1 vCPU and 32 MiB, in a fresh directory.
+fn spinning_config(dir: &std::path::Path) -> VmConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, elf(&spinning_guest(), 0x10_0000)).unwrap();
+    VmConfig {
+        kernel,
+        initrd: None,
+        cmdline_extra: String::new(),
+        mem_mib: 32,
+        vcpus: 1,
+        console: false,
+        seccomp: SeccompMode::Enforce,
+        vsock: None,
+        shares: vec![],
+        nets: vec![],
+        spare_nets: 0,
+        kvm: None,
+    }
+}
+
+/// Waits until `vm` has written `byte` to the marker port.
+fn wait_for_marker(vm: &super::RunningVm, byte: u8) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = super::lock(&vm.markers)
+            .entries
+            .iter()
+            .any(|(_, m)| m.map_or_else(|b| b, |m| m as u8) == byte);
+        if seen {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no marker {byte:#x}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_snapshot_restores_into_a_new_vm_that_goes_on_where_it_stopped() {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::persist::{MEMORY_FILE, Snapshot, SnapshotError};
+
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("husk-snap-{}", std::process::id()));
+    let config = spinning_config(&dir);
+    let vm = super::start(&config, std::time::Instant::now()).unwrap();
+    wait_for_marker(&vm, 0x71);
+    let saved = dir.join("snapshot");
+    std::fs::create_dir(&saved).unwrap();
+    vm.snapshot(&saved).unwrap();
+    vm.stop();
+    let (why, _) = vm.wait(Some(Duration::from_secs(10)));
+    assert_eq!(why, VmExit::Stopped);
+
+    // Another shape is refused.
+    let snapshot = Snapshot::open(&saved).unwrap();
+    let bigger = VmConfig {
+        mem_mib: 64,
+        ..config.clone()
+    };
+    let err = super::restore(&bigger, &snapshot, std::time::Instant::now()).unwrap_err();
+    assert!(
+        matches!(err, super::VmError::Snapshot(SnapshotError::Shape { .. })),
+        "{err}"
+    );
+
+    // The same shape goes on in the loop, with its registers: the marker it writes is ebx.
+    let vm = super::restore(&config, &snapshot, std::time::Instant::now()).unwrap();
+    assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 0);
+    vm.mem.write_obj(1u8, GuestAddress(0x20_0000)).unwrap();
+    let (why, timeline) = vm.wait(Some(Duration::from_secs(30)));
+    assert_eq!(why, VmExit::PowerOff);
+    let markers: Vec<_> = timeline.markers.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(markers, vec![Err(0x5a), Ok(Marker::PowerOff)]);
+
+    // The restored VM's write stayed in its private copy; and a memory file changed after
+    // the snapshot is refused.
+    drop(snapshot);
+    let snapshot = Snapshot::open(&saved).unwrap();
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&snapshot.memory, &mut byte, 0x20_0000).unwrap();
+    assert_eq!(byte, [0]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(saved.join(MEMORY_FILE))
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(saved.join(MEMORY_FILE))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0], 0x10_0000).unwrap();
+    drop(file);
+    let err = Snapshot::open(&saved).unwrap_err();
+    assert!(matches!(err, SnapshotError::MemoryChanged), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

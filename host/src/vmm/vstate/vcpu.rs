@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::devices::EventFdTrigger;
 use crate::vmm::devices::bus::Bus;
 use crate::vmm::{VmExit, lock};
@@ -66,8 +67,9 @@ impl Vcpu {
         let me = unsafe { libc::pthread_self() };
         self.run.register(me);
         let mut first_entry = None;
-        while !self.run.stop.load(Ordering::Acquire) {
-            if self.run.park_if_paused() {
+        let run = self.run.clone();
+        while !run.stop.load(Ordering::Acquire) {
+            if run.park_if_paused(self.id, &mut |msrs| self.save_state(msrs)) {
                 continue;
             }
             if first_entry.is_none() {
@@ -143,6 +145,27 @@ impl Vcpu {
         first_entry
     }
 
+    /// Saves this (parked) vCPU's state for a snapshot.
+    fn save_state(&mut self, msr_indices: &[u32]) -> Result<VcpuState, String> {
+        // An instruction whose port or MMIO read this thread answered last completes only on
+        // the next entry (KVM then writes the value into its register): enter once with
+        // `immediate_exit`, which completes it and returns EINTR before running the guest.
+        self.fd.set_kvm_immediate_exit(1);
+        let entered = self.fd.run().map(|exit| format!("{exit:?}"));
+        self.fd.set_kvm_immediate_exit(0);
+        match entered {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(format!("vCPU {}: completing its last exit: {e}", self.id)),
+            Ok(exit) => {
+                return Err(format!(
+                    "vCPU {}: exited ({exit}) where it should have stopped",
+                    self.id
+                ));
+            }
+        }
+        VcpuState::save(&self.fd, self.id, msr_indices).map_err(|e| e.to_string())
+    }
+
     fn exit(&self, why: VmExit) {
         let _ = self.exits.send(why);
         let _ = vm_superio::Trigger::trigger(&self.exit_evt);
@@ -161,6 +184,19 @@ pub struct RunState {
     /// The vCPU threads (cleared, under the lock, before they are joined: a kick never goes
     /// to a thread that is gone).
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// An open request to save the vCPUs' state, and their answers.
+    save: Mutex<SaveRequest>,
+    /// Signalled when a vCPU answered.
+    saved: Condvar,
+}
+
+/// A request to the parked vCPUs to save their state ([`RunState::save_all`]).
+#[derive(Debug, Default)]
+struct SaveRequest {
+    /// The MSRs to save, while the request is open.
+    msr_indices: Option<Arc<Vec<u32>>>,
+    /// Each vCPU's answer, by id.
+    results: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl RunState {
@@ -168,15 +204,32 @@ impl RunState {
         lock(&self.threads).push(thread);
     }
 
-    /// Called by a vCPU before each entry: parks while the VM is paused. Returns whether it
-    /// parked (the caller re-checks the stop flag).
-    fn park_if_paused(&self) -> bool {
+    /// Called by vCPU `id` before each entry: parks while the VM is paused, saving its state
+    /// with `save` when asked to ([`RunState::save_all`]). Returns whether it parked (the
+    /// caller re-checks the stop flag).
+    fn park_if_paused(
+        &self,
+        id: u8,
+        save: &mut dyn FnMut(&[u32]) -> Result<VcpuState, String>,
+    ) -> bool {
         let mut paused = lock(&self.paused);
         if !*paused {
             return false;
         }
         self.parked.fetch_add(1, Ordering::AcqRel);
         while *paused && !self.stop.load(Ordering::Acquire) {
+            if let Some(msr_indices) = self.save_requested(id) {
+                drop(paused);
+                let result = save(&msr_indices);
+                let mut request = lock(&self.save);
+                if let Some(slot) = request.results.get_mut(usize::from(id)) {
+                    *slot = Some(result);
+                }
+                self.saved.notify_all();
+                drop(request);
+                paused = lock(&self.paused);
+                continue;
+            }
             paused = self
                 .wake
                 .wait(paused)
@@ -184,6 +237,62 @@ impl RunState {
         }
         self.parked.fetch_sub(1, Ordering::AcqRel);
         true
+    }
+
+    /// The MSRs to save, if a save request is open that vCPU `id` has not answered.
+    fn save_requested(&self, id: u8) -> Option<Arc<Vec<u32>>> {
+        let request = lock(&self.save);
+        let msr_indices = request.msr_indices.clone()?;
+        let unanswered = request
+            .results
+            .get(usize::from(id))
+            .is_some_and(Option::is_none);
+        unanswered.then_some(msr_indices)
+    }
+
+    /// Has each of the `vcpus` (paused: see [`RunState::pause`]) save its state on its own
+    /// thread; returns the states in id order, or why not (a vCPU failed, or did not answer
+    /// within `timeout`).
+    pub fn save_all(
+        &self,
+        vcpus: usize,
+        msr_indices: Vec<u32>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        {
+            let mut request = lock(&self.save);
+            request.msr_indices = Some(Arc::new(msr_indices));
+            request.results = (0..vcpus).map(|_| None).collect();
+        }
+        // Under the pause lock, so that a vCPU between its check and its wait cannot miss it.
+        drop(lock(&self.paused));
+        self.wake.notify_all();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut request = lock(&self.save);
+        while request.results.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            request = self
+                .saved
+                .wait_timeout(request, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        request.msr_indices = None;
+        let results = std::mem::take(&mut request.results);
+        drop(request);
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(id, result)| match result {
+                Some(result) => result,
+                None => Err(format!(
+                    "vCPU {id} did not save its state within {timeout:?}"
+                )),
+            })
+            .collect()
     }
 
     /// Kicks every registered vCPU out of KVM_RUN.

@@ -7,3 +7,5 @@ pub mod cpuid;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod vcpu;
+pub mod vm;

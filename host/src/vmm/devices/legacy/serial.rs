@@ -4,10 +4,12 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
 
 use crate::vmm::devices::{BusDevice, EventFdTrigger};
+use crate::vmm::persist::Persist;
 
 /// The UART as a bus device.
 pub struct SerialDevice {
@@ -26,6 +28,62 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::new(irq, out),
         }
+    }
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`, which is not serde).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    /// The interrupt and where the output goes.
+    type ConstructorArgs = (EventFdTrigger, Box<dyn Write + Send>);
+    type Error = String;
+
+    fn save(&self) -> SerialState {
+        let s = self.serial.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore((irq, out): Self::ConstructorArgs, s: &SerialState) -> Result<SerialDevice, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, irq, NoEvents, out)
+            .map_err(|e| format!("serial console: {e:?}"))?;
+        Ok(SerialDevice { serial })
     }
 }
 
@@ -52,6 +110,30 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_round_trips() {
+        let irq = EventFdTrigger::new().unwrap();
+        let mut serial = SerialDevice::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        serial.write(3, &[0x80]); // LCR: divisor latch access
+        serial.write(0, &[0x0c]); // 9600 baud
+        serial.write(3, &[0x03]); // 8N1
+        serial.write(7, &[0x5a]); // scratch
+        let state = serial.save();
+        let mut restored = SerialDevice::restore((irq, Box::new(std::io::sink())), &state).unwrap();
+        assert_eq!(restored.save(), state);
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        restored.read(3, &mut b);
+        assert_eq!(b, [0x03]);
+        let full = SerialState {
+            in_buffer: vec![0; 4096],
+            ..state
+        };
+        let irq = EventFdTrigger::new().unwrap();
+        assert!(SerialDevice::restore((irq, Box::new(std::io::sink())), &full).is_err());
+    }
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]

@@ -92,6 +92,13 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the pending bits to a saved value and, if any is set, signals the interrupt again
+    /// (a spurious virtio interrupt is harmless: the driver reads the status first).
+    fn restore_status(&self, bits: u32) -> io::Result<()> {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 { self.evt.write(1) } else { Ok(()) }
+    }
+
     /// Clears every pending bit (device reset).
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -162,6 +169,10 @@ pub trait VirtioDevice: Send {
     /// Stops the device and returns it to its pre-activation state (the driver wrote 0 to the
     /// status register). The device must drop its queues and stop signalling.
     fn reset(&mut self);
+
+    /// The queues as the device has advanced them, while it is active (what a snapshot of
+    /// the transport saves: the transport's own copies stop at activation).
+    fn active(&self) -> Option<&Active>;
 
     /// Whether the device gave up on the driver (a malformed request it cannot work around)
     /// and needs a reset: the transport then reports `DEVICE_NEEDS_RESET` in the status

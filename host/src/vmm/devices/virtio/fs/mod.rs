@@ -116,6 +116,7 @@ use std::time::Duration;
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
@@ -124,6 +125,7 @@ use self::request::Served;
 use super::{
     ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
+use crate::vmm::persist::Persist;
 
 /// `VIRTIO_ID_FS`.
 const VIRTIO_ID_FS: u32 = 26;
@@ -201,6 +203,44 @@ pub enum FsError {
     /// cannot set up the device's epoll set
     #[error("cannot set up the device's epoll set")]
     Epoll(#[source] io::Error),
+    /// The saved guest had the share mounted.
+    #[error(
+        "the saved guest had virtio-fs {0:?} mounted: its FUSE session (inodes, open files) \
+         lived in the VMM that saved it and cannot be restored"
+    )]
+    SavedMounted(String),
+}
+
+/// What a snapshot keeps of the device: its tag, and whether the guest had mounted it. Only
+/// a device that was not mounted can be restored (onto another directory): a mount's inodes
+/// and open files are fds of the VMM that saved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsState {
+    /// The tag.
+    pub tag: String,
+    /// The guest had mounted it (INIT without DESTROY).
+    pub mounted: bool,
+}
+
+impl Persist for Fs {
+    type State = FsState;
+    /// The directory the restored device serves.
+    type ConstructorArgs = PathBuf;
+    type Error = FsError;
+
+    fn save(&self) -> FsState {
+        FsState {
+            tag: self.tag().to_owned(),
+            mounted: self.mounted || self.stale_session,
+        }
+    }
+
+    fn restore(shared_dir: PathBuf, state: &FsState) -> Result<Self, FsError> {
+        if state.mounted {
+            return Err(FsError::SavedMounted(state.tag.clone()));
+        }
+        Fs::new(&state.tag, &shared_dir)
+    }
 }
 
 /// The virtio-fs device. See the module docs.
@@ -453,6 +493,10 @@ impl VirtioDevice for Fs {
         let want = QUEUE_SIZES.len();
         self.active = Some(Active::new(&self.epoll, 0, want, mem, interrupt, queues)?);
         Ok(())
+    }
+
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
     }
 
     fn reset(&mut self) {

@@ -64,6 +64,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -82,6 +83,7 @@ use super::{
     ActivateError, Active, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
     guest_log,
 };
+use crate::vmm::persist::Persist;
 
 /// The receive queue.
 const RXQ: usize = 0;
@@ -161,7 +163,9 @@ fn count(counter: &AtomicU64, n: usize) {
 #[derive(Debug)]
 pub struct Net {
     config: [u8; CONFIG_LEN],
-    tap: Tap,
+    /// Where frames go; `None` for a device with no backend (a snapshot's spare NIC that this
+    /// VM does not use): what the guest sends is dropped, nothing ever arrives.
+    tap: Option<Tap>,
     epoll: Epoll,
     more: EventFd,
     acked_features: u64,
@@ -186,6 +190,15 @@ struct Malformed(String);
 impl Net {
     /// A device with MAC `mac` and MTU `mtu` whose frames go through `tap`.
     pub fn new(tap: Tap, mac: [u8; 6], mtu: u32) -> Result<Self, NetError> {
+        Self::with_backend(Some(tap), mac, mtu)
+    }
+
+    /// A device with no backend: see [`Net::tap`](Self).
+    pub fn unattached(mac: [u8; 6], mtu: u32) -> Result<Self, NetError> {
+        Self::with_backend(None, mac, mtu)
+    }
+
+    fn with_backend(tap: Option<Tap>, mac: [u8; 6], mtu: u32) -> Result<Self, NetError> {
         let mtu16 = u16::try_from(mtu)
             .ok()
             .filter(|&m| m >= 68)
@@ -202,16 +215,18 @@ impl Net {
         config[10..12].copy_from_slice(&mtu16.to_le_bytes());
         let epoll = Epoll::new().map_err(NetError::Epoll)?;
         let more = EventFd::new(EFD_NONBLOCK).map_err(NetError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                tap.as_raw_fd(),
-                EpollEvent::new(
-                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                    TOKEN_TAP,
-                ),
-            )
-            .map_err(NetError::Epoll)?;
+        if let Some(tap) = &tap {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    tap.as_raw_fd(),
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                        TOKEN_TAP,
+                    ),
+                )
+                .map_err(NetError::Epoll)?;
+        }
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -283,11 +298,13 @@ impl Net {
         if self.offload_pending {
             self.offload_pending = false;
             let flags = tap_offloads(self.acked_features);
-            if let Err(e) = self.tap.set_offload(flags) {
+            if let Some(tap) = &self.tap
+                && let Err(e) = tap.set_offload(flags)
+            {
                 // The tap then does all checksums and segmentation itself: slower, still right.
                 eprintln!(
                     "virtio-net: cannot set the offloads {flags:#x} of the tap {}: {e}",
-                    self.tap.name()
+                    tap.name()
                 );
             }
         }
@@ -332,7 +349,11 @@ impl Net {
     fn process_tx(&mut self) -> Result<Progress, Malformed> {
         let mut progress = Progress::default();
         if self.tx_len > 0 {
-            if !send_frame(&self.tap, &self.tx_buf[..self.tx_len], &self.metrics) {
+            if !send_frame(
+                self.tap.as_ref(),
+                &self.tx_buf[..self.tx_len],
+                &self.metrics,
+            ) {
                 return Ok(progress);
             }
             self.tx_len = 0;
@@ -361,7 +382,7 @@ impl Net {
             }
             // num_buffers means nothing on transmit.
             self.tx_buf[10..VNET_HDR_LEN].fill(0);
-            if !send_frame(&self.tap, &self.tx_buf[..len], &self.metrics) {
+            if !send_frame(self.tap.as_ref(), &self.tx_buf[..len], &self.metrics) {
                 // Wait for the tap to become writable (an edge on the tap fd).
                 self.tx_len = len;
                 return Ok(progress);
@@ -382,7 +403,10 @@ impl Net {
         };
         for _ in 0..MAX_FRAMES_PER_CALL {
             if self.rx_len == 0 {
-                match self.tap.read_frame(&mut self.rx_buf) {
+                let Some(tap) = &self.tap else {
+                    return Ok(progress);
+                };
+                match tap.read_frame(&mut self.rx_buf) {
                     Ok(n) => {
                         if let Some(why) = rx_frame_problem(&self.rx_buf[..n], self.acked_features)
                         {
@@ -394,7 +418,7 @@ impl Net {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
                     Err(e) => {
-                        eprintln!("virtio-net: reading the tap {}: {e}", self.tap.name());
+                        eprintln!("virtio-net: reading the tap {}: {e}", tap.name());
                         return Ok(progress);
                     }
                 }
@@ -448,8 +472,12 @@ struct Progress {
 }
 
 /// Writes one frame to the tap; false if the tap cannot take it yet (`EAGAIN`). Other
-/// failures drop the frame.
-fn send_frame(tap: &Tap, frame: &[u8], metrics: &NetMetrics) -> bool {
+/// failures drop the frame, as does a device without a tap.
+fn send_frame(tap: Option<&Tap>, frame: &[u8], metrics: &NetMetrics) -> bool {
+    let Some(tap) = tap else {
+        metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        return true;
+    };
     match tap.write_frame(frame) {
         Ok(_) => {
             metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -614,6 +642,37 @@ fn rx_frame_problem(frame: &[u8], features: u64) -> Option<&'static str> {
     (!allowed).then_some("it needs an offload the driver did not negotiate")
 }
 
+/// What a snapshot keeps of the device: the MAC and MTU the guest's driver read when it
+/// started. The restored device gets the new VM's (the guest is told the new MAC and MTU
+/// through its network configuration, not through the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The MAC address in the configuration space when saved.
+    pub mac: [u8; 6],
+    /// The MTU announced.
+    pub mtu: u16,
+}
+
+impl Persist for Net {
+    type State = NetState;
+    /// The new VM's tap (or none), MAC and MTU.
+    type ConstructorArgs = (Option<Tap>, [u8; 6], u32);
+    type Error = NetError;
+
+    fn save(&self) -> NetState {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        NetState {
+            mac,
+            mtu: u16::from_le_bytes([self.config[10], self.config[11]]),
+        }
+    }
+
+    fn restore((tap, mac, mtu): Self::ConstructorArgs, _: &NetState) -> Result<Self, NetError> {
+        Self::with_backend(tap, mac, mtu)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -669,6 +728,10 @@ impl VirtioDevice for Net {
         // Frames that arrived on the tap before the driver came up are read on the next call
         // (the guest's first RX notification).
         Ok(())
+    }
+
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
     }
 
     fn reset(&mut self) {

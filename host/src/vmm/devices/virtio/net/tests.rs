@@ -272,7 +272,14 @@ fn a_full_tap_holds_one_frame_and_stops_tx_until_writable() {
     // Fill the peer's receive queue through the device's own fd.
     let filler = frame(60, 0xee);
     let mut filled = 0;
-    while h.dev.tap.write_frame(&with_header(&filler, 0)).is_ok() {
+    while h
+        .dev
+        .tap
+        .as_ref()
+        .unwrap()
+        .write_frame(&with_header(&filler, 0))
+        .is_ok()
+    {
         filled += 1;
     }
     assert!(filled > 0);

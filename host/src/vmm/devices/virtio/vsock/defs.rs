@@ -27,7 +27,6 @@ pub(super) const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 /// Queue indices.
 pub(super) const RXQ: usize = 0;
 pub(super) const TXQ: usize = 1;
-#[cfg(test)]
 pub(super) const EVQ: usize = 2;
 pub(super) const QUEUE_SIZE: u16 = 256;
 

@@ -81,17 +81,19 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EpollEvent;
 
-use self::defs::{HDR_LEN, MAX_PKT_DATA, QUEUE_SIZE, RXQ, TXQ};
+use self::defs::{EVQ, HDR_LEN, MAX_PKT_DATA, QUEUE_SIZE, RXQ, TXQ};
 use self::muxer::{Muxer, TOKEN_QUEUE_BASE};
 use super::{
     ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
+use crate::vmm::persist::Persist;
 
 /// Why a vsock device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +136,37 @@ pub struct Vsock {
     acked_features: u64,
     muxer: Muxer,
     active: Option<Active>,
+    /// Restored from a snapshot: the guest's connections were to another VMM and are gone;
+    /// the guest must be told (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`) before anything else.
+    reset_pending: bool,
+}
+
+/// What a snapshot keeps of the device: its CID. Connections do not survive a snapshot (their
+/// host ends belong to the VMM that saved it); the restored device sends the guest a transport
+/// reset, as Firecracker's does, and the guest's sockets see `ECONNRESET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    /// The new VM's host-side socket.
+    type ConstructorArgs = PathBuf;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+        }
+    }
+
+    fn restore(uds_path: PathBuf, state: &VsockState) -> Result<Self, VsockError> {
+        let mut vsock = Vsock::new(state.guest_cid, &uds_path)?;
+        vsock.reset_pending = true;
+        Ok(vsock)
+    }
 }
 
 impl Vsock {
@@ -149,6 +182,7 @@ impl Vsock {
             acked_features: 0,
             muxer: Muxer::new(guest_cid, uds_path)?,
             active: None,
+            reset_pending: false,
         })
     }
 
@@ -190,6 +224,9 @@ impl Vsock {
         let Some(active) = &mut self.active else {
             return;
         };
+        if self.reset_pending && send_transport_reset(active) {
+            self.reset_pending = false;
+        }
         let mut used = false;
         loop {
             let tx = process_tx(active, &mut self.muxer);
@@ -208,6 +245,33 @@ impl Vsock {
     fn connection_count(&self) -> usize {
         self.muxer.connection_count()
     }
+}
+
+/// Puts `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (`struct virtio_vsock_event { le32 id; }`, id 0)
+/// into the guest's next event buffer. Returns whether it was sent (false while the guest has
+/// no event buffer: Linux posts them when the driver starts, so it comes later).
+fn send_transport_reset(active: &mut Active) -> bool {
+    const TRANSPORT_RESET: u32 = 0;
+    let mem = &active.mem;
+    let queue = &mut active.queues[EVQ];
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return false;
+    };
+    let head = chain.head_index();
+    let written = chain
+        .writable()
+        .next()
+        .filter(|d| d.len() >= 4)
+        .and_then(|d| mem.write_obj(TRANSPORT_RESET.to_le(), d.addr()).ok())
+        .map_or(0, |()| 4);
+    if written == 0 {
+        guest_log!("virtio-vsock: event buffer {head} cannot hold an event; transport reset lost");
+    }
+    if let Err(e) = queue.add_used(mem, head, written) {
+        guest_log!("virtio-vsock: cannot return event descriptor {head}: {e}");
+    }
+    active.notify_used(&[EVQ], "virtio-vsock");
+    true
 }
 
 /// Takes every TX packet (unless the RST backlog is full); returns whether any was used.
@@ -303,15 +367,17 @@ impl VirtioDevice for Vsock {
         let want = QUEUE_SIZES.len();
         // Packets that already wait (host clients that connected before the driver came up)
         // go out when the driver kicks the RX queue after filling it, on the event loop.
-        self.active = Some(Active::new(
-            epoll,
-            TOKEN_QUEUE_BASE,
-            want,
-            mem,
-            interrupt,
-            queues,
-        )?);
+        let active = Active::new(epoll, TOKEN_QUEUE_BASE, want, mem, interrupt, queues)?;
+        if self.reset_pending {
+            // Brings the event loop here, to send the transport reset.
+            let _ = active.renotify(EVQ);
+        }
+        self.active = Some(active);
         Ok(())
+    }
+
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
     }
 
     fn reset(&mut self) {
