@@ -104,18 +104,56 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(opts: &Options) -> Result<(), server::ServerError> {
-    let conn = opts
-        .transport
+/// How long husk-init keeps trying to reach a host that reset its connection before it was
+/// asked for anything (see [`run`]).
+const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn connect(opts: &Options) -> Result<std::fs::File, server::ServerError> {
+    opts.transport
         .connect(husk_proto::CONTROL_PORT)
         .map_err(|e| server::ServerError::NoHost {
             transport: opts.transport.to_string(),
             source: e,
-        })?;
-    let mut server = server::Server::new(conn, opts.transport.clone(), opts.cgroup_root.clone());
+        })
+}
+
+/// Connects again, retrying while the host is not there yet (a restored VM may run before its
+/// monitor listens), for at most [`RECONNECT_WINDOW`].
+fn reconnect(opts: &Options) -> Result<std::fs::File, server::ServerError> {
+    let deadline = std::time::Instant::now() + RECONNECT_WINDOW;
+    loop {
+        match connect(opts) {
+            Ok(conn) => return Ok(conn),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
+fn run(opts: &Options) -> Result<(), server::ServerError> {
+    let conn = connect(opts)?;
+    let mut server = server::Server::new(
+        conn,
+        opts.transport.clone(),
+        opts.cgroup_root.clone(),
+        opts.pid1,
+    );
     server.handshake()?;
     system::mark(Marker::HostConnected);
-    server.serve()?;
+    loop {
+        match server.serve() {
+            // A VM template was saved here; restored, its vsock device reset the connection
+            // to the template's builder. The monitor that restored it is listening.
+            Err(e @ (server::ServerError::Connection(_) | server::ServerError::HostGone))
+                if server.is_untouched() =>
+            {
+                log::info!("{}; connecting to the host again", log::chain(&e));
+                server.reconnect(reconnect(opts)?)?;
+                system::mark(Marker::HostConnected);
+            }
+            other => break other?,
+        }
+    }
     if opts.pid1 {
         // Power off while the control connection is still open: the host then learns that the
         // guest is done from the PowerOff marker, written after the sync, rather than from the

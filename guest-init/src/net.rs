@@ -100,8 +100,30 @@ fn inet_socket() -> io::Result<OwnedFd> {
 }
 
 fn configure_interface(nl: &Netlink, iface: &NetInterface) -> io::Result<()> {
-    let current = find_by_mac(&iface.mac)?;
+    let current = find_by_mac(&iface.device_mac)?;
     let sock = inet_socket()?;
+    if iface.device_mac != iface.mac {
+        // A restored template's NIC has the template's address: give it the container's,
+        // before it is up (virtio-net without a control queue only changes it locally, which
+        // is all a tap backend needs).
+        let mut req = ifreq(&current)?;
+        let mut addr: libc::sockaddr = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (d, s) in addr.sa_data.iter_mut().zip(iface.mac) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = addr;
+        // SAFETY: SIOCSIFHWADDR reads a live ifreq whose active member is ifru_hwaddr.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("setting the MAC address of {current}: {e}"),
+            ));
+        }
+    }
     if current != iface.name {
         let mut req = ifreq(&current)?;
         let new = ifreq(&iface.name)?;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use husk_proto::marker::Marker;
 use husk_proto::{
-    ErrorCode, ErrorReply, Event, FrameDecoder, GuestMessage, Hello, HostMessage, ProcessRef,
-    ProtoError, Request, Response, SignalTarget, WaitStatus,
+    ErrorCode, ErrorReply, Event, FrameDecoder, GuestMessage, Hello, HostMessage, MAX_ENTROPY_LEN,
+    ProcessRef, ProtoError, Request, Response, SignalTarget, WaitStatus,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -104,11 +104,16 @@ pub struct Server {
     container: Option<Container>,
     procs: HashMap<ProcessRef, Proc>,
     shutdown: bool,
+    /// This process is the VM's PID 1 (not a host test): it may set the VM's clock and RNG.
+    pid1: bool,
+    /// The host has asked for something that changed the VM (network, container): from then
+    /// on a lost connection means the host is gone (see [`Server::is_untouched`]).
+    touched: bool,
 }
 
 impl Server {
     /// Wraps a connected control stream.
-    pub fn new(conn: File, transport: Transport, cgroup_root: PathBuf) -> Self {
+    pub fn new(conn: File, transport: Transport, cgroup_root: PathBuf, pid1: bool) -> Self {
         Self {
             conn,
             decoder: FrameDecoder::default(),
@@ -120,7 +125,24 @@ impl Server {
             container: None,
             procs: HashMap::new(),
             shutdown: false,
+            pid1,
+            touched: false,
         }
+    }
+
+    /// Whether the host has asked for nothing but `Prepare` yet: a VM restored from a template
+    /// is in that state when its connection to the template's builder is reset, and connects
+    /// to its new host instead ([`Server::reconnect`]).
+    pub fn is_untouched(&self) -> bool {
+        !self.touched
+    }
+
+    /// Takes a new control connection (after the old one broke while untouched) and
+    /// exchanges versions on it.
+    pub fn reconnect(&mut self, conn: File) -> Result<(), ServerError> {
+        self.conn = conn;
+        self.decoder = FrameDecoder::default();
+        self.handshake()
     }
 
     fn send(&mut self, msg: &GuestMessage) -> Result<(), ServerError> {
@@ -270,6 +292,9 @@ impl Server {
     }
 
     fn dispatch(&mut self, request: Request) -> Result<Response, ErrorReply> {
+        if !matches!(request, Request::Prepare(_)) {
+            self.touched = true;
+        }
         match request {
             Request::Create(req) => {
                 if self.container.is_some() {
@@ -296,6 +321,28 @@ impl Server {
                 Ok(Response::Created {
                     pid: pid.as_raw().unsigned_abs(),
                 })
+            }
+            Request::Prepare(req) => {
+                if self.container.is_some() {
+                    return Err(ErrorReply {
+                        code: ErrorCode::InvalidState,
+                        message: "Prepare comes before the container is created".into(),
+                    });
+                }
+                // Only as the VM's PID 1: in host tests this process must not touch the
+                // host's RNG or clock.
+                if self.pid1 {
+                    let entropy = &req.entropy[..req.entropy.len().min(MAX_ENTROPY_LEN)];
+                    system::reseed_rng(entropy).map_err(|e| ErrorReply {
+                        code: ErrorCode::System,
+                        message: format!("reseeding the kernel's RNG: {e}"),
+                    })?;
+                    system::set_wall_clock(req.realtime_ns).map_err(|e| ErrorReply {
+                        code: ErrorCode::System,
+                        message: format!("setting the clock: {e}"),
+                    })?;
+                }
+                Ok(Response::Done)
             }
             Request::ConfigureNetwork(cfg) => {
                 crate::net::configure(&cfg).map_err(|e| ErrorReply {

@@ -156,6 +156,56 @@ fn reroot() -> Result<(), SystemError> {
     Ok(())
 }
 
+/// `RNDADDENTROPY = _IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG = _IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Makes this VM's kernel RNG its own: `entropy` (from the host) is mixed in and credited,
+/// then the RNG reseeds at once, so that what `/dev/urandom` and `getrandom` give from now on
+/// depends on it. A VM restored from a template starts with the template's RNG state; this is
+/// what makes two such VMs draw different numbers.
+pub fn reseed_rng(entropy: &[u8]) -> std::io::Result<()> {
+    let urandom = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let len = i32::try_from(entropy.len()).unwrap_or(i32::MAX);
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes follow its header:
+    // `info` holds exactly that, and lives across the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&urandom),
+            RNDADDENTROPY,
+            info.as_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&urandom), RNDRESEEDCRNG) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the wall clock to `ns` nanoseconds since the Unix epoch.
+pub fn set_wall_clock(ns: i64) -> std::io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000),
+    };
+    // SAFETY: clock_settime reads the live timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes orphans of this process's descendants come back to it (when not PID 1).
 pub fn become_subreaper() {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {

@@ -1350,9 +1350,11 @@ fn configure_network_sets_up_interfaces_and_routes() {
         addr: addr.parse::<IpAddr>().unwrap(),
         prefix_len,
     };
-    let eth0 = |mac| NetInterface {
+    // Found by the MAC it has, given the one the host says (as a restored template's NIC).
+    let eth0 = |device_mac| NetInterface {
         name: "eth0".into(),
-        mac,
+        device_mac,
+        mac: [2, 0, 0, 0, 0, 8],
         mtu: 1400,
         addresses: vec![cidr("10.9.8.7", 24), cidr("fd00::7", 64)],
     };
@@ -1388,6 +1390,7 @@ fn configure_network_sets_up_interfaces_and_routes() {
     assert!(lo.contains(",UP"), "lo is up: {out}");
     let eth = out.lines().find(|l| l.contains(": eth0")).unwrap();
     assert!(eth.contains(",UP") && eth.contains("mtu 1400"), "{out}");
+    assert!(out.contains("link/ether 02:00:00:00:00:08"), "{out}");
     assert!(out.contains("inet 10.9.8.7/24"), "{out}");
     assert!(out.contains("inet6 fd00::7/64"), "{out}");
     assert!(out.contains("default via 10.9.8.1 dev eth0"), "{out}");

@@ -33,7 +33,9 @@
 //!    different version reports [`ProtoError::VersionMismatch`] and closes the connection
 //!    (the host also sends nothing else; the guest powers off). `Hello` is variant 0 of both
 //!    enums and its layout never changes, so that a mismatch is always detected as such.
-//! 3. host → guest: [`HostMessage::Request`] with [`Request::Create`]; the guest builds the
+//! 3. host → guest: [`Request::Prepare`] (the guest reseeds its RNG and sets its clock), then
+//!    [`Request::ConfigureNetwork`] when the container has a network, then
+//!    [`HostMessage::Request`] with [`Request::Create`]; the guest builds the
 //!    container (mounts, namespaces, cgroup, ...) up to the point just before `execve` and
 //!    replies [`Response::Created`].
 //! 4. From then on the host sends requests in any order ([`Request::Start`],
@@ -52,6 +54,13 @@
 //! decode, the guest treats the host as gone: it kills every container process and powers the
 //! VM off. The host, seeing the same, treats the guest as dead: it stops the VM and reports
 //! the container as stopped.
+//!
+//! One exception: a guest that has not been asked for anything yet (no container, no
+//! network) and loses the connection connects again and starts over with `Hello`. That is
+//! how a VM restored from a template meets its new host: the template was saved with
+//! husk-init waiting after the `Hello` exchange, the restored vsock device resets every
+//! connection (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`), and husk-init reconnects to the monitor
+//! that restored it.
 
 #![deny(missing_docs)]
 
@@ -65,7 +74,7 @@ pub use ids::{ContainerId, ExecId, InvalidContainerId, RequestId, VsockPort};
 pub use message::*;
 
 /// The version of this protocol. Bump it on any incompatible change to the messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame payload either side accepts (8 MiB: a config.json is rarely over 100 KiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;

@@ -52,7 +52,8 @@ pub enum HostMessage {
 /// What the host can ask of the guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// Build the container up to just before `execve` of its process. Sent once, first.
+    /// Build the container up to just before `execve` of its process. Sent once, after
+    /// `Prepare` (and `ConfigureNetwork` when there is a network).
     Create(Box<CreateRequest>),
     /// Apply the network configuration of the VM's interfaces (before `Start`).
     ConfigureNetwork(NetworkConfig),
@@ -85,7 +86,24 @@ pub enum Request {
     Stats,
     /// Kill whatever is left and power the VM off; answered just before power-off.
     Shutdown,
+    /// Make this VM its own before anything else: a VM restored from a template shares the
+    /// template's kernel RNG state and has its clock. Sent first, answered [`Response::Done`].
+    Prepare(PrepareRequest),
 }
+
+/// What makes a VM its own ([`Request::Prepare`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// Random bytes from the host, mixed into the guest kernel's RNG (and credited as entropy),
+    /// after which the RNG reseeds: two VMs restored from one template draw different numbers.
+    /// At most [`MAX_ENTROPY_LEN`] bytes.
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, in nanoseconds since the Unix epoch, for the guest's.
+    pub realtime_ns: i64,
+}
+
+/// Most bytes of [`PrepareRequest::entropy`] the guest takes.
+pub const MAX_ENTROPY_LEN: usize = 256;
 
 /// Everything the guest needs to build the container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,12 +233,15 @@ pub struct NetworkConfig {
     pub routes: Vec<NetRoute>,
 }
 
-/// One guest network interface, matched by MAC address.
+/// One guest network interface, found by the MAC address its device has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetInterface {
     /// The name to give it in the guest (e.g. `eth0`).
     pub name: String,
-    /// Its MAC address (the virtio-net device's).
+    /// The MAC address the guest's interface has now: the virtio-net device's when the VM
+    /// booted, the template's when it was restored from one.
+    pub device_mac: [u8; 6],
+    /// The MAC address to give it (the engine's veth's).
     pub mac: [u8; 6],
     /// Its MTU.
     pub mtu: u32,

@@ -38,6 +38,7 @@ pub fn host_messages() -> Vec<HostMessage> {
             Request::ConfigureNetwork(NetworkConfig {
                 interfaces: vec![NetInterface {
                     name: "eth0".into(),
+                    device_mac: [2, 0x68, 0x75, 0x73, 0x6b, 0],
                     mac: [2, 0, 0, 0, 0, 1],
                     mtu: 1500,
                     addresses: vec![
@@ -99,6 +100,13 @@ pub fn host_messages() -> Vec<HostMessage> {
         req(9, Request::ListPids),
         req(10, Request::Stats),
         req(11, Request::Shutdown),
+        req(
+            12,
+            Request::Prepare(PrepareRequest {
+                entropy: (0..=255).collect(),
+                realtime_ns: 1_796_000_000_000_000_000,
+            }),
+        ),
     ]
 }
 

@@ -466,6 +466,7 @@ impl Network {
             });
             self.guest.interfaces.push(NetInterface {
                 name: link.name.clone(),
+                device_mac: mac,
                 mac,
                 mtu: link.mtu,
                 addresses: addresses
