@@ -10,6 +10,7 @@ mod cli;
 mod monitor;
 mod oci;
 mod phases;
+mod template;
 mod vmm;
 
 #[cfg(feature = "fuzzing")]

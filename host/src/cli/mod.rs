@@ -4,6 +4,7 @@ mod exec_relay;
 mod log;
 mod oci;
 mod signal_forward;
+mod template;
 mod vm;
 
 use std::path::PathBuf;
@@ -73,6 +74,9 @@ enum Command {
     Resume(oci::IdArg),
     /// Print the container's resource usage as stats events (JSON lines).
     Events(oci::EventsArgs),
+    /// Manage VM templates (booted guests that `create` restores instead of booting).
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
     /// Developer commands that work on a VM without the OCI layer.
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -117,6 +121,7 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Pause(a) => oci::pause(&ctx, a, true),
         Command::Resume(a) => oci::pause(&ctx, a, false),
         Command::Events(a) => oci::events(&ctx, a),
+        Command::Template(cmd) => template::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::monitor(&ctx, a, process_start)),
     };

@@ -13,6 +13,22 @@ use crate::vmm::{self, SeccompMode, VmConfig, VmExit};
 pub enum VmCommand {
     /// Boot a VM and wait for it to end.
     Boot(BootArgs),
+    /// Restore a VM from the template of a shape (made first if there is none), wait until
+    /// husk-init has reconnected and taken `Prepare`, report when each phase happened, stop.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// vCPUs of the template.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory of the template, in MiB.
+    #[arg(long, default_value_t = crate::oci::bundle::DEFAULT_MEMORY_MIB)]
+    mem_mib: u64,
+    /// Print the timeline as JSON on stdout instead of a table on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +72,95 @@ pub struct BootArgs {
 pub fn run(cmd: VmCommand, process_start: Instant) -> Result<ExitCode> {
     match cmd {
         VmCommand::Boot(args) => boot(args, process_start),
+        VmCommand::Restore(args) => restore(args, process_start),
+    }
+}
+
+fn restore(args: RestoreArgs, process_start: Instant) -> Result<ExitCode> {
+    use husk_proto::{GuestMessage, HostMessage, Request, RequestId};
+
+    let image = crate::assets::find().map_err(anyhow::Error::msg)?;
+    let shape = crate::template::TemplateShape {
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+    };
+    let Some((key, snapshot)) = crate::template::for_container(&image, shape) else {
+        bail!("no template for {shape:?} (see the message above)");
+    };
+    let opened = Instant::now();
+    let scratch = std::env::temp_dir().join(format!("husk-vm-restore-{}", std::process::id()));
+    std::fs::create_dir_all(scratch.join("share"))?;
+    let cleanup = scopeguard(&scratch);
+    let control_path = scratch.join(format!("vsock.sock_{}", husk_proto::CONTROL_PORT.0));
+    let control = std::os::unix::net::UnixListener::bind(&control_path)?;
+    let config = crate::template::vm_config(
+        &image,
+        shape,
+        scratch.join("vsock.sock"),
+        scratch.join("share"),
+        vec![],
+        None,
+    );
+    let vm = vmm::restore(&config, &snapshot, process_start)
+        .with_context(|| format!("restoring template {key}"))?;
+    let restored = Instant::now();
+    let mut conn = crate::template::greet(&vm, &control).map_err(anyhow::Error::msg)?;
+    let greeted = Instant::now();
+    let request = HostMessage::Request {
+        id: RequestId(0),
+        request: Request::Prepare(crate::template::prepare_request()?),
+    };
+    husk_proto::write_message(&mut conn, &request)?;
+    let reply: Option<GuestMessage> = husk_proto::read_message(&mut conn)?;
+    let prepared = Instant::now();
+    if !matches!(reply, Some(GuestMessage::Response { result: Ok(_), .. })) {
+        bail!("husk-init answered Prepare with {reply:?}");
+    }
+    vm.stop();
+    let (why, timeline) = vm.wait(Some(Duration::from_secs(10)));
+    drop(cleanup);
+    let ms = |t: Instant| t.duration_since(process_start).as_secs_f64() * 1000.0;
+    let mut phases = vec![
+        ("template opened".to_owned(), ms(opened)),
+        ("VM restored".to_owned(), ms(restored)),
+    ];
+    if let Some(t) = timeline.first_entry {
+        phases.push(("first vCPU entry".into(), ms(t)));
+    }
+    phases.push(("husk-init greeted".into(), ms(greeted)));
+    phases.push(("Prepare answered".into(), ms(prepared)));
+    report(&phases, &why, args.json, "husk vm restore");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Removes `dir` when dropped.
+fn scopeguard(dir: &std::path::Path) -> impl Drop + '_ {
+    struct Remove<'a>(&'a std::path::Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    Remove(dir)
+}
+
+/// Prints phases (name, ms since the process start) as JSON on stdout or a table on stderr.
+fn report(phases: &[(String, f64)], why: &VmExit, json: bool, what: &str) {
+    if json {
+        let phases: Vec<String> = phases
+            .iter()
+            .map(|(name, ms)| format!("{{\"phase\":\"{name}\",\"ms\":{ms:.3}}}"))
+            .collect();
+        println!(
+            "{{\"exit\":\"{}\",\"phases\":[{}]}}",
+            exit_name(why),
+            phases.join(",")
+        );
+    } else {
+        eprintln!("{what}: {}", exit_name(why));
+        for (name, ms) in phases {
+            eprintln!("  {ms:>10.1} ms  {name}");
+        }
     }
 }
 
@@ -80,6 +185,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
         vsock: args.vsock,
         shares: vec![],
         nets: vec![],
+        spare_nets: 0,
         seccomp: if args.no_seccomp {
             SeccompMode::Off
         } else if args.seccomp_log {
@@ -93,23 +199,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
     // From here this thread only waits for the VM, stops its threads and reports.
     vmm::apply_seccomp(config.seccomp, vmm::ThreadKind::Api).map_err(anyhow::Error::msg)?;
     let (why, timeline) = vm.wait(args.timeout.map(Duration::from_secs));
-    if args.json {
-        let phases: Vec<String> = timeline
-            .phases()
-            .iter()
-            .map(|(name, ms)| format!("{{\"phase\":\"{name}\",\"ms\":{ms:.3}}}"))
-            .collect();
-        println!(
-            "{{\"exit\":\"{}\",\"phases\":[{}]}}",
-            exit_name(&why),
-            phases.join(",")
-        );
-    } else {
-        eprintln!("husk vm boot: {}", exit_name(&why));
-        for (name, ms) in timeline.phases() {
-            eprintln!("  {ms:>10.1} ms  {name}");
-        }
-    }
+    report(&timeline.phases(), &why, args.json, "husk vm boot");
     match why {
         VmExit::PowerOff | VmExit::Reset => Ok(ExitCode::SUCCESS),
         VmExit::Stopped => Ok(ExitCode::from(1)),

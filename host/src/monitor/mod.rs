@@ -259,6 +259,7 @@ impl Monitor {
                 .as_ref()
                 .map(|n| n.devices.clone())
                 .unwrap_or_default(),
+            spare_nets: 0,
             // Before the jail, which does not hold /dev/kvm.
             kvm: Some(std::sync::Arc::new(open_kvm()?)),
         };
