@@ -828,6 +828,7 @@ fn an_exec_process_joins_the_container() {
     let (pid, io) = h.create(&cfg, Want::OUTPUT).unwrap();
     h.ok(Request::Start);
     io.stdout.wait_for("ready");
+    common::wait_until_running(pid, &["sleep", "100"]);
     let process = json!({
         "args": ["sh", "-c", "readlink /proc/self/ns/pid; cat /proc/1/cmdline | tr '\\0' ' '; echo; \
                  cat /tmp/from-init; hostname; id -u; pwd; echo \"$GREETING\""],
@@ -873,11 +874,13 @@ fn ps_in_an_exec_process_shows_the_main_process_as_pid_1() {
         return;
     }
     let mut h = Host::start();
-    let (_, io) = h
+    let (pid, io) = h
         .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
         .unwrap();
     h.ok(Request::Start);
     io.stdout.wait_for("ready");
+    // "ready" comes from the shell, before it execs sleep.
+    common::wait_until_running(pid, &["sleep", "100"]);
     let process =
         json!({"args": ["ps", "-o", "pid,args"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
     let (_, eio) = h.exec(7, &process, Want::OUTPUT).unwrap();
