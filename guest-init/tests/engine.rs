@@ -832,6 +832,56 @@ fn a_mount_through_a_dangling_symlink_is_refused() {
 }
 
 #[test]
+fn root_propagation_applies_to_the_container_root() {
+    if skip_unless_root() {
+        return;
+    }
+    // The optional fields of the root's mountinfo line, as the container sees it. The test
+    // machine's mounts are private (so are the VM's): nothing is shared unless asked.
+    for (propagation, want) in [
+        (Some("shared"), "shared:"),
+        (Some("rshared"), "shared:"),
+        (Some("unbindable"), "unbindable"),
+        (Some("runbindable"), "unbindable"),
+        (Some("private"), ""),
+        (Some("rslave"), ""),
+        (None, ""),
+    ] {
+        let mut h = Host::start();
+        let mut cfg = config(&["cat", "/proc/self/mountinfo"]);
+        if let Some(p) = propagation {
+            cfg["linux"]["rootfsPropagation"] = json!(p);
+        }
+        let run = h.run(&cfg);
+        assert_eq!(run.status, exited(0), "{propagation:?}: {run:?}");
+        // id parent dev root mountpoint options [optional fields...] - type source options
+        let fields: Vec<&str> = run
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&"/"))
+            .unwrap_or_else(|| panic!("no root in the mountinfo: {}", run.stdout));
+        let optional = fields
+            .iter()
+            .skip(6)
+            .take_while(|f| **f != "-")
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            if want.is_empty() {
+                optional.is_empty()
+            } else {
+                optional.contains(want)
+            },
+            "rootfsPropagation {propagation:?}: the root's optional fields are {optional:?}, \
+             expected {want:?}: {}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
 fn readonly_paths_cannot_be_written() {
     if skip_unless_root() {
         return;
