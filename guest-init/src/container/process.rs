@@ -267,8 +267,8 @@ impl ProcessPlan {
         seccomp: Option<&SeccompPlan>,
     ) -> Result<std::convert::Infallible, ChildError> {
         // Everything that needs no privilege and may use a syscall a profile lacks comes
-        // before the filter: profiles written before close_range(2) existed deny it (Docker's
-        // before 20.10, hand-written allow lists), and runc runs them. After the filter only
+        // before the filter: profiles written before close_range(2) existed deny it (older
+        // Docker-style allow lists, hand-written ones), and runc runs them. After the filter only
         // what runc itself does after its own is left: prctl, capget/capset, setgroups,
         // setres[ug]id, umask, chdir (fchown of the terminal) and execve, which every
         // profile that can run a program allows.
