@@ -264,6 +264,217 @@ fn a_seccomp_errno_rule_makes_the_syscall_fail() {
     }
 }
 
+/// An allow list in the style of Docker's profiles from before 2021 (hand-written, not a
+/// copy): what ordinary programs use, with the syscalls newer than it (close_range, clone3,
+/// openat2, faccessat2, ...) left out, so they get the default action. husk-init's own last
+/// steps before execve must fit in it, as they fit in runc's.
+const OLD_STYLE_ALLOW_LIST: &[&str] = &[
+    "accept",
+    "accept4",
+    "access",
+    "alarm",
+    "arch_prctl",
+    "bind",
+    "brk",
+    "capget",
+    "capset",
+    "chdir",
+    "chmod",
+    "chown",
+    "clock_getres",
+    "clock_gettime",
+    "clock_nanosleep",
+    "clone",
+    "close",
+    "connect",
+    "dup",
+    "dup2",
+    "dup3",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_pwait",
+    "epoll_wait",
+    "eventfd2",
+    "execve",
+    "execveat",
+    "exit",
+    "exit_group",
+    "faccessat",
+    "fadvise64",
+    "fchdir",
+    "fchmod",
+    "fchmodat",
+    "fchown",
+    "fchownat",
+    "fcntl",
+    "fdatasync",
+    "flock",
+    "fork",
+    "fstat",
+    "fstatfs",
+    "fsync",
+    "ftruncate",
+    "futex",
+    "getcwd",
+    "getdents",
+    "getdents64",
+    "getegid",
+    "geteuid",
+    "getgid",
+    "getgroups",
+    "getitimer",
+    "getpeername",
+    "getpgid",
+    "getpgrp",
+    "getpid",
+    "getppid",
+    "getpriority",
+    "getrandom",
+    "getresgid",
+    "getresuid",
+    "getrlimit",
+    "getrusage",
+    "getsid",
+    "getsockname",
+    "getsockopt",
+    "gettid",
+    "gettimeofday",
+    "getuid",
+    "getxattr",
+    "ioctl",
+    "kill",
+    "lchown",
+    "lgetxattr",
+    "link",
+    "linkat",
+    "listen",
+    "lseek",
+    "lstat",
+    "madvise",
+    "mkdir",
+    "mkdirat",
+    "mknod",
+    "mknodat",
+    "mmap",
+    "mprotect",
+    "mremap",
+    "munmap",
+    "nanosleep",
+    "newfstatat",
+    "open",
+    "openat",
+    "pause",
+    "pipe",
+    "pipe2",
+    "poll",
+    "ppoll",
+    "prctl",
+    "pread64",
+    "prlimit64",
+    "pselect6",
+    "pwrite64",
+    "read",
+    "readlink",
+    "readlinkat",
+    "readv",
+    "recvfrom",
+    "recvmsg",
+    "rename",
+    "renameat",
+    "renameat2",
+    "restart_syscall",
+    "rmdir",
+    "rt_sigaction",
+    "rt_sigpending",
+    "rt_sigprocmask",
+    "rt_sigqueueinfo",
+    "rt_sigreturn",
+    "rt_sigsuspend",
+    "rt_sigtimedwait",
+    "sched_getaffinity",
+    "sched_yield",
+    "select",
+    "sendmsg",
+    "sendto",
+    "set_robust_list",
+    "set_tid_address",
+    "setfsgid",
+    "setfsuid",
+    "setgid",
+    "setgroups",
+    "setitimer",
+    "setpgid",
+    "setpriority",
+    "setregid",
+    "setresgid",
+    "setresuid",
+    "setreuid",
+    "setrlimit",
+    "setsid",
+    "setsockopt",
+    "setuid",
+    "shutdown",
+    "sigaltstack",
+    "socket",
+    "socketpair",
+    "stat",
+    "statfs",
+    "statx",
+    "symlink",
+    "symlinkat",
+    "sysinfo",
+    "tgkill",
+    "time",
+    "times",
+    "tkill",
+    "truncate",
+    "umask",
+    "uname",
+    "unlink",
+    "unlinkat",
+    "utimensat",
+    "vfork",
+    "wait4",
+    "waitid",
+    "write",
+    "writev",
+];
+
+#[test]
+fn a_default_deny_profile_without_close_range_runs() {
+    if skip_unless_root() {
+        return;
+    }
+    assert!(!OLD_STYLE_ALLOW_LIST.contains(&"close_range"));
+    // Both ways of installing the filter (before the privilege drop, and with no_new_privs
+    // right before execve), for the main process and an exec'd one.
+    for nnp in [false, true] {
+        let mut h = Host::start();
+        let mut cfg = sh("grep ^Seccomp: /proc/self/status; echo ready; exec sleep 100");
+        cfg["process"]["noNewPrivileges"] = json!(nnp);
+        cfg["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [10]});
+        cfg["process"]["capabilities"] = json!({"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+            "permitted": ["CAP_KILL"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]});
+        cfg["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": OLD_STYLE_ALLOW_LIST, "action": "SCMP_ACT_ALLOW"}]
+        });
+        let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
+        if let Err(e) = h.request(Request::Start) {
+            panic!("nnp={nnp}: start failed: {e}");
+        }
+        assert_eq!(io.stdout.wait_for("ready"), "Seccomp:\t2\nready\n");
+        let process = json!({"args": ["grep", "^Seccomp:", "/proc/self/status"], "cwd": "/",
+                             "user": {"uid": 1000, "gid": 1000}, "noNewPrivileges": nnp});
+        let (_, eio) = h
+            .exec(1, &process, Want::OUTPUT)
+            .unwrap_or_else(|e| panic!("nnp={nnp}: exec failed: {e}"));
+        assert_eq!(h.wait_exit(ProcessRef::Exec(ExecId(1))), exited(0));
+        assert_eq!(eio.stdout.text(), "Seccomp:\t2\n");
+    }
+}
+
 #[test]
 fn an_exec_process_gets_the_container_seccomp_profile() {
     if skip_unless_root() {
@@ -621,6 +832,56 @@ fn a_mount_through_a_dangling_symlink_is_refused() {
 }
 
 #[test]
+fn root_propagation_applies_to_the_container_root() {
+    if skip_unless_root() {
+        return;
+    }
+    // The optional fields of the root's mountinfo line, as the container sees it. The test
+    // machine's mounts are private (so are the VM's): nothing is shared unless asked.
+    for (propagation, want) in [
+        (Some("shared"), "shared:"),
+        (Some("rshared"), "shared:"),
+        (Some("unbindable"), "unbindable"),
+        (Some("runbindable"), "unbindable"),
+        (Some("private"), ""),
+        (Some("rslave"), ""),
+        (None, ""),
+    ] {
+        let mut h = Host::start();
+        let mut cfg = config(&["cat", "/proc/self/mountinfo"]);
+        if let Some(p) = propagation {
+            cfg["linux"]["rootfsPropagation"] = json!(p);
+        }
+        let run = h.run(&cfg);
+        assert_eq!(run.status, exited(0), "{propagation:?}: {run:?}");
+        // id parent dev root mountpoint options [optional fields...] - type source options
+        let fields: Vec<&str> = run
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&"/"))
+            .unwrap_or_else(|| panic!("no root in the mountinfo: {}", run.stdout));
+        let optional = fields
+            .iter()
+            .skip(6)
+            .take_while(|f| **f != "-")
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            if want.is_empty() {
+                optional.is_empty()
+            } else {
+                optional.contains(want)
+            },
+            "rootfsPropagation {propagation:?}: the root's optional fields are {optional:?}, \
+             expected {want:?}: {}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
 fn readonly_paths_cannot_be_written() {
     if skip_unless_root() {
         return;
@@ -828,6 +1089,7 @@ fn an_exec_process_joins_the_container() {
     let (pid, io) = h.create(&cfg, Want::OUTPUT).unwrap();
     h.ok(Request::Start);
     io.stdout.wait_for("ready");
+    common::wait_until_running(pid, &["sleep", "100"]);
     let process = json!({
         "args": ["sh", "-c", "readlink /proc/self/ns/pid; cat /proc/1/cmdline | tr '\\0' ' '; echo; \
                  cat /tmp/from-init; hostname; id -u; pwd; echo \"$GREETING\""],
@@ -873,11 +1135,13 @@ fn ps_in_an_exec_process_shows_the_main_process_as_pid_1() {
         return;
     }
     let mut h = Host::start();
-    let (_, io) = h
+    let (pid, io) = h
         .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
         .unwrap();
     h.ok(Request::Start);
     io.stdout.wait_for("ready");
+    // "ready" comes from the shell, before it execs sleep.
+    common::wait_until_running(pid, &["sleep", "100"]);
     let process =
         json!({"args": ["ps", "-o", "pid,args"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
     let (_, eio) = h.exec(7, &process, Want::OUTPUT).unwrap();

@@ -81,6 +81,33 @@ fn bad_input_gives_one_clear_error_and_leaves_nothing() {
     let (code, _, err) = husk(&root, &["vm", "boot", "--kernel", "/nonexistent/vmlinux"]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    // A guest image named by HUSK_IMAGE_DIR that is not there: an error naming it, even
+    // where an installed image could have been used instead.
+    let good = tmp.path().join("good-bundle");
+    std::fs::create_dir_all(good.join("rootfs")).unwrap();
+    std::fs::write(
+        good.join("config.json"),
+        r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+    )
+    .unwrap();
+    let missing = tmp.path().join("no-such-image");
+    let out = Command::new(husk_binary())
+        .env("HUSK_IMAGE_DIR", &missing)
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "img1", "--bundle"])
+        .arg(&good)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "created with a missing image: {err}");
+    assert!(
+        err.contains(&format!("{}/vmlinux", missing.display())),
+        "{err}"
+    );
+    assert!(!root.join("img1").exists(), "state left behind");
     // features and spec need nothing.
     let (code, out, _) = husk(&root, &["features"]);
     assert_eq!(code, 0);

@@ -3,6 +3,13 @@
 //! Inside the VM husk-init owns the whole hierarchy, so the container's cgroup is always
 //! `<root>/container` whatever `cgroupsPath` says (that path names a host cgroup, which the
 //! monitor process itself lives in). With a cgroup namespace the container sees it as `/`.
+//!
+//! `cpu.cpus` and `cpu.mems` name *host* CPUs and memory nodes. The host sizes the VM from the
+//! number of CPUs listed (and pins the vCPUs to them); in the guest the container gets as many
+//! of the guest's own CPUs, by position: the n-th CPU of the spec's list is the guest's n-th
+//! online CPU, so `"2-3"` and `"0,2"` both become `"0-1"` in a VM with two vCPUs. A list longer
+//! than the guest has CPUs (a VM sized by the `io.husk.vm.vcpus` annotation) gets them all.
+//! Memory nodes map the same way (the VM has one node, 0).
 
 use std::fs;
 use std::io;
@@ -33,8 +40,92 @@ pub fn is_cgroup2(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Turns `linux.resources` into cgroup v2 file writes (runc's conversions).
-pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
+/// The CPUs and memory nodes this kernel has online, in its own numbering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Online CPU ids, ascending.
+    pub cpus: Vec<u32>,
+    /// Online memory node ids, ascending.
+    pub mems: Vec<u32>,
+}
+
+impl Topology {
+    /// Read from sysfs. A kernel without NUMA has no node directory: one node, 0.
+    pub fn current() -> Self {
+        let read = |path: &str, default: &str| {
+            let text = fs::read_to_string(path).unwrap_or_else(|_| default.to_string());
+            expand_id_list(text.trim()).unwrap_or_else(|| vec![0])
+        };
+        Self {
+            cpus: read("/sys/devices/system/cpu/online", "0"),
+            mems: read("/sys/devices/system/node/online", "0"),
+        }
+    }
+}
+
+/// The number of ids in a list like `0-3,5` (`None`: malformed, or a count over `u64`).
+fn count_ids(list: &str) -> Option<u64> {
+    let mut n: u64 = 0;
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let count = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                b.checked_sub(a)?.checked_add(1)?
+            }
+            None => {
+                part.parse::<u64>().ok()?;
+                1
+            }
+        };
+        n = n.checked_add(count)?;
+    }
+    (n > 0).then_some(n)
+}
+
+/// The ids of a short list the kernel wrote (sysfs' `online` files).
+fn expand_id_list(list: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(a.parse::<u32>().ok()?..=b.parse::<u32>().ok()?),
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// `ids` (ascending) as a list with ranges: `[0, 1, 2, 5]` → `"0-2,5"`.
+fn format_id_list(ids: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ids[i].to_string()
+        } else {
+            format!("{}-{}", ids[i], ids[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// The guest's share of a host id list (see the module doc): as many of `online` as the list
+/// names, from the first.
+fn to_guest_ids(field: &str, list: &str, online: &[u32]) -> Result<String, String> {
+    let n = count_ids(list).ok_or_else(|| {
+        format!("linux.resources.cpu.{field} {list:?} is not a list like \"0-3,5\"")
+    })?;
+    let take = usize::try_from(n).unwrap_or(usize::MAX).min(online.len());
+    Ok(format_id_list(&online[..take]))
+}
+
+/// Turns `linux.resources` into cgroup v2 file writes (runc's conversions), with CPU and
+/// memory node lists in the numbering of `topology`.
+pub fn settings(res: &LinuxResources, topology: &Topology) -> Result<Vec<Setting>, String> {
     let mut out: Vec<Setting> = Vec::new();
     if let Some(mem) = res.memory() {
         if let Some(limit) = mem.limit() {
@@ -73,11 +164,11 @@ pub fn settings(res: &LinuxResources) -> Result<Vec<Setting>, String> {
             let period = cpu.period().unwrap_or(100_000);
             out.push(("cpu.max", format!("{quota} {period}")));
         }
-        if let Some(cpus) = cpu.cpus().as_ref().filter(|s| !s.is_empty()) {
-            out.push(("cpuset.cpus", cpus.clone()));
+        if let Some(cpus) = cpu.cpus().as_ref().filter(|s| !s.trim().is_empty()) {
+            out.push(("cpuset.cpus", to_guest_ids("cpus", cpus, &topology.cpus)?));
         }
-        if let Some(mems) = cpu.mems().as_ref().filter(|s| !s.is_empty()) {
-            out.push(("cpuset.mems", mems.clone()));
+        if let Some(mems) = cpu.mems().as_ref().filter(|s| !s.trim().is_empty()) {
+            out.push(("cpuset.mems", to_guest_ids("mems", mems, &topology.mems)?));
         }
     }
     // A pids limit of 0 is "not set" in runc (it would otherwise forbid every fork).
@@ -137,7 +228,7 @@ impl Cgroup {
 
     fn apply(&self, resources: Option<&LinuxResources>) -> Result<(), String> {
         let all = match resources {
-            Some(r) => settings(r)?,
+            Some(r) => settings(r, &Topology::current())?,
             None => Vec::new(),
         };
         if let Some(unified) = resources.and_then(|r| r.unified().as_ref()) {
@@ -266,6 +357,60 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A VM with two vCPUs and one memory node.
+    fn two_cpus() -> Topology {
+        Topology {
+            cpus: vec![0, 1],
+            mems: vec![0],
+        }
+    }
+
+    #[test]
+    fn host_cpu_and_node_lists_become_the_guest_ones_by_position() {
+        let cpuset = |cpus: &str, mems: &str, topology: &Topology| {
+            let res: LinuxResources =
+                serde_json::from_value(serde_json::json!({"cpu": {"cpus": cpus, "mems": mems}}))
+                    .unwrap();
+            let s = settings(&res, topology).unwrap();
+            let get = |k: &str| s.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone());
+            (get("cpuset.cpus"), get("cpuset.mems"))
+        };
+        let two = two_cpus();
+        let want = |c: &str, m: &str| (Some(c.to_string()), Some(m.to_string()));
+        // Host ids beyond the guest's: as many guest CPUs, from 0.
+        assert_eq!(cpuset("2-3", "1", &two), want("0-1", "0"));
+        assert_eq!(cpuset("0,2", "0", &two), want("0-1", "0"));
+        assert_eq!(cpuset("5", "0", &two), want("0", "0"));
+        // More than the VM has (an annotation sized it): all of them.
+        assert_eq!(cpuset("0-7", "0-1", &two), want("0-1", "0"));
+        // A VM with CPUs offline in the middle keeps its own ids.
+        let odd = Topology {
+            cpus: vec![0, 2, 3, 7],
+            mems: vec![0],
+        };
+        assert_eq!(cpuset("10-12", "0", &odd), want("0,2-3", "0"));
+        // Empty lists are "not set", as in runc.
+        assert_eq!(cpuset("", " ", &two), (None, None));
+    }
+
+    #[test]
+    fn malformed_cpu_lists_are_refused_naming_the_field() {
+        for (cpus, mems, field) in [
+            ("3-1", "0", "cpu.cpus"),
+            ("x", "0", "cpu.cpus"),
+            ("0-18446744073709551615,1", "0", "cpu.cpus"),
+            ("0", "0-", "cpu.mems"),
+        ] {
+            let res: LinuxResources =
+                serde_json::from_value(serde_json::json!({"cpu": {"cpus": cpus, "mems": mems}}))
+                    .unwrap();
+            let e = settings(&res, &two_cpus()).unwrap_err();
+            assert!(e.contains(field), "{cpus:?}/{mems:?}: {e}");
+        }
+        assert_eq!(expand_id_list("0-2,5"), Some(vec![0, 1, 2, 5]));
+        assert_eq!(format_id_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+    }
+
     #[test]
     fn resources_convert_like_runc() {
         let res: LinuxResources = serde_json::from_str(
@@ -275,7 +420,7 @@ mod tests {
                 "blockIO":{"weight":500}}"#,
         )
         .unwrap();
-        let s = settings(&res).unwrap();
+        let s = settings(&res, &two_cpus()).unwrap();
         let get = |k: &str| s.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_str());
         assert_eq!(get("memory.max"), Some("134217728"));
         assert_eq!(get("memory.swap.max"), Some("134217728"));
@@ -326,7 +471,7 @@ mod tests {
             r#"{"blockIO":{"weight":0},"cpu":{"shares":0},"pids":{"limit":0}}"#,
         )
         .unwrap();
-        let s = settings(&res).unwrap();
+        let s = settings(&res, &two_cpus()).unwrap();
         assert!(s.is_empty(), "{s:?}");
     }
 
@@ -334,7 +479,7 @@ mod tests {
     fn swap_below_limit_is_an_error_naming_both() {
         let res: LinuxResources =
             serde_json::from_str(r#"{"memory":{"limit":200,"swap":100}}"#).unwrap();
-        let e = settings(&res).unwrap_err();
+        let e = settings(&res, &two_cpus()).unwrap_err();
         assert!(e.contains("swap (100)") && e.contains("(200)"), "{e}");
     }
 }

@@ -328,6 +328,12 @@ fn bind_remount(target: &Path, flags: MsFlags) -> nix::Result<()> {
 
 impl RootfsPlan {
     /// Builds the view up to pivot_root; runs in the container's new mount namespace.
+    ///
+    /// `rootfsPropagation` is runc's two steps: here it is applied to every mount of the
+    /// namespace (by default rslave, so nothing the container mounts reaches husk-init's
+    /// mounts), and the mount holding the rootfs is made private (or a slave) so that the
+    /// rootfs bind neither joins a shared peer group nor makes pivot_root fail; [`Self::pivot`]
+    /// then applies it to the container's own root.
     pub fn mount_all(&self, in_userns: bool) -> Result<(), ChildError> {
         nix::mount::mount(
             None::<&str>,
@@ -336,9 +342,11 @@ impl RootfsPlan {
             self.propagation,
             None::<&str>,
         )
-        .map_err(sys_err(
-            "making / private to the container (rootfsPropagation)",
-        ))?;
+        .map_err(sys_err(format!(
+            "setting the propagation of / to {:?} (linux.rootfsPropagation)",
+            self.propagation
+        )))?;
+        self.isolate_rootfs_parent()?;
         nix::mount::mount(
             Some(&self.rootfs),
             &self.rootfs,
@@ -385,6 +393,33 @@ impl RootfsPlan {
             self.cwd.display()
         )))?;
         Ok(())
+    }
+
+    /// Makes the mount the rootfs lies on private, or a slave when the root propagation is
+    /// one (as runc): the first path up from the rootfs that is a mount point (EINVAL means
+    /// "not one").
+    fn isolate_rootfs_parent(&self) -> Result<(), ChildError> {
+        let flag = if self.propagation.contains(MsFlags::MS_SLAVE) {
+            MsFlags::MS_SLAVE
+        } else {
+            MsFlags::MS_PRIVATE
+        };
+        let mut path = self.rootfs.as_path();
+        loop {
+            match nix::mount::mount(None::<&str>, path, None::<&str>, flag, None::<&str>) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EINVAL) if let Some(parent) = path.parent() => path = parent,
+                Err(e) => {
+                    return Err(ChildError::sys(
+                        format!(
+                            "making {} (the mount holding the rootfs) {flag:?}",
+                            path.display()
+                        ),
+                        e,
+                    ));
+                }
+            }
+        }
     }
 
     fn mount_one(&self, root: &OwnedFd, m: &MountPlan) -> Result<(), ChildError> {
@@ -479,6 +514,25 @@ impl RootfsPlan {
         nix::mount::umount2(".", MntFlags::MNT_DETACH)
             .map_err(sys_err("detaching the old root"))?;
         nix::unistd::chdir("/").map_err(sys_err("chdir /"))?;
+        // Now "/" is the container's root: give it its propagation. Private and slave are
+        // what its parent was made before the bind, so it has them already.
+        if !self
+            .propagation
+            .intersects(MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE)
+        {
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                self.propagation,
+                None::<&str>,
+            )
+            .map_err(sys_err(format!(
+                "setting the propagation of the container's root to {:?} \
+                 (linux.rootfsPropagation)",
+                self.propagation
+            )))?;
+        }
         Ok(())
     }
 

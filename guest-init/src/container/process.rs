@@ -266,6 +266,14 @@ impl ProcessPlan {
         exe: &CString,
         seccomp: Option<&SeccompPlan>,
     ) -> Result<std::convert::Infallible, ChildError> {
+        // Everything that needs no privilege and may use a syscall a profile lacks comes
+        // before the filter: profiles written before close_range(2) existed deny it (older
+        // Docker-style allow lists, hand-written ones), and runc runs them. After the filter only
+        // what runc itself does after its own is left: prctl, capget/capset, setgroups,
+        // setres[ug]id, umask, chdir (fchown of the terminal) and execve, which every
+        // profile that can run a program allows.
+        crate::sys::reset_signals();
+        crate::sys::cloexec_from(3).map_err(|e| ChildError::sys("close_range", e))?;
         // Without no_new_privs the filter must go in while we still hold CAP_SYS_ADMIN.
         if !self.no_new_privileges
             && let Some(s) = seccomp
@@ -356,8 +364,6 @@ impl ProcessPlan {
                     .map_err(|e| ChildError::sys("installing the seccomp profile", e))?;
             }
         }
-        crate::sys::reset_signals();
-        crate::sys::cloexec_from(3).map_err(|e| ChildError::sys("close_range", e))?;
         let err = crate::sys::execve(exe, &self.args, &self.env);
         let arg0 = self.args[0].to_string_lossy();
         Err(match err.raw_os_error() {

@@ -332,7 +332,7 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         }
     }
     if let Some(res) = linux.resources() {
-        super::cgroup::settings(res).map_err(invalid)?;
+        super::cgroup::settings(res, &super::cgroup::Topology::current()).map_err(invalid)?;
     }
     Ok(Plan {
         process: process_plan,

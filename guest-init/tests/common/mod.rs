@@ -806,6 +806,38 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits until process `pid` runs `args`: its command line is `args` and its name is
+/// `args[0]`'s. A shell prints its last words before it execs the command after them, and
+/// busybox runs an applet by re-executing itself (`/proc/self/exe`, so named `exe`) and renames
+/// itself only then: a test that looks at the process must wait for all of it. Panics with
+/// what the process was after [`TIMEOUT`].
+pub fn wait_until_running(pid: u32, args: &[&str]) {
+    let want_cmdline: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let want_comm = format!("{}\n", args[0].rsplit('/').next().unwrap_or(args[0]));
+    let read = || {
+        (
+            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default(),
+        )
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (cmdline, comm) = read();
+        if cmdline == want_cmdline && comm == want_comm {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} does not run {args:?} after {TIMEOUT:?}: cmdline {:?}, comm {comm:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Whether `pid` has been reaped (not even a zombie is left). husk-init reaps before it
 /// reports an exit and before it exits itself, so no waiting is needed.
 pub fn gone(pid: u32) -> bool {

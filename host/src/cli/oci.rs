@@ -995,7 +995,7 @@ pub fn features() -> Result<ExitCode> {
         },
         "annotations": {
             "io.husk.vm.memory_mib": "guest RAM in MiB (default: memory limit + 64, or 256)",
-            "io.husk.vm.vcpus": "vCPUs (default: CPU quota rounded up, or 1)"
+            "io.husk.vm.vcpus": "vCPUs (default: the size of cpu.cpus, else CPU quota rounded up, or 1)"
         }
     });
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -25,18 +25,10 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
     let share = state_dir.join("share");
     let rootfs = share.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
+    // Writable even for `root.readonly`: as runc does, husk-init creates the mount points the
+    // image lacks (a bundle from `runc spec` on a bare rootfs has no /proc) and the working
+    // directory, and only then makes the container's root read-only, in the guest.
     bind(&bundle.rootfs, &rootfs, true)?;
-    if bundle
-        .spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false)
-    {
-        // husk-init makes the container's root read-only too; this keeps the guest from
-        // writing through the share even if it tried.
-        remount_readonly(&rootfs)?;
-    }
     let mut sources = Vec::new();
     let mounts = bundle.spec.mounts().as_deref().unwrap_or_default();
     for (index, m) in (0u32..).zip(mounts) {

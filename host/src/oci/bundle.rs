@@ -1,9 +1,10 @@
 //! Loading and validating an OCI bundle, and sizing its VM.
 //!
 //! The VM is sized from the spec: guest RAM is the container's memory limit plus what the
-//! guest kernel and husk-init need themselves ([`GUEST_OVERHEAD_MIB`]); vCPUs follow the CPU
-//! quota (rounded up) or the `cpus` set. Without limits a VM gets [`DEFAULT_MEMORY_MIB`] and one
-//! vCPU. The annotations `io.husk.vm.memory_mib` and `io.husk.vm.vcpus` override both.
+//! guest kernel and husk-init need themselves ([`GUEST_OVERHEAD_MIB`]); vCPUs are as many as
+//! the `cpus` set lists (host CPU ids; the guest numbers its own 0..n-1), else the CPU quota
+//! rounded up. Without limits a VM gets [`DEFAULT_MEMORY_MIB`] and one vCPU. The annotations
+//! `io.husk.vm.memory_mib` and `io.husk.vm.vcpus` override both.
 
 use std::path::{Path, PathBuf};
 
@@ -176,16 +177,19 @@ pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
     }
     let mut vcpus: u64 = 1;
     if let Some(cpu) = resources.and_then(|r| r.cpu().as_ref()) {
-        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
-            && quota > 0
-            && period > 0
-        {
-            vcpus = u64::try_from(quota).unwrap_or(1).div_ceil(period);
-        } else if let Some(cpus) = cpu.cpus() {
+        // A set first: in the guest the container gets as many CPUs as it lists (husk-init
+        // renumbers them 0..n-1), and the quota, if any, limits it there as it would on the
+        // host.
+        if let Some(cpus) = cpu.cpus().as_ref().filter(|c| !c.trim().is_empty()) {
             vcpus = count_cpus(cpus).ok_or((
                 "linux.resources.cpu.cpus",
                 format!("{cpus:?} is not a CPU list like \"0-3,5\""),
             ))?;
+        } else if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
+            && quota > 0
+            && period > 0
+        {
+            vcpus = u64::try_from(quota).unwrap_or(1).div_ceil(period);
         }
     }
     let annotations = spec.annotations().as_ref();
@@ -284,6 +288,24 @@ mod tests {
                 vcpus: 3
             }
         );
+    }
+
+    #[test]
+    fn a_cpuset_sizes_the_vm_whatever_the_quota() {
+        // The guest numbers the container's CPUs 0..n-1 (husk-init), so the VM needs as
+        // many vCPUs as the set has CPUs, host ids notwithstanding.
+        let vcpus = |cpu: &str| {
+            let s = spec(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"resources":{{"cpu":{cpu}}}}}}}"#
+            ));
+            vm_size(&s).unwrap().vcpus
+        };
+        assert_eq!(vcpus(r#"{"cpus":"0-1","quota":50000,"period":100000}"#), 2);
+        assert_eq!(vcpus(r#"{"cpus":"2-3","quota":400000,"period":100000}"#), 2);
+        assert_eq!(vcpus(r#"{"cpus":"0,2"}"#), 2);
+        // An empty set is no set (engines send one): the quota decides.
+        assert_eq!(vcpus(r#"{"cpus":"","quota":150000,"period":100000}"#), 2);
+        assert_eq!(vcpus(r#"{"cpus":""}"#), 1);
     }
 
     #[test]
