@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::{Fs, FsError, HIPRIO, MAX_CHAINS_PER_CALL, REQUEST};
 use crate::vmm::devices::virtio::test_utils::{Buf, TestQueue, guest_memory, read_guest};
 use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::vmm::persist::Persist;
 
 const TAG: &str = "rootfs";
 const QSIZE: u16 = 256;
@@ -1262,4 +1263,22 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
         0,
         "queue fds left the set"
     );
+}
+
+#[test]
+fn only_an_unmounted_share_restores_and_then_onto_another_directory() {
+    let mem = guest_memory();
+    let mut g = Guest::new(&mem);
+    let state = g.dev.save();
+    assert_eq!(state.tag, TAG);
+    assert!(!state.mounted);
+    let other = TestDir::new();
+    let restored = Fs::restore(other.0.clone(), &state).unwrap();
+    assert_eq!(restored.tag(), TAG);
+    assert_eq!(restored.shared_dir(), other.0.canonicalize().unwrap());
+    g.init();
+    let state = g.dev.save();
+    assert!(state.mounted);
+    let err = Fs::restore(other.0.clone(), &state).unwrap_err();
+    assert!(matches!(err, FsError::SavedMounted(_)), "{err}");
 }

@@ -507,3 +507,51 @@ fn arp_through_a_real_tap() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn a_restored_slot_takes_the_new_vms_mac_and_a_spare_one_drops_what_it_is_sent() {
+    let mem = guest_memory();
+    let h = Harness::new(&mem);
+    let state = h.dev.save();
+    assert_eq!(
+        state,
+        NetState {
+            mac: MAC,
+            mtu: 1500
+        }
+    );
+    let other = [0x02, 0, 0, 0, 0, 0x42];
+    let (ours, peer) = UnixDatagram::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let tap = Tap::from_file(std::fs::File::from(OwnedFd::from(ours)), "test1");
+    let restored = Net::restore((Some(tap), other, 9000), &state).unwrap();
+    assert_eq!(
+        restored.save(),
+        NetState {
+            mac: other,
+            mtu: 9000
+        }
+    );
+    drop(peer);
+
+    // Without a tap the guest's frames go nowhere (and are counted), and nothing arrives.
+    let mut spare = Net::restore((None, other, 1500), &state).unwrap();
+    spare.ack_features(VIRTIO_F_VERSION_1);
+    let mut tx = TestQueue::new(&mem, TX_RING, 256);
+    let rx = TestQueue::new(&mem, RX_RING, 256);
+    let queues = [&rx, &tx]
+        .map(|q| DeviceQueue {
+            queue: q.queue(),
+            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+        })
+        .into();
+    spare
+        .activate(mem.clone(), Arc::new(Interrupt::new().unwrap()), queues)
+        .unwrap();
+    let frame = with_header(&frame(60, 7), 0);
+    mem.write_slice(&frame, GuestAddress(DATA)).unwrap();
+    let head = tx.add_chain(&[Buf::readable(DATA, u32::try_from(frame.len()).unwrap())]);
+    spare.process_events();
+    assert_eq!(tx.take_used(), vec![(head, 0)]);
+    assert_eq!(spare.metrics().tx_dropped.load(Ordering::Relaxed), 1);
+}

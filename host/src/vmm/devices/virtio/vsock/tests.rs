@@ -10,15 +10,29 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use std::ops::Not;
+use std::sync::Mutex;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+};
+use virtio_bindings::virtio_mmio as reg;
 
 use super::Vsock;
 use super::defs::{
     CONN_BUF_SIZE, CREDIT_UPDATE_THRESHOLD, EVQ, HDR_LEN, LOCAL_PORT_FIRST, RXQ, SHUTDOWN_BOTH,
     SHUTDOWN_SEND, TXQ, TYPE_STREAM, op,
 };
+use crate::vmm::devices::BusDevice;
+use crate::vmm::devices::virtio::SharedDevice;
+use crate::vmm::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::vmm::devices::virtio::test_utils::{Buf, TestQueue, guest_memory, read_guest};
 use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::vmm::persist::Persist;
 
 const GUEST_CID: u64 = 3;
 const HOST_CID: u64 = husk_proto::HOST_CID as u64;
@@ -849,29 +863,23 @@ fn credit_respecting_guest_streams_without_loss() {
     assert_eq!(received, total);
 }
 
-#[test]
-fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
-    use std::sync::Mutex;
+/// The driver's side of the transport: its register writes.
+fn w(t: &mut MmioTransport, offset: u32, value: u32) {
+    t.write(u64::from(offset), &value.to_le_bytes());
+}
 
-    use virtio_bindings::virtio_config::{
-        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-        VIRTIO_CONFIG_S_FEATURES_OK,
-    };
-    use virtio_bindings::virtio_mmio as reg;
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+fn r(t: &mut MmioTransport, offset: u32) -> u32 {
+    let mut data = [0; 4];
+    t.read(u64::from(offset), &mut data);
+    u32::from_le_bytes(data)
+}
 
-    use crate::vmm::devices::BusDevice;
-    use crate::vmm::devices::virtio::SharedDevice;
-    use crate::vmm::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-
-    fn w(t: &mut MmioTransport, offset: u32, value: u32) {
-        t.write(u64::from(offset), &value.to_le_bytes());
-    }
-    fn r(t: &mut MmioTransport, offset: u32) -> u32 {
-        let mut data = [0; 4];
-        t.read(u64::from(offset), &mut data);
-        u32::from_le_bytes(data)
-    }
+/// A vsock device behind its transport, started by the driver's initialisation sequence
+/// with three queues in `mem`. Returns the transport, the device, the queues and the status.
+fn started_through_mmio<'a>(
+    mem: &'a GuestMemoryMmap,
+    uds: &std::path::Path,
+) -> (MmioTransport, Arc<Mutex<Vsock>>, Vec<TestQueue<'a>>, u32) {
     fn halves(addr: u64) -> (u32, u32) {
         let bytes = addr.to_le_bytes();
         (
@@ -880,11 +888,7 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
         )
     }
 
-    let mem = guest_memory();
-    let dir = TestDir::new();
-    let vsock = Arc::new(Mutex::new(
-        Vsock::new(GUEST_CID, &dir.0.join("v.sock")).unwrap(),
-    ));
+    let vsock = Arc::new(Mutex::new(Vsock::new(GUEST_CID, uds).unwrap()));
     let shared: SharedDevice = vsock.clone();
     let mut t = MmioTransport::new(mem.clone(), shared).unwrap();
     assert_eq!(r(&mut t, reg::VIRTIO_MMIO_DEVICE_ID), 19);
@@ -903,8 +907,8 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
     w(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, high);
     status |= VIRTIO_CONFIG_S_FEATURES_OK;
     w(&mut t, reg::VIRTIO_MMIO_STATUS, status);
-    let mut queues: Vec<TestQueue<'_>> = (0..3u64)
-        .map(|i| TestQueue::new(&mem, 0x1_0000 * (i + 1), QSIZE))
+    let queues: Vec<TestQueue<'_>> = (0..3u64)
+        .map(|i| TestQueue::new(mem, 0x1_0000 * (i + 1), QSIZE))
         .collect();
     for (i, q) in (0u32..).zip(&queues) {
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, i);
@@ -936,6 +940,37 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
     status |= VIRTIO_CONFIG_S_DRIVER_OK;
     w(&mut t, reg::VIRTIO_MMIO_STATUS, status);
     assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), status);
+    (t, vsock, queues, status)
+}
+
+/// The guest connects to host port 5000, where nothing listens: the device answers RST into
+/// the RX buffer at `rx_addr`. The notification arrives as an MMIO write.
+fn request_refused(
+    mem: &GuestMemoryMmap,
+    t: &mut MmioTransport,
+    queues: &mut [TestQueue<'_>],
+    rx_addr: u64,
+) -> u16 {
+    let rx_head = queues[RXQ].add_chain(&[Buf::writable(rx_addr, HDR_LEN + RX_DATA)]);
+    let hdr_addr = 0x30_0000;
+    mem.write_slice(
+        &Pkt::guest(op::REQUEST, 5000, 77).header_bytes(),
+        GuestAddress(hdr_addr),
+    )
+    .unwrap();
+    queues[TXQ].add_chain(&[Buf::readable(hdr_addr, HDR_LEN)]);
+    t.write(
+        QUEUE_NOTIFY_OFFSET,
+        &u32::try_from(TXQ).unwrap().to_le_bytes(),
+    );
+    rx_head
+}
+
+#[test]
+fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
+    let mem = guest_memory();
+    let dir = TestDir::new();
+    let (mut t, vsock, mut queues, _) = started_through_mmio(&mem, &dir.0.join("v.sock"));
 
     // The VMM's loop: one fd for the whole device.
     let outer = Epoll::new().unwrap();
@@ -953,18 +988,7 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
     // The guest offers an RX buffer and connects to a port nobody serves; its notification
     // arrives as an MMIO write (no ioeventfd in this test).
     let rx_addr = 0x20_0000;
-    let rx_head = queues[RXQ].add_chain(&[Buf::writable(rx_addr, HDR_LEN + RX_DATA)]);
-    let hdr_addr = 0x30_0000;
-    mem.write_slice(
-        &Pkt::guest(op::REQUEST, 5000, 77).header_bytes(),
-        GuestAddress(hdr_addr),
-    )
-    .unwrap();
-    queues[TXQ].add_chain(&[Buf::readable(hdr_addr, HDR_LEN)]);
-    t.write(
-        QUEUE_NOTIFY_OFFSET,
-        &u32::try_from(TXQ).unwrap().to_le_bytes(),
-    );
+    let rx_head = request_refused(&mem, &mut t, &mut queues, rx_addr);
 
     assert_eq!(
         outer.wait(1000, &mut events).unwrap(),
@@ -991,4 +1015,50 @@ fn vmm_polls_one_fd_and_drives_the_device_through_mmio() {
         0,
         "queue fds left the set"
     );
+}
+
+#[test]
+fn a_restored_device_goes_on_in_its_queues_and_resets_the_guests_connections() {
+    let mem = guest_memory();
+    let dir = TestDir::new();
+    let (mut t, vsock, mut queues, status) = started_through_mmio(&mem, &dir.0.join("v.sock"));
+    request_refused(&mem, &mut t, &mut queues, 0x20_0000);
+    vsock.lock().unwrap().process_events();
+    assert_eq!(queues[TXQ].take_used().len(), 1);
+    assert_eq!(queues[RXQ].take_used().len(), 1);
+    // Linux posts event buffers when the driver starts.
+    let event_addr = 0x40_0000;
+    mem.write_obj(0xffff_ffffu32, GuestAddress(event_addr))
+        .unwrap();
+    let event_head = queues[EVQ].add_chain(&[Buf::writable(event_addr, 4)]);
+    assert!(vsock.lock().unwrap().reset_pending.not());
+
+    // Saved, then restored onto another socket (what a template's next VM has).
+    let state = t.save();
+    let device_state = vsock.lock().unwrap().save();
+    drop((t, vsock));
+    let vsock = Arc::new(Mutex::new(
+        Vsock::restore(dir.0.join("w.sock"), &device_state).unwrap(),
+    ));
+    let shared: SharedDevice = vsock.clone();
+    let mut t = MmioTransport::restore((mem.clone(), shared), &state).unwrap();
+    assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), status);
+    assert!(dir.0.join("w.sock").exists());
+
+    // The first turn of the event loop tells the guest its connections are gone.
+    vsock.lock().unwrap().process_events();
+    assert_eq!(queues[EVQ].take_used(), vec![(event_head, 4)]);
+    assert_eq!(
+        read_guest(&mem, event_addr, 4),
+        [0; 4],
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(t.interrupt().irq_evt().read().unwrap() >= 1);
+
+    // The queues go on from where the saved device left them.
+    let rx_head = request_refused(&mem, &mut t, &mut queues, 0x50_0000);
+    vsock.lock().unwrap().process_events();
+    assert_eq!(queues[TXQ].take_used().len(), 1);
+    assert_eq!(queues[RXQ].take_used(), vec![(rx_head, HDR_LEN)]);
+    assert_eq!(Pkt::parse(&read_guest(&mem, 0x50_0000, 44)).op, op::RST);
 }
