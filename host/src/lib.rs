@@ -8,6 +8,7 @@
 mod assets;
 mod cli;
 mod monitor;
+mod mount_ns;
 mod oci;
 mod phases;
 mod vmm;

@@ -18,8 +18,6 @@ const RING_REGION: u64 = 0x1_0000;
 /// Offsets of the rings in a queue's region (room for 1024-entry queues).
 const AVAIL_OFFSET: u64 = 0x8000;
 const USED_OFFSET: u64 = 0xc000;
-/// Where buffers go (seeds allocate from here up).
-pub(super) const DATA_START: u32 = 0x4_0000;
 /// Guest memory of the device targets: one region at guest physical 0.
 pub(super) const MEM_SIZE: usize = 1 << 20;
 /// `WRITE_MEM` addresses are taken modulo this (beyond the memory: the write fails).
@@ -31,6 +29,8 @@ const MAX_CHAIN: u8 = 8;
 
 /// The device side of a target: what runs after a notification, and host-side actions.
 pub(super) trait Device {
+    /// The device under test, for its transport.
+    fn device(&self) -> SharedDevice;
     /// Lets the device do what is ready (what its event loop would do).
     fn process(&mut self);
     /// A host-side action (`op::HOST`), reading its arguments from `input`.
@@ -45,6 +45,18 @@ pub(super) fn guest_memory() -> GuestMemoryMmap {
 /// The queue size a target's prefix byte asks for: a power of two up to [`MAX_FUZZ_QUEUE`].
 pub(super) fn queue_size(byte: u8) -> u16 {
     (1u16 << (byte % 7)).min(MAX_FUZZ_QUEUE)
+}
+
+/// Runs a device target's input: a queue-size byte (see [`queue_size`]), then operations
+/// against the device of the harness `new` makes, on [`guest_memory`] and initialised as a
+/// Linux driver would at probe.
+pub(super) fn run<D: Device>(data: &[u8], new: impl FnOnce() -> D) {
+    let mut input = Input::new(data);
+    let size = queue_size(input.u8());
+    let mut harness = new();
+    let mut driver = Driver::new(guest_memory(), harness.device());
+    driver.init(size);
+    driver.run(&mut input, &mut harness);
 }
 
 /// Where the driver puts the next chain of a queue.

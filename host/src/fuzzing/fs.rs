@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 
 use super::ScratchDir;
-use super::driver::{Device, Driver, guest_memory, queue_size};
-use super::ops::{Input, Ops};
+use super::driver::{self, Device};
+use super::ops::Ops;
+use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::Fs;
 
 /// The options of the tmpfs the shares live on.
@@ -37,16 +37,8 @@ fn share_root() -> PathBuf {
     let tid = nix::unistd::gettid();
     let dir = std::env::temp_dir().join(format!("husk-fuzz-fs-{}-{tid}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the share root");
-    let mounted = unshare(CloneFlags::CLONE_NEWNS)
-        .and_then(|()| {
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-        })
+    let mounted = crate::mount_ns::enter()
+        .map_err(|e| e.errno())
         .and_then(|()| {
             mount(
                 Some("tmpfs"),
@@ -92,6 +84,9 @@ impl Harness {
 }
 
 impl Device for Harness {
+    fn device(&self) -> SharedDevice {
+        self.dev.clone()
+    }
     fn process(&mut self) {
         self.dev
             .lock()
@@ -101,12 +96,7 @@ impl Device for Harness {
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new);
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::driver::{DATA_START, Device, Driver};
-use super::ops::{Input, Ops};
+use super::driver::{Device, Driver};
+use super::ops::{DATA_START, Input, Ops};
 use super::{fs, vsock};
 
 fn guest_memory() -> GuestMemoryMmap {
@@ -24,11 +24,11 @@ pub(super) fn run(data: &[u8]) {
     let mut input = Input::new(data);
     if input.u8().is_multiple_of(2) {
         let mut harness = vsock::Harness::new();
-        let driver = Driver::new(guest_memory(), harness.dev.clone());
+        let driver = Driver::new(guest_memory(), harness.device());
         drive(driver, &mut input, &mut harness);
     } else {
         let mut harness = fs::Harness::new();
-        let driver = Driver::new(guest_memory(), harness.dev.clone());
+        let driver = Driver::new(guest_memory(), harness.device());
         drive(driver, &mut input, &mut harness);
     }
 }

@@ -15,8 +15,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::driver::{Device, Driver, guest_memory, queue_size};
+use super::driver::{self, Device};
 use super::ops::{Input, Ops};
+use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::net::{Net, Tap, VNET_HDR_LEN};
 
 const MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
@@ -43,6 +44,9 @@ impl Harness {
 }
 
 impl Device for Harness {
+    fn device(&self) -> SharedDevice {
+        self.dev.clone()
+    }
     fn process(&mut self) {
         self.dev
             .lock()
@@ -79,12 +83,7 @@ impl Device for Harness {
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new);
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------
@@ -238,6 +237,7 @@ pub(super) fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use super::driver::{Driver, guest_memory, queue_size};
     use super::*;
 
     /// Runs a seed and returns the device's counters: (tx frames, tx dropped, rx frames, rx

@@ -13,8 +13,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ScratchDir;
-use super::driver::{DATA_START, Device, Driver, guest_memory, queue_size};
-use super::ops::{Input, Ops};
+use super::driver::{self, Device};
+use super::ops::{DATA_START, Input, Ops};
+use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::vsock::Vsock;
 
 const GUEST_CID: u64 = 3;
@@ -72,6 +73,9 @@ impl Harness {
 }
 
 impl Device for Harness {
+    fn device(&self) -> SharedDevice {
+        self.dev.clone()
+    }
     fn process(&mut self) {
         self.dev
             .lock()
@@ -138,12 +142,7 @@ fn ignore_sigpipe() {
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new);
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

@@ -416,15 +416,7 @@ mod tests {
     /// it can and cannot see and do.
     fn child(scratch: &Path, user: Option<IdMap>) {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .unwrap();
+        crate::mount_ns::enter().unwrap();
         let state = scratch.join("state");
         let share = state.join("share");
         let kernel = scratch.join("image/vmlinux");

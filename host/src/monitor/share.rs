@@ -7,21 +7,16 @@ use std::path::{Path, PathBuf};
 use husk_proto::{FsSource, MountSource, SHARE_TAG};
 use nix::mount::{MsFlags, mount};
 
+use crate::mount_ns::MountNsError;
 use crate::oci::bundle::Bundle;
 
 /// Enters a private mount namespace and assembles the share. Returns the share directory and
 /// where each bind mount's source is in it.
 pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountSource>), String> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(|e| format!("creating the monitor's mount namespace: {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making the monitor's mounts private: {e}"))?;
+    crate::mount_ns::enter().map_err(|e| match e {
+        MountNsError::Unshare(e) => format!("creating the monitor's mount namespace: {e}"),
+        MountNsError::MakePrivate(e) => format!("making the monitor's mounts private: {e}"),
+    })?;
     let share = state_dir.join("share");
     let rootfs = share.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
