@@ -17,15 +17,6 @@ pub enum MountNsError {
     MakePrivate(#[source] nix::Error),
 }
 
-impl MountNsError {
-    /// What the kernel said.
-    pub fn errno(&self) -> nix::Error {
-        match self {
-            MountNsError::Unshare(e) | MountNsError::MakePrivate(e) => *e,
-        }
-    }
-}
-
 /// Moves the calling thread into a new mount namespace (a copy of its current one) whose
 /// mounts are all private: mounts made afterwards stay in it, and the host's do not come in.
 pub fn enter() -> Result<(), MountNsError> {

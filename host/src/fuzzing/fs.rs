@@ -22,6 +22,7 @@ use nix::mount::{MsFlags, mount};
 use super::ScratchDir;
 use super::driver::{self, Device};
 use super::ops::Ops;
+use crate::mount_ns::MountNsError;
 use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::Fs;
 
@@ -38,7 +39,7 @@ fn share_root() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("husk-fuzz-fs-{}-{tid}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the share root");
     let mounted = crate::mount_ns::enter()
-        .map_err(|e| e.errno())
+        .map_err(|(MountNsError::Unshare(e) | MountNsError::MakePrivate(e))| e)
         .and_then(|()| {
             mount(
                 Some("tmpfs"),

@@ -226,7 +226,7 @@ impl Monitor {
         let net_err =
             |e: network::NetworkError| format!("setting up the network: {}", error_chain(&e));
         let netns = network::Netns::for_spec(&bundle.spec).map_err(net_err)?;
-        hooks::run_create(&bundle, &args.id, netns.host()).map_err(|e| error_chain(&e))?;
+        run_create_hooks(&bundle, &args.id, netns.host()).map_err(|e| error_chain(&e))?;
         let mut network = network::setup(&netns, dir).map_err(net_err)?;
         let sockets = SocketDir::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let vsock = sockets.vsock();
@@ -782,6 +782,34 @@ impl Monitor {
             }
         }
     }
+}
+
+/// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
+/// `createRuntime`, with the state of a container being created whose `pid` is this process
+/// (the monitor). `netns`: the host's network namespace when the monitor made its own (see
+/// [`hooks::run`]).
+fn run_create_hooks(
+    bundle: &Bundle,
+    id: &str,
+    netns: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), hooks::HookError> {
+    let hooks = bundle.spec.hooks().as_ref();
+    if hooks.is_none() {
+        return Ok(());
+    }
+    let state = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: id.to_owned(),
+        status: Status::Creating,
+        pid: i32::try_from(std::process::id()).ok(),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: String::new(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    hooks::run(hooks::HookKind::Prestart, hooks, &state, netns)?;
+    hooks::run(hooks::HookKind::CreateRuntime, hooks, &state, netns)
 }
 
 /// Records the VM's own phases (see [`crate::phases`]): known only once it has ended, written
