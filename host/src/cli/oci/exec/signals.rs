@@ -1,7 +1,7 @@
 //! Signals sent to an attached `husk exec` go on to the exec'd process in the guest, as
 //! `runc exec` forwards them to its process.
 //!
-//! This matters most for the exec relay (`exec --detach --pid-file`, see `exec_relay`): the
+//! This matters most for the exec relay (`exec --detach --pid-file`, see `relay`): the
 //! engine holds the relay's host pid as the exec'd process's pid and signals it (conmon and
 //! podman send SIGTERM, SIGINT, SIGHUP, ...). The relay blocks the forwarded signals before it
 //! says the process runs, and one thread takes them with sigwait and asks the monitor to
