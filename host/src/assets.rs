@@ -15,8 +15,19 @@ pub struct GuestImage {
     pub initramfs: PathBuf,
 }
 
+/// No directory searched holds the guest image.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "guest image (vmlinux + initramfs.cpio) not found; looked in {looked_in} (build it with \
+     `cargo xtask build-image`, or set HUSK_IMAGE_DIR)"
+)]
+pub struct ImageNotFound {
+    /// Every directory searched, in order, comma-separated.
+    looked_in: String,
+}
+
 /// Finds the guest image, or says everywhere it looked.
-pub fn find() -> Result<GuestImage, String> {
+pub fn find() -> Result<GuestImage, ImageNotFound> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dir) = std::env::var_os("HUSK_IMAGE_DIR") {
         candidates.push(dir.into());
@@ -41,8 +52,7 @@ pub fn find() -> Result<GuestImage, String> {
         }
     }
     let tried: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
-    Err(format!(
-        "guest image (vmlinux + initramfs.cpio) not found; looked in {} (build it with `cargo xtask build-image`, or set HUSK_IMAGE_DIR)",
-        tried.join(", ")
-    ))
+    Err(ImageNotFound {
+        looked_in: tried.join(", "),
+    })
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use super::Context;
+use crate::error_chain;
 use crate::oci::hooks::{self, HookKind};
 use crate::oci::state::{self, Status};
 
@@ -67,11 +68,11 @@ pub(super) fn remove_entry(entry: state::Entry) -> Result<()> {
     // The monitor's cgroup (see monitor::cgroup); like the network, not worth keeping the
     // state for.
     if let Err(e) = crate::monitor::cgroup::remove(entry.dir()) {
-        eprintln!("husk: {e}");
+        eprintln!("husk: {}", error_chain(&e));
     }
     // The work directories of overlays remounted for `--monitor-uid` (monitor::overlay).
     if let Err(e) = crate::monitor::overlay::remove_workdirs(entry.dir(), &entry.id().to_string()) {
-        eprintln!("husk: {e}");
+        eprintln!("husk: {}", error_chain(&e));
     }
     let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.read());
     entry.remove()?;

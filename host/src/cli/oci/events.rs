@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use super::Context;
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::state::Status;
 
 /// `events`.
@@ -37,7 +37,7 @@ pub fn events(ctx: &Context, args: EventsArgs) -> Result<ExitCode> {
             }
             entry.sockets()?
         };
-        let data = match monitor::request(&sockets.monitor(), &MonitorRequest::Stats)
+        let data = match client::request(&sockets.monitor(), &MonitorRequest::Stats)
             .map_err(anyhow::Error::msg)?
             .0
         {

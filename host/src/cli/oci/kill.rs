@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow, bail};
 
 use super::Context;
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::state::Status;
 
 /// `kill`.
@@ -61,7 +61,7 @@ pub fn kill(ctx: &Context, args: KillArgs) -> Result<ExitCode> {
         signal,
         all: args.all,
     };
-    let first = match monitor::request(&entry.sockets()?.monitor(), &req) {
+    let first = match client::request(&entry.sockets()?.monitor(), &req) {
         Ok((first, _)) => first,
         // The process ended while the signal was on its way: the monitor went away with it.
         Err(_) if entry.current()?.status == Status::Stopped => {

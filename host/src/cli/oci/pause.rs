@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use super::{Context, IdArg};
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::state::Status;
 
 /// `husk pause` / `husk resume`.
@@ -26,7 +26,7 @@ pub fn pause(ctx: &Context, args: IdArg, pause: bool) -> Result<ExitCode> {
     } else {
         MonitorRequest::Resume
     };
-    match monitor::request(&entry.sockets()?.monitor(), &req)
+    match client::request(&entry.sockets()?.monitor(), &req)
         .map_err(anyhow::Error::msg)?
         .0
     {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use super::{Context, IdArg};
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::hooks::{self, HookKind};
 use crate::oci::state::Status;
 
@@ -20,7 +20,7 @@ pub(super) fn start_container(ctx: &Context, id: &str) -> Result<()> {
             st.status
         );
     }
-    match monitor::request(&entry.sockets()?.monitor(), &MonitorRequest::Start)
+    match client::request(&entry.sockets()?.monitor(), &MonitorRequest::Start)
         .map_err(anyhow::Error::msg)?
         .0
     {

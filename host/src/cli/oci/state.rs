@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use super::{Context, IdArg};
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::state::Status;
 
 /// `ps`.
@@ -49,7 +49,7 @@ pub fn ps(ctx: &Context, args: PsArgs) -> Result<ExitCode> {
     ) {
         bail!("container {} is {}", args.id, st.status);
     }
-    let pids = match monitor::request(&entry.sockets()?.monitor(), &MonitorRequest::Ps)
+    let pids = match client::request(&entry.sockets()?.monitor(), &MonitorRequest::Ps)
         .map_err(anyhow::Error::msg)?
         .0
     {

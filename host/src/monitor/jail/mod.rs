@@ -51,9 +51,91 @@ use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 
-use super::userns::{IdMap, UserNs};
-use super::{cgroup, overlay};
+use super::cgroup::{self, CgroupError};
+use super::overlay::{self, OverlayError};
+use super::userns::{IdMap, UserNs, UserNsError};
 use crate::oci::{hooks, sockets, state};
+
+/// Why the monitor could not be confined. Every step is refused rather than skipped: a
+/// monitor that is not confined as asked does not start the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// `/proc/self/task` could not be listed to count the threads.
+    #[error("listing /proc/self/task")]
+    Tasks(#[source] std::io::Error),
+    /// The monitor already runs other threads, which would keep the host's root and
+    /// capabilities.
+    #[error("confining the monitor: it has {0} threads, it must have one (a bug in husk)")]
+    Threads(usize),
+    /// The monitor's cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// An overlay rootfs under `--monitor-uid`.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// The user namespace of `--monitor-uid`.
+    #[error(transparent)]
+    UserNs(#[from] UserNsError),
+    /// The state directory could not be listed to give it to the monitor's uid.
+    #[error("listing {path}")]
+    ListStateDir {
+        /// The state directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the state directory could not be given to the monitor's uid.
+    #[error("giving {path} to uid {uid}")]
+    Give {
+        /// The file.
+        path: PathBuf,
+        /// The monitor's uid.
+        uid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the new root holds could not be found or made.
+    #[error("confining the monitor: {what}")]
+    File {
+        /// What was being done, to which path.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A mount, `pivot_root`, a change of directory or of a limit failed.
+    #[error("confining the monitor: {what}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// A capability set could not be changed.
+    #[error("confining the monitor: {what}")]
+    Capabilities {
+        /// Which set, how.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: caps::errors::CapsError,
+    },
+}
+
+/// A [`JailError::Sys`] for `what`.
+fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Sys { what, source }
+}
+
+/// A [`JailError::File`] for `what`.
+fn file(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::File { what, source }
+}
 
 /// The files of the state directory pinned read-only (see the module docs): the container's
 /// fixed facts, the lock, the hooks `start` and `delete` run, the records of the network,
@@ -96,8 +178,11 @@ pub fn enabled() -> bool {
     std::env::var_os(ENV).is_none_or(|v| v != "off")
 }
 
-/// Confines the calling process (see the module docs). Must be called while it has one thread.
-pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
+/// Confines the calling process (see the module docs), one concern after the other: its
+/// cgroup, then (`--monitor-uid`) its user namespace with the share idmapped through it, then
+/// the records pinned, the new root, and last the limits and capabilities. Must be called
+/// while the process has one thread.
+pub fn enter(jail: &Jail<'_>) -> Result<(), JailError> {
     if !enabled() {
         eprintln!("husk monitor: {ENV}=off: the monitor is not confined");
         return Ok(());
@@ -106,26 +191,12 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
     // What the VMM learns from the host's /sys, which the jail does not have.
     crate::vmm::host::HostProfile::detect();
     cgroup::join(jail.id, jail.state_dir)?;
-    // Recorded before the records are pinned.
-    let overlays = match jail.user {
-        Some((_, share)) => overlay::find(share, jail.state_dir, jail.id)?,
-        None => Vec::new(),
-    };
-    pin(jail.state_dir)?;
     let user_ns = match jail.user {
-        Some((map, share)) => {
-            let ns = UserNs::create(map)?;
-            // An overlay cannot be idmapped: off the share, then anew on idmapped layers.
-            overlay::take_off(&overlays)?;
-            ns.idmap(share, true)?;
-            for o in &overlays {
-                o.mount_idmapped(&ns, map, jail.id)?;
-            }
-            give_state_dir(jail.state_dir, share, map.base())?;
-            Some(ns)
-        }
+        Some((map, share)) => Some(user_namespace(jail, map, share)?),
         None => None,
     };
+    // After every record is written (the cgroups', the overlays').
+    pin(jail.state_dir)?;
     // The new root is built as host root: the paths to what it holds may pass through
     // directories the namespace's root could not search (containerd's state root is 0700).
     let entries = entries(jail)?;
@@ -140,32 +211,52 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), String> {
 
 /// Capabilities and the root are per thread: a thread that existed before would keep the
 /// host's.
-fn only_thread() -> Result<(), String> {
+fn only_thread() -> Result<(), JailError> {
     let tasks = std::fs::read_dir("/proc/self/task")
-        .map_err(|e| format!("listing /proc/self/task: {e}"))?
+        .map_err(JailError::Tasks)?
         .count();
     if tasks == 1 {
         Ok(())
     } else {
-        Err(format!(
-            "confining the monitor: it has {tasks} threads, it must have one (a bug in husk)"
-        ))
+        Err(JailError::Threads(tasks))
     }
+}
+
+/// `--monitor-uid`: the user namespace of `map`, with the share idmapped through it (and an
+/// overlay rootfs mounted anew on idmapped layers, see [`overlay`]), and the state directory
+/// given to the namespace's root. The namespace is entered later, after the new root.
+fn user_namespace(jail: &Jail<'_>, map: IdMap, share: &Path) -> Result<UserNs, JailError> {
+    let overlays = overlay::find(share, jail.state_dir, jail.id)?;
+    let ns = UserNs::create(map)?;
+    // An overlay cannot be idmapped: off the share, then anew on idmapped layers.
+    overlay::take_off(&overlays)?;
+    ns.idmap(share, true)?;
+    for o in &overlays {
+        o.mount_idmapped(&ns, map, jail.id)?;
+    }
+    give_state_dir(jail.state_dir, share, map.base())?;
+    Ok(ns)
 }
 
 /// Gives the state directory, and what is in it but the pinned records and the share, to the
 /// monitor's uid: it writes its state there, and its vsock device connects to the sockets
 /// bound there (which needs write permission on them).
-fn give_state_dir(state_dir: &Path, share: &Path, base: u32) -> Result<(), String> {
+fn give_state_dir(state_dir: &Path, share: &Path, base: u32) -> Result<(), JailError> {
     let give = |path: &Path| {
-        std::os::unix::fs::lchown(path, Some(base), Some(base))
-            .map_err(|e| format!("giving {} to uid {base}: {e}", path.display()))
+        std::os::unix::fs::lchown(path, Some(base), Some(base)).map_err(|source| JailError::Give {
+            path: path.to_owned(),
+            uid: base,
+            source,
+        })
+    };
+    let list = |source| JailError::ListStateDir {
+        path: state_dir.to_owned(),
+        source,
     };
     give(state_dir)?;
-    let entries = std::fs::read_dir(state_dir)
-        .map_err(|e| format!("listing {}: {e}", state_dir.display()))?;
+    let entries = std::fs::read_dir(state_dir).map_err(list)?;
     for entry in entries {
-        let entry = entry.map_err(|e| format!("listing {}: {e}", state_dir.display()))?;
+        let entry = entry.map_err(list)?;
         let name = entry.file_name();
         if entry.path() == share || PINNED.iter().any(|p| name == *p) {
             continue;
@@ -176,13 +267,10 @@ fn give_state_dir(state_dir: &Path, share: &Path, base: u32) -> Result<(), Strin
 }
 
 /// Bind-mounts each of [`PINNED`] read-only onto itself, creating it empty if missing.
-fn pin(state_dir: &Path) -> Result<(), String> {
+fn pin(state_dir: &Path) -> Result<(), JailError> {
     for name in PINNED {
         let path = state_dir.join(name);
-        let err = |what: &str| {
-            let what = format!("confining the monitor: {what} {}", path.display());
-            move |e: nix::Error| format!("{what}: {e}")
-        };
+        let err = |what: &str| sys(format!("{what} {}", path.display()));
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -190,12 +278,7 @@ fn pin(state_dir: &Path) -> Result<(), String> {
         {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(format!(
-                    "confining the monitor: creating {}: {e}",
-                    path.display()
-                ));
-            }
+            Err(e) => return Err(file(format!("creating {}", path.display()))(e)),
         }
         mount(
             Some(&path),
@@ -223,7 +306,7 @@ struct Entry {
     read_only: bool,
 }
 
-fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
+fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, JailError> {
     let mut wanted: Vec<(PathBuf, bool, bool)> = vec![(jail.state_dir.to_path_buf(), true, false)];
     wanted.extend(
         jail.read_only
@@ -234,12 +317,11 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
     wanted
         .into_iter()
         .map(|(path, recursive, read_only)| {
-            let path = std::path::absolute(&path)
-                .map_err(|e| format!("confining the monitor: {}: {e}", path.display()))?;
+            let path = std::path::absolute(&path).map_err(file(path.display().to_string()))?;
             let fd = nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(|e| format!("confining the monitor: opening {}: {e}", path.display()))?;
+                .map_err(sys(format!("opening {}", path.display())))?;
             let dir = std::fs::metadata(&path)
-                .map_err(|e| format!("confining the monitor: {}: {e}", path.display()))?
+                .map_err(file(path.display().to_string()))?
                 .is_dir();
             Ok(Entry {
                 path,
@@ -253,8 +335,7 @@ fn entries(jail: &Jail<'_>) -> Result<Vec<Entry>, String> {
 }
 
 /// Builds the new root, with `entries` and a new /proc, and pivots into it.
-fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
-    let err = |what: String| move |e: nix::Error| format!("confining the monitor: {what}: {e}");
+fn pivot_into_new_root(entries: &[Entry]) -> Result<(), JailError> {
     // Relative paths (a relative --root or HUSK_IMAGE_DIR) keep working if the
     // working directory is the same one in the jail (its path is there when it is an ancestor
     // of what was bound).
@@ -264,7 +345,7 @@ fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
         OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(err("opening /".into()))?;
+    .map_err(sys("opening /"))?;
     // The new root is assembled on /dev, mounted over in this (private) mount namespace: a
     // directory every host has, and nothing else of the host changes. Every source is already
     // open, so hiding the host's /dev does not matter.
@@ -276,33 +357,31 @@ fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         Some("mode=0755,size=64k,nr_inodes=256"),
     )
-    .map_err(err("mounting the new root's tmpfs".into()))?;
+    .map_err(sys("mounting the new root's tmpfs"))?;
     for e in entries {
         let target = new_root.join(e.path.strip_prefix("/").unwrap_or(&e.path));
         let parent = target.parent().unwrap_or(new_root);
-        std::fs::create_dir_all(parent)
-            .map_err(|x| format!("confining the monitor: creating {}: {x}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(file(format!("creating {}", parent.display())))?;
         if e.dir {
             std::fs::create_dir(&target)
         } else {
             std::fs::write(&target, b"")
         }
-        .map_err(|x| format!("confining the monitor: creating {}: {x}", target.display()))?;
+        .map_err(file(format!("creating {}", target.display())))?;
         let source = PathBuf::from(format!("/proc/self/fd/{}", e.fd.as_raw_fd()));
         let mut flags = MsFlags::MS_BIND;
         if e.recursive {
             flags |= MsFlags::MS_REC;
         }
         mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
-            .map_err(err(format!("bind-mounting {}", e.path.display())))?;
+            .map_err(sys(format!("bind-mounting {}", e.path.display())))?;
         if e.read_only {
             remount_read_only(&target)
-                .map_err(err(format!("making {} read-only", e.path.display())))?;
+                .map_err(sys(format!("making {} read-only", e.path.display())))?;
         }
     }
     let proc = new_root.join("proc");
-    std::fs::create_dir(&proc)
-        .map_err(|x| format!("confining the monitor: creating /proc: {x}"))?;
+    std::fs::create_dir(&proc).map_err(file("creating /proc"))?;
     mount(
         Some("proc"),
         &proc,
@@ -310,19 +389,19 @@ fn pivot_into_new_root(entries: &[Entry]) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(err("mounting /proc".into()))?;
+    .map_err(sys("mounting /proc"))?;
 
     // As runc does: pivot_root(".", ".") stacks the old root on the new one, and detaching
     // "." (the old root, from old_root's point of view) leaves the new one.
-    nix::unistd::chdir(new_root).map_err(err("entering the new root".into()))?;
-    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root".into()))?;
-    nix::unistd::fchdir(&old_root).map_err(err("entering the old root".into()))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the host's root".into()))?;
+    nix::unistd::chdir(new_root).map_err(sys("entering the new root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
+    nix::unistd::fchdir(&old_root).map_err(sys("entering the old root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the host's root"))?;
     if cwd.is_none_or(|d| nix::unistd::chdir(&d).is_err()) {
-        nix::unistd::chdir("/").map_err(err("entering /".into()))?;
+        nix::unistd::chdir("/").map_err(sys("entering /"))?;
     }
     // The tmpfs itself read-only: the monitor writes only below the state directory.
-    remount_read_only(Path::new("/")).map_err(err("making the new root read-only".into()))
+    remount_read_only(Path::new("/")).map_err(sys("making the new root read-only"))
 }
 
 /// Makes the mount at `target` read-only, without set-id, devices or execution.
@@ -341,13 +420,12 @@ fn remount_read_only(target: &Path) -> nix::Result<()> {
     )
 }
 
-fn limit_resources() -> Result<(), String> {
+fn limit_resources() -> Result<(), JailError> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)
-        .map_err(|e| format!("confining the monitor: reading RLIMIT_NOFILE: {e}"))?;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(sys("reading RLIMIT_NOFILE"))?;
     let limit = hard.min(MAX_FILES);
     setrlimit(Resource::RLIMIT_NOFILE, limit, limit)
-        .map_err(|e| format!("confining the monitor: setting RLIMIT_NOFILE to {limit}: {e}"))
+        .map_err(sys(format!("setting RLIMIT_NOFILE to {limit}")))
 }
 
 /// The capabilities the monitor keeps (see the module docs for why each); `in_userns`: those
@@ -374,10 +452,8 @@ fn kept_capabilities(network: bool, in_userns: bool) -> CapsHashSet {
     keep
 }
 
-fn drop_capabilities(keep: &CapsHashSet) -> Result<(), String> {
-    let err = |what: &'static str| {
-        move |e: caps::errors::CapsError| format!("confining the monitor: {what}: {e}")
-    };
+fn drop_capabilities(keep: &CapsHashSet) -> Result<(), JailError> {
+    let err = |what| move |source| JailError::Capabilities { what, source };
     caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient capabilities"))?;
     // Needs CAP_SETPCAP, which goes with the effective set below.
     caps::clear(None, CapSet::Bounding).map_err(err("clearing the bounding set"))?;
@@ -385,8 +461,7 @@ fn drop_capabilities(keep: &CapsHashSet) -> Result<(), String> {
     // Effective first: it must stay a subset of the permitted set.
     caps::set(None, CapSet::Effective, keep).map_err(err("setting the effective set"))?;
     caps::set(None, CapSet::Permitted, keep).map_err(err("setting the permitted set"))?;
-    nix::sys::prctl::set_no_new_privs()
-        .map_err(|e| format!("confining the monitor: setting no_new_privs: {e}"))
+    nix::sys::prctl::set_no_new_privs().map_err(sys("setting no_new_privs"))
 }
 
 #[cfg(test)]

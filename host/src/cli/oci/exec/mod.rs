@@ -22,8 +22,8 @@ pub use self::args::ExecArgs;
 use self::relay::{Started, exited};
 use self::signals::Forwarder;
 use super::{Context, close_inherited_fds};
-use crate::monitor;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::client;
 use crate::oci::state::{State, Status};
 
 /// `husk exec`.
@@ -131,7 +131,7 @@ fn exec_pipes(
         },
         console: false,
     };
-    let (first, mut reader) = match monitor::request(socket, &req) {
+    let (first, mut reader) = match client::request(socket, &req) {
         Ok(r) => r,
         Err(e) => {
             ports::remove(vsock, base);
@@ -172,7 +172,7 @@ fn exec_pipes(
         let mut c = stderr_c;
         crate::monitor::copy_streaming(&mut c, &mut std::io::stderr());
     });
-    let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
+    let reply = client::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
     let _ = out.join();
     let _ = err.join();
     exited(reply, &args.id)

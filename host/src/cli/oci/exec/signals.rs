@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use crate::monitor::{self, api::MonitorRequest};
+use crate::monitor::api::MonitorRequest;
+use crate::monitor::client;
 
 /// Signals about this process itself, which are not forwarded: a child of ours changed
 /// (SIGCHLD), our terminal's size (SIGWINCH: resizes take their own path), a write to a closed
@@ -73,7 +74,7 @@ impl Forwarder {
                 };
                 // An error means the process has just exited (its status is on its way)
                 // or the monitor is gone (and this exec with it): nothing left to signal.
-                let _ = monitor::request(&socket, &req);
+                let _ = client::request(&socket, &req);
             }
         });
     }

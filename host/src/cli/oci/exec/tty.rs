@@ -11,7 +11,7 @@ use super::ports;
 use super::relay::{Started, exited};
 use super::signals::Forwarder;
 use crate::monitor::api::{MonitorReply, MonitorRequest};
-use crate::monitor::{self, console};
+use crate::monitor::{client, console};
 
 /// `exec --tty`: the process gets a pty in the guest, relayed to a host pty whose master goes
 /// to `--console-socket` (engines), or to this command's own terminal (interactive use).
@@ -37,7 +37,7 @@ pub(super) fn run(
             console: true,
         };
         let (first, mut reader) =
-            monitor::request_with_fd(socket, &req, Some(std::os::fd::AsFd::as_fd(&slave)))
+            client::request_with_fd(socket, &req, Some(std::os::fd::AsFd::as_fd(&slave)))
                 .map_err(anyhow::Error::msg)?;
         drop(slave);
         match first {
@@ -48,7 +48,7 @@ pub(super) fn run(
             MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
             other => bail!("unexpected reply {other:?}"),
         }
-        let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
+        let reply = client::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
         return exited(reply, &args.id);
     }
     // Interactive: our own terminal, in raw mode (the guest's pty does the line discipline).
@@ -65,7 +65,7 @@ pub(super) fn run(
         },
         console: false,
     };
-    let (first, mut reader) = match monitor::request(socket, &req) {
+    let (first, mut reader) = match client::request(socket, &req) {
         Ok(r) => r,
         Err(e) => {
             ports::remove(vsock, base);
@@ -92,7 +92,7 @@ pub(super) fn run(
     let monitor_socket = socket.to_path_buf();
     std::thread::spawn(move || {
         for size in rrx {
-            let _ = monitor::request(
+            let _ = client::request(
                 &monitor_socket,
                 &MonitorRequest::ResizeExec {
                     exec: exec_id,
@@ -116,7 +116,7 @@ pub(super) fn run(
             rtx,
         );
     });
-    let reply = monitor::read_reply(&mut reader).map_err(anyhow::Error::msg);
+    let reply = client::read_reply(&mut reader).map_err(anyhow::Error::msg);
     let _ = nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &orig);
     exited(reply?, &args.id)
 }
