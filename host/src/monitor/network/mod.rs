@@ -53,21 +53,23 @@
 //! share the veth, so the second fails when it finds the first's tap.
 
 pub mod netlink;
+mod netns;
+mod record;
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use husk_proto::{IpCidr, NetInterface, NetRoute, NetworkConfig};
 
-use self::netlink::{ARPHRD_ETHER, Address, IFF_LOOPBACK, Link, Netlink, RTPROT_KERNEL, Route};
+use self::netlink::{ARPHRD_ETHER, IFF_LOOPBACK, Link, Netlink, RTPROT_KERNEL, Route};
+pub use self::netns::Netns;
+use self::netns::in_netns;
+use self::record::{InterfaceRecord, undo};
+pub use self::record::{RECORD_FILE, Record, teardown};
 use crate::vmm::NetConfig;
 use crate::vmm::devices::virtio::net::Tap;
-
-/// The file in the state directory that records what the monitor changed.
-pub const RECORD_FILE: &str = "network.json";
 
 /// Suffix of the taps the monitor creates (`tap0_husk`, `tap1_husk`, ...).
 const TAP_SUFFIX: &str = "_husk";
@@ -75,7 +77,8 @@ const TAP_SUFFIX: &str = "_husk";
 /// Why the network could not be set up or torn down.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    /// cannot open the network namespace {path}
+    /// The namespace's file (the spec's path, or this thread's) could not be opened: gone, or
+    /// not a namespace.
     #[error("cannot open the network namespace {path}")]
     OpenNamespace {
         /// The spec's path.
@@ -84,7 +87,7 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
-    /// cannot enter the network namespace {path}
+    /// `setns` into the namespace failed.
     #[error("cannot enter the network namespace {path}")]
     Enter {
         /// The spec's path.
@@ -93,7 +96,7 @@ pub enum NetworkError {
         #[source]
         source: nix::Error,
     },
-    /// in the network namespace {path}: {what}
+    /// An rtnetlink request in the namespace failed.
     #[error("in the network namespace {path}: {what}")]
     Netlink {
         /// The spec's path.
@@ -104,7 +107,7 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
-    /// the network namespace {path} already has a husk tap ({tap}): another VM uses it
+    /// The namespace already has one of husk's taps: two VMs cannot share its interfaces.
     #[error("the network namespace {path} already has a husk tap ({tap}): another VM uses it")]
     Busy {
         /// The spec's path.
@@ -112,7 +115,7 @@ pub enum NetworkError {
         /// The tap found.
         tap: String,
     },
-    /// in the network namespace {path}: creating the tap
+    /// A tap for the VM could not be created beside an interface.
     #[error("in the network namespace {path}: creating the tap")]
     Tap {
         /// The spec's path.
@@ -121,7 +124,7 @@ pub enum NetworkError {
         #[source]
         source: crate::vmm::devices::virtio::net::TapError,
     },
-    /// the network namespace {path} has {count} interfaces; a VM takes at most {max}
+    /// The namespace has more interfaces than a VM has virtio-net devices.
     #[error("the network namespace {path} has {count} interfaces; a VM takes at most {max}")]
     TooMany {
         /// The spec's path.
@@ -131,7 +134,8 @@ pub enum NetworkError {
         /// The VM's limit.
         max: usize,
     },
-    /// cannot write or read the network record {path}
+    /// The record of what was changed ([`RECORD_FILE`]) could not be written, read or
+    /// parsed.
     #[error("cannot write or read the network record {path}")]
     Record {
         /// The file.
@@ -140,43 +144,16 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
-    /// the thread that entered the network namespace died
+    /// The short-lived thread that entered the namespace panicked.
     #[error("the thread that entered the network namespace died")]
     Thread,
-    /// cannot create the container's network namespace
+    /// `unshare(CLONE_NEWNET)` failed for the monitor's own namespace.
     #[error("cannot create the container's network namespace")]
     Unshare {
         /// Why.
         #[source]
         source: nix::Error,
     },
-}
-
-/// What the monitor changed in a namespace: enough to undo it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Record {
-    /// The namespace's path: the spec's, or `/proc/<monitor pid>/ns/net` for the monitor's own.
-    pub netns: PathBuf,
-    /// Whether it is the monitor's own namespace (nothing to undo once the monitor is gone).
-    #[serde(default)]
-    pub own: bool,
-    /// One entry per interface taken.
-    pub interfaces: Vec<InterfaceRecord>,
-}
-
-/// One interface taken from the namespace.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InterfaceRecord {
-    /// The engine's interface (a veth).
-    pub name: String,
-    /// Its index.
-    pub index: u32,
-    /// The tap the monitor created for it.
-    pub tap: String,
-    /// The addresses it had.
-    pub addresses: Vec<Address>,
-    /// Its main-table routes, as they were.
-    pub routes: Vec<Route>,
 }
 
 /// The container's network, set up.
@@ -192,123 +169,6 @@ pub struct Network {
     pub devices: Vec<NetConfig>,
     /// What husk-init configures.
     pub guest: NetworkConfig,
-}
-
-/// The network namespace the spec asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requested {
-    /// No `network` entry in `linux.namespaces`: the host's (the VM has only `lo`).
-    None,
-    /// An entry with a `path`: the engine's namespace.
-    Path(PathBuf),
-    /// An entry without a path: a new, empty one.
-    New,
-}
-
-/// What the spec asks for.
-pub fn requested(spec: &oci_spec::runtime::Spec) -> Requested {
-    let entry = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .and_then(|n| {
-            n.iter()
-                .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-        });
-    match entry {
-        None => Requested::None,
-        Some(ns) => ns.path().clone().map_or(Requested::New, Requested::Path),
-    }
-}
-
-/// The container's network namespace (see the module docs).
-#[derive(Debug)]
-pub enum Netns {
-    /// None asked for: the VM has only `lo`.
-    None,
-    /// The engine's, at this path.
-    Path(PathBuf),
-    /// The monitor's own: the one its main thread unshared.
-    Own {
-        /// The host's network namespace, where hooks run.
-        host: OwnedFd,
-        /// `/proc/<monitor pid>/ns/net`, the name hooks and engines use for it.
-        path: PathBuf,
-    },
-}
-
-impl Netns {
-    /// The namespace the spec asks for. A new one is made here for the calling thread and the
-    /// threads it starts afterwards: call this on the main thread before any other thread
-    /// exists, so that `/proc/<pid>/ns/net` names it and every thread is in it.
-    pub fn for_spec(spec: &oci_spec::runtime::Spec) -> Result<Netns, NetworkError> {
-        match requested(spec) {
-            Requested::None => Ok(Netns::None),
-            Requested::Path(p) => Ok(Netns::Path(p)),
-            Requested::New => Netns::unshare(),
-        }
-    }
-
-    /// Moves the calling thread into a new network namespace with `lo` up.
-    fn unshare() -> Result<Netns, NetworkError> {
-        let here = Path::new("/proc/thread-self/ns/net");
-        let host = std::fs::File::open(here).map_err(|source| NetworkError::OpenNamespace {
-            path: here.to_owned(),
-            source,
-        })?;
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|source| NetworkError::Unshare { source })?;
-        let path = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
-        let nl_err = |what: &str| {
-            let (path, what) = (path.clone(), what.to_owned());
-            move |source| NetworkError::Netlink { path, what, source }
-        };
-        // Loopback starts down in a new namespace; containers expect it up (runc does the
-        // same), and engines' hooks may use it.
-        let nl = Netlink::open().map_err(nl_err("opening rtnetlink"))?;
-        let links = nl.links().map_err(nl_err("listing interfaces"))?;
-        if let Some(lo) = links.iter().find(|l| l.flags & IFF_LOOPBACK != 0) {
-            nl.set_up(lo.index, lo.mtu)
-                .map_err(nl_err("bringing up lo"))?;
-        }
-        Ok(Netns::Own {
-            host: host.into(),
-            path,
-        })
-    }
-
-    /// The host's network namespace, when the caller is not in it (the monitor's own
-    /// namespace): hooks are run there.
-    pub fn host(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            Netns::Own { host, .. } => Some(host.as_fd()),
-            Netns::None | Netns::Path(_) => None,
-        }
-    }
-}
-
-/// Runs `f` on a thread that has joined the network namespace at `netns`.
-fn in_netns<T: Send>(
-    netns: &Path,
-    f: impl FnOnce() -> Result<T, NetworkError> + Send,
-) -> Result<T, NetworkError> {
-    let file = std::fs::File::open(netns).map_err(|source| NetworkError::OpenNamespace {
-        path: netns.to_owned(),
-        source,
-    })?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                |source| NetworkError::Enter {
-                    path: netns.to_owned(),
-                    source,
-                },
-            )?;
-            f()
-        })
-        .join()
-        .map_err(|_| NetworkError::Thread)?
-    })
 }
 
 /// Whether interface `link` is one the VM takes over.
@@ -526,103 +386,6 @@ fn is_link_local(a: &IpAddr) -> bool {
         IpAddr::V4(v) => v.is_link_local(),
         IpAddr::V6(v) => v.segments()[0] & 0xffc0 == 0xfe80,
     }
-}
-
-/// Undoes what `record` says was done, with a netlink socket in its namespace. Every step is
-/// tried; failures other than "already gone" are logged.
-fn undo(nl: &Netlink, record: &Record) {
-    let log = |what: String, e: io::Error| {
-        eprintln!(
-            "husk: cleaning up the network namespace {}: {what}: {e}",
-            record.netns.display()
-        );
-    };
-    let links = match nl.links() {
-        Ok(l) => l,
-        Err(e) => return log("listing interfaces".into(), e),
-    };
-    for iface in &record.interfaces {
-        if let Some(tap) = links.iter().find(|l| l.name == iface.tap)
-            && let Err(e) = nl.delete_link(tap.index)
-            && e.raw_os_error() != Some(libc::ENODEV)
-        {
-            log(format!("deleting {}", iface.tap), e);
-        }
-        // The engine's interface: only if it is still the one we changed.
-        if !links
-            .iter()
-            .any(|l| l.index == iface.index && l.name == iface.name)
-        {
-            continue;
-        }
-        match nl.delete_ingress_qdisc(iface.index) {
-            Ok(()) => {}
-            // Not there (never added, or already removed).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {}
-            Err(e) => log(format!("removing the ingress qdisc of {}", iface.name), e),
-        }
-        for a in &iface.addresses {
-            match nl.add_address(iface.index, a) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => log(
-                    format!("restoring {}/{} on {}", a.addr, a.prefix_len, iface.name),
-                    e,
-                ),
-            }
-        }
-        // On-link routes first: a gateway must be reachable when its route is added.
-        let mut routes: Vec<&Route> = iface.routes.iter().collect();
-        routes.sort_by_key(|r| r.gateway.is_some());
-        for r in routes {
-            match nl.add_route(iface.index, r) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => log(format!("restoring a route of {}", iface.name), e),
-            }
-        }
-    }
-}
-
-/// Undoes what the record in `state_dir` says (for `husk delete` after the monitor was
-/// killed) and removes the record. Nothing to do without a record, or when the namespace is
-/// gone.
-pub fn teardown(state_dir: &Path) -> Result<(), NetworkError> {
-    let path = state_dir.join(RECORD_FILE);
-    let data = match std::fs::read(&path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(NetworkError::Record { path, source }),
-    };
-    if data.is_empty() {
-        // No network: the jail pinned an empty record (see `jail::PINNED`).
-        return std::fs::remove_file(&path).map_err(|source| NetworkError::Record { path, source });
-    }
-    let record: Record = serde_json::from_slice(&data).map_err(|e| NetworkError::Record {
-        path: path.clone(),
-        source: e.into(),
-    })?;
-    if record.own {
-        // The monitor's namespace went with it, or is the engine's now (see the module docs).
-        return std::fs::remove_file(&path).map_err(|source| NetworkError::Record { path, source });
-    }
-    let netns = record.netns.clone();
-    let undone = in_netns(&netns, || {
-        let nl = Netlink::open().map_err(|source| NetworkError::Netlink {
-            path: netns.clone(),
-            what: "opening rtnetlink".into(),
-            source,
-        })?;
-        undo(&nl, &record);
-        Ok(())
-    });
-    match undone {
-        // The engine deleted the namespace: nothing of ours is left in it.
-        Err(NetworkError::OpenNamespace { source, .. })
-            if source.kind() == io::ErrorKind::NotFound => {}
-        other => other?,
-    }
-    std::fs::remove_file(&path).map_err(|source| NetworkError::Record { path, source })
 }
 
 #[cfg(test)]

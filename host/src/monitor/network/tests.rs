@@ -1,3 +1,5 @@
+use super::netlink::Address;
+use super::netns::{Requested, requested};
 use super::*;
 
 fn route(dst: Option<&str>, gw: Option<&str>, protocol: u8) -> Route {
