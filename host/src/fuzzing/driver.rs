@@ -29,12 +29,17 @@ const MAX_CHAIN: u8 = 8;
 
 /// The device side of a target: what runs after a notification, and host-side actions.
 pub(super) trait Device {
-    /// The device under test, for its transport.
-    fn device(&self) -> SharedDevice;
     /// Lets the device do what is ready (what its event loop would do).
     fn process(&mut self);
     /// A host-side action (`op::HOST`), reading its arguments from `input`.
     fn host_op(&mut self, _op: u8, _input: &mut Input<'_>) {}
+}
+
+/// A harness's device, locked for its event handler (a panic under the lock, which the
+/// fuzzer reports, does not stop the next call).
+pub(super) fn lock<T: ?Sized>(dev: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    dev.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One guest memory region of `MEM_SIZE` bytes at 0.
@@ -48,13 +53,17 @@ pub(super) fn queue_size(byte: u8) -> u16 {
 }
 
 /// Runs a device target's input: a queue-size byte (see [`queue_size`]), then operations
-/// against the device of the harness `new` makes, on [`guest_memory`] and initialised as a
-/// Linux driver would at probe.
-pub(super) fn run<D: Device>(data: &[u8], new: impl FnOnce() -> D) {
+/// against the harness `new` makes, whose `device` gets a transport on [`guest_memory`],
+/// initialised as a Linux driver would at probe.
+pub(super) fn run<D: Device>(
+    data: &[u8],
+    new: impl FnOnce() -> D,
+    device: impl FnOnce(&D) -> SharedDevice,
+) {
     let mut input = Input::new(data);
     let size = queue_size(input.u8());
     let mut harness = new();
-    let mut driver = Driver::new(guest_memory(), harness.device());
+    let mut driver = Driver::new(guest_memory(), device(&harness));
     driver.init(size);
     driver.run(&mut input, &mut harness);
 }
@@ -76,11 +85,7 @@ pub(super) struct Driver {
 impl Driver {
     /// A driver for `device`, whose transport is created here on `mem`.
     pub(super) fn new(mem: GuestMemoryMmap, device: SharedDevice) -> Self {
-        let queues = device
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .queue_max_sizes()
-            .len();
+        let queues = lock(&device).queue_max_sizes().len();
         let transport = MmioTransport::new(mem.clone(), device).expect("a transport");
         Self {
             mem,

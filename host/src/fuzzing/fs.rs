@@ -15,7 +15,7 @@
 //! 16 MiB of log, the process died writing to stderr.)
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use nix::mount::{MsFlags, mount};
 
@@ -23,7 +23,6 @@ use super::ScratchDir;
 use super::driver::{self, Device};
 use super::ops::Ops;
 use crate::mount_ns::MountNsError;
-use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::Fs;
 
 /// The options of the tmpfs the shares live on.
@@ -85,19 +84,13 @@ impl Harness {
 }
 
 impl Device for Harness {
-    fn device(&self) -> SharedDevice {
-        self.dev.clone()
-    }
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 }
 
 pub(super) fn run(data: &[u8]) {
-    driver::run(data, Harness::new);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

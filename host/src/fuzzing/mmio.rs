@@ -24,11 +24,11 @@ pub(super) fn run(data: &[u8]) {
     let mut input = Input::new(data);
     if input.u8().is_multiple_of(2) {
         let mut harness = vsock::Harness::new();
-        let driver = Driver::new(guest_memory(), harness.device());
+        let driver = Driver::new(guest_memory(), harness.dev.clone());
         drive(driver, &mut input, &mut harness);
     } else {
         let mut harness = fs::Harness::new();
-        let driver = Driver::new(guest_memory(), harness.device());
+        let driver = Driver::new(guest_memory(), harness.dev.clone());
         drive(driver, &mut input, &mut harness);
     }
 }

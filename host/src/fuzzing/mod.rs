@@ -14,11 +14,11 @@
 //!
 //! Adding a device is a harness and an entry point: a struct holding the
 //! device (`Arc<Mutex<Net>>`) and its host side (whatever the device's backend is, opened for
-//! real by the harness), `impl driver::Device` (`device` hands the device to its transport,
-//! `process` calls the device's event handler, `host_op` plays the host side), and a `run`
-//! that passes the input and the harness's constructor to `driver::run` (see `vsock.rs`);
-//! then a seeds function, a line in [`seeds`] and in the tests below, and a target file plus
-//! `[[bin]]` in `fuzz/`.
+//! real by the harness), `impl driver::Device` (`process` calls the device's event handler,
+//! `host_op` plays the host side), and a `run` that passes the input, the harness's
+//! constructor and how to get its device to `driver::run` (see `vsock.rs`); then a seeds
+//! function, a line in [`seeds`] and in the tests below, and a target file plus `[[bin]]` in
+//! `fuzz/`.
 //!
 //! The files: `ops` (the input format: reading and writing programs), `driver` (the guest
 //! driver that runs them against a device's MMIO transport), one harness per target (`vsock`,

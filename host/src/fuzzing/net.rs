@@ -13,11 +13,10 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use super::driver::{self, Device};
 use super::ops::{Input, Ops};
-use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::net::{Net, Tap, VNET_HDR_LEN};
 
 const MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
@@ -44,14 +43,8 @@ impl Harness {
 }
 
 impl Device for Harness {
-    fn device(&self) -> SharedDevice {
-        self.dev.clone()
-    }
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 
     fn host_op(&mut self, op: u8, input: &mut Input<'_>) {
@@ -83,7 +76,7 @@ impl Device for Harness {
 }
 
 pub(super) fn run(data: &[u8]) {
-    driver::run(data, Harness::new);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

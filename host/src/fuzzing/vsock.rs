@@ -10,12 +10,11 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use super::ScratchDir;
 use super::driver::{self, Device};
 use super::ops::{DATA_START, Input, Ops};
-use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::vsock::Vsock;
 
 const GUEST_CID: u64 = 3;
@@ -73,14 +72,8 @@ impl Harness {
 }
 
 impl Device for Harness {
-    fn device(&self) -> SharedDevice {
-        self.dev.clone()
-    }
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 
     fn host_op(&mut self, op: u8, input: &mut Input<'_>) {
@@ -142,7 +135,7 @@ fn ignore_sigpipe() {
 }
 
 pub(super) fn run(data: &[u8]) {
-    driver::run(data, Harness::new);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

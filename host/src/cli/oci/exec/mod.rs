@@ -1,17 +1,18 @@
 //! `husk exec`: another process in a running container, i.e. in its VM. Attached, this
 //! command relays the process's stdio (`ports`; a terminal with `--tty`, `tty`) and exits with
-//! its status; with `--detach` it starts the *exec relay* (`relay`), an attached `husk exec`
-//! of its own that stands for the process, and returns once the process runs. Signals sent to
-//! an attached exec go on to the process (`signals`).
+//! its status (`request`: what the monitor's replies mean); with `--detach` it starts the
+//! *exec relay* (`relay`), an attached `husk exec` of its own that stands for the process, and
+//! returns once the process runs. Signals sent to an attached exec go on to the process
+//! (`signals`).
 
 mod args;
 mod ports;
 mod relay;
+mod request;
 mod signals;
 mod tty;
 
 use std::os::unix::net::UnixListener;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -19,11 +20,12 @@ use husk_proto::{Stdio, VsockPort};
 use oci_spec::runtime::Spec;
 
 pub use self::args::ExecArgs;
-use self::relay::{Started, exited};
-use self::signals::Forwarder;
+use self::relay::Started;
+use self::request::exited;
 use super::{Context, close_inherited_fds};
-use crate::monitor::api::{MonitorReply, MonitorRequest};
+use crate::monitor::api::MonitorRequest;
 use crate::monitor::client;
+use crate::oci::sockets::SocketDir;
 use crate::oci::state::{State, Status};
 
 /// `husk exec`.
@@ -58,7 +60,6 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         let entry = ctx.store().open(&args.id)?;
         (entry.sockets()?, entry.current()?)
     };
-    let (socket, vsock) = (sockets.monitor(), sockets.vsock());
     if st.status != Status::Running {
         bail!("cannot exec in container {}: it is {}", args.id, st.status);
     }
@@ -67,9 +68,9 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         return relay::detach(ctx, args);
     }
     if args.tty {
-        return tty::run(args, &socket, &vsock, process_json, started);
+        return tty::run(args, &sockets, process_json, started);
     }
-    exec_pipes(args, &socket, &vsock, process_json, started)
+    exec_pipes(args, &sockets, process_json, started)
 }
 
 /// The process JSON for `exec`: `--process`, or the container's process with ARGS and the
@@ -116,11 +117,11 @@ fn exec_process(st: &State, args: &ExecArgs) -> Result<Vec<u8>> {
 /// ports.
 fn exec_pipes(
     args: &ExecArgs,
-    socket: &Path,
-    vsock: &Path,
+    sockets: &SocketDir,
     process_json: Vec<u8>,
     started: &mut Started,
 ) -> Result<ExitCode> {
+    let (socket, vsock) = (&sockets.monitor(), &sockets.vsock());
     let (base, listeners) = ports::bind(vsock)?;
     let req = MonitorRequest::Exec {
         process_json,
@@ -131,27 +132,10 @@ fn exec_pipes(
         },
         console: false,
     };
-    let (first, mut reader) = match client::request(socket, &req) {
-        Ok(r) => r,
-        Err(e) => {
-            ports::remove(vsock, base);
-            bail!(e);
-        }
-    };
-    match first {
-        MonitorReply::ExecStarted { exec, .. } => {
-            Forwarder::block()?.start(socket.to_path_buf(), exec);
-            started.ok()?;
-        }
-        MonitorReply::Error(e) => {
-            ports::remove(vsock, base);
-            bail!("exec in container {}: {e}", args.id);
-        }
-        other => {
-            ports::remove(vsock, base);
-            bail!("unexpected reply {other:?}");
-        }
-    }
+    let (exec, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
+        ports::remove(vsock, base);
+    })?;
+    request::running(socket, exec, started)?;
     let [stdin_l, stdout_l, stderr_l] = listeners;
     let accept = |l: UnixListener| -> Result<std::os::unix::net::UnixStream> {
         l.set_nonblocking(false)?;

@@ -19,9 +19,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::super::{Context, exit_code, read_report, spawn_detached, write_pid_file};
+use super::super::{Context, read_report, spawn_detached, write_pid_file};
 use super::args::ExecArgs;
-use crate::monitor::api::MonitorReply;
 
 /// Tells the waiting side that the exec'd process runs: the pid file gets this process's pid
 /// (it lives exactly as long as the exec'd process and exits with its status), and a relay's
@@ -67,16 +66,6 @@ impl Started {
         if let Some(mut n) = self.notify.take() {
             let _ = writeln!(n, "error: {e:#}");
         }
-    }
-}
-
-/// The exit code of `husk exec` (the relay's, attached or not) from the monitor's last reply
-/// about the exec'd process of container `id`: its exit status.
-pub(super) fn exited(reply: MonitorReply, id: &str) -> Result<ExitCode> {
-    match reply {
-        MonitorReply::Exited(code) => Ok(exit_code(code)),
-        MonitorReply::Error(e) => bail!("exec in container {id}: {e}"),
-        other => bail!("unexpected reply {other:?}"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `husk exec --tty`.
 
-use std::path::Path;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
@@ -8,46 +8,39 @@ use husk_proto::{Stdio, VsockPort};
 
 use super::args::ExecArgs;
 use super::ports;
-use super::relay::{Started, exited};
-use super::signals::Forwarder;
-use crate::monitor::api::{MonitorReply, MonitorRequest};
+use super::relay::Started;
+use super::request::{self, exited};
+use crate::monitor::api::MonitorRequest;
 use crate::monitor::{client, console};
+use crate::oci::sockets::SocketDir;
 
 /// `exec --tty`: the process gets a pty in the guest, relayed to a host pty whose master goes
 /// to `--console-socket` (engines), or to this command's own terminal (interactive use).
 pub(super) fn run(
     args: &ExecArgs,
-    socket: &Path,
-    vsock: &Path,
+    sockets: &SocketDir,
     process_json: Vec<u8>,
     started: &mut Started,
 ) -> Result<ExitCode> {
     let mut process: serde_json::Value = serde_json::from_slice(&process_json)?;
     process["terminal"] = serde_json::Value::Bool(true);
     let process_json = serde_json::to_vec(&process)?;
+    let (socket, vsock) = (&sockets.monitor(), &sockets.vsock());
     if let Some(console_socket) = &args.console_socket {
         // The monitor holds the terminal; we only wait. We open the pty and hand its master
         // to the engine: the jailed monitor cannot reach the engine's socket by path.
-        let (master, slave, name) = console::open_pty().map_err(anyhow::Error::msg)?;
-        console::send_fd(console_socket, &name, &master).map_err(anyhow::Error::msg)?;
+        let (master, slave, name) = console::open_pty()?;
+        console::send_fd(console_socket, &name, &master)?;
         drop(master);
         let req = MonitorRequest::Exec {
             process_json,
             stdio: Stdio::NULL,
             console: true,
         };
-        let (first, mut reader) =
-            client::request_with_fd(socket, &req, Some(std::os::fd::AsFd::as_fd(&slave)))
-                .map_err(anyhow::Error::msg)?;
+        let sent = request::send(socket, &req, Some(slave.as_fd()), &args.id);
         drop(slave);
-        match first {
-            MonitorReply::ExecStarted { exec, .. } => {
-                Forwarder::block()?.start(socket.to_path_buf(), exec);
-                started.ok()?;
-            }
-            MonitorReply::Error(e) => bail!("exec in container {}: {e}", args.id),
-            other => bail!("unexpected reply {other:?}"),
-        }
+        let (exec, mut reader) = sent?;
+        request::running(socket, exec, started)?;
         let reply = client::read_reply(&mut reader).map_err(anyhow::Error::msg)?;
         return exited(reply, &args.id);
     }
@@ -65,26 +58,10 @@ pub(super) fn run(
         },
         console: false,
     };
-    let (first, mut reader) = match client::request(socket, &req) {
-        Ok(r) => r,
-        Err(e) => {
-            ports::remove(vsock, base);
-            bail!(e);
-        }
-    };
-    let exec_id = match first {
-        MonitorReply::ExecStarted { exec, .. } => exec,
-        MonitorReply::Error(e) => {
-            ports::remove(vsock, base);
-            bail!("exec in container {}: {e}", args.id);
-        }
-        other => {
-            ports::remove(vsock, base);
-            bail!("unexpected reply {other:?}");
-        }
-    };
-    Forwarder::block()?.start(socket.to_path_buf(), exec_id);
-    started.ok()?;
+    let (exec_id, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
+        ports::remove(vsock, base);
+    })?;
+    request::running(socket, exec_id, started)?;
     let conn = term_l.accept().map(|(c, _)| c);
     ports::remove(vsock, base);
     let conn = conn.context("accepting the guest's terminal connection")?;
