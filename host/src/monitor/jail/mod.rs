@@ -28,7 +28,8 @@
 //!   no_new_privs is set (the monitor never executes anything);
 //! - **rlimits**: RLIMIT_NOFILE bounded (the file server holds a descriptor per inode the guest
 //!   knows; the bound keeps a guest from eating the host's file table). RLIMIT_CORE is already 0
-//!   (see `no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply it to uid 0.
+//!   (see `super::setup::no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply
+//!   it to uid 0.
 //!
 //! **An unprivileged uid** (`--monitor-uid BASE`, see [`super::userns`]): the share is served
 //! as the guest's root (files created with the guest's uids, chowned, whatever the container's
