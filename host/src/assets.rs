@@ -33,9 +33,36 @@ impl GuestImage {
     }
 }
 
+/// Why no guest image was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageNotFound {
+    /// `$HUSK_IMAGE_DIR` names a directory without a complete image.
+    #[error(
+        "guest image from {IMAGE_DIR_ENV}={dir}: {file}: {reason} (build it with `cargo xtask \
+         build-image --out {dir}`, or unset {IMAGE_DIR_ENV} to use the default places)"
+    )]
+    Explicit {
+        /// The directory named.
+        dir: String,
+        /// The file that is missing or not a file.
+        file: String,
+        /// What is wrong with it.
+        reason: std::io::Error,
+    },
+    /// No default place holds an image.
+    #[error(
+        "guest image (vmlinux + initramfs.cpio) not found; looked in {looked_in} (build it with \
+         `cargo xtask build-image`, or set {IMAGE_DIR_ENV})"
+    )]
+    Nowhere {
+        /// Every directory searched, in order, comma-separated.
+        looked_in: String,
+    },
+}
+
 /// Finds the guest image, or says what is missing (from `$HUSK_IMAGE_DIR`) or everywhere it
 /// looked.
-pub fn find() -> Result<GuestImage, String> {
+pub fn find() -> Result<GuestImage, ImageNotFound> {
     let explicit = std::env::var_os(IMAGE_DIR_ENV)
         .filter(|d| !d.is_empty())
         .map(PathBuf::from);
@@ -54,24 +81,22 @@ pub fn find() -> Result<GuestImage, String> {
 }
 
 /// [`find`] with the explicit directory and the default places given.
-fn find_in(explicit: Option<&Path>, defaults: &[PathBuf]) -> Result<GuestImage, String> {
+fn find_in(explicit: Option<&Path>, defaults: &[PathBuf]) -> Result<GuestImage, ImageNotFound> {
     if let Some(dir) = explicit {
         let image = GuestImage::in_dir(dir);
         for file in [&image.vmlinux, &image.initramfs] {
-            if let Err(e) = std::fs::metadata(file).and_then(|m| {
+            if let Err(reason) = std::fs::metadata(file).and_then(|m| {
                 if m.is_file() {
                     Ok(())
                 } else {
                     Err(std::io::Error::other("not a regular file"))
                 }
             }) {
-                return Err(format!(
-                    "guest image from {IMAGE_DIR_ENV}={}: {}: {e} (build it with `cargo xtask \
-                     build-image --out {}`, or unset {IMAGE_DIR_ENV} to use the default places)",
-                    dir.display(),
-                    file.display(),
-                    dir.display()
-                ));
+                return Err(ImageNotFound::Explicit {
+                    dir: dir.display().to_string(),
+                    file: file.display().to_string(),
+                    reason,
+                });
             }
         }
         return Ok(image);
@@ -83,10 +108,9 @@ fn find_in(explicit: Option<&Path>, defaults: &[PathBuf]) -> Result<GuestImage, 
         }
     }
     let tried: Vec<String> = defaults.iter().map(|d| d.display().to_string()).collect();
-    Err(format!(
-        "guest image (vmlinux + initramfs.cpio) not found; looked in {} (build it with `cargo xtask build-image`, or set {IMAGE_DIR_ENV})",
-        tried.join(", ")
-    ))
+    Err(ImageNotFound::Nowhere {
+        looked_in: tried.join(", "),
+    })
 }
 
 #[cfg(test)]
@@ -108,7 +132,7 @@ mod tests {
 
         // Missing directory: an error naming it and the missing file, not the installed image.
         let missing = tmp.path().join("typo");
-        let e = find_in(Some(&missing), &defaults).unwrap_err();
+        let e = find_in(Some(&missing), &defaults).unwrap_err().to_string();
         assert!(
             e.contains(&format!("HUSK_IMAGE_DIR={}", missing.display()))
                 && e.contains(&format!("{}/vmlinux", missing.display())),
@@ -118,7 +142,7 @@ mod tests {
         let half = tmp.path().join("half");
         std::fs::create_dir_all(&half).unwrap();
         std::fs::write(half.join("vmlinux"), "kernel").unwrap();
-        let e = find_in(Some(&half), &defaults).unwrap_err();
+        let e = find_in(Some(&half), &defaults).unwrap_err().to_string();
         assert!(
             e.contains(&format!("{}/initramfs.cpio", half.display())),
             "{e}"
@@ -133,7 +157,7 @@ mod tests {
             find_in(None, &defaults).unwrap().initramfs,
             installed.join("initramfs.cpio")
         );
-        let e = find_in(None, &defaults[..1]).unwrap_err();
+        let e = find_in(None, &defaults[..1]).unwrap_err().to_string();
         assert!(e.contains("nothing-here"), "{e}");
     }
 }

@@ -4,10 +4,22 @@
 //! library so that the fuzz targets in `fuzz/` can drive the guest-facing code. Everything but
 //! [`main`] is private to the crate, except the `fuzzing` module, which exists only with the
 //! `fuzzing` cargo feature (off by default) and is not part of any supported interface.
+//!
+//! The modules, from the command line down:
+//!
+//! - `cli`: parses the command line; `cli::oci` has one file per OCI verb, each a few lines
+//!   over the modules below;
+//! - `oci`: the bundle, the state store under `--root`, the hooks;
+//! - `monitor`: the process behind each container, in the stages of creating it (`setup`,
+//!   `vm`, `guest`, `serve`), and its control socket (`api`, `client`);
+//! - `vmm`: the KVM virtual machine and its devices;
+//! - `assets` (where the guest image is), `phases` (`HUSK_PHASES` timestamps), `mount_ns`
+//!   (a private mount namespace) and [`error_chain`] serve them all.
 
 mod assets;
 mod cli;
 mod monitor;
+mod mount_ns;
 mod oci;
 mod phases;
 mod template;

@@ -20,7 +20,7 @@ use husk_e2e::{
     kvm_available, skip,
 };
 
-/// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail.rs):
+/// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail/):
 /// CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, SETGID 6, SETUID 7, MKNOD 27, SETFCAP 31.
 const KEPT: u64 =
     (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31);

@@ -1,9 +1,8 @@
-//! The `husk` command line: runc's commands, flags and exit codes, plus developer commands.
+//! The `husk` command line: runc's commands, flags and exit codes (`oci`, one verb a file),
+//! developer commands (`vm`), and how errors are reported (`log`).
 
-mod exec_relay;
 mod log;
 mod oci;
-mod signal_forward;
 mod template;
 mod vm;
 
@@ -47,33 +46,33 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a container (boots its VM; the process waits for `start`).
-    Create(oci::CreateArgs),
+    Create(oci::create::CreateArgs),
     /// Start a created container's process.
     Start(oci::IdArg),
     /// Print the state of a container as JSON.
     State(oci::IdArg),
     /// Send a signal to the container's process (or every process with --all).
-    Kill(oci::KillArgs),
+    Kill(oci::kill::KillArgs),
     /// Delete a stopped container (--force: stop it first).
-    Delete(oci::DeleteArgs),
+    Delete(oci::delete::DeleteArgs),
     /// Create and start a container, wait for it unless --detach.
-    Run(oci::RunArgs),
+    Run(oci::run::RunArgs),
     /// Run another process in a running container (in its VM).
-    Exec(oci::ExecArgs),
+    Exec(oci::exec::ExecArgs),
     /// List the processes of a container (guest pids).
-    Ps(oci::PsArgs),
+    Ps(oci::state::PsArgs),
     /// List containers.
-    List(oci::ListArgs),
+    List(oci::state::ListArgs),
     /// Print the features this runtime supports (runtime-spec features JSON).
     Features,
     /// Write a default config.json into the current (or --bundle) directory.
-    Spec(oci::SpecArgs),
+    Spec(oci::spec::SpecArgs),
     /// Pause a container (its VM's vCPUs stop).
     Pause(oci::IdArg),
     /// Resume a paused container.
     Resume(oci::IdArg),
     /// Print the container's resource usage as stats events (JSON lines).
-    Events(oci::EventsArgs),
+    Events(oci::events::EventsArgs),
     /// Manage VM templates (booted guests that `create` restores instead of booting).
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -82,7 +81,7 @@ enum Command {
     Vm(vm::VmCommand),
     /// The per-container monitor (started by `create`; not for direct use).
     #[command(hide = true)]
-    Monitor(oci::MonitorCmdArgs),
+    Monitor(oci::create::MonitorCmdArgs),
 }
 
 /// Parses the arguments and runs the command.
@@ -107,23 +106,23 @@ pub fn main(process_start: Instant) -> ExitCode {
         process_start,
     );
     let result = match cli.command {
-        Command::Create(a) => oci::create(&ctx, a),
-        Command::Start(a) => oci::start(&ctx, a),
-        Command::State(a) => oci::state(&ctx, a),
-        Command::Kill(a) => oci::kill(&ctx, a),
-        Command::Delete(a) => oci::delete(&ctx, a),
-        Command::Run(a) => oci::run(&ctx, a),
-        Command::Exec(a) => oci::exec(&ctx, a),
-        Command::Ps(a) => oci::ps(&ctx, a),
-        Command::List(a) => oci::list(&ctx, a),
-        Command::Features => oci::features(),
-        Command::Spec(a) => oci::spec(a),
-        Command::Pause(a) => oci::pause(&ctx, a, true),
-        Command::Resume(a) => oci::pause(&ctx, a, false),
-        Command::Events(a) => oci::events(&ctx, a),
+        Command::Create(a) => oci::create::create(&ctx, a),
+        Command::Start(a) => oci::start::start(&ctx, a),
+        Command::State(a) => oci::state::state(&ctx, a),
+        Command::Kill(a) => oci::kill::kill(&ctx, a),
+        Command::Delete(a) => oci::delete::delete(&ctx, a),
+        Command::Run(a) => oci::run::run(&ctx, a),
+        Command::Exec(a) => oci::exec::exec(&ctx, a),
+        Command::Ps(a) => oci::state::ps(&ctx, a),
+        Command::List(a) => oci::state::list(&ctx, a),
+        Command::Features => oci::spec::features(),
+        Command::Spec(a) => oci::spec::spec(a),
+        Command::Pause(a) => oci::pause::pause(&ctx, a, true),
+        Command::Resume(a) => oci::pause::pause(&ctx, a, false),
+        Command::Events(a) => oci::events::events(&ctx, a),
         Command::Template(cmd) => template::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, process_start),
-        Command::Monitor(a) => Ok(oci::monitor(&ctx, a, process_start)),
+        Command::Monitor(a) => Ok(oci::create::monitor(&ctx, a, process_start)),
     };
     crate::phases::record_now(if is_monitor {
         "monitor-exit"

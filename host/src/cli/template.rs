@@ -94,7 +94,7 @@ pub fn run(cmd: TemplateCommand) -> Result<ExitCode> {
                 (Some(vmlinux), Some(initramfs)) => {
                     crate::assets::GuestImage { vmlinux, initramfs }
                 }
-                _ => crate::assets::find().map_err(anyhow::Error::msg)?,
+                _ => crate::assets::find()?,
             };
             for p in [&image.vmlinux, &image.initramfs] {
                 if !p.is_file() {

@@ -79,7 +79,7 @@ pub fn run(cmd: VmCommand, process_start: Instant) -> Result<ExitCode> {
 fn restore(args: RestoreArgs, process_start: Instant) -> Result<ExitCode> {
     use husk_proto::{GuestMessage, HostMessage, Request, RequestId};
 
-    let image = crate::assets::find().map_err(anyhow::Error::msg)?;
+    let image = crate::assets::find()?;
     let shape = crate::template::TemplateShape {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
@@ -104,7 +104,7 @@ fn restore(args: RestoreArgs, process_start: Instant) -> Result<ExitCode> {
     let vm = vmm::restore(&config, &snapshot, process_start)
         .with_context(|| format!("restoring template {key}"))?;
     let restored = Instant::now();
-    let mut conn = crate::template::greet(&vm, &control).map_err(anyhow::Error::msg)?;
+    let mut conn = crate::template::greet(&vm, &control)?;
     let greeted = Instant::now();
     let request = HostMessage::Request {
         id: RequestId(0),

@@ -18,8 +18,6 @@ const RING_REGION: u64 = 0x1_0000;
 /// Offsets of the rings in a queue's region (room for 1024-entry queues).
 const AVAIL_OFFSET: u64 = 0x8000;
 const USED_OFFSET: u64 = 0xc000;
-/// Where buffers go (seeds allocate from here up).
-pub(super) const DATA_START: u32 = 0x4_0000;
 /// Guest memory of the device targets: one region at guest physical 0.
 pub(super) const MEM_SIZE: usize = 1 << 20;
 /// `WRITE_MEM` addresses are taken modulo this (beyond the memory: the write fails).
@@ -37,6 +35,13 @@ pub(super) trait Device {
     fn host_op(&mut self, _op: u8, _input: &mut Input<'_>) {}
 }
 
+/// A harness's device, locked for its event handler (a panic under the lock, which the
+/// fuzzer reports, does not stop the next call).
+pub(super) fn lock<T: ?Sized>(dev: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    dev.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One guest memory region of `MEM_SIZE` bytes at 0.
 pub(super) fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("map guest memory")
@@ -45,6 +50,22 @@ pub(super) fn guest_memory() -> GuestMemoryMmap {
 /// The queue size a target's prefix byte asks for: a power of two up to [`MAX_FUZZ_QUEUE`].
 pub(super) fn queue_size(byte: u8) -> u16 {
     (1u16 << (byte % 7)).min(MAX_FUZZ_QUEUE)
+}
+
+/// Runs a device target's input: a queue-size byte (see [`queue_size`]), then operations
+/// against the harness `new` makes, whose `device` gets a transport on [`guest_memory`],
+/// initialised as a Linux driver would at probe.
+pub(super) fn run<D: Device>(
+    data: &[u8],
+    new: impl FnOnce() -> D,
+    device: impl FnOnce(&D) -> SharedDevice,
+) {
+    let mut input = Input::new(data);
+    let size = queue_size(input.u8());
+    let mut harness = new();
+    let mut driver = Driver::new(guest_memory(), device(&harness));
+    driver.init(size);
+    driver.run(&mut input, &mut harness);
 }
 
 /// Where the driver puts the next chain of a queue.
@@ -64,11 +85,7 @@ pub(super) struct Driver {
 impl Driver {
     /// A driver for `device`, whose transport is created here on `mem`.
     pub(super) fn new(mem: GuestMemoryMmap, device: SharedDevice) -> Self {
-        let queues = device
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .queue_max_sizes()
-            .len();
+        let queues = lock(&device).queue_max_sizes().len();
         let transport = MmioTransport::new(mem.clone(), device).expect("a transport");
         Self {
             mem,

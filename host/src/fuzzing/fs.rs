@@ -15,14 +15,14 @@
 //! 16 MiB of log, the process died writing to stderr.)
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 
 use super::ScratchDir;
-use super::driver::{Device, Driver, guest_memory, queue_size};
-use super::ops::{Input, Ops};
+use super::driver::{self, Device};
+use super::ops::Ops;
+use crate::mount_ns::MountNsError;
 use crate::vmm::devices::virtio::fs::Fs;
 
 /// The options of the tmpfs the shares live on.
@@ -37,16 +37,8 @@ fn share_root() -> PathBuf {
     let tid = nix::unistd::gettid();
     let dir = std::env::temp_dir().join(format!("husk-fuzz-fs-{}-{tid}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the share root");
-    let mounted = unshare(CloneFlags::CLONE_NEWNS)
-        .and_then(|()| {
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-        })
+    let mounted = crate::mount_ns::enter()
+        .map_err(|(MountNsError::Unshare(e) | MountNsError::MakePrivate(e))| e)
         .and_then(|()| {
             mount(
                 Some("tmpfs"),
@@ -93,20 +85,12 @@ impl Harness {
 
 impl Device for Harness {
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::driver::{DATA_START, Device, Driver};
-use super::ops::{Input, Ops};
+use super::driver::{Device, Driver};
+use super::ops::{DATA_START, Input, Ops};
 use super::{fs, vsock};
 
 fn guest_memory() -> GuestMemoryMmap {

@@ -14,10 +14,15 @@
 //!
 //! Adding a device is a harness and an entry point: a struct holding the
 //! device (`Arc<Mutex<Net>>`) and its host side (whatever the device's backend is, opened for
-//! real by the harness), `impl driver::Device` (`process` calls the device's event
-//! handler; `host_op` plays the host side), and a `run` that builds a `driver::Driver` on
-//! `driver::guest_memory()`, calls `init` and `run` (see `vsock.rs`); then a seeds function,
-//! a line in [`seeds`] and in the tests below, and a target file plus `[[bin]]` in `fuzz/`.
+//! real by the harness), `impl driver::Device` (`process` calls the device's event handler,
+//! `host_op` plays the host side), and a `run` that passes the input, the harness's
+//! constructor and how to get its device to `driver::run` (see `vsock.rs`); then a seeds
+//! function, a line in [`seeds`] and in the tests below, and a target file plus `[[bin]]` in
+//! `fuzz/`.
+//!
+//! The files: `ops` (the input format: reading and writing programs), `driver` (the guest
+//! driver that runs them against a device's MMIO transport), one harness per target (`vsock`,
+//! `fs`, `net`, `mmio`, and `bundle`, which needs no driver).
 
 mod bundle;
 mod driver;

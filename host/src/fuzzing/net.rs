@@ -13,9 +13,9 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
-use super::driver::{Device, Driver, guest_memory, queue_size};
+use super::driver::{self, Device};
 use super::ops::{Input, Ops};
 use crate::vmm::devices::virtio::net::{Net, Tap, VNET_HDR_LEN};
 
@@ -44,10 +44,7 @@ impl Harness {
 
 impl Device for Harness {
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 
     fn host_op(&mut self, op: u8, input: &mut Input<'_>) {
@@ -79,12 +76,7 @@ impl Device for Harness {
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------
@@ -238,6 +230,7 @@ pub(super) fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use super::driver::{Driver, guest_memory, queue_size};
     use super::*;
 
     /// Runs a seed and returns the device's counters: (tx frames, tx dropped, rx frames, rx

@@ -3,6 +3,10 @@
 //! little endian; an input that ends early reads as zeros, so every byte string is a valid
 //! program. [`Ops`] writes programs for the seed corpora and [`Input`] reads them.
 
+/// Where buffers go in guest memory (seeds allocate from here up; the driver keeps its queues
+/// below).
+pub(super) const DATA_START: u32 = 0x4_0000;
+
 /// Opcodes.
 pub(super) mod op {
     /// `addr: u32, len: u16, bytes`: write bytes into guest memory (`addr` modulo the span).
@@ -82,7 +86,7 @@ impl Ops {
     pub(super) fn new(prefix: &[u8]) -> Self {
         Self {
             bytes: prefix.to_vec(),
-            next_data: super::driver::DATA_START,
+            next_data: DATA_START,
         }
     }
 

@@ -10,11 +10,11 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use super::ScratchDir;
-use super::driver::{DATA_START, Device, Driver, guest_memory, queue_size};
-use super::ops::{Input, Ops};
+use super::driver::{self, Device};
+use super::ops::{DATA_START, Input, Ops};
 use crate::vmm::devices::virtio::vsock::Vsock;
 
 const GUEST_CID: u64 = 3;
@@ -73,10 +73,7 @@ impl Harness {
 
 impl Device for Harness {
     fn process(&mut self) {
-        self.dev
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .process_events();
+        driver::lock(&self.dev).process_events();
     }
 
     fn host_op(&mut self, op: u8, input: &mut Input<'_>) {
@@ -138,12 +135,7 @@ fn ignore_sigpipe() {
 }
 
 pub(super) fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let size = queue_size(input.u8());
-    let mut harness = Harness::new();
-    let mut driver = Driver::new(guest_memory(), harness.dev.clone());
-    driver.init(size);
-    driver.run(&mut input, &mut harness);
+    driver::run(data, Harness::new, |h| h.dev.clone());
 }
 
 // ---- Seeds -----------------------------------------------------------------------------------

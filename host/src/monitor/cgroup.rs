@@ -12,6 +12,50 @@ use std::time::{Duration, Instant};
 /// The file in the state directory that lists the monitor's cgroup directories.
 pub const RECORD_FILE: &str = "cgroups";
 
+/// Why the monitor's cgroups could not be made, joined or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A file of `/proc` or of a cgroup, or the record, could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record, or a cpuset's CPUs or memory nodes, could not be written.
+    #[error("writing {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A cgroup directory could not be made (a read-only hierarchy, say).
+    #[error("creating the cgroup {dir}")]
+    Create {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The monitor could not be moved into its cgroup.
+    #[error("moving the monitor into {dir}")]
+    Join {
+        /// The cgroup.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some recorded cgroups could not be removed (each with why, in the message).
+    #[error("removing the cgroups {0}")]
+    Remove(String),
+}
+
 /// Where a hierarchy is mounted and which cgroup of it this process is in.
 #[derive(Debug, PartialEq, Eq)]
 struct Hierarchy {
@@ -84,9 +128,14 @@ fn mount_of(mountinfo: &str, fstype: &str, controllers: &[&str], path: &str) -> 
 /// cgroup hierarchy gives none; a hierarchy the monitor cannot write (mounted read-only, as in
 /// some containers) is skipped with a log line: the cgroup is an administrator's handle, not
 /// what confines the monitor.
-pub fn join(id: &str, state_dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("reading {p}: {e}"));
-    let found = hierarchies(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?);
+pub fn join(id: &str, state_dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p).map_err(|source| CgroupError::Read {
+            path: p.into(),
+            source,
+        })
+    };
+    let found = hierarchies(&read("/proc/self/cgroup")?, &read(super::mountinfo::PATH)?);
     let dirs: Vec<(PathBuf, &Hierarchy)> = found
         .iter()
         .map(|h| (h.mount_point.join(&h.current).join("husk").join(id), h))
@@ -97,37 +146,49 @@ pub fn join(id: &str, state_dir: &Path) -> Result<Vec<PathBuf>, String> {
         .map(|(d, _)| format!("{}\n", d.display()))
         .collect();
     let record_path = state_dir.join(RECORD_FILE);
-    std::fs::write(&record_path, record)
-        .map_err(|e| format!("writing {}: {e}", record_path.display()))?;
+    std::fs::write(&record_path, record).map_err(|source| CgroupError::Write {
+        path: record_path,
+        source,
+    })?;
     let mut joined = Vec::new();
     for (dir, h) in &dirs {
         match enter(dir, h.cpuset) {
             Ok(()) => joined.push(dir.clone()),
-            Err(e) => eprintln!("husk monitor: no cgroup of its own: {e}"),
+            Err(e) => eprintln!(
+                "husk monitor: no cgroup of its own: {}",
+                crate::error_chain(&e)
+            ),
         }
     }
     Ok(joined)
 }
 
 /// Creates `dir` (and its parent `husk`) and moves this process into it.
-fn enter(dir: &Path, cpuset: bool) -> Result<(), String> {
+fn enter(dir: &Path, cpuset: bool) -> Result<(), CgroupError> {
     for level in [dir.parent().unwrap_or(dir), dir] {
         match std::fs::create_dir(level) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("creating the cgroup {}: {e}", level.display())),
+            Err(source) => {
+                return Err(CgroupError::Create {
+                    dir: level.to_owned(),
+                    source,
+                });
+            }
         }
         if cpuset {
             inherit_cpuset(level)?;
         }
     }
     let procs = dir.join("cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string())
-        .map_err(|e| format!("moving the monitor into {}: {e}", dir.display()))
+    std::fs::write(&procs, std::process::id().to_string()).map_err(|source| CgroupError::Join {
+        dir: dir.to_owned(),
+        source,
+    })
 }
 
 /// Gives an empty v1 cpuset its parent's CPUs and memory nodes.
-fn inherit_cpuset(dir: &Path) -> Result<(), String> {
+fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
     let Some(parent) = dir.parent() else {
         return Ok(());
     };
@@ -137,21 +198,30 @@ fn inherit_cpuset(dir: &Path) -> Result<(), String> {
         if !current.trim().is_empty() {
             continue;
         }
-        let from = std::fs::read_to_string(parent.join(file))
-            .map_err(|e| format!("reading {}/{file}: {e}", parent.display()))?;
-        std::fs::write(&own, from.trim()).map_err(|e| format!("writing {}: {e}", own.display()))?;
+        let from =
+            std::fs::read_to_string(parent.join(file)).map_err(|source| CgroupError::Read {
+                path: parent.join(file),
+                source,
+            })?;
+        std::fs::write(&own, from.trim())
+            .map_err(|source| CgroupError::Write { path: own, source })?;
     }
     Ok(())
 }
 
 /// Removes the cgroups the record in `state_dir` lists (the monitor must be gone). A cgroup
 /// whose last task is still exiting is busy for a moment: retried for up to a second.
-pub fn remove(state_dir: &Path) -> Result<(), String> {
+pub fn remove(state_dir: &Path) -> Result<(), CgroupError> {
     let record_path = state_dir.join(RECORD_FILE);
     let record = match std::fs::read_to_string(&record_path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("reading {}: {e}", record_path.display())),
+        Err(source) => {
+            return Err(CgroupError::Read {
+                path: record_path,
+                source,
+            });
+        }
     };
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut failed = Vec::new();
@@ -173,7 +243,7 @@ pub fn remove(state_dir: &Path) -> Result<(), String> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("removing the cgroups {}", failed.join(", ")))
+        Err(CgroupError::Remove(failed.join(", ")))
     }
 }
 

@@ -7,12 +7,44 @@ use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use husk_proto::WindowSize;
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+
+/// Why a terminal could not be made or handed to the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// No pseudo-terminal could be opened, or its slave could not be set to raw mode.
+    #[error("{what}")]
+    Pty {
+        /// The call that failed (`openpty`, `tcgetattr on the pty`, ...).
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The engine's `--console-socket` does not accept a connection.
+    #[error("connecting to the console socket {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine's socket took the connection but not the pty's master.
+    #[error("sending the pty master to {path}")]
+    Send {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+}
 
 /// The host side of a container's terminal.
 #[derive(Debug)]
@@ -23,7 +55,7 @@ pub struct Console {
 impl Console {
     /// Opens a pty, sends its master to `socket`, keeps the slave (in raw mode: the guest's
     /// pty does the line discipline).
-    pub fn open(socket: &Path) -> Result<Console, String> {
+    pub fn open(socket: &Path) -> Result<Console, ConsoleError> {
         let (master, slave, name) = open_pty()?;
         send_fd(socket, &name, &master)?;
         Ok(Console::from_slave(slave))
@@ -108,23 +140,26 @@ pub fn window_size(tty: &impl AsRawFd) -> Option<WindowSize> {
 
 /// Opens a pseudo-terminal with its slave in raw mode (the guest's pty does the line
 /// discipline). Returns the master, the slave and the slave's name.
-pub fn open_pty() -> Result<(OwnedFd, OwnedFd, String), String> {
-    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+pub fn open_pty() -> Result<(OwnedFd, OwnedFd, String), ConsoleError> {
+    let pty_err = |what| move |source| ConsoleError::Pty { what, source };
+    let pty = nix::pty::openpty(None, None).map_err(pty_err("openpty"))?;
     let name = nix::unistd::ttyname(&pty.slave)
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let mut termios = nix::sys::termios::tcgetattr(&pty.slave)
-        .map_err(|e| format!("tcgetattr on the pty: {e}"))?;
+    let mut termios =
+        nix::sys::termios::tcgetattr(&pty.slave).map_err(pty_err("tcgetattr on the pty"))?;
     nix::sys::termios::cfmakeraw(&mut termios);
     nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
-        .map_err(|e| format!("tcsetattr on the pty: {e}"))?;
+        .map_err(pty_err("tcsetattr on the pty"))?;
     Ok((pty.master, pty.slave, name))
 }
 
 /// Sends `fd` over the Unix socket at `path` with `name` as the payload.
-pub fn send_fd(path: &Path, name: &str, fd: &OwnedFd) -> Result<(), String> {
-    let sock = UnixStream::connect(path)
-        .map_err(|e| format!("connecting to the console socket {}: {e}", path.display()))?;
+pub fn send_fd(path: &Path, name: &str, fd: &OwnedFd) -> Result<(), ConsoleError> {
+    let sock = UnixStream::connect(path).map_err(|source| ConsoleError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
     let fds = [fd.as_raw_fd()];
     let payload = if name.is_empty() { "pty" } else { name };
     sendmsg::<()>(
@@ -134,6 +169,9 @@ pub fn send_fd(path: &Path, name: &str, fd: &OwnedFd) -> Result<(), String> {
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| format!("sending the pty master to {}: {e}", path.display()))?;
+    .map_err(|source| ConsoleError::Send {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(())
 }

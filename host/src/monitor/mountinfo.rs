@@ -20,15 +20,16 @@ pub struct MountLine {
     pub super_options: String,
 }
 
-/// Reads this process's mount table.
-pub fn read() -> Result<Vec<MountLine>, String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| parse(&info))
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))
+/// Where this process's mount table is.
+pub const PATH: &str = "/proc/self/mountinfo";
+
+/// Reads this process's mount table ([`PATH`]).
+pub fn read() -> std::io::Result<Vec<MountLine>> {
+    std::fs::read_to_string(PATH).map(|info| parse(&info))
 }
 
 /// The mounts at and below `dir` in this mount namespace, in mount order.
-pub fn under(dir: &Path) -> Result<Vec<MountLine>, String> {
+pub fn under(dir: &Path) -> std::io::Result<Vec<MountLine>> {
     Ok(read()?
         .into_iter()
         .filter(|m| m.at.starts_with(dir))

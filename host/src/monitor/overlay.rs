@@ -47,6 +47,109 @@ use super::userns::{IdMap, UserNs};
 /// line; empty without an overlay), pinned: `husk delete` removes them.
 pub const RECORD_FILE: &str = "overlay-workdir";
 
+/// Why an overlay could not be remounted on idmapped layers, or its work directory removed.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The mount table could not be read.
+    #[error("reading {}", super::mountinfo::PATH)]
+    Mountinfo(#[source] std::io::Error),
+    /// An overlay whose options husk cannot mount anew (see the module docs for which).
+    #[error("the overlay at {at}: {why}; --monitor-uid cannot remount it on idmapped layers")]
+    Unsupported {
+        /// Where it is mounted.
+        at: PathBuf,
+        /// What husk does not support.
+        why: String,
+    },
+    /// Another mount below an overlay, which taking the overlay off would take too.
+    #[error(
+        "the overlay at {at} has a mount below it ({kind} at {below}); --monitor-uid cannot \
+         remount it on idmapped layers"
+    )]
+    MountBelow {
+        /// Where the overlay is mounted.
+        at: PathBuf,
+        /// The type of the mount below it.
+        kind: String,
+        /// Where that one is mounted.
+        below: PathBuf,
+    },
+    /// A layer is gone (or not reachable).
+    #[error("overlay layer {dir}")]
+    Layer {
+        /// The layer.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer could not be idmapped.
+    #[error(transparent)]
+    Idmap(#[from] super::userns::UserNsError),
+    /// The capabilities the mount needs could not be raised for the namespace's root.
+    #[error("keeping capabilities for the overlay's mount")]
+    Capabilities(#[source] caps::errors::CapsError),
+    /// The kernel refused the new overlay.
+    #[error("mounting the overlay at {at} on idmapped layers ({data})")]
+    Mount {
+        /// Where.
+        at: PathBuf,
+        /// Its options.
+        data: String,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The engine's overlay could not be taken off the share.
+    #[error("unmounting the overlay at {at}")]
+    Unmount {
+        /// Where.
+        at: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The record of the work directories could not be written or read.
+    #[error("{what} {path}")]
+    Record {
+        /// `writing` or `reading`.
+        what: &'static str,
+        /// The record.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new overlay's work directory could not be made.
+    #[error("making the overlay's work directory {dir}")]
+    Workdir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record names a directory that is not one husk made for this container: it is left.
+    #[error("{record}: {line:?} is not a work directory of container {id}")]
+    NotAWorkdir {
+        /// The record.
+        record: PathBuf,
+        /// Its line.
+        line: String,
+        /// The container.
+        id: String,
+    },
+    /// A work directory could not be removed.
+    #[error("removing the overlay work directory {line}")]
+    RemoveWorkdir {
+        /// The directory, as recorded.
+        line: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// An overlay under the share, to be mounted anew on idmapped layers.
 #[derive(Debug, PartialEq)]
 pub struct Overlay {
@@ -62,12 +165,10 @@ pub struct Overlay {
 
 impl Overlay {
     /// Reads an overlay's layers and options from its mountinfo line.
-    fn parse(m: &MountLine) -> Result<Overlay, String> {
-        let bad = |what: String| {
-            format!(
-                "the overlay at {}: {what}; --monitor-uid cannot remount it on idmapped layers",
-                m.at.display()
-            )
+    fn parse(m: &MountLine) -> Result<Overlay, OverlayError> {
+        let bad = |why: String| OverlayError::Unsupported {
+            at: m.at.clone(),
+            why,
         };
         let mut flags = MsFlags::empty();
         for o in m.mount_options.split(',') {
@@ -84,7 +185,7 @@ impl Overlay {
             let (key, value) = o.split_once('=').unwrap_or((o, ""));
             let value = String::from_utf8(mountinfo::unescape(value))
                 .map_err(|_| bad(format!("{key}: not UTF-8")))?;
-            let path = |p: &str| -> Result<PathBuf, String> {
+            let path = |p: &str| -> Result<PathBuf, OverlayError> {
                 if p.is_empty() || p.contains([',', ':', '\\']) {
                     return Err(bad(format!("{key} {p:?}: empty, or with `,`, `:` or `\\`")));
                 }
@@ -145,12 +246,14 @@ impl Overlay {
 
     /// Mounts the new overlay at the place of the old (taken off by [`take_off`]), on
     /// idmapped views of its layers.
-    pub fn mount_idmapped(&self, ns: &UserNs, map: IdMap, id: &str) -> Result<(), String> {
+    pub fn mount_idmapped(&self, ns: &UserNs, map: IdMap, id: &str) -> Result<(), OverlayError> {
         // Each directory to cover once: an ancestor's idmapped view covers what is below it
         // (and a view cannot be idmapped twice).
         let canonical = |dir: &Path| {
-            dir.canonicalize()
-                .map_err(|e| format!("overlay layer {}: {e}", dir.display()))
+            dir.canonicalize().map_err(|source| OverlayError::Layer {
+                dir: dir.to_owned(),
+                source,
+            })
         };
         let mut dirs = self
             .lower
@@ -204,11 +307,10 @@ impl Overlay {
                 Some(data.as_str()),
             )
         })?
-        .map_err(|e| {
-            format!(
-                "mounting the overlay at {} on idmapped layers ({data}): {e}",
-                self.at.display()
-            )
+        .map_err(|source| OverlayError::Mount {
+            at: self.at.clone(),
+            data,
+            source,
         })
     }
 }
@@ -220,21 +322,19 @@ fn workdir_name(id: &str) -> String {
 /// The overlays at and below `share`: parsed, their work directories made and recorded in
 /// `state_dir` (before the records are pinned). Fails, naming it, on an overlay that cannot be
 /// remounted, or one with mounts below it.
-pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, String> {
-    let mounts = mountinfo::under(share)?;
+pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, OverlayError> {
+    let mounts = mountinfo::under(share).map_err(OverlayError::Mountinfo)?;
     let mut found = Vec::new();
     for m in mounts.iter().filter(|m| m.kind == "overlay") {
         if let Some(below) = mounts
             .iter()
             .find(|b| b.at != m.at && b.at.starts_with(&m.at))
         {
-            return Err(format!(
-                "the overlay at {} has a mount below it ({} at {}); --monitor-uid cannot \
-                 remount it on idmapped layers",
-                m.at.display(),
-                below.kind,
-                below.at.display()
-            ));
+            return Err(OverlayError::MountBelow {
+                at: m.at.clone(),
+                kind: below.kind.clone(),
+                below: below.at.clone(),
+            });
         }
         found.push(Overlay::parse(m)?);
     }
@@ -243,15 +343,18 @@ pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, St
         .iter()
         .map(|w| format!("{}\n", w.display()))
         .collect::<String>();
-    std::fs::write(state_dir.join(RECORD_FILE), record)
-        .map_err(|e| format!("writing {}: {e}", state_dir.join(RECORD_FILE).display()))?;
+    std::fs::write(state_dir.join(RECORD_FILE), record).map_err(|source| OverlayError::Record {
+        what: "writing",
+        path: state_dir.join(RECORD_FILE),
+        source,
+    })?;
     for w in &workdirs {
         match std::fs::create_dir(w) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(format!(
-                    "making the overlay's work directory {}: {e}",
-                    w.display()
-                ));
+            Err(source) if source.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(OverlayError::Workdir {
+                    dir: w.clone(),
+                    source,
+                });
             }
             _ => {}
         }
@@ -260,17 +363,19 @@ pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, St
 }
 
 /// Takes the overlays off the share (they are mounted anew after the share is idmapped).
-pub fn take_off(overlays: &[Overlay]) -> Result<(), String> {
+pub fn take_off(overlays: &[Overlay]) -> Result<(), OverlayError> {
     for o in overlays {
-        umount2(&o.at, MntFlags::MNT_DETACH)
-            .map_err(|e| format!("unmounting the overlay at {}: {e}", o.at.display()))?;
+        umount2(&o.at, MntFlags::MNT_DETACH).map_err(|source| OverlayError::Unmount {
+            at: o.at.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// Runs `f` with the filesystem uid and gid of the namespace's root (host BASE) and the
 /// capabilities kept, then goes back to root's.
-fn as_namespace_root<T>(map: IdMap, f: impl FnOnce() -> T) -> Result<T, String> {
+fn as_namespace_root<T>(map: IdMap, f: impl FnOnce() -> T) -> Result<T, OverlayError> {
     use caps::CapSet;
     let base = map.base();
     nix::unistd::setfsgid(nix::unistd::Gid::from_raw(base));
@@ -278,7 +383,7 @@ fn as_namespace_root<T>(map: IdMap, f: impl FnOnce() -> T) -> Result<T, String> 
     // Leaving fsuid 0 clears the effective filesystem capabilities; they are still permitted.
     let raised = caps::read(None, CapSet::Permitted)
         .and_then(|permitted| caps::set(None, CapSet::Effective, &permitted))
-        .map_err(|e| format!("keeping capabilities for the overlay's mount: {e}"));
+        .map_err(OverlayError::Capabilities);
     let out = raised.map(|()| f());
     nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
     nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
@@ -287,24 +392,34 @@ fn as_namespace_root<T>(map: IdMap, f: impl FnOnce() -> T) -> Result<T, String> 
 
 /// Removes the work directories recorded in `state_dir` (`husk delete`, after the monitor and
 /// its overlays are gone). Only directories named for this container are removed.
-pub fn remove_workdirs(state_dir: &Path, id: &str) -> Result<(), String> {
+pub fn remove_workdirs(state_dir: &Path, id: &str) -> Result<(), OverlayError> {
     let record = state_dir.join(RECORD_FILE);
     let text = match std::fs::read_to_string(&record) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("reading {}: {e}", record.display())),
+        Err(source) => {
+            return Err(OverlayError::Record {
+                what: "reading",
+                path: record,
+                source,
+            });
+        }
     };
     for line in text.lines().filter(|l| !l.is_empty()) {
         let dir = Path::new(line);
         if dir.file_name() != Some(std::ffi::OsStr::new(&workdir_name(id))) || dir.is_relative() {
-            return Err(format!(
-                "{}: {line:?} is not a work directory of container {id}",
-                record.display()
-            ));
+            return Err(OverlayError::NotAWorkdir {
+                record,
+                line: line.to_owned(),
+                id: id.to_owned(),
+            });
         }
         match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(format!("removing the overlay work directory {line}: {e}"));
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(OverlayError::RemoveWorkdir {
+                    line: line.to_owned(),
+                    source,
+                });
             }
             _ => {}
         }
@@ -356,7 +471,7 @@ mod tests {
             ("rw,lowerdir=/a,upperdir=/u", "without a workdir"),
         ] {
             let mounts = mountinfo::parse(&line(opts));
-            let err = Overlay::parse(&mounts[0]).unwrap_err();
+            let err = Overlay::parse(&mounts[0]).unwrap_err().to_string();
             assert!(
                 err.contains("/s/rootfs") && err.contains(says),
                 "{opts}: {err}"
@@ -386,7 +501,7 @@ mod tests {
         std::fs::create_dir_all(&keep).unwrap();
         remove_workdirs(&state, "c1").unwrap();
         std::fs::write(state.join(RECORD_FILE), format!("{}\n", keep.display())).unwrap();
-        let err = remove_workdirs(&state, "c1").unwrap_err();
+        let err = remove_workdirs(&state, "c1").unwrap_err().to_string();
         assert!(
             err.contains("not a work directory of container c1"),
             "{err}"

@@ -7,24 +7,87 @@ use std::path::{Path, PathBuf};
 use husk_proto::{FsSource, MountSource, SHARE_TAG};
 use nix::mount::{MsFlags, mount};
 
+use crate::mount_ns::MountNsError;
 use crate::oci::bundle::Bundle;
+
+/// Why the share could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    /// The monitor's mount namespace could not be made (no CAP_SYS_ADMIN?).
+    #[error("creating the monitor's mount namespace")]
+    Namespace(#[source] nix::Error),
+    /// The monitor's mounts could not be made private: the share would show on the host.
+    #[error("making the monitor's mounts private")]
+    Private(#[source] nix::Error),
+    /// A directory or file of the share could not be made.
+    #[error("creating {path}")]
+    Create {
+        /// What.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bind mount of the spec has no source.
+    #[error("mount {index} ({destination}): a bind mount needs a source")]
+    NoSource {
+        /// Its index in `mounts`.
+        index: u32,
+        /// Its destination in the container.
+        destination: PathBuf,
+    },
+    /// A bind mount's source is not there.
+    #[error("mount {index} ({destination}): source {source_path}")]
+    Source {
+        /// Its index in `mounts`.
+        index: u32,
+        /// Its destination in the container.
+        destination: PathBuf,
+        /// The source, absolute.
+        source_path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The rootfs or a bind mount's source could not be bound into the share.
+    #[error("bind-mounting {from} on {to}")]
+    Bind {
+        /// The source.
+        from: PathBuf,
+        /// The place in the share.
+        to: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// A read-only rootfs or bind mount could not be made read-only.
+    #[error("making {path} read-only")]
+    ReadOnly {
+        /// Its place in the share.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+}
 
 /// Enters a private mount namespace and assembles the share. Returns the share directory and
 /// where each bind mount's source is in it.
-pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountSource>), String> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(|e| format!("creating the monitor's mount namespace: {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making the monitor's mounts private: {e}"))?;
+pub fn prepare(
+    state_dir: &Path,
+    bundle: &Bundle,
+) -> Result<(PathBuf, Vec<MountSource>), ShareError> {
+    crate::mount_ns::enter().map_err(|e| match e {
+        MountNsError::Unshare(e) => ShareError::Namespace(e),
+        MountNsError::MakePrivate(e) => ShareError::Private(e),
+    })?;
+    let create = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ShareError::Create { path, source }
+    };
     let share = state_dir.join("share");
     let rootfs = share.join("rootfs");
-    std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
+    std::fs::create_dir_all(&rootfs).map_err(create(&rootfs))?;
     // Writable even for `root.readonly`: as runc does, husk-init creates the mount points the
     // image lacks (a bundle from `runc spec` on a bare rootfs has no /proc) and the working
     // directory, and only then makes the container's root read-only, in the guest.
@@ -39,32 +102,30 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
             continue;
         }
         let Some(source) = m.source() else {
-            return Err(format!(
-                "mount {index} ({}): a bind mount needs a source",
-                m.destination().display()
-            ));
+            return Err(ShareError::NoSource {
+                index,
+                destination: m.destination().clone(),
+            });
         };
         let source = if source.is_absolute() {
             source.clone()
         } else {
             bundle.dir.join(source)
         };
-        let meta = std::fs::metadata(&source).map_err(|e| {
-            format!(
-                "mount {index} ({}): source {}: {e}",
-                m.destination().display(),
-                source.display()
-            )
+        let meta = std::fs::metadata(&source).map_err(|e| ShareError::Source {
+            index,
+            destination: m.destination().clone(),
+            source_path: source.clone(),
+            source: e,
         })?;
         let target = share.join("mounts").join(index.to_string());
-        std::fs::create_dir_all(share.join("mounts"))
-            .map_err(|e| format!("creating {}/mounts: {e}", share.display()))?;
+        std::fs::create_dir_all(share.join("mounts")).map_err(create(&share.join("mounts")))?;
         if meta.is_dir() {
             std::fs::create_dir_all(&target)
         } else {
             std::fs::write(&target, b"")
         }
-        .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        .map_err(create(&target))?;
         bind(&source, &target, options.iter().any(|o| o == "rbind"))?;
         if options.iter().any(|o| o == "ro") {
             remount_readonly(&target)?;
@@ -81,7 +142,7 @@ pub fn prepare(state_dir: &Path, bundle: &Bundle) -> Result<(PathBuf, Vec<MountS
 }
 
 /// Makes an existing bind mount read-only (the file server then gets EROFS for any write).
-fn remount_readonly(target: &Path) -> Result<(), String> {
+fn remount_readonly(target: &Path) -> Result<(), ShareError> {
     mount(
         None::<&str>,
         target,
@@ -89,20 +150,21 @@ fn remount_readonly(target: &Path) -> Result<(), String> {
         MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
     )
-    .map_err(|e| format!("making {} read-only: {e}", target.display()))
+    .map_err(|source| ShareError::ReadOnly {
+        path: target.to_owned(),
+        source,
+    })
 }
 
-fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), String> {
+fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), ShareError> {
     let flags = if recursive {
         MsFlags::MS_BIND | MsFlags::MS_REC
     } else {
         MsFlags::MS_BIND
     };
-    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
-        format!(
-            "bind-mounting {} on {}: {e}",
-            source.display(),
-            target.display()
-        )
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| ShareError::Bind {
+        from: source.to_owned(),
+        to: target.to_owned(),
+        source: e,
     })
 }

@@ -42,13 +42,116 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How many uids (and gids) the namespace maps.
 pub const RANGE: u32 = 65_536;
 
 /// The environment variable `--monitor-uid` falls back to.
 pub const ENV: &str = "HUSK_MONITOR_UID";
+
+/// Why a `--monitor-uid` is not one the monitor can run as.
+#[derive(Debug, thiserror::Error)]
+pub enum IdMapError {
+    /// Not a number. (The parser's words are part of the message: clap shows only that.)
+    #[error("{given:?}: not a uid: {error}")]
+    NotAUid {
+        /// What was given.
+        given: String,
+        /// Why.
+        error: std::num::ParseIntError,
+    },
+    /// Root: the namespace would map to the host's root.
+    #[error("0 is root: the monitor's uid must be another")]
+    Root,
+    /// The range would pass 2^32.
+    #[error("{0}: the {RANGE} ids from it do not fit below 2^32")]
+    TooHigh(u32),
+}
+
+/// Why the monitor's user namespace could not be made, used or entered.
+#[derive(Debug, thiserror::Error)]
+pub enum UserNsError {
+    /// A step of making the namespace (the helper process, its pipes) failed.
+    #[error("making the monitor's user namespace: {what}")]
+    Make {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The helper process did not report.
+    #[error("making the monitor's user namespace")]
+    Helper(#[source] nix::Error),
+    /// The kernel refused the namespace.
+    #[error(
+        "making the monitor's user namespace: unshare(CLONE_NEWUSER) failed (are user \
+         namespaces disabled, e.g. user.max_user_namespaces = 0?)"
+    )]
+    Unshare,
+    /// The namespace's uid or gid map could not be written.
+    #[error("writing {path} ({line})")]
+    Map {
+        /// The map file.
+        path: String,
+        /// The mapping.
+        line: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The namespace could not be opened.
+    #[error("opening {path}")]
+    Open {
+        /// Its `/proc` path.
+        path: String,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// A path to idmap holds a NUL byte.
+    #[error("{dir}: a NUL in the path")]
+    Nul {
+        /// The path.
+        dir: PathBuf,
+    },
+    /// A step of the idmapped remount failed.
+    #[error("idmapping {dir} for the monitor's uid: {what}")]
+    Idmap {
+        /// The directory.
+        dir: PathBuf,
+        /// The call (`open_tree`, `mount_setattr`, `move_mount`).
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A filesystem under the directory cannot be idmapped (`mount_setattr` said EINVAL).
+    #[error(
+        "idmapping {dir} for the monitor's uid: mount_setattr: {error} (a filesystem under it \
+         does not support idmapped mounts; they are: {filesystems}; --monitor-uid needs the \
+         rootfs and bind mounts, or an overlay rootfs's layers, on e.g. ext4, xfs, btrfs or \
+         tmpfs)"
+    )]
+    NotIdmappable {
+        /// The directory.
+        dir: PathBuf,
+        /// What the kernel said.
+        error: std::io::Error,
+        /// The mounts under it, with their types.
+        filesystems: String,
+    },
+    /// A step of entering the namespace failed.
+    #[error("entering the monitor's user namespace: {what}")]
+    Enter {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+}
 
 /// The host uid and gid the monitor's namespace starts at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +161,12 @@ pub struct IdMap {
 
 impl IdMap {
     /// The range BASE..BASE+65535, for uids and gids alike.
-    pub fn new(base: u32) -> Result<IdMap, String> {
+    pub fn new(base: u32) -> Result<IdMap, IdMapError> {
         if base == 0 {
-            return Err("0 is root: the monitor's uid must be another".into());
+            return Err(IdMapError::Root);
         }
         if base.checked_add(RANGE).is_none() {
-            return Err(format!(
-                "{base}: the {RANGE} ids from it do not fit below 2^32"
-            ));
+            return Err(IdMapError::TooHigh(base));
         }
         Ok(IdMap { base })
     }
@@ -77,12 +178,13 @@ impl IdMap {
 }
 
 impl std::str::FromStr for IdMap {
-    type Err = String;
+    type Err = IdMapError;
 
-    fn from_str(s: &str) -> Result<IdMap, String> {
-        let base = s
-            .parse::<u32>()
-            .map_err(|e| format!("{s:?}: not a uid: {e}"))?;
+    fn from_str(s: &str) -> Result<IdMap, IdMapError> {
+        let base = s.parse::<u32>().map_err(|error| IdMapError::NotAUid {
+            given: s.to_owned(),
+            error,
+        })?;
         IdMap::new(base)
     }
 }
@@ -97,11 +199,8 @@ impl UserNs {
     /// Makes the namespace: a helper process unshares it, this one (root on the host) writes
     /// its maps and keeps a descriptor of it; the helper then exits. Must be called while the
     /// process has one thread (fork).
-    pub fn create(map: IdMap) -> Result<UserNs, String> {
-        let err = |what: &str| {
-            let what = format!("making the monitor's user namespace: {what}");
-            move |e: nix::Error| format!("{what}: {e}")
-        };
+    pub fn create(map: IdMap) -> Result<UserNs, UserNsError> {
+        let err = |what| move |source| UserNsError::Make { what, source };
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(err("pipe"))?;
         let (go_r, go_w) = nix::unistd::pipe().map_err(err("pipe"))?;
         // SAFETY: the monitor has one thread here (the jail checks it before calling), so the
@@ -134,41 +233,46 @@ impl UserNs {
     }
 
     /// Writes the maps of the helper's namespace and opens it.
-    fn adopt(child: nix::unistd::Pid, map: IdMap, ready: OwnedFd) -> Result<UserNs, String> {
+    fn adopt(child: nix::unistd::Pid, map: IdMap, ready: OwnedFd) -> Result<UserNs, UserNsError> {
         let mut ok = [0u8];
-        let n = nix::unistd::read(&ready, &mut ok)
-            .map_err(|e| format!("making the monitor's user namespace: {e}"))?;
+        let n = nix::unistd::read(&ready, &mut ok).map_err(UserNsError::Helper)?;
         if n != 1 || ok[0] != 1 {
-            return Err(
-                "making the monitor's user namespace: unshare(CLONE_NEWUSER) failed (are user \
-                 namespaces disabled, e.g. user.max_user_namespaces = 0?)"
-                    .into(),
-            );
+            return Err(UserNsError::Unshare);
         }
         let proc = format!("/proc/{child}");
         let line = format!("0 {} {RANGE}\n", map.base);
         for file in ["uid_map", "gid_map"] {
-            std::fs::write(format!("{proc}/{file}"), &line)
-                .map_err(|e| format!("writing {proc}/{file} ({}): {e}", line.trim()))?;
+            std::fs::write(format!("{proc}/{file}"), &line).map_err(|source| UserNsError::Map {
+                path: format!("{proc}/{file}"),
+                line: line.trim().to_owned(),
+                source,
+            })?;
         }
         let fd = nix::fcntl::open(
             format!("{proc}/ns/user").as_str(),
             nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )
-        .map_err(|e| format!("opening {proc}/ns/user: {e}"))?;
+        .map_err(|source| UserNsError::Open {
+            path: format!("{proc}/ns/user"),
+            source,
+        })?;
         Ok(UserNs { fd })
     }
 
     /// Remounts `dir` idmapped through this namespace, in place (in the calling process's
     /// mount namespace); `recursive`: with every mount below it, otherwise covering them.
-    pub fn idmap(&self, dir: &Path, recursive: bool) -> Result<(), String> {
-        let err = |what: &str| {
-            let what = format!("idmapping {} for the monitor's uid: {what}", dir.display());
-            move |e: std::io::Error| format!("{what}: {e}")
+    pub fn idmap(&self, dir: &Path, recursive: bool) -> Result<(), UserNsError> {
+        let err = |what| {
+            move |source| UserNsError::Idmap {
+                dir: dir.to_owned(),
+                what,
+                source,
+            }
         };
-        let path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| format!("{}: a NUL in the path", dir.display()))?;
+        let path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| UserNsError::Nul {
+            dir: dir.to_owned(),
+        })?;
         let recursive = if recursive { libc::AT_RECURSIVE } else { 0 };
         let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | recursive as u32;
         // SAFETY: open_tree(2) reads the NUL-terminated path and returns a new descriptor or -1.
@@ -202,17 +306,14 @@ impl UserNs {
         };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-                format!(
-                    " (a filesystem under it does not support idmapped mounts; they are: {}; \
-                     --monitor-uid needs the rootfs and bind mounts, or an overlay rootfs's \
-                     layers, on e.g. ext4, xfs, btrfs or tmpfs)",
-                    filesystems_under(dir)
-                )
-            } else {
-                String::new()
-            };
-            return Err(format!("{}{hint}", err("mount_setattr")(e)));
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Err(UserNsError::NotIdmappable {
+                    dir: dir.to_owned(),
+                    error: e,
+                    filesystems: filesystems_under(dir),
+                });
+            }
+            return Err(err("mount_setattr")(e));
         }
         // SAFETY: move_mount(2) attaches the detached tree (named by the empty path) onto the
         // NUL-terminated target path.
@@ -235,10 +336,8 @@ impl UserNs {
     /// Enters the namespace as its root (host uid and gid BASE, no supplementary groups) and
     /// a new mount namespace it owns (a copy of the current one, whose mounts it may not
     /// unmount to reveal what they cover). Must be called while the process has one thread.
-    pub fn enter(self) -> Result<(), String> {
-        let err = |what: &'static str| {
-            move |e: nix::Error| format!("entering the monitor's user namespace: {what}: {e}")
-        };
+    pub fn enter(self) -> Result<(), UserNsError> {
+        let err = |what| move |source| UserNsError::Enter { what, source };
         nix::sched::setns(&self.fd, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(err("setns"))?;
         // Root's supplementary groups (root's group among them) go first.
         nix::unistd::setgroups(&[]).map_err(err("setgroups"))?;
@@ -273,13 +372,24 @@ mod tests {
     #[test]
     fn the_base_must_leave_room_for_the_range_and_not_be_root() {
         assert_eq!("100000".parse::<IdMap>().unwrap().base(), 100_000);
-        assert!("0".parse::<IdMap>().unwrap_err().contains("root"));
-        assert!("-1".parse::<IdMap>().unwrap_err().contains("not a uid"));
+        assert!(
+            "0".parse::<IdMap>()
+                .unwrap_err()
+                .to_string()
+                .contains("root")
+        );
+        assert!(
+            "-1".parse::<IdMap>()
+                .unwrap_err()
+                .to_string()
+                .contains("not a uid")
+        );
         let top = u32::MAX - RANGE + 1;
         assert!(
             top.to_string()
                 .parse::<IdMap>()
                 .unwrap_err()
+                .to_string()
                 .contains("2^32")
         );
         assert!((top - 1).to_string().parse::<IdMap>().is_ok());

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::median;
+use super::{kvm_available, median, which};
 
 /// Options of `bench boot`.
 #[derive(Debug, clap::Args)]
@@ -53,11 +53,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     let root = crate::workspace_root();
     let (vmlinux, initrd) = super::guest_image(args.image.as_deref())?;
     ensure!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
+        kvm_available(),
         "/dev/kvm is not available: the boot benchmark compares VMMs on KVM"
     );
     let kvm_pvm = is_kvm_pvm();
@@ -205,11 +201,6 @@ pub(super) fn qemu_kvm_cpu(kvm_pvm: bool) -> &'static str {
     } else {
         "host"
     }
-}
-
-pub(super) fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 /// Runs `cmd` under `strace -f`, returns the time from its execve to its first KVM_RUN, and

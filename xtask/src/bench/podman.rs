@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use super::startup::{Scratch, Stats, check_tools, make_bundle};
+use super::{Scratch, Stats, check_tools, make_bundle};
 
 /// The image the benchmark imports.
 const IMAGE: &str = "localhost/husk-bench-busybox:latest";
@@ -40,7 +40,7 @@ pub fn run(args: &PodmanBenchArgs) -> Result<()> {
     check_tools()?;
     for tool in ["podman", "conmon"] {
         ensure!(
-            super::boot::which(tool),
+            super::which(tool),
             "{tool} is missing: apt-get install -y podman conmon (or run scripts/setup.sh)"
         );
     }

@@ -9,18 +9,18 @@
 //! pid. The relay is `husk exec` without `--detach`, started in its own session with the
 //! caller's stdio; it reports on an inherited pipe (`--started-fd`) once the process runs (or
 //! why it could not start), and only then does `exec --detach` return. Signals the engine
-//! sends to that pid go on to the exec'd process (`signal_forward`), SIGKILL and SIGSTOP
+//! sends to that pid go on to the exec'd process (`signals`), SIGKILL and SIGSTOP
 //! excepted.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::oci::{Context, ExecArgs, write_pid_file};
+use super::super::{Context, read_report, spawn_detached, write_pid_file};
+use super::args::ExecArgs;
 
 /// Tells the waiting side that the exec'd process runs: the pid file gets this process's pid
 /// (it lives exactly as long as the exec'd process and exits with its status), and a relay's
@@ -71,28 +71,15 @@ impl Started {
 
 /// `exec --detach`: starts the exec relay and returns once the process runs, with the relay's
 /// pid in `--pid-file`.
-pub fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
+pub(super) fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
     let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
     let write_fd = write_end.as_raw_fd();
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(relay_args(ctx, args, write_fd)?);
-    // SAFETY: the closure only calls async-signal-safe functions (setsid, fcntl) between fork
-    // and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Own session: not killed with the caller's process group or terminal.
-            libc::setsid();
-            // The started pipe must survive exec.
-            let flags = libc::fcntl(write_fd, libc::F_GETFD);
-            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the exec relay")?;
+    let mut child = spawn_detached(&mut cmd, write_fd).context("starting the exec relay")?;
     drop(write_end);
-    let mut report = String::new();
-    let _ = std::fs::File::from(read_end).read_to_string(&mut report);
+    let report = read_report(read_end);
     let report = report.trim();
     if report == "ok" {
         if let Some(p) = &args.pid_file {
@@ -176,7 +163,7 @@ mod tests {
     fn the_relay_is_the_same_exec_attached_with_absolute_paths() {
         let ctx = Context {
             log: Some("rel/log.json".into()),
-            log_format: super::super::log::Format::Json,
+            log_format: crate::cli::log::Format::Json,
             root: "/run/x".into(),
             debug: false,
             monitor_uid: None,
@@ -236,7 +223,7 @@ mod tests {
     fn command_arguments_that_look_like_flags_stay_arguments() {
         let ctx = Context {
             log: None,
-            log_format: super::super::log::Format::Text,
+            log_format: crate::cli::log::Format::Text,
             root: "/r".into(),
             debug: true,
             monitor_uid: None,

@@ -1,7 +1,7 @@
 //! Signals sent to an attached `husk exec` go on to the exec'd process in the guest, as
 //! `runc exec` forwards them to its process.
 //!
-//! This matters most for the exec relay (`exec --detach --pid-file`, see `exec_relay`): the
+//! This matters most for the exec relay (`exec --detach --pid-file`, see `relay`): the
 //! engine holds the relay's host pid as the exec'd process's pid and signals it (conmon and
 //! podman send SIGTERM, SIGINT, SIGHUP, ...). The relay blocks the forwarded signals before it
 //! says the process runs, and one thread takes them with sigwait and asks the monitor to
@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use crate::monitor::{self, api::MonitorRequest};
+use crate::monitor::api::MonitorRequest;
+use crate::monitor::client;
 
 /// Signals about this process itself, which are not forwarded: a child of ours changed
 /// (SIGCHLD), our terminal's size (SIGWINCH: resizes take their own path), a write to a closed
@@ -73,7 +74,7 @@ impl Forwarder {
                 };
                 // An error means the process has just exited (its status is on its way)
                 // or the monitor is gone (and this exec with it): nothing left to signal.
-                let _ = monitor::request(&socket, &req);
+                let _ = client::request(&socket, &req);
             }
         });
     }

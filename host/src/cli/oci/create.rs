@@ -1,0 +1,182 @@
+//! `husk create`: the state entry, then the monitor (the hidden `husk monitor` command, whose
+//! arguments are here too), which boots the VM and reports once the guest created the
+//! container.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use super::delete::remove_entry;
+use super::{Context, close_inherited_fds, read_report, spawn_detached, write_pid_file};
+use crate::monitor::{self, MonitorArgs};
+use crate::oci::bundle::Bundle;
+use crate::oci::hooks;
+use crate::oci::state::{self, State, Status};
+
+/// `create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Container id.
+    pub(super) id: String,
+    /// Bundle directory (holding config.json).
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Unix socket that receives the pty master (terminal: true).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Write the monitor's pid (the container's pid for the engine) here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Accepted for compatibility (husk-init always pivots inside the VM).
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Extra fds to pass to the container: not supported across a VM boundary (must be 0).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+}
+
+/// The hidden `monitor` command.
+#[derive(Debug, clap::Args)]
+pub struct MonitorCmdArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    notify_fd: i32,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+}
+
+/// Creates the container and returns the monitor process.
+pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child> {
+    if args.preserve_fds != 0 {
+        bail!("--preserve-fds: file descriptors cannot be passed into a VM");
+    }
+    let _ = (args.no_pivot, args.no_new_keyring);
+    let store = ctx.store();
+    let entry = store.create(&args.id)?;
+    let fail = |entry: state::Entry, e: anyhow::Error| -> anyhow::Error {
+        let _ = remove_entry(entry);
+        e
+    };
+    let bundle = match Bundle::load(&args.bundle) {
+        Ok(b) => b,
+        Err(e) => return Err(fail(entry, e.into())),
+    };
+    let terminal = bundle.terminal();
+    if terminal && args.console_socket.is_none() {
+        let e = anyhow!("config.json: process.terminal is true but no --console-socket was given");
+        return Err(fail(entry, e));
+    }
+    let initial = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: args.id.clone(),
+        status: Status::Creating,
+        pid: None,
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: state::now_rfc3339(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    if let Err(e) = entry.write(&initial) {
+        return Err(fail(entry, e.into()));
+    }
+    // What `start` and `delete` run (the monitor runs the create hooks from the bundle).
+    if let Err(e) = hooks::save(entry.dir(), bundle.spec.hooks().as_ref()) {
+        return Err(fail(entry, e.into()));
+    }
+    // The monitor reports "ok" or an error on this pipe.
+    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
+    let write_fd = write_end.as_raw_fd();
+    let exe = std::env::current_exe().context("finding the husk binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(&ctx.root)
+        .args(["monitor", "--id", &args.id, "--bundle"])
+        .arg(&bundle.dir)
+        .args(["--notify-fd", &write_fd.to_string()]);
+    if ctx.debug {
+        cmd.arg("--debug");
+    }
+    if let Some(map) = ctx.monitor_uid {
+        cmd.arg("--monitor-uid").arg(map.base().to_string());
+    }
+    if let Some(log) = &ctx.log {
+        cmd.arg("--log")
+            .arg(std::path::absolute(log).context("--log")?);
+    }
+    if let Some(socket) = &args.console_socket {
+        let socket = std::path::absolute(socket).context("--console-socket")?;
+        cmd.arg("--console-socket").arg(socket);
+    }
+    let mut child = match spawn_detached(&mut cmd, write_fd) {
+        Ok(c) => c,
+        Err(e) => return Err(fail(entry, anyhow!("starting the monitor: {e}"))),
+    };
+    drop(write_end);
+    let report = read_report(read_end);
+    if report.trim() != "ok" {
+        let msg = report
+            .trim()
+            .strip_prefix("error: ")
+            .unwrap_or(report.trim())
+            .to_string();
+        let _ = child.kill();
+        let _ = child.wait();
+        let msg = if msg.is_empty() {
+            "the monitor died while creating the container".to_string()
+        } else {
+            msg
+        };
+        return Err(fail(entry, anyhow!(msg)));
+    }
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, child.id())?;
+    }
+    drop(entry);
+    crate::phases::record_now("create-returned");
+    Ok(child)
+}
+
+/// `husk create`.
+pub fn create(ctx: &Context, args: CreateArgs) -> Result<ExitCode> {
+    create_container(ctx, &args)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The hidden `monitor` command.
+pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> ExitCode {
+    // Make sure the notify fd is ours (and close-on-exec from here on).
+    // SAFETY: the fd number was given to us by `create`, which left it open for us.
+    let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
+    // Not for the hooks the monitor runs: one that leaves a child behind would hold `create`'s
+    // pipe open, and `create` waits for its end.
+    let _ = nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let raw = fd.as_raw_fd();
+    std::mem::forget(fd);
+    close_inherited_fds(raw);
+    monitor::run(
+        MonitorArgs {
+            root: ctx.root.clone(),
+            id: args.id,
+            bundle: args.bundle,
+            notify_fd: raw,
+            console: ctx.debug,
+            console_socket: args.console_socket,
+            log: ctx.log.clone(),
+            user: ctx.monitor_uid,
+        },
+        process_start,
+    )
+}

@@ -1,0 +1,150 @@
+//! Creating, third stage: the session with husk-init over the VM's control port. husk-init
+//! connects once the guest kernel has started it; then comes the handshake (its Hello, then
+//! ours) and the requests that must be answered before `husk create` returns, each a typed
+//! call that waits for its answer: [`GuestSession::configure_network`] (when the VM has
+//! interfaces) and [`GuestSession::create_container`]. Once the container is created, the
+//! serving loop sends its requests on the same connection ([`GuestSession::send`]) and a
+//! reader thread takes the answers and events.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use husk_proto::{
+    CreateRequest, GuestMessage, Hello, HostMessage, NetworkConfig, ProtoError, Request, RequestId,
+    Response,
+};
+
+use super::error::MonitorError;
+use crate::vmm::{VmExit, VmHandle};
+
+/// How long the guest may take to connect after the VM starts. Generous because nested
+/// kvm_pvm hosts take ~30-40 s to boot a guest; real KVM takes well under a second.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The id of the `Create` request.
+const CREATE_ID: RequestId = RequestId(0);
+/// The id of the `ConfigureNetwork` request (sent before `Create`, numbered after it).
+const CONFIGURE_NETWORK_ID: RequestId = RequestId(1);
+/// The first id of the serving loop's requests: 0 and 1 went to the handshake's.
+const FIRST_SERVE_ID: u64 = 2;
+
+/// The monitor's end of husk-init's control connection.
+#[derive(Debug)]
+pub(super) struct GuestSession {
+    conn: UnixStream,
+    next_id: u64,
+}
+
+impl GuestSession {
+    /// Waits for husk-init to connect on `control` (the VM's control port): gives up when
+    /// `vm_ended` says the VM ended first, or after [`BOOT_TIMEOUT`] (then stopping `vm`).
+    pub(super) fn accept(
+        control: UnixListener,
+        vm: &VmHandle,
+        mut vm_ended: impl FnMut() -> Option<VmExit>,
+    ) -> Result<GuestSession, MonitorError> {
+        control.set_nonblocking(true).map_err(MonitorError::Io)?;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let conn = loop {
+            match control.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(why) = vm_ended() {
+                        return Err(MonitorError::VmEnded(why));
+                    }
+                    if Instant::now() > deadline {
+                        vm.stop();
+                        return Err(MonitorError::ConnectTimeout(BOOT_TIMEOUT));
+                    }
+                    // Sleep in poll(2) on the listener: woken the moment husk-init connects
+                    // (this is on the startup path), and every 100 ms to check the VM.
+                    let mut fds = [nix::poll::PollFd::new(
+                        std::os::fd::AsFd::as_fd(&control),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                }
+                Err(e) => return Err(MonitorError::Accept(e)),
+            }
+        };
+        drop(control);
+        conn.set_nonblocking(false).map_err(MonitorError::Io)?;
+        Ok(GuestSession {
+            conn,
+            next_id: FIRST_SERVE_ID,
+        })
+    }
+
+    /// The version handshake: husk-init's Hello (checked), then ours.
+    pub(super) fn hello(&mut self) -> Result<(), MonitorError> {
+        match self.read()? {
+            Some(GuestMessage::Hello(h)) => h.check().map_err(MonitorError::Guest)?,
+            other => return Err(MonitorError::NoHello(other)),
+        }
+        self.write(&HostMessage::Hello(Hello::current()))
+    }
+
+    /// Has husk-init configure the VM's interfaces, addresses and routes.
+    pub(super) fn configure_network(&mut self, config: NetworkConfig) -> Result<(), MonitorError> {
+        match self.call(CONFIGURE_NETWORK_ID, Request::ConfigureNetwork(config))? {
+            Some(GuestMessage::Response { result: Ok(_), .. }) => Ok(()),
+            Some(GuestMessage::Response { result: Err(e), .. }) => {
+                Err(MonitorError::ConfigureNetwork(e.message))
+            }
+            other => Err(MonitorError::UnexpectedAnswer {
+                request: "ConfigureNetwork",
+                answer: other,
+            }),
+        }
+    }
+
+    /// Has husk-init create the container (it then waits for `Start`).
+    pub(super) fn create_container(&mut self, request: CreateRequest) -> Result<(), MonitorError> {
+        match self.call(CREATE_ID, Request::Create(Box::new(request)))? {
+            Some(GuestMessage::Response {
+                result: Ok(Response::Created { .. }),
+                ..
+            }) => Ok(()),
+            Some(GuestMessage::Response { result: Err(e), .. }) => {
+                Err(MonitorError::CreateContainer(e.message))
+            }
+            other => Err(MonitorError::UnexpectedAnswer {
+                request: "create",
+                answer: other,
+            }),
+        }
+    }
+
+    /// Sends `request` without waiting for its answer (which the reader thread gets); returns
+    /// its id.
+    pub(super) fn send(&mut self, request: Request) -> Result<RequestId, ProtoError> {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        husk_proto::write_message(&mut self.conn, &HostMessage::Request { id, request })?;
+        Ok(id)
+    }
+
+    /// The connection again, for the thread that reads husk-init's answers and events.
+    pub(super) fn reader(&self) -> io::Result<UnixStream> {
+        self.conn.try_clone()
+    }
+
+    /// Sends request `id` and reads the message that answers it.
+    fn call(
+        &mut self,
+        id: RequestId,
+        request: Request,
+    ) -> Result<Option<GuestMessage>, MonitorError> {
+        self.write(&HostMessage::Request { id, request })?;
+        self.read()
+    }
+
+    fn write(&mut self, msg: &HostMessage) -> Result<(), MonitorError> {
+        husk_proto::write_message(&mut self.conn, msg).map_err(MonitorError::Guest)
+    }
+
+    fn read(&mut self) -> Result<Option<GuestMessage>, MonitorError> {
+        husk_proto::read_message(&mut self.conn).map_err(MonitorError::Guest)
+    }
+}

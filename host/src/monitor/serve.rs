@@ -1,0 +1,511 @@
+//! Creating done, the monitor serves: one loop on the main thread takes every event in turn
+//! (a `husk` command, an answer or event from husk-init, a terminal resize, the VM's end) so
+//! that the container's state has a single writer, until the VM is gone. Commands that need the
+//! guest are sent on as requests; their answers come back as events and complete the command.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Duration;
+
+use husk_proto::{
+    Event, ExecId, ExecRequest, GuestMessage, ProcessRef, ProtoError, Request, RequestId, Response,
+    SignalTarget, Stdio, VsockPort, WindowSize,
+};
+
+use super::api::{self, MonitorReply, MonitorRequest};
+use super::console::Console;
+use super::guest::GuestSession;
+use super::network::Network;
+use super::relay;
+use crate::error_chain;
+use crate::oci::sockets::{self, SocketDir};
+use crate::oci::state::{self, State, Status};
+use crate::vmm::{VmExit, VmHandle};
+
+/// Ports of the terminals the monitor relays for exec'd processes: base + exec id.
+const EXEC_CONSOLE_PORT_BASE: u32 = 60_000;
+
+/// What the main loop handles.
+pub(super) enum Ev {
+    Guest(Option<GuestMessage>),
+    Resize(ProcessRef, WindowSize),
+    /// A request, its connection, and the descriptor that came with it (if any).
+    Command(MonitorRequest, UnixStream, Option<std::os::fd::OwnedFd>),
+    VmEnded(VmExit),
+}
+
+/// Why a command failed: its message is the `Error` reply.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    /// `start` of a container that is not `created`.
+    #[error("container is {0}, not created")]
+    NotCreated(Status),
+    /// `exec` in a container that does not run.
+    #[error("cannot exec in a {0} container")]
+    CannotExec(Status),
+    /// `pause` of a container that does not run.
+    #[error("cannot pause a {0} container")]
+    CannotPause(Status),
+    /// `resume` of a container that is not paused.
+    #[error("cannot resume a {0} container")]
+    CannotResume(Status),
+    /// A request the guest would answer only once resumed.
+    #[error("the container is paused")]
+    Paused,
+    /// An exec with a console whose pty did not come with the request.
+    #[error("exec with a console: the pty did not come with the request")]
+    NoPty,
+    /// The vCPUs did not stop.
+    #[error("{0}")]
+    Pause(String),
+    /// The command's connection could not be kept for the answer.
+    #[error(transparent)]
+    Stream(std::io::Error),
+    /// An exec's terminal port could not be bound.
+    #[error("listening on {path}")]
+    Listen {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request could not be sent to husk-init.
+    #[error("husk-init: {0}")]
+    Guest(ProtoError),
+}
+
+/// What a request to the guest was for.
+enum Pending {
+    Start(UnixStream),
+    Reply(UnixStream),
+    Ps(UnixStream),
+    Exec(UnixStream, ExecId),
+    Stats(UnixStream),
+    Shutdown,
+    Ignore,
+}
+
+/// What creating hands over to the serving loop.
+pub(super) struct Parts {
+    pub(super) dir: PathBuf,
+    /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
+    pub(super) sockets: SocketDir,
+    pub(super) state: State,
+    pub(super) guest: GuestSession,
+    pub(super) events: Receiver<Ev>,
+    pub(super) events_tx: Sender<Ev>,
+    pub(super) stopper: VmHandle,
+    pub(super) outputs: Vec<relay::Output>,
+    /// The container's network, undone when the monitor ends (dropped).
+    pub(super) network: Option<Network>,
+}
+
+/// The monitor of a created container.
+pub(super) struct Monitor {
+    dir: PathBuf,
+    /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
+    sockets: SocketDir,
+    state: State,
+    guest: GuestSession,
+    events: Receiver<Ev>,
+    events_tx: Sender<Ev>,
+    stopper: VmHandle,
+    next_exec: u32,
+    pending: HashMap<RequestId, Pending>,
+    execs: HashMap<ExecId, UnixStream>,
+    exit_status: Option<i32>,
+    outputs: Vec<relay::Output>,
+    /// The container's network, undone when the monitor ends (dropped).
+    _network: Option<Network>,
+}
+
+impl Monitor {
+    pub(super) fn new(parts: Parts) -> Monitor {
+        Monitor {
+            dir: parts.dir,
+            sockets: parts.sockets,
+            state: parts.state,
+            guest: parts.guest,
+            events: parts.events,
+            events_tx: parts.events_tx,
+            stopper: parts.stopper,
+            next_exec: 1,
+            pending: HashMap::new(),
+            execs: HashMap::new(),
+            exit_status: None,
+            outputs: parts.outputs,
+            _network: parts.network,
+        }
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.state.status = status;
+        let _ = state::write_state(&self.dir, &self.state);
+    }
+
+    fn send(&mut self, request: Request, pending: Pending) -> Result<(), CommandError> {
+        let id = self.guest.send(request).map_err(CommandError::Guest)?;
+        self.pending.insert(id, pending);
+        Ok(())
+    }
+
+    /// The main loop; returns the exit status.
+    pub(super) fn serve(&mut self) -> i32 {
+        let mut shutting_down = false;
+        while let Ok(ev) = self.events.recv() {
+            match ev {
+                Ev::Command(req, stream, fd) => self.command(req, stream, fd),
+                Ev::Resize(process, size) => {
+                    let req = Request::ResizePty { process, size };
+                    let _ = self.send(req, Pending::Ignore);
+                }
+                Ev::Guest(Some(GuestMessage::Response { id, result })) => {
+                    self.response(id, result);
+                }
+                Ev::Guest(Some(GuestMessage::Event(Event::Exited { process, status }))) => {
+                    let code = status.exit_code();
+                    match process {
+                        ProcessRef::Init => {
+                            crate::phases::record_now("process-exit-seen");
+                            self.exit_status = Some(code);
+                            self.state.exit_status = Some(code);
+                            // All output of the process has arrived (the guest closes the
+                            // streams first); let the relays finish writing it, unless the
+                            // reader has stopped taking it (then the monitor would never end).
+                            for out in self.outputs.drain(..) {
+                                out.finish(relay::OUTPUT_STALL);
+                            }
+                            if !shutting_down {
+                                shutting_down = true;
+                                let _ = self.send(Request::Shutdown, Pending::Shutdown);
+                            }
+                        }
+                        ProcessRef::Exec(id) => {
+                            if let Some(mut s) = self.execs.remove(&id) {
+                                reply(&mut s, &MonitorReply::Exited(code));
+                            }
+                        }
+                    }
+                }
+                Ev::Guest(Some(other)) => {
+                    eprintln!("husk monitor: unexpected message from husk-init: {other:?}");
+                }
+                Ev::Guest(None) => {
+                    // The guest is gone (powered off, crashed, or sent garbage).
+                    self.stopper.stop();
+                }
+                Ev::VmEnded(why) => {
+                    crate::phases::record_now("vm-torn-down");
+                    if self.exit_status.is_none() {
+                        eprintln!(
+                            "husk monitor: the VM ended before the container's process: {why:?}"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        let code = self.exit_status.unwrap_or(255);
+        self.state.exit_status = Some(code);
+        self.set_status(Status::Stopped);
+        for (_, mut s) in self.execs.drain() {
+            reply(&mut s, &MonitorReply::Error("the container stopped".into()));
+        }
+        // Fails (EBUSY) when the jail pinned it; `delete` removes it with the directory.
+        let _ = std::fs::remove_file(self.dir.join(sockets::MONITOR_SOCKET));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("vsock.sock") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        code
+    }
+
+    /// Answers a command on `stream` (the reply may come later, with the guest's answer); a
+    /// command that fails is answered with the error.
+    fn command(
+        &mut self,
+        req: MonitorRequest,
+        mut stream: UnixStream,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) {
+        if let Err(e) = self.handle(req, &mut stream, fd) {
+            reply(&mut stream, &MonitorReply::Error(error_chain(&e)));
+        }
+    }
+
+    fn handle(
+        &mut self,
+        req: MonitorRequest,
+        stream: &mut UnixStream,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), CommandError> {
+        match req {
+            MonitorRequest::Start => {
+                if self.state.status != Status::Created {
+                    return Err(CommandError::NotCreated(self.state.status));
+                }
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(Request::Start, Pending::Start(s))
+            }
+            MonitorRequest::Kill { signal, all } => {
+                let target = if all {
+                    SignalTarget::All
+                } else {
+                    SignalTarget::Process(ProcessRef::Init)
+                };
+                self.signal(target, signal, stream)
+            }
+            MonitorRequest::KillExec { exec, signal } => {
+                let target = SignalTarget::Process(ProcessRef::Exec(ExecId(exec)));
+                self.signal(target, signal, stream)
+            }
+            MonitorRequest::Ps => {
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(Request::ListPids, Pending::Ps(s))
+            }
+            MonitorRequest::Exec {
+                process_json,
+                stdio,
+                console,
+            } => {
+                if self.state.status != Status::Running {
+                    return Err(CommandError::CannotExec(self.state.status));
+                }
+                let exec_id = ExecId(self.next_exec);
+                self.next_exec += 1;
+                let stdio = if console {
+                    let slave = fd.ok_or(CommandError::NoPty)?;
+                    self.exec_console(exec_id, slave)?
+                } else {
+                    stdio
+                };
+                let req = Request::Exec(Box::new(ExecRequest {
+                    exec_id,
+                    process_json,
+                    stdio,
+                }));
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(req, Pending::Exec(s, exec_id))
+            }
+            MonitorRequest::ResizeExec { exec, size } => {
+                let req = Request::ResizePty {
+                    process: ProcessRef::Exec(ExecId(exec)),
+                    size,
+                };
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(req, Pending::Reply(s))
+            }
+            MonitorRequest::Pause => {
+                if self.state.status != Status::Running {
+                    return Err(CommandError::CannotPause(self.state.status));
+                }
+                self.stopper.pause().map_err(CommandError::Pause)?;
+                self.set_status(Status::Paused);
+                reply(stream, &MonitorReply::Ok);
+                Ok(())
+            }
+            MonitorRequest::Resume => {
+                if self.state.status != Status::Paused {
+                    return Err(CommandError::CannotResume(self.state.status));
+                }
+                self.stopper.resume();
+                self.set_status(Status::Running);
+                reply(stream, &MonitorReply::Ok);
+                Ok(())
+            }
+            MonitorRequest::Stats => {
+                if self.stopper.is_paused() {
+                    return Err(CommandError::Paused);
+                }
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(Request::Stats, Pending::Stats(s))
+            }
+        }
+    }
+
+    /// Sends a signal request to the guest; its answer goes to `stream`.
+    fn signal(
+        &mut self,
+        target: SignalTarget,
+        signal: i32,
+        stream: &mut UnixStream,
+    ) -> Result<(), CommandError> {
+        let request = Request::Signal { target, signal };
+        if self.stopper.is_paused() {
+            // A paused guest answers only once resumed: queue the signal and say so now, as
+            // runc does for a frozen container (delivered on resume).
+            self.send(request, Pending::Ignore)
+                .map(|()| reply(stream, &MonitorReply::Ok))
+        } else {
+            let s = stream.try_clone().map_err(CommandError::Stream)?;
+            self.send(request, Pending::Reply(s))
+        }
+    }
+
+    /// A terminal for an exec'd process whose pty master the caller sent to the engine: the
+    /// monitor holds the `slave` and relays it (so the exec can be detached), on a port of its
+    /// own.
+    fn exec_console(
+        &mut self,
+        exec_id: ExecId,
+        slave: std::os::fd::OwnedFd,
+    ) -> Result<Stdio, CommandError> {
+        let port = EXEC_CONSOLE_PORT_BASE + exec_id.0;
+        let path = self.sockets.vsock_port(port);
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).map_err(|source| CommandError::Listen { path, source })?;
+        let console = Console::from_slave(slave);
+        relay_console(
+            console,
+            listener,
+            ProcessRef::Exec(exec_id),
+            self.events_tx.clone(),
+        );
+        Ok(Stdio::Terminal {
+            port: VsockPort(port),
+        })
+    }
+
+    fn response(&mut self, id: RequestId, result: Result<Response, husk_proto::ErrorReply>) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match (pending, result) {
+            (Pending::Start(mut s), Ok(_)) => {
+                self.set_status(Status::Running);
+                reply(&mut s, &MonitorReply::Ok);
+            }
+            (Pending::Reply(mut s), Ok(_)) => reply(&mut s, &MonitorReply::Ok),
+            (Pending::Ps(mut s), Ok(Response::Pids(pids))) => {
+                reply(&mut s, &MonitorReply::Pids(pids));
+            }
+            (Pending::Exec(mut s, exec_id), Ok(Response::ExecStarted { pid })) => {
+                reply(
+                    &mut s,
+                    &MonitorReply::ExecStarted {
+                        pid,
+                        exec: exec_id.0,
+                    },
+                );
+                self.execs.insert(exec_id, s);
+            }
+            (Pending::Stats(mut s), Ok(Response::Stats(st))) => {
+                let limit = |v: u64| {
+                    if v == u64::MAX {
+                        serde_json::Value::Null
+                    } else {
+                        v.into()
+                    }
+                };
+                let data = serde_json::json!({
+                    "cpu": {"usage": {"total": st.cpu_usage_ns, "user": st.cpu_user_ns, "kernel": st.cpu_system_ns}},
+                    "memory": {"usage": {"usage": st.memory_usage, "limit": limit(st.memory_limit)}},
+                    "pids": {"current": st.pids_current, "limit": limit(st.pids_limit)},
+                });
+                reply(&mut s, &MonitorReply::Stats(data));
+            }
+            (Pending::Shutdown | Pending::Ignore, _) => {}
+            (
+                Pending::Start(mut s)
+                | Pending::Reply(mut s)
+                | Pending::Ps(mut s)
+                | Pending::Stats(mut s),
+                Err(e),
+            )
+            | (Pending::Exec(mut s, _), Err(e)) => {
+                reply(&mut s, &MonitorReply::Error(e.message));
+            }
+            (Pending::Ps(mut s) | Pending::Exec(mut s, _) | Pending::Stats(mut s), Ok(other)) => {
+                reply(
+                    &mut s,
+                    &MonitorReply::Error(format!("unexpected answer {other:?}")),
+                );
+            }
+        }
+    }
+}
+
+/// Relays `console` to the guest's terminal connection (accepted on `listener`) and sends the
+/// terminal's resizes to the main loop, for `process`.
+pub(super) fn relay_console(
+    console: Console,
+    listener: UnixListener,
+    process: ProcessRef,
+    tx: Sender<Ev>,
+) {
+    let (rtx, rrx) = channel();
+    console.relay(listener, rtx);
+    std::thread::spawn(move || {
+        for size in rrx {
+            if tx.send(Ev::Resize(process, size)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
+    if let Ok(mut line) = serde_json::to_vec(msg) {
+        line.push(b'\n');
+        let _ = stream.write_all(&line);
+    }
+}
+
+pub(super) fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
+    std::thread::spawn(move || {
+        loop {
+            let msg: Result<Option<GuestMessage>, _> = husk_proto::read_message(&mut conn);
+            match msg {
+                Ok(Some(m)) => {
+                    if tx.send(Ev::Guest(Some(m))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx.send(Ev::Guest(None));
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("husk monitor: control connection to husk-init: {e}");
+                    let _ = tx.send(Ev::Guest(None));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+pub(super) fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok((line, mut fds)) = api::receive_request(&stream) else {
+                    return;
+                };
+                let _ = stream.set_read_timeout(None);
+                match serde_json::from_slice::<MonitorRequest>(&line) {
+                    Ok(req) => {
+                        // At most one descriptor is meaningful; extra ones are closed here.
+                        let fd = fds.drain(..).next();
+                        let _ = tx.send(Ev::Command(req, stream, fd));
+                    }
+                    Err(e) => {
+                        let mut s = stream;
+                        reply(&mut s, &MonitorReply::Error(format!("bad request: {e}")));
+                    }
+                }
+            });
+        }
+    });
+}

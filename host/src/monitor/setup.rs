@@ -1,0 +1,303 @@
+//! Creating, first stage: what the container needs on the host, prepared while the monitor
+//! still sees the host and has one thread, in the order the later steps need it. The last
+//! step is the jail, which takes the host's view away; what the setup made is handed on as
+//! [`Prepared`].
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+
+use husk_proto::{
+    ContainerId, CreateRequest, FIRST_STDIO_PORT, FsSource, MountSource, SHARE_TAG, Stdio,
+    VsockPort,
+};
+
+use super::console::Console;
+use super::error::MonitorError;
+use super::network::{self, Network};
+use super::{MonitorArgs, jail, share};
+use crate::oci::bundle::Bundle;
+use crate::oci::hooks::{self, HookError, HookKind};
+use crate::oci::sockets::{self, SocketDir};
+use crate::oci::state::{self, State, Status};
+use crate::vmm::{SeccompMode, VmConfig};
+
+/// The stdio the monitor inherited from `husk create`: the container's.
+#[derive(Debug)]
+pub(super) struct ContainerStdio {
+    pub(super) stdin: std::fs::File,
+    pub(super) stdout: std::fs::File,
+    pub(super) stderr: std::fs::File,
+}
+
+/// Moves the inherited stdio aside for the container and points the monitor's own fds 0-2 at
+/// /dev/null (stdin) and the log file or /dev/null (stdout, stderr), so that nothing the
+/// monitor or its libraries print ends up in the container's output.
+pub(super) fn take_stdio(log: Option<&Path>) -> std::io::Result<ContainerStdio> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let dup = |fd: i32| -> std::io::Result<std::fs::File> {
+        // SAFETY: fds 0-2 are open for the lifetime of the process (the caller gave them).
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        Ok(std::fs::File::from(b.try_clone_to_owned()?))
+    };
+    let stdio = ContainerStdio {
+        stdin: dup(0)?,
+        stdout: dup(1)?,
+        stderr: dup(2)?,
+    };
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let out = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)?,
+        None => null.try_clone()?,
+    };
+    for (src, dst) in [(null.as_fd(), 0), (out.as_fd(), 1), (out.as_fd(), 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which we own; src is open.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&src), dst) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(stdio)
+}
+
+/// The monitor holds the guest's memory: a crash must not write it to a core file, and other
+/// processes of the same uid must not ptrace it or read its /proc/PID/mem (non-dumpable).
+pub(super) fn no_core_dumps() -> Result<(), MonitorError> {
+    let err = |what| move |source| MonitorError::CoreDumps { what, source };
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(err("setting RLIMIT_CORE to 0"))?;
+    nix::sys::prctl::set_dumpable(false).map_err(err("PR_SET_DUMPABLE 0"))
+}
+
+/// The sockets the VM's vsock device connects the guest's streams to (`vsock.sock_<port>`).
+#[derive(Debug)]
+pub(super) struct GuestPorts {
+    /// husk-init's control connection.
+    pub(super) control: UnixListener,
+    /// The container's stdin, stdout and stderr (or its terminal, on the first).
+    pub(super) stdio: [UnixListener; 3],
+}
+
+impl GuestPorts {
+    /// The stdio ports: the first three from [`FIRST_STDIO_PORT`].
+    const STDIO: [u32; 3] = [
+        FIRST_STDIO_PORT.0,
+        FIRST_STDIO_PORT.0 + 1,
+        FIRST_STDIO_PORT.0 + 2,
+    ];
+
+    fn bind(sockets: &SocketDir) -> Result<GuestPorts, MonitorError> {
+        let listen = |port: u32| {
+            let path = sockets.vsock_port(port);
+            let _ = std::fs::remove_file(&path);
+            UnixListener::bind(&path).map_err(|source| MonitorError::Listen { path, source })
+        };
+        let control = listen(husk_proto::CONTROL_PORT.0)?;
+        let [stdin, stdout, stderr] = Self::STDIO;
+        Ok(GuestPorts {
+            control,
+            stdio: [listen(stdin)?, listen(stdout)?, listen(stderr)?],
+        })
+    }
+}
+
+/// What the setup made, for the stages that follow.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    /// The bundle, as loaded by the monitor.
+    bundle: Bundle,
+    /// The container id.
+    id: ContainerId,
+    /// Where each bind mount's source is in the share.
+    mounts: Vec<MountSource>,
+    /// The container's network, undone when dropped (unless left to `husk delete`).
+    pub(super) network: Option<Network>,
+    /// Names the sockets of the state directory.
+    pub(super) sockets: SocketDir,
+    /// The guest's ports.
+    pub(super) ports: GuestPorts,
+    /// The control socket `husk` commands connect to.
+    pub(super) commands: UnixListener,
+    /// The container's terminal, with `process.terminal`.
+    pub(super) console: Option<Console>,
+    /// The container's state (`creating`).
+    pub(super) state: State,
+    /// The VM to start.
+    pub(super) vm: VmConfig,
+}
+
+impl Prepared {
+    /// What husk-init is asked to create: the container of the bundle on the share, its stdio
+    /// on the stdio ports (its terminal on the first, with `process.terminal`).
+    pub(super) fn create_request(&self) -> CreateRequest {
+        let [stdin, stdout, stderr] = GuestPorts::STDIO;
+        CreateRequest {
+            container_id: self.id.clone(),
+            config_json: self.bundle.config_json.clone(),
+            rootfs: FsSource::Share {
+                tag: SHARE_TAG.into(),
+                path: "rootfs".into(),
+            },
+            mounts: self.mounts.clone(),
+            stdio: if self.bundle.terminal() {
+                Stdio::Terminal {
+                    port: VsockPort(stdin),
+                }
+            } else {
+                Stdio::Pipes {
+                    stdin: Some(VsockPort(stdin)),
+                    stdout: Some(VsockPort(stdout)),
+                    stderr: Some(VsockPort(stderr)),
+                }
+            },
+        }
+    }
+}
+
+/// Prepares everything on the host (see the module docs), ending in the jail.
+pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, MonitorError> {
+    let bundle = Bundle::load(&args.bundle).map_err(MonitorError::Bundle)?;
+    let id = ContainerId::new(args.id.clone())?;
+    let image = crate::assets::find()?;
+    let (share, mounts) = share::prepare(dir, &bundle)?;
+    let mut network = network_with_hooks(&bundle, &args.id, dir)?;
+    let sockets = SocketDir::open(dir).map_err(|source| MonitorError::SocketDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let ports = GuestPorts::bind(&sockets)?;
+    // Before the jail, which does not hold /dev/kvm.
+    let kvm = open_kvm()?;
+    // The last things that need the host's view, then the jail (before the VMM's threads).
+    let console = match (bundle.terminal(), &args.console_socket) {
+        (false, _) => None,
+        (true, Some(socket)) => Some(Console::open(socket)?),
+        (true, None) => return Err(MonitorError::NoConsoleSocket),
+    };
+    // The container's fixed facts and the control socket, before the jail pins them (see
+    // `crate::oci::state` on what husk trusts).
+    let state = fixed_state(args, &bundle, dir)?;
+    let commands =
+        UnixListener::bind(sockets.monitor()).map_err(|source| MonitorError::Listen {
+            path: sockets::MONITOR_SOCKET.into(),
+            source,
+        })?;
+    jail::enter(&jail::Jail {
+        id: &args.id,
+        state_dir: dir,
+        read_only: vec![&image.vmlinux, &image.initramfs],
+        network: network.is_some(),
+        user: args.user.map(|map| (map, share.as_path())),
+    })?;
+    crate::phases::record_now("monitor-confined");
+    if args.user.is_some()
+        && let Some(network) = network.as_mut()
+    {
+        network.leave_to_delete();
+    }
+    let vm = VmConfig {
+        kernel: image.vmlinux,
+        initrd: Some(image.initramfs),
+        cmdline_extra: String::new(),
+        mem_mib: bundle.vm.memory_mib,
+        vcpus: bundle.vm.vcpus,
+        console: args.console,
+        seccomp: SeccompMode::Enforce,
+        vsock: Some(sockets.vsock()),
+        shares: vec![(SHARE_TAG.to_string(), share)],
+        nets: network
+            .as_ref()
+            .map(|n| n.devices.clone())
+            .unwrap_or_default(),
+        spare_nets: 0,
+        kvm: Some(Arc::new(kvm)),
+    };
+    Ok(Prepared {
+        bundle,
+        id,
+        mounts,
+        network,
+        sockets,
+        ports,
+        commands,
+        console,
+        state,
+        vm,
+    })
+}
+
+/// The network namespace (a new one while the monitor still has a single thread), the hooks
+/// that fill it, then its interfaces for the VM: undone on drop, when the monitor ends or right
+/// away if creating fails later.
+fn network_with_hooks(
+    bundle: &Bundle,
+    id: &str,
+    dir: &Path,
+) -> Result<Option<Network>, MonitorError> {
+    let netns = network::Netns::for_spec(&bundle.spec).map_err(MonitorError::Network)?;
+    run_create_hooks(bundle, id, netns.host())?;
+    network::setup(&netns, dir).map_err(MonitorError::Network)
+}
+
+/// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
+/// `createRuntime`, with the state of a container being created whose `pid` is this process
+/// (the monitor). `netns`: the host's network namespace when the monitor made its own (see
+/// [`hooks::run`]).
+fn run_create_hooks(
+    bundle: &Bundle,
+    id: &str,
+    netns: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), HookError> {
+    let hooks = bundle.spec.hooks().as_ref();
+    if hooks.is_none() {
+        return Ok(());
+    }
+    let state = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: id.to_owned(),
+        status: Status::Creating,
+        pid: i32::try_from(std::process::id()).ok(),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: String::new(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    hooks::run(HookKind::Prestart, hooks, &state, netns)?;
+    hooks::run(HookKind::CreateRuntime, hooks, &state, netns)
+}
+
+/// Opens `/dev/kvm` for the VMM (the monitor's jail does not hold it).
+fn open_kvm() -> Result<OwnedFd, MonitorError> {
+    nix::fcntl::open(
+        "/dev/kvm",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(MonitorError::Kvm)
+}
+
+/// The container's state as the monitor starts it (`creating`, its own pid), written as the
+/// fixed record (`container.json`) husk commands trust.
+fn fixed_state(args: &MonitorArgs, bundle: &Bundle, dir: &Path) -> Result<State, MonitorError> {
+    let pid = i32::try_from(std::process::id()).unwrap_or(0);
+    let state = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: args.id.clone(),
+        status: Status::Creating,
+        pid: Some(pid),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: state::now_rfc3339(),
+        monitor_start_time: state::process_start_time(pid).unwrap_or(0),
+        exit_status: None,
+    };
+    state::write_fixed(dir, &state).map_err(MonitorError::State)?;
+    Ok(state)
+}

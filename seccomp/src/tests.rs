@@ -1,0 +1,763 @@
+//! The filters are tested where they matter, in a process that installed them: each
+//! `child_*` test re-runs this test binary with `CHILD` set to its own name (and an
+//! argument), and the copy runs the test's body instead of spawning. A denied syscall has to kill that copy with
+//! `SIGSYS`, and a thread of each kind has to live through its usual work and exit.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::os::unix::thread::JoinHandleExt;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+
+const CHILD: &str = "HUSK_SECCOMP_TEST_CHILD";
+const FILTERS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/filters/x86_64-gnu.json"
+));
+
+// BPF return values (linux/seccomp.h) and instruction class.
+const BPF_RET: u16 = 0x06;
+const RET_KILL_PROCESS: u32 = 0x8000_0000;
+const RET_ERRNO: u32 = 0x0005_0000;
+const RET_LOG: u32 = 0x7ffc_0000;
+const RET_ALLOW: u32 = 0x7fff_0000;
+
+/// `_IO(type, nr)` from linux/ioctl.h: no direction, no size.
+const fn io(ty: u32, nr: u32) -> u32 {
+    (ty << 8) | nr
+}
+/// `_IOR(type, nr, size)`.
+const fn ior(ty: u32, nr: u32, size: u32) -> u32 {
+    (2 << 30) | (size << 16) | (ty << 8) | nr
+}
+/// `_IOW(type, nr, size)`.
+const fn iow(ty: u32, nr: u32, size: u32) -> u32 {
+    (1 << 30) | (size << 16) | (ty << 8) | nr
+}
+const KVMIO: u32 = 0xAE;
+const KVM_RUN: u32 = io(KVMIO, 0x80);
+/// `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (32 bytes): a VM ioctl only the setup may make.
+const KVM_IRQFD: u32 = iow(KVMIO, 0x76, 32);
+/// `_IOR(KVMIO, 0x81, struct kvm_regs)`, 144 bytes on x86_64: a vCPU ioctl the filter denies.
+const KVM_GET_REGS: u32 = ior(KVMIO, 0x81, 144);
+
+fn returns(program: &[sock_filter]) -> Vec<u32> {
+    program
+        .iter()
+        .filter(|i| i.code == BPF_RET)
+        .map(|i| i.k)
+        .collect()
+}
+
+fn json() -> HashMap<String, Value> {
+    serde_json::from_str(FILTERS).expect("the filter file is JSON")
+}
+
+fn rules(kind: ThreadKind) -> Vec<Value> {
+    json()[kind.name()]["filter"]
+        .as_array()
+        .expect("a rule list")
+        .clone()
+}
+
+#[test]
+fn every_filter_is_compiled_and_kills_or_logs_by_default() {
+    let count = |program: &[sock_filter], action| {
+        returns(program)
+            .into_iter()
+            .filter(|k| *k == action)
+            .count()
+    };
+    for kind in ThreadKind::ALL {
+        let enforce = filter(kind, Mode::Enforce);
+        let log = filter(kind, Mode::Log);
+        // Architecture check (3), syscall load (1), two or more per syscall, default (1).
+        assert!(
+            enforce.len() > 5 + 2 * 10,
+            "{kind}: {} instructions",
+            enforce.len()
+        );
+        assert_eq!(
+            enforce.len(),
+            log.len(),
+            "{kind}: the modes differ in actions only"
+        );
+        assert_eq!(
+            enforce.last().map(|i| i.k),
+            Some(RET_KILL_PROCESS),
+            "{kind}"
+        );
+        assert_eq!(log.last().map(|i| i.k), Some(RET_LOG), "{kind}");
+        assert!(count(enforce, RET_ALLOW) > 0, "{kind}");
+        // In log mode only a foreign architecture still kills.
+        assert_eq!(count(log, RET_KILL_PROCESS), 1, "{kind}");
+        assert_eq!(log[2].k, RET_KILL_PROCESS, "{kind}: the architecture check");
+    }
+    let companion = programs::OPENAT_EACCES;
+    assert_eq!(count(companion, RET_ERRNO | 13), 1, "openat answers EACCES");
+    assert_eq!(
+        companion.last().map(|i| i.k),
+        Some(RET_ALLOW),
+        "the rest is allowed"
+    );
+}
+
+/// Every thread goes through glibc's malloc, std's thread exit and panic = abort, so every
+/// filter needs the syscalls those make, whatever the thread does.
+#[test]
+fn every_filter_allows_the_runtime_baseline() {
+    const BASELINE: &[&str] = &[
+        "write",
+        "futex",
+        "sched_yield",
+        "clock_gettime",
+        "getrandom",
+        "brk",
+        "mmap",
+        "munmap",
+        "mremap",
+        "mprotect",
+        "madvise",
+        "openat",
+        "rt_sigreturn",
+        "rt_sigprocmask",
+        "sigaltstack",
+        "restart_syscall",
+        "gettid",
+        "getpid",
+        "tgkill",
+        "exit",
+        "exit_group",
+    ];
+    for kind in ThreadKind::ALL {
+        let names: Vec<String> = rules(kind)
+            .iter()
+            .map(|r| r["syscall"].as_str().unwrap().to_owned())
+            .collect();
+        for syscall in BASELINE {
+            assert!(names.iter().any(|n| n == syscall), "{kind} lacks {syscall}");
+        }
+    }
+}
+
+/// The JSON holds numbers with the constant's name in a comment; check each against its
+/// definition so a typo cannot open (or close) the wrong door.
+#[test]
+fn argument_values_match_the_constants_they_name() {
+    let int = |v: libc::c_int| u64::try_from(v).unwrap();
+    let known: &[(&str, u64)] = &[
+        ("AF_UNIX", int(libc::AF_UNIX)),
+        ("F_GETFD", int(libc::F_GETFD)),
+        ("F_DUPFD_CLOEXEC", int(libc::F_DUPFD_CLOEXEC)),
+        ("F_GETFL", int(libc::F_GETFL)),
+        ("F_SETFL", int(libc::F_SETFL)),
+        ("FIONBIO", libc::FIONBIO),
+        ("KVM_RUN", u64::from(KVM_RUN)),
+        ("MADV_DONTNEED", int(libc::MADV_DONTNEED)),
+        ("PROT_EXEC", int(libc::PROT_EXEC)),
+        ("SIGABRT", int(libc::SIGABRT)),
+        ("SIGRTMIN", int(libc::SIGRTMIN())),
+        ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD),
+    ];
+    assert_eq!(KVM_RUN, 0xAE80);
+    let mut checked = 0;
+    for (name, filter) in json() {
+        for rule in filter["filter"].as_array().unwrap() {
+            for arg in rule["args"].as_array().into_iter().flatten() {
+                let comment = arg["comment"].as_str().expect("every condition is named");
+                let named: Vec<_> = known.iter().filter(|(c, _)| comment.contains(c)).collect();
+                let [(constant, value)] = named[..] else {
+                    panic!("{name}: {comment:?} must name exactly one known constant");
+                };
+                // A masked comparison tests bits of the constant: the mask is the value.
+                let actual = arg["op"]["masked_eq"].as_u64().or(arg["val"].as_u64());
+                assert_eq!(actual, Some(*value), "{name}: {constant}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} conditions checked");
+}
+
+// ---- Child processes --------------------------------------------------------------------
+
+/// In the copy of the test binary that runs `test`'s child body: the argument it got.
+fn child_role(test: &str) -> Option<String> {
+    let role = std::env::var(CHILD).ok()?;
+    let (name, arg) = role.split_once(':').unwrap_or((&role, ""));
+    (name == test).then(|| arg.to_owned())
+}
+
+/// Runs `body` as the whole of this process and exits 0 if it returns.
+fn become_child(body: impl FnOnce()) -> ! {
+    // A SIGSYS kill would otherwise dump core.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integers and touches no memory of ours.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) }, 0);
+    body();
+    // SAFETY: _exit ends the process at once, nothing needs unwinding, and exit_group is
+    // in every filter.
+    unsafe { libc::_exit(0) }
+}
+
+/// Runs `test` alone in a fresh copy of this test binary, as the child with `arg`.
+fn run_child(test: &str, arg: &str) -> Output {
+    let exe = std::env::current_exe().expect("the test binary");
+    Command::new(exe)
+        .args([
+            &format!("tests::{test}"),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, format!("{test}:{arg}"))
+        // The backtrace printer reads files and getcwd, which no filter allows.
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run the test binary")
+}
+
+/// In the parent: runs `test` in a child and returns what it did. In the child: runs
+/// `body` and exits.
+fn in_child(test: &str, body: impl FnOnce()) -> Option<Output> {
+    if child_role(test).is_some() {
+        become_child(body);
+    }
+    Some(run_child(test, ""))
+}
+
+/// Writes `line` to stdout with one `write(2)`, which every filter allows.
+fn say(line: &str) {
+    let line = format!("{line}\n");
+    // SAFETY: the pointer and length describe `line`, which outlives the call.
+    let n = unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+    assert_eq!(usize::try_from(n).ok(), Some(line.len()));
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn assert_killed_by_seccomp(output: &Output, reached: &str, not_reached: &str) {
+    let out = stdout(output);
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGSYS),
+        "status {:?}\nstdout:\n{out}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        out.contains(reached),
+        "allowed syscalls must work first:\n{out}"
+    );
+    assert!(
+        !out.contains(not_reached),
+        "the denied syscall returned:\n{out}"
+    );
+}
+
+fn assert_lived(output: &Output, marker: &str) {
+    let out = stdout(output);
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout:\n{out}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(out.contains(marker), "{out}");
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn raw_ioctl(fd: &OwnedFd, request: u32) -> (libc::c_int, i32) {
+    // SAFETY: neither request reads or writes memory through the third argument on a pipe
+    // (the kernel rejects them with ENOTTY before looking at it), and it is null anyway.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::c_ulong::from(request), 0) };
+    (
+        rc,
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+    )
+}
+
+fn raw_socket(domain: libc::c_int) -> libc::c_int {
+    // SAFETY: socket takes integers only; a returned descriptor is closed by the caller.
+    unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }
+}
+
+fn close(fd: libc::c_int) {
+    // SAFETY: `fd` was returned to the caller by socket() and is closed once, here.
+    unsafe { libc::close(fd) };
+}
+
+#[test]
+fn child_vcpu_filter_kills_a_denied_syscall() {
+    let Some(output) = in_child("child_vcpu_filter_kills_a_denied_syscall", || {
+        let (_r, w) = pipe();
+        apply(ThreadKind::Vcpu).unwrap();
+        // SAFETY: writes one byte from a static buffer to a pipe we own.
+        let written = unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(written, 1);
+        say("write to a pipe: allowed");
+        assert_eq!(raw_ioctl(&w, KVM_RUN), (-1, libc::ENOTTY));
+        say("ioctl(KVM_RUN): allowed");
+        raw_socket(libc::AF_UNIX);
+        say("socket: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "ioctl(KVM_RUN): allowed", "socket: survived");
+}
+
+#[test]
+fn child_vcpu_filter_kills_other_kvm_ioctls() {
+    let Some(output) = in_child("child_vcpu_filter_kills_other_kvm_ioctls", || {
+        let (_r, w) = pipe();
+        apply(ThreadKind::Vcpu).unwrap();
+        say("filtered");
+        raw_ioctl(&w, KVM_GET_REGS);
+        say("KVM_GET_REGS: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "filtered", "KVM_GET_REGS: survived");
+}
+
+#[test]
+fn child_vmm_filter_allows_unix_sockets_and_kills_inet() {
+    let Some(output) = in_child(
+        "child_vmm_filter_allows_unix_sockets_and_kills_inet",
+        || {
+            apply(ThreadKind::Vmm).unwrap();
+            let fd = raw_socket(libc::AF_UNIX);
+            assert!(
+                fd >= 0,
+                "socket(AF_UNIX): {}",
+                std::io::Error::last_os_error()
+            );
+            close(fd);
+            say("socket(AF_UNIX): allowed");
+            raw_socket(libc::AF_INET);
+            say("socket(AF_INET): survived");
+        },
+    ) else {
+        return;
+    };
+    assert_killed_by_seccomp(
+        &output,
+        "socket(AF_UNIX): allowed",
+        "socket(AF_INET): survived",
+    );
+}
+
+#[test]
+fn child_api_filter_kills_a_denied_syscall() {
+    let Some(output) = in_child("child_api_filter_kills_a_denied_syscall", || {
+        apply(ThreadKind::Api).unwrap();
+        say("filtered");
+        raw_socket(libc::AF_UNIX);
+        say("socket: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "filtered", "socket: survived");
+}
+
+/// `getppid`: harmless, and in no thread's list.
+fn raw_getppid() {
+    // SAFETY: getppid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getppid) };
+}
+
+/// `ioctl(FIONBIO)` is the one request the vmm and api threads may make (std's
+/// `set_nonblocking`); it must get through to the kernel, which answers EFAULT here because
+/// the argument pointer is null.
+fn fionbio_allowed(fd: &OwnedFd) {
+    let request = u32::try_from(libc::FIONBIO).unwrap();
+    assert_eq!(raw_ioctl(fd, request), (-1, libc::EFAULT));
+    say("ioctl(FIONBIO): allowed");
+}
+
+#[test]
+fn child_vmm_filter_kills_a_denied_syscall() {
+    let Some(output) = in_child("child_vmm_filter_kills_a_denied_syscall", || {
+        apply(ThreadKind::Vmm).unwrap();
+        say("filtered");
+        raw_getppid();
+        say("getppid: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+}
+
+/// The event loop never makes a KVM ioctl: irqfds and ioeventfds are registered before the
+/// filter goes on.
+#[test]
+fn child_vmm_filter_kills_a_kvm_ioctl() {
+    let Some(output) = in_child("child_vmm_filter_kills_a_kvm_ioctl", || {
+        let (_r, w) = pipe();
+        apply(ThreadKind::Vmm).unwrap();
+        fionbio_allowed(&w);
+        raw_ioctl(&w, KVM_IRQFD);
+        say("KVM_IRQFD: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "ioctl(FIONBIO): allowed", "KVM_IRQFD: survived");
+}
+
+#[test]
+fn child_api_filter_kills_a_kvm_ioctl() {
+    let Some(output) = in_child("child_api_filter_kills_a_kvm_ioctl", || {
+        let (_r, w) = pipe();
+        apply(ThreadKind::Api).unwrap();
+        fionbio_allowed(&w);
+        raw_ioctl(&w, KVM_RUN);
+        say("KVM_RUN: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "ioctl(FIONBIO): allowed", "KVM_RUN: survived");
+}
+
+#[test]
+fn child_api_filter_kills_another_denied_syscall() {
+    let Some(output) = in_child("child_api_filter_kills_another_denied_syscall", || {
+        apply(ThreadKind::Api).unwrap();
+        say("filtered");
+        raw_getppid();
+        say("getppid: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+}
+
+#[test]
+fn child_vcpu_filter_kills_another_denied_syscall() {
+    let Some(output) = in_child("child_vcpu_filter_kills_another_denied_syscall", || {
+        apply(ThreadKind::Vcpu).unwrap();
+        say("filtered");
+        raw_getppid();
+        say("getppid: survived");
+    }) else {
+        return;
+    };
+    assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+}
+
+#[test]
+fn child_log_mode_logs_instead_of_killing() {
+    let Some(output) = in_child("child_log_mode_logs_instead_of_killing", || {
+        apply_with(ThreadKind::Vcpu, Mode::Log).unwrap();
+        let fd = raw_socket(libc::AF_INET);
+        assert!(
+            fd >= 0,
+            "socket(AF_INET): {}",
+            std::io::Error::last_os_error()
+        );
+        close(fd);
+        say("socket(AF_INET): logged and allowed");
+    }) else {
+        return;
+    };
+    assert_lived(&output, "socket(AF_INET): logged and allowed");
+}
+
+/// With `panic = abort` (the release profile) a panic ends in abort(); under every filter
+/// that must still be a SIGABRT, not a seccomp kill that hides the panic.
+#[test]
+fn child_abort_under_any_filter_is_sigabrt() {
+    const TEST: &str = "child_abort_under_any_filter_is_sigabrt";
+    if let Some(name) = child_role(TEST) {
+        become_child(|| {
+            let kind = ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap();
+            apply(kind).unwrap();
+            say("filtered");
+            std::process::abort();
+        });
+    }
+    for kind in ThreadKind::ALL {
+        let output = run_child(TEST, kind.name());
+        assert_eq!(
+            output.status.signal(),
+            Some(libc::SIGABRT),
+            "{kind}: {output:?}"
+        );
+        assert!(stdout(&output).contains("filtered"), "{kind}");
+    }
+}
+
+/// A panic in a filtered thread prints its message and unwinds to the joiner.
+#[test]
+fn child_panic_under_a_filter_is_reported() {
+    let Some(output) = in_child("child_panic_under_a_filter_is_reported", || {
+        let joined = std::thread::spawn(|| {
+            apply(ThreadKind::Vcpu).unwrap();
+            panic!("a vCPU bug");
+        })
+        .join();
+        assert!(joined.is_err());
+        say("joined the panicked thread");
+    }) else {
+        return;
+    };
+    assert_lived(&output, "joined the panicked thread");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("a vCPU bug"));
+}
+
+// ---- A thread of each kind lives and dies under its filter ------------------------------
+
+/// The work std and glibc do in any thread: allocate and free (small, large, enough to make
+/// glibc trim the arena, which is when it probes overcommit with openat), hash, take time,
+/// use a channel. Also checks that openat is answered with EACCES.
+fn runtime_work() {
+    let small: Vec<Box<[u8; 1000]>> = (0..5000).map(|_| Box::new([1; 1000])).collect();
+    drop(std::hint::black_box(small));
+    let mut big = vec![0_u8; 4 << 20];
+    big.resize(16 << 20, 1); // realloc of an mmapped chunk: mremap
+    drop(std::hint::black_box(big));
+    let map: HashMap<u32, u32> = (0..100).map(|i| (i, i)).collect();
+    assert_eq!(map.len(), 100);
+    assert!(Instant::now().elapsed() < Duration::from_secs(60));
+    let (tx, rx) = mpsc::channel();
+    tx.send(1).unwrap();
+    assert_eq!(rx.recv().unwrap(), 1);
+}
+
+/// openat is answered with EACCES on every thread but the vmm thread (virtio-fs).
+fn check_openat(kind: ThreadKind) {
+    let path = CString::new("/proc/self/status").unwrap();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    if kind == ThreadKind::Vmm {
+        assert!(
+            fd >= 0,
+            "the vmm thread must be able to open files: {errno:?}"
+        );
+        // SAFETY: fd was just opened by us.
+        unsafe { libc::close(fd) };
+    } else {
+        assert_eq!(
+            (fd, errno),
+            (-1, Some(libc::EACCES)),
+            "openat must fail with EACCES"
+        );
+    }
+}
+
+/// A scratch directory a child process uses for its sockets, named after the test process
+/// (the child's parent), which removes it when the child is done.
+fn scratch_dir(test_pid: u32, label: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("husk-seccomp-{test_pid}-{label}"))
+}
+
+/// Spawns a thread that filters itself as `kind`, runs `work`, and exits; joins it.
+fn live_and_exit(kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        apply(kind).unwrap();
+        runtime_work();
+        check_openat(kind);
+        work();
+        say(&format!("{kind}: work done"));
+    })
+    .join()
+    .unwrap();
+    say(&format!("{kind}: thread exited"));
+}
+
+#[test]
+fn child_vcpu_thread_lives_under_its_filter() {
+    static KICKED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_kick(_: libc::c_int) {
+        KICKED.store(true, Ordering::SeqCst);
+    }
+    let Some(output) = in_child("child_vcpu_thread_lives_under_its_filter", || {
+        // SAFETY: installs a handler that only stores to an atomic (async-signal-safe);
+        // the sigaction struct is zeroed then filled in, as the C API expects.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_kick as *const () as libc::sighandler_t;
+            assert_eq!(
+                libc::sigaction(libc::SIGRTMIN(), &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        // SAFETY: eventfd takes integers; the descriptor is owned below.
+        let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let vcpu = std::thread::spawn(move || {
+            apply(ThreadKind::Vcpu).unwrap();
+            runtime_work();
+            // The guest's notification: an eventfd write.
+            let one = 1_u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from `one` to the eventfd, as eventfd(2) requires.
+            let n = unsafe { libc::write(efd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            assert_eq!(n, 8);
+            assert_eq!(raw_ioctl(&efd, KVM_RUN), (-1, libc::ENOTTY));
+            // Paused: wait for the kick and resume, like a vCPU out of KVM_RUN.
+            ready_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            say("vcpu: work done");
+        });
+        ready_rx.recv().unwrap();
+        // SAFETY: the thread is joinable and not yet joined, so its pthread_t is valid;
+        // SIGRTMIN has the handler installed above.
+        let rc = unsafe { libc::pthread_kill(vcpu.as_pthread_t(), libc::SIGRTMIN()) };
+        assert_eq!(rc, 0);
+        while !KICKED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go_tx.send(()).unwrap();
+        vcpu.join().unwrap();
+        say("vcpu: thread exited");
+    }) else {
+        return;
+    };
+    assert_lived(&output, "vcpu: thread exited");
+    assert!(stdout(&output).contains("vcpu: work done"));
+}
+
+#[test]
+fn child_vmm_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_vmm_thread_lives_under_its_filter", || {
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "vmm");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock_1024");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: epoll_create1 and eventfd take integers; the descriptors are owned below.
+        let (epoll, efd) = unsafe {
+            let epoll = OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC));
+            (
+                epoll,
+                OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)),
+            )
+        };
+        let target = path.clone();
+        live_and_exit(ThreadKind::Vmm, move || {
+            // The event loop: register an eventfd, see it fire, drain it.
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 7,
+            };
+            // SAFETY: `event` is a valid epoll_event for the duration of the call.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    efd.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            assert_eq!(rc, 0);
+            let mut file = std::fs::File::from(efd);
+            file.write_all(&1_u64.to_ne_bytes()).unwrap();
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+            // SAFETY: `events` has room for the 4 events we allow the kernel to write.
+            let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 4, 1000) };
+            assert_eq!(n, 1);
+            let mut counter = [0; 8];
+            file.read_exact(&mut counter).unwrap();
+
+            // A guest-initiated vsock connection to a host Unix socket, and its peer.
+            let mut stream = UnixStream::connect(&target).unwrap();
+            let (mut accepted, _) = listener.accept().unwrap();
+            accepted.set_nonblocking(true).unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut buf = [0; 4];
+            accepted.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"ping");
+            // SAFETY: send/recv read and write `buf`, which outlives the calls.
+            unsafe {
+                let fd = accepted.as_raw_fd();
+                assert_eq!(
+                    libc::send(fd, buf.as_ptr().cast(), 4, libc::MSG_NOSIGNAL),
+                    4
+                );
+                assert_eq!(
+                    libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), 4, 0),
+                    4
+                );
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                assert!(flags & libc::O_NONBLOCK != 0);
+                assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK), 0);
+            }
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "vmm"));
+    assert_lived(&output, "vmm: thread exited");
+}
+
+#[test]
+fn child_api_thread_lives_under_its_filter() {
+    extern "C" fn ignore(_: libc::c_int) {}
+    let Some(output) = in_child("child_api_thread_lives_under_its_filter", || {
+        // SAFETY: as in the vCPU test: an empty handler for the kick signal.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+            assert_eq!(
+                libc::sigaction(libc::SIGRTMIN(), &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "api");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"state").unwrap();
+        let mut helper = Command::new("true").spawn().unwrap();
+        let (tx, rx) = mpsc::channel::<()>();
+        let vcpu = std::thread::spawn(move || while rx.recv().is_ok() {});
+
+        live_and_exit(ThreadKind::Api, move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_nonblocking(true).unwrap();
+            conn.set_nonblocking(false).unwrap();
+            let mut request = [0; 5];
+            conn.read_exact(&mut request).unwrap();
+            conn.write_all(b"running").unwrap();
+            // Stop a vCPU: kick it, tell it to stop, join it.
+            // SAFETY: `vcpu` is joinable and not yet joined, so its pthread_t is valid, and
+            // SIGRTMIN has a handler.
+            let rc = unsafe { libc::pthread_kill(vcpu.as_pthread_t(), libc::SIGRTMIN()) };
+            assert_eq!(rc, 0);
+            drop(tx);
+            vcpu.join().unwrap();
+            assert!(helper.wait().unwrap().success());
+        });
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "running");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "api"));
+    assert_lived(&output, "api: thread exited");
+}

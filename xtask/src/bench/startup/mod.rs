@@ -1,0 +1,502 @@
+//! `cargo xtask bench startup`: where every millisecond of `husk run` goes, next to runc, crun
+//! and QEMU on the same machine in the same run.
+//!
+//! - Each iteration runs, in this order, so that drift of the machine over the run affects all
+//!   of them alike (A B C D A B C D ...): `husk run`, `runc run` and `crun run` of one
+//!   busybox-static bundle running `/bin/true` (its config.json is `runc spec`'s default with
+//!   only the args and `terminal` changed), then QEMU microvm booting husk's vmlinux +
+//!   initramfs to init on the same KVM (as `bench boot` does).
+//! - husk's phases come from the timestamps husk itself records (`HUSK_PHASES`, documented in
+//!   host/src/phases.rs): the time between consecutive phases of [`PHASES`], min/median/p90.
+//!   Wall times of all three runtimes are measured here, spawn to exit.
+//! - husk boot-to-init is `monitor-start` → `init-started`; QEMU's is spawn → husk-init's
+//!   first console line (QEMU has no marker port). husk's misses the monitor's exec (~1 ms).
+//! - Memory: `--density N` idle containers (`sleep`) started with `husk run --detach`, as many
+//!   at once as there are cores;
+//!   per monitor at steady state: RSS and PSS (/proc/PID/smaps_rollup) and the guest RAM the
+//!   guest actually touched (the RSS of the guest-memory mapping). Density = idle containers per
+//!   GiB of host memory, from the median PSS; the drop of MemAvailable is the cross-check.
+//! - Output: a table on stdout, `<out>/startup.json` and `<out>/startup.svg` (stacked phase
+//!   bars per runtime). docs/performance.md explains how to read them.
+//!
+//! This file runs the iterations and reports them; `density` starts and measures the idle
+//! containers, `svg` draws the chart.
+
+mod density;
+mod svg;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+
+use self::density::{Density, measure_density, meminfo, print_memory};
+use super::boot::{self, guest_cmdline, is_kvm_pvm, qemu_kvm_cpu};
+use super::{Scratch, Stats, check_tools, make_bundle, round};
+
+/// The phases of `husk run` in causal order (host/src/phases.rs documents each one).
+const PHASES: [&str; 17] = [
+    "cli-start",
+    "monitor-start",
+    "monitor-confined",
+    "vm-created",
+    "first-vcpu-entry",
+    "init-started",
+    "host-connected",
+    "spec-received",
+    "container-created",
+    "create-returned",
+    "process-started",
+    "process-exited",
+    "process-exit-seen",
+    "power-off",
+    "vm-torn-down",
+    "monitor-exit",
+    "cli-exit",
+];
+
+/// Options of `bench startup`.
+#[derive(Debug, clap::Args)]
+pub struct StartupBenchArgs {
+    /// Iterations (each: husk run, runc run, crun run, QEMU boot).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where to write startup.json and startup.svg [default: target/bench/startup]
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Idle husk containers to start for the memory and density figures (0: skip).
+    #[arg(long, default_value_t = 10)]
+    density: usize,
+    /// Directory with vmlinux and initramfs.cpio [default: target/husk-image]
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Also run `husk --monitor-uid BASE run` in each iteration (after `husk run`): its wall
+    /// time, phases and ratio to `husk run`.
+    #[arg(long, value_name = "BASE")]
+    monitor_uid: Option<u32>,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &StartupBenchArgs) -> Result<()> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let root = crate::workspace_root();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench/startup"));
+    let (vmlinux, initrd) = super::guest_image(args.image.as_deref())?;
+    check_tools()?;
+    let kvm_pvm = is_kvm_pvm();
+    let cmdline = guest_cmdline(&root, kvm_pvm)?;
+
+    println!("building husk (release)");
+    let husk = super::build_husk(&root)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let work = Scratch::new(&out.join("work"))?;
+    let bundle = make_bundle(&work.0.join("bundle"), &["/bin/true"], None)?;
+    let machine = machine(&husk, kvm_pvm);
+    println!(
+        "machine: {}\n{} iterations of: husk run, runc run, crun run (busybox `true`), QEMU microvm boot to init",
+        machine["summary"].as_str().unwrap_or(""),
+        args.runs
+    );
+
+    let mut husk_phases: Vec<HashMap<String, f64>> = Vec::new();
+    let mut uid_phases: Vec<HashMap<String, f64>> = Vec::new();
+    let mut walls: HashMap<&str, Vec<f64>> = HashMap::new();
+    for i in 1..=args.runs {
+        let id = format!("bench-{}-{i}", std::process::id());
+        let phases_file = work.0.join(format!("phases-{i}.jsonl"));
+        let husk_root = work.0.join("husk-root");
+        let (ms, phases) = husk_run(&husk, &[], &husk_root, &bundle, &id, &phases_file)
+            .with_context(|| format!("iteration {i}: husk run"))?;
+        husk_phases.push(phases);
+        walls.entry("husk run").or_default().push(ms);
+        if let Some(base) = args.monitor_uid {
+            let flags = ["--monitor-uid".to_string(), base.to_string()];
+            let file = work.0.join(format!("phases-uid-{i}.jsonl"));
+            let (ms, phases) = husk_run(&husk, &flags, &husk_root, &bundle, &id, &file)
+                .with_context(|| format!("iteration {i}: husk --monitor-uid {base} run"))?;
+            uid_phases.push(phases);
+            walls.entry(UID_RUN).or_default().push(ms);
+            println!("  iteration {i}: husk --monitor-uid {base} run {ms:>9.1} ms");
+        }
+        let runc = oci_run("runc", &work.0.join("runc-root"), &bundle, &id)
+            .with_context(|| format!("iteration {i}: runc run"))?;
+        walls.entry("runc run").or_default().push(runc);
+        let crun = oci_run("crun", &work.0.join("crun-root"), &bundle, &id)
+            .with_context(|| format!("iteration {i}: crun run"))?;
+        walls.entry("crun run").or_default().push(crun);
+        let qemu = boot::qemu_boot("kvm", qemu_kvm_cpu(kvm_pvm), &vmlinux, &initrd, &cmdline)
+            .with_context(|| format!("iteration {i}: QEMU boot"))?;
+        walls
+            .entry("QEMU microvm boot-to-init")
+            .or_default()
+            .push(qemu.to_init);
+        let husk_boot = husk_phases[i - 1]["init-started"] - husk_phases[i - 1]["monitor-start"];
+        walls
+            .entry("husk boot-to-init")
+            .or_default()
+            .push(husk_boot);
+        println!(
+            "  iteration {i}: husk run {ms:>9.1} ms  runc run {runc:>7.1} ms  crun run {crun:>7.1} ms  boot-to-init husk {husk_boot:>9.1} ms, QEMU {:>9.1} ms",
+            qemu.to_init
+        );
+    }
+
+    let segments = print_phases("husk run", &husk_phases);
+    let uid_segments = (!uid_phases.is_empty()).then(|| print_phases(UID_RUN, &uid_phases));
+
+    let order: Vec<&str> = [
+        "husk run",
+        UID_RUN,
+        "runc run",
+        "crun run",
+        "husk boot-to-init",
+        "QEMU microvm boot-to-init",
+    ]
+    .into_iter()
+    .filter(|n| walls.contains_key(n))
+    .collect();
+    let totals: Vec<(&str, Stats)> = order.iter().map(|n| (*n, Stats::of(&walls[n]))).collect();
+    println!();
+    println!(
+        "{:<28} {:>12} {:>12} {:>12}",
+        "wall time (ms)", "min", "median", "p90"
+    );
+    for (name, s) in &totals {
+        println!(
+            "{name:<28} {:>12.1} {:>12.1} {:>12.1}",
+            s.min, s.median, s.p90
+        );
+    }
+    let med = |n: &str| Stats::of(&walls[n]).median;
+    let mut ratios = vec![
+        ("husk run / runc run", med("husk run") / med("runc run")),
+        ("husk run / crun run", med("husk run") / med("crun run")),
+        (
+            "husk boot-to-init / QEMU microvm boot-to-init",
+            med("husk boot-to-init") / med("QEMU microvm boot-to-init"),
+        ),
+    ];
+    if walls.contains_key(UID_RUN) {
+        ratios.push((UID_RATIO, med(UID_RUN) / med("husk run")));
+    }
+    println!();
+    for (name, r) in &ratios {
+        println!("ratio of medians, {name}: {r:.3}x");
+    }
+
+    let memory = if args.density > 0 {
+        println!();
+        println!("memory: starting {} idle husk containers", args.density);
+        let m = measure_density(&husk, &work.0, args.density)?;
+        print_memory(&m);
+        Some(m)
+    } else {
+        None
+    };
+
+    let report = json!({
+        "machine": machine,
+        "runs": args.runs,
+        "bundle": "busybox-static, runc spec defaults, args [/bin/true], terminal false",
+        "husk_phases": phases_json(&segments),
+        "husk_monitor_uid_phases": uid_segments.as_deref().map(phases_json),
+        "wall": totals.iter().map(|(name, s)| {
+            let mut j = s.json();
+            j["what"] = json!(name);
+            j["values_ms"] = json!(walls[name].iter().map(|x| round(*x)).collect::<Vec<_>>());
+            j
+        }).collect::<Vec<_>>(),
+        "ratios_of_medians": ratios.iter().map(|(n, r)| json!({"pair": n, "ratio": round(*r)})).collect::<Vec<_>>(),
+        "memory": memory.as_ref().map(Density::json),
+    });
+    let json_path = out.join("startup.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = out.join("startup.svg");
+    let husk_bar: Vec<(String, f64)> = segments
+        .iter()
+        .map(|(name, s, _)| (name.clone(), s.median))
+        .collect();
+    let others: Vec<(&str, f64)> = totals[1..]
+        .iter()
+        .map(|(name, s)| (*name, s.median))
+        .collect();
+    svg::write(&svg_path, &husk_bar, &others, args.runs)?;
+    println!();
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    Ok(())
+}
+
+/// The name of the `--monitor-uid` variant's runs, and of its ratio to `husk run`.
+const UID_RUN: &str = "husk run --monitor-uid";
+const UID_RATIO: &str = "husk run --monitor-uid / husk run";
+
+/// A phase of the chain (`from → to`): its stats over the runs and its values.
+type Segment = (String, Stats, Vec<f64>);
+
+/// Prints the phase table of `what`'s runs; returns each phase's duration (each phase minus
+/// the one before it in the chain).
+fn print_phases(what: &str, runs: &[HashMap<String, f64>]) -> Vec<Segment> {
+    let segments: Vec<Segment> = PHASES
+        .windows(2)
+        .map(|w| {
+            let values: Vec<f64> = runs.iter().map(|p| p[w[1]] - p[w[0]]).collect();
+            (format!("{} → {}", w[0], w[1]), Stats::of(&values), values)
+        })
+        .collect();
+    println!();
+    println!(
+        "{what} phases over {} runs (ms; from husk's own timestamps):",
+        runs.len()
+    );
+    println!(
+        "{:<42} {:>10} {:>10} {:>10} {:>12}",
+        "phase", "min", "median", "p90", "at (median)"
+    );
+    for (name, s, _) in &segments {
+        let end = name.rsplit(' ').next().unwrap_or("");
+        let at = Stats::of(&runs.iter().map(|p| p[end]).collect::<Vec<_>>()).median;
+        println!(
+            "{name:<42} {:>10.1} {:>10.1} {:>10.1} {at:>12.1}",
+            s.min, s.median, s.p90
+        );
+    }
+    segments
+}
+
+fn phases_json(segments: &[Segment]) -> Value {
+    json!(
+        segments
+            .iter()
+            .map(|(name, s, v)| {
+                let mut j = s.json();
+                j["phase"] = json!(name);
+                j["values_ms"] = json!(v.iter().map(|x| round(*x)).collect::<Vec<_>>());
+                j
+            })
+            .collect::<Vec<_>>()
+    )
+}
+
+/// One `husk FLAGS run`: wall time (ms) and the phases it recorded, as ms since `cli-start`.
+fn husk_run(
+    husk: &Path,
+    flags: &[String],
+    root: &Path,
+    bundle: &Path,
+    id: &str,
+    phases_file: &Path,
+) -> Result<(f64, HashMap<String, f64>)> {
+    let _ = std::fs::remove_file(phases_file);
+    let start = Instant::now();
+    let out = Command::new(husk)
+        .args(flags)
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .env("HUSK_PHASES", phases_file)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", husk.display()))?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    ensure!(
+        out.status.success(),
+        "husk run failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = std::fs::read_to_string(phases_file)
+        .with_context(|| format!("husk recorded no phases in {}", phases_file.display()))?;
+    Ok((ms, parse_phases(&text)?))
+}
+
+/// Reads a phase file (JSON lines) into ms since `cli-start`; every phase of [`PHASES`] must be
+/// there, once.
+fn parse_phases(text: &str) -> Result<HashMap<String, f64>> {
+    let mut ns: HashMap<String, u64> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("phase file line {}: {line:?}", n + 1))?;
+        let (Some(phase), Some(t)) = (v["phase"].as_str(), v["mono_ns"].as_u64()) else {
+            bail!("phase file line {}: no phase or mono_ns: {line}", n + 1);
+        };
+        if ns.insert(phase.to_string(), t).is_some() {
+            bail!("phase {phase} recorded twice");
+        }
+    }
+    let missing: Vec<&str> = PHASES
+        .iter()
+        .copied()
+        .filter(|p| !ns.contains_key(*p))
+        .collect();
+    ensure!(missing.is_empty(), "husk recorded no {missing:?}");
+    let origin = ns["cli-start"];
+    Ok(ns
+        .into_iter()
+        .map(|(p, t)| (p, (t as f64 - origin as f64) / 1e6))
+        .collect())
+}
+
+/// One `runc run` / `crun run`: wall time, ms.
+fn oci_run(runtime: &str, root: &Path, bundle: &Path, id: &str) -> Result<f64> {
+    let start = Instant::now();
+    let out = Command::new(runtime)
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {runtime}"))?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    ensure!(
+        out.status.success(),
+        "{runtime} run failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(ms)
+}
+
+/// The machine and tool versions, for the report.
+fn machine(husk: &Path, kvm_pvm: bool) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = meminfo("MemTotal").unwrap_or(0) as f64 / 1048576.0;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let version = |cmd: &Path| -> String {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(String::from)
+            })
+            .unwrap_or_default()
+    };
+    let kvm = if kvm_pvm {
+        "kvm_pvm (nested, page-table based: guest kernel mode is emulated)"
+    } else {
+        "KVM"
+    };
+    json!({
+        "summary": format!("{cpu}, {cores} cores, {mem_gib:.1} GiB, Linux {kernel}, {kvm}"),
+        "cpu": cpu, "cores": cores, "mem_gib": round(mem_gib), "kernel": kernel, "kvm": kvm,
+        "husk": version(husk), "runc": version(Path::new("runc")), "crun": version(Path::new("crun")),
+        "qemu": version(Path::new("qemu-system-x86_64")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::density::{cpu_ticks, guest_ram};
+    use super::*;
+
+    #[test]
+    fn stats_use_nearest_rank_p90() {
+        let s = Stats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((s.min, s.median, s.p90), (1.0, 3.0, 5.0));
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(Stats::of(&v).p90, 9.0);
+        assert!(Stats::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn phases_are_ms_since_cli_start_and_all_required() {
+        let line = |p: &str, ns: u64| format!("{{\"phase\":\"{p}\",\"mono_ns\":{ns},\"pid\":1}}\n");
+        let mut text = String::new();
+        for (i, p) in PHASES.iter().enumerate() {
+            text += &line(p, 1_000_000_000 + i as u64 * 1_500_000);
+        }
+        text += &line("start-returned", 1_000_000_000);
+        let p = parse_phases(&text).unwrap();
+        assert_eq!(p["cli-start"], 0.0);
+        assert_eq!(p["cli-exit"], 16.0 * 1.5);
+        let without: String = text
+            .lines()
+            .filter(|l| !l.contains("power-off"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = parse_phases(&without).unwrap_err().to_string();
+        assert!(err.contains("power-off"), "{err}");
+        let twice = format!("{text}{}", line("vm-created", 5));
+        assert!(
+            parse_phases(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        assert!(parse_phases("not json\n").is_err());
+    }
+
+    #[test]
+    fn cpu_ticks_of_a_process_that_works_grow() {
+        let me = u64::from(std::process::id());
+        let before = cpu_ticks(me).unwrap();
+        // Spin until a tick is charged (a loaded machine may take a while to give us one).
+        let start = Instant::now();
+        let mut x = 0u64;
+        while cpu_ticks(me).unwrap() == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no CPU time charged"
+            );
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn guest_ram_is_the_largest_anonymous_mapping() {
+        // Our own process: map 256 MiB anonymous (larger than any other mapping of a test
+        // process), touch 3 pages, find it.
+        let len = 256 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped below; no aliasing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        for page in 0..3 {
+            // SAFETY: inside the mapping just made.
+            unsafe { *p.cast::<u8>().add(page * 4096) = 1 };
+        }
+        let (size, rss) = guest_ram(u64::from(std::process::id())).unwrap();
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(size, 256);
+        // 3 pages, or more if transparent huge pages backed them.
+        assert!((12..256 * 1024).contains(&rss), "rss {rss} KiB");
+    }
+}
