@@ -436,6 +436,12 @@ impl Server {
                 if let Some(c) = self.container.as_mut() {
                     c.destroy();
                 }
+                // The host ends the VM on the answer: what the container wrote must be on the
+                // host by then (writes through the share already are; a shared mapping's dirty
+                // pages are not until written back).
+                if self.pid1 {
+                    nix::unistd::sync();
+                }
                 self.shutdown = true;
                 Ok(Response::Done)
             }

@@ -84,7 +84,8 @@ pub enum Request {
     ListPids,
     /// Read the container's resource usage.
     Stats,
-    /// Kill whatever is left and power the VM off; answered just before power-off.
+    /// Kill whatever is left, sync, and power the VM off; answered after the sync, just before
+    /// power-off (the host may end the VM on the answer).
     Shutdown,
     /// Make this VM its own before anything else: a VM restored from a template shares the
     /// template's kernel RNG state and has its clock. Sent first, answered [`Response::Done`].

@@ -113,6 +113,9 @@ pub enum MonitorError {
     /// husk-init's first message was not its Hello.
     #[error("husk-init sent {0:?} instead of Hello")]
     NoHello(Option<GuestMessage>),
+    /// husk-init could not make the VM its own (reseed its RNG, set its clock).
+    #[error("preparing the VM: {0}")]
+    Prepare(String),
     /// husk-init could not configure the VM's network.
     #[error("configuring the network in the VM: {0}")]
     ConfigureNetwork(String),

@@ -1,8 +1,8 @@
 //! Creating, third stage: the session with husk-init over the VM's control port. husk-init
 //! connects once the guest kernel has started it; then comes the handshake (its Hello, then
 //! ours) and the requests that must be answered before `husk create` returns, each a typed
-//! call that waits for its answer: [`GuestSession::configure_network`] (when the VM has
-//! interfaces) and [`GuestSession::create_container`]. Once the container is created, the
+//! call that waits for its answer: [`GuestSession::prepare`], [`GuestSession::configure_network`]
+//! (when the VM has interfaces) and [`GuestSession::create_container`]. Once the container is created, the
 //! serving loop sends its requests on the same connection ([`GuestSession::send`]) and a
 //! reader thread takes the answers and events.
 
@@ -26,8 +26,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const CREATE_ID: RequestId = RequestId(0);
 /// The id of the `ConfigureNetwork` request (sent before `Create`, numbered after it).
 const CONFIGURE_NETWORK_ID: RequestId = RequestId(1);
-/// The first id of the serving loop's requests: 0 and 1 went to the handshake's.
-const FIRST_SERVE_ID: u64 = 2;
+/// The id of the `Prepare` request (sent first, numbered after the others).
+const PREPARE_ID: RequestId = RequestId(2);
+/// The first id of the serving loop's requests: 0 to 2 went to the handshake's.
+const FIRST_SERVE_ID: u64 = 3;
 
 /// The monitor's end of husk-init's control connection.
 #[derive(Debug)]
@@ -83,6 +85,22 @@ impl GuestSession {
             other => return Err(MonitorError::NoHello(other)),
         }
         self.write(&HostMessage::Hello(Hello::current()))
+    }
+
+    /// Makes the VM its own (see [`husk_proto::Request::Prepare`]): fresh entropy for the
+    /// guest kernel's RNG and the wall clock. First, before anything of the container.
+    pub(super) fn prepare(&mut self) -> Result<(), MonitorError> {
+        let request = crate::template::prepare_request().map_err(MonitorError::Io)?;
+        match self.call(PREPARE_ID, Request::Prepare(request))? {
+            Some(GuestMessage::Response { result: Ok(_), .. }) => Ok(()),
+            Some(GuestMessage::Response { result: Err(e), .. }) => {
+                Err(MonitorError::Prepare(e.message))
+            }
+            other => Err(MonitorError::UnexpectedAnswer {
+                request: "Prepare",
+                answer: other,
+            }),
+        }
     }
 
     /// Has husk-init configure the VM's interfaces, addresses and routes.

@@ -92,33 +92,48 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     let created = setup::no_core_dumps()
         .and_then(|()| setup::take_stdio(args.log.as_deref()).map_err(MonitorError::Stdio))
         .and_then(|stdio| create(&args, &dir, process_start, stdio));
-    let mut monitor = match created {
+    let (mut monitor, rejected) = match created {
         Ok(m) => m,
         Err(e) => {
             let _ = writeln!(notify, "error: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
+    if let Some(key) = rejected {
+        // The jail hides the template cache: `husk create` removes it.
+        let _ = writeln!(notify, "{TEMPLATE_REJECTED} {key}");
+    }
     let _ = writeln!(notify, "ok");
     drop(notify);
     let code = monitor.serve();
     ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }
 
+/// The line with which the monitor tells `husk create` that KVM or a device refused a
+/// template (followed by its key), before "ok".
+pub const TEMPLATE_REJECTED: &str = "template-rejected";
+
 /// Creates the container: the stages of the module docs, up to a monitor ready to serve.
+/// Also returns the template the VM could not be restored from, if any.
 fn create(
     args: &MonitorArgs,
     dir: &Path,
     process_start: Instant,
     stdio: ContainerStdio,
-) -> Result<Monitor, MonitorError> {
+) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
     let host = setup::prepare(args, dir)?;
     let create = host.create_request();
     let (tx, events) = channel();
     let vm_ended = tx.clone();
-    let stopper = vm::start(&host.vm, process_start, move |why| {
-        let _ = vm_ended.send(Ev::VmEnded(why));
-    })?;
+    let started = vm::start(
+        &host.vm,
+        host.template.as_ref(),
+        process_start,
+        move |why| {
+            let _ = vm_ended.send(Ev::VmEnded(why));
+        },
+    )?;
+    let stopper = started.handle;
     let mut guest =
         GuestSession::accept(host.ports.control, &stopper, || match events.try_recv() {
             Ok(Ev::VmEnded(why)) => Some(why),
@@ -130,13 +145,21 @@ fn create(
         e
     };
     guest.hello().map_err(fail)?;
+    guest.prepare().map_err(fail)?;
     if let Some(net) = host
         .network
         .as_ref()
         .filter(|n| !n.guest.interfaces.is_empty())
     {
+        let mut config = net.guest.clone();
+        if started.restored {
+            // The guest's NICs still have the template's addresses.
+            for (slot, iface) in (0u8..).zip(&mut config.interfaces) {
+                iface.device_mac = crate::vmm::spare_net_mac(slot);
+            }
+        }
         // Before Create, so the network is up by the time `create` returns.
-        guest.configure_network(net.guest.clone()).map_err(fail)?;
+        guest.configure_network(config).map_err(fail)?;
     }
     let outputs = relay_stdio(host.console, host.ports.stdio, stdio, &tx);
     guest.create_container(create).map_err(fail)?;
@@ -150,7 +173,7 @@ fn create(
     serve::spawn_guest_reader(reader, tx.clone());
     serve::spawn_command_acceptor(host.commands, tx.clone());
 
-    Ok(Monitor::new(serve::Parts {
+    let monitor = Monitor::new(serve::Parts {
         dir: dir.to_path_buf(),
         sockets: host.sockets,
         state,
@@ -160,7 +183,8 @@ fn create(
         stopper,
         outputs,
         network: host.network,
-    }))
+    });
+    Ok((monitor, started.rejected))
 }
 
 /// Connects the container's stdio to the guest's streams (accepted on the `stdin`, `stdout` and

@@ -412,6 +412,12 @@ impl Monitor {
                 });
                 reply(&mut s, &MonitorReply::Stats(data));
             }
+            (Pending::Shutdown, Ok(_)) => {
+                // husk-init has killed what was left and synced: nothing the VM still does
+                // (its kernel's power-off) matters to anyone, so it ends now.
+                crate::phases::record_now("guest-shut-down");
+                self.stopper.stop();
+            }
             (Pending::Shutdown | Pending::Ignore, _) => {}
             (
                 Pending::Start(mut s)

@@ -17,10 +17,13 @@ use super::console::Console;
 use super::error::MonitorError;
 use super::network::{self, Network};
 use super::{MonitorArgs, jail, share};
+use crate::assets::GuestImage;
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks::{self, HookError, HookKind};
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
+use crate::template::{self, TemplateShape};
+use crate::vmm::persist::Snapshot;
 use crate::vmm::{SeccompMode, VmConfig};
 
 /// The stdio the monitor inherited from `husk create`: the container's.
@@ -128,8 +131,19 @@ pub(super) struct Prepared {
     pub(super) console: Option<Console>,
     /// The container's state (`creating`).
     pub(super) state: State,
-    /// The VM to start.
+    /// The VM to start (of the template's shape when there is one).
     pub(super) vm: VmConfig,
+    /// The template to restore the VM from, if any (else it boots).
+    pub(super) template: Option<Template>,
+}
+
+/// A template a container's VM is restored from.
+#[derive(Debug)]
+pub(super) struct Template {
+    /// Its key in the cache (for `husk create` to remove it if the restore is refused).
+    pub(super) key: template::Key,
+    /// The saved VM.
+    pub(super) snapshot: Snapshot,
 }
 
 impl Prepared {
@@ -172,8 +186,9 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         source,
     })?;
     let ports = GuestPorts::bind(&sockets)?;
-    // Before the jail, which does not hold /dev/kvm.
-    let kvm = open_kvm()?;
+    // Before the jail, which does not hold /dev/kvm, nor the templates.
+    let kvm = Arc::new(open_kvm()?);
+    let template = choose_template(args, &bundle, &image, network.as_ref());
     // The last things that need the host's view, then the jail (before the VMM's threads).
     let console = match (bundle.terminal(), &args.console_socket) {
         (false, _) => None,
@@ -201,22 +216,33 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
     {
         network.leave_to_delete();
     }
-    let vm = VmConfig {
-        kernel: image.vmlinux,
-        initrd: Some(image.initramfs),
-        cmdline_extra: String::new(),
-        mem_mib: bundle.vm.memory_mib,
-        vcpus: bundle.vm.vcpus,
-        console: args.console,
-        seccomp: SeccompMode::Enforce,
-        vsock: Some(sockets.vsock()),
-        shares: vec![(SHARE_TAG.to_string(), share)],
-        nets: network
-            .as_ref()
-            .map(|n| n.devices.clone())
-            .unwrap_or_default(),
-        spare_nets: 0,
-        kvm: Some(Arc::new(kvm)),
+    let nets = network
+        .as_ref()
+        .map(|n| n.devices.clone())
+        .unwrap_or_default();
+    let vm = match &template {
+        Some(_) => template::vm_config(
+            &image,
+            template_shape(&bundle),
+            sockets.vsock(),
+            share,
+            nets,
+            Some(kvm),
+        ),
+        None => VmConfig {
+            kernel: image.vmlinux,
+            initrd: Some(image.initramfs),
+            cmdline_extra: String::new(),
+            mem_mib: bundle.vm.memory_mib,
+            vcpus: bundle.vm.vcpus,
+            console: args.console,
+            seccomp: SeccompMode::Enforce,
+            vsock: Some(sockets.vsock()),
+            shares: vec![(SHARE_TAG.to_string(), share)],
+            nets,
+            spare_nets: 0,
+            kvm: Some(kvm),
+        },
     };
     Ok(Prepared {
         bundle,
@@ -229,7 +255,48 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         console,
         state,
         vm,
+        template,
     })
+}
+
+/// The template shape of the container's VM.
+fn template_shape(bundle: &Bundle) -> TemplateShape {
+    TemplateShape {
+        vcpus: bundle.vm.vcpus,
+        mem_mib: bundle.vm.memory_mib,
+    }
+}
+
+/// The template to restore the container's VM from: none when templates are off for it (the
+/// annotation `io.husk.vm.template=off`, or `HUSK_TEMPLATES=off` in `create`'s environment),
+/// for a VM with a serial console (debugging), or with more interfaces than a template has
+/// slots; else the cache's, made now if there is none (see `crate::template`).
+fn choose_template(
+    args: &MonitorArgs,
+    bundle: &Bundle,
+    image: &GuestImage,
+    network: Option<&Network>,
+) -> Option<Template> {
+    let annotation = bundle
+        .spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(template::ANNOTATION))
+        .map(String::as_str);
+    let env = std::env::var(template::ENV).ok();
+    if annotation == Some("off") || env.as_deref() == Some("off") || args.console {
+        return None;
+    }
+    let nets = network.map_or(0, |n| n.devices.len());
+    if nets > usize::from(template::NET_SLOTS) {
+        eprintln!(
+            "husk monitor: {nets} network interfaces, a VM template has {}: booting cold",
+            template::NET_SLOTS
+        );
+        return None;
+    }
+    template::for_container(image, template_shape(bundle))
+        .map(|(key, snapshot)| Template { key, snapshot })
 }
 
 /// The network namespace (a new one while the monitor still has a single thread), the hooks

@@ -59,6 +59,12 @@ pub const NET_SLOTS: u8 = 1;
 /// The environment variable that names the template directory.
 pub const DIR_ENV: &str = "HUSK_TEMPLATE_DIR";
 
+/// The environment variable that turns templates off for every container (`off`).
+pub const ENV: &str = "HUSK_TEMPLATES";
+
+/// The annotation that turns templates off for one container (`off`: it boots cold).
+pub const ANNOTATION: &str = "io.husk.vm.template";
+
 /// What a template is made for: the VM's size. The device set is fixed (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateShape {

@@ -306,7 +306,7 @@ impl Devices {
             devices.attach_virtio(vm, mem, device, handle, saved)?;
         }
         let spares = (0..config.spare_nets).map(|_| None);
-        for net in config.nets.iter().map(Some).chain(spares) {
+        for (slot, net) in (0u8..).zip(config.nets.iter().map(Some).chain(spares)) {
             let what = match net {
                 Some(net) => format!("virtio-net on {}", net.tap.name()),
                 None => "a spare virtio-net".to_owned(),
@@ -316,7 +316,7 @@ impl Devices {
                 Some(net) => Some(net.tap.try_clone().map_err(|e| err(&e))?),
                 None => None,
             };
-            let (mac, mtu) = net.map_or((SPARE_NET_MAC, SPARE_NET_MTU), |n| (n.mac, n.mtu));
+            let (mac, mtu) = net.map_or((spare_net_mac(slot), SPARE_NET_MTU), |n| (n.mac, n.mtu));
             let saved = next_saved(&what)?;
             let device = match saved.map(|s| &s.device) {
                 None => match tap {
@@ -455,9 +455,11 @@ impl Devices {
     }
 }
 
-/// The MAC of a spare NIC, until a container's configuration gives it its own: locally
-/// administered, unicast.
-pub const SPARE_NET_MAC: [u8; 6] = [0x02, 0x68, 0x75, 0x73, 0x6b, 0x00];
+/// The MAC of the spare NIC in slot `slot` (its index among the VM's NICs), until a
+/// container's configuration gives it its own: locally administered, unicast, one per slot.
+pub fn spare_net_mac(slot: u8) -> [u8; 6] {
+    [0x02, 0x68, 0x75, 0x73, 0x6b, slot]
+}
 
 /// The MTU a spare NIC announces: the largest, so that whatever MTU a container's network
 /// has later, the guest can set it (the driver takes the announced MTU as its maximum).

@@ -30,7 +30,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::Killable;
 
 use arch::{boot, mptable, regs};
-pub use builder::{restore, start};
+pub use builder::{restore, spare_net_mac, start};
 use devices::EventFdTrigger;
 use devices::legacy::marker::MarkerLog;
 use vstate::{memory, vcpu};

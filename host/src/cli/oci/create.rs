@@ -123,6 +123,16 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     };
     drop(write_end);
     let report = read_report(read_end);
+    let mut lines: Vec<&str> = report.lines().collect();
+    // A template the monitor could not restore from: removed here, where the cache is seen.
+    lines.retain(|line| match line.strip_prefix(monitor::TEMPLATE_REJECTED) {
+        Some(key) => {
+            remove_template(key.trim());
+            false
+        }
+        None => true,
+    });
+    let report = lines.join("\n");
     if report.trim() != "ok" {
         let msg = report
             .trim()
@@ -144,6 +154,23 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     drop(entry);
     crate::phases::record_now("create-returned");
     Ok(child)
+}
+
+/// Removes a template the monitor could not restore from (a key it printed, so checked
+/// before it is used as a file name), saying so once.
+fn remove_template(key: &str) {
+    if !crate::template::Key::is_key(key) {
+        return;
+    }
+    let dir = crate::template::cache_dir();
+    let removed = crate::template::Cache::open(&dir).and_then(|cache| cache.remove(key));
+    match removed {
+        Ok(key) => eprintln!("husk: removed template {key}, which KVM refused"),
+        Err(e) => eprintln!(
+            "husk: template {key} was refused and could not be removed: {}",
+            crate::error_chain(&e)
+        ),
+    }
 }
 
 /// `husk create`.

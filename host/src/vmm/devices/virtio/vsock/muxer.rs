@@ -296,6 +296,10 @@ impl Muxer {
         match hdr.op {
             op::REQUEST => self.connect_to_host(key, &hdr),
             op::RST => {}
+            // What a guest says about a connection it still believes in when the host end is
+            // gone (e.g. the first packets of a VM restored from a template): answered
+            // quietly.
+            op::CREDIT_UPDATE | op::SHUTDOWN => self.enqueue_rst(key),
             other => {
                 guest_log!(
                     "virtio-vsock: op {other} for unknown connection {}:{}",
