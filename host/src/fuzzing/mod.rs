@@ -30,6 +30,7 @@ mod fs;
 mod mmio;
 mod net;
 mod ops;
+mod snapshot;
 mod vsock;
 
 /// `config.json` bytes through bundle loading and validation (VM sizing included).
@@ -62,6 +63,12 @@ pub fn virtio_mmio(data: &[u8]) {
     mmio::run(data);
 }
 
+/// A VM template's state file (see `crate::vmm::persist`): decoded, encoded back, and each
+/// saved virtio transport restored onto a real device over guest memory.
+pub fn snapshot_state(data: &[u8]) {
+    snapshot::run(data);
+}
+
 /// The seed corpus of `target` (one of the functions above), as (name, input) pairs.
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
@@ -70,6 +77,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_fs" => fs::seeds(),
         "virtio_mmio" => mmio::seeds(),
         "virtio_net" => net::seeds(),
+        "snapshot_state" => snapshot::seeds(),
         _ => Vec::new(),
     }
 }
@@ -115,8 +123,9 @@ mod tests {
     /// A target's name and entry point.
     type Target = (&'static str, fn(&[u8]));
 
-    const TARGETS: [Target; 5] = [
+    const TARGETS: [Target; 6] = [
         ("bundle_config", bundle_config),
+        ("snapshot_state", snapshot_state),
         ("virtio_vsock", virtio_vsock),
         ("virtio_fs", virtio_fs),
         ("virtio_mmio", virtio_mmio),

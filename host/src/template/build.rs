@@ -96,7 +96,14 @@ pub fn build(
         .map_err(io("creating", &scratch))?;
     let result = make(image, shape, &key, cache, &scratch);
     let _ = fs::remove_dir_all(&scratch);
-    result.map(|()| Built { key, made: true })
+    result?;
+    if let Err(e) = cache.prune(super::KEEP, &key) {
+        eprintln!(
+            "husk: could not remove old templates: {}",
+            crate::error_chain(&e)
+        );
+    }
+    Ok(Built { key, made: true })
 }
 
 /// Boots, greets, saves into `scratch`, and moves the snapshot to its place in the cache.

@@ -12,7 +12,7 @@ use crate::assets::GuestImage;
 
 /// A template's key: 32 hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key(String);
+pub struct Key(pub(super) String);
 
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -23,7 +23,7 @@
 //! nor boot twice: the others wait on the lock and find the template made. A template that
 //! cannot be read (damaged, truncated, another format version, a memory file changed after
 //! it was saved) is removed with one log line, and that `create` boots cold: a container never
-//! fails because of a template.
+//! fails because of a template. The cache keeps the [`KEEP`] most recently made templates.
 //!
 //! # What stays shared, and why it is acceptable
 //!
@@ -55,6 +55,10 @@ use crate::vmm::persist::{Snapshot, SnapshotError};
 
 /// virtio-net slots every template has.
 pub const NET_SLOTS: u8 = 1;
+
+/// Templates the cache keeps: making one more removes the oldest (see [`Cache::prune`]). A
+/// template takes the disk space of what its guest touched (about 27 MiB for 256 MiB here).
+pub const KEEP: usize = 8;
 
 /// The environment variable that names the template directory.
 pub const DIR_ENV: &str = "HUSK_TEMPLATE_DIR";
@@ -228,6 +232,30 @@ impl Cache {
         Ok(out)
     }
 
+    /// Removes the oldest templates beyond the `keep` most recently made, but never `spare`
+    /// (the one just made). Templates of a `husk` binary or guest image that were replaced
+    /// stay in the cache until then: their keys are never asked for again.
+    pub fn prune(&self, keep: usize, spare: &Key) -> Result<Vec<String>, TemplateError> {
+        let mut entries: Vec<(std::time::SystemTime, String)> = self
+            .list()?
+            .into_iter()
+            .filter(|e| e.key != spare.as_str())
+            .map(|e| {
+                let made = fs::metadata(self.dir.join(&e.key))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (made, e.key)
+            })
+            .collect();
+        entries.sort();
+        let excess = (entries.len() + 1).saturating_sub(keep);
+        let mut removed = Vec::new();
+        for (_, key) in entries.into_iter().take(excess) {
+            removed.push(self.remove(&key)?);
+        }
+        Ok(removed)
+    }
+
     /// Removes the template `key` (a key or any unique prefix of one). Returns the key removed.
     pub fn remove(&self, key: &str) -> Result<String, TemplateError> {
         let matches: Vec<Entry> = self
@@ -350,5 +378,48 @@ pub fn for_container(image: &GuestImage, shape: TemplateShape) -> Option<(Key, S
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_private_and_keeps_the_newest_templates() {
+        let tmp = husk_e2e::TempDir::new("template-cache");
+        let dir = tmp.path().join("templates");
+        let cache = Cache::open(&dir).unwrap();
+        assert_eq!(
+            fs::metadata(&dir).unwrap().mode() & 0o777,
+            0o700,
+            "made private"
+        );
+        let key = |n: u8| Key(format!("{n:x}{}", "0".repeat(31)));
+        for n in 0..5u8 {
+            let t = dir.join(key(n).as_str());
+            fs::create_dir(&t).unwrap();
+            fs::write(t.join("state"), [n]).unwrap();
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(n) * 100);
+            fs::File::open(&t).unwrap().set_modified(when).unwrap();
+        }
+        fs::create_dir(dir.join(".build-not-a-key")).unwrap();
+        assert_eq!(cache.list().unwrap().len(), 5);
+        // Keep 3, counting the one just made (the oldest here): 0 stays, 1 and 2 go.
+        let removed = cache.prune(3, &key(0)).unwrap();
+        assert_eq!(removed, vec![key(1).0, key(2).0]);
+        let left: Vec<String> = cache.list().unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(left, vec![key(0).0, key(3).0, key(4).0]);
+        // A prefix removes one; an ambiguous or unknown one nothing.
+        cache.remove("").unwrap_err();
+        assert_eq!(cache.remove(&key(4).0[..31]).unwrap(), key(4).0);
+        assert!(cache.remove("ffff").is_err());
+
+        // Others may not write the directory.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            Cache::open(&dir),
+            Err(TemplateError::NotPrivate(_))
+        ));
     }
 }

@@ -10,7 +10,7 @@
 //! resets through the i8042 (`reboot=k`) or triple-faults, KVM reports an error, or the host
 //! asks ([`RunningVm::stop`]). Whatever comes first is the [`VmExit`].
 
-mod arch;
+pub(crate) mod arch;
 mod builder;
 pub mod devices;
 mod event_loop;

@@ -246,13 +246,18 @@ fn bincode_config() -> impl bincode::config::Config {
 pub fn encode_state(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
     let payload = bincode::serde::encode_to_vec(state, bincode_config())
         .map_err(|e| SnapshotError::Format(format!("encoding the state: {e}")))?;
+    Ok(with_header(&payload))
+}
+
+/// `payload` behind the state file's header (this version, its length and checksum).
+pub(crate) fn with_header(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&Sha256::digest(&payload));
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&Sha256::digest(payload));
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Decodes a state file's bytes, checking everything the header promises. Never panics, and
@@ -328,16 +333,13 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    /// Bytes that decode as far as the header goes, around `payload`.
-    pub(crate) fn with_header(version: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&Sha256::digest(payload));
-        out.extend_from_slice(payload);
+    /// `payload` behind a header of format `version`.
+    fn with_header(version: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = super::with_header(payload);
+        out[8..12].copy_from_slice(&version.to_le_bytes());
         out
     }
 

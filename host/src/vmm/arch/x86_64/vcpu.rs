@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 const MSR_CHUNK: usize = 64;
 
 /// Everything KVM holds for one vCPU.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
     /// The CPUID the vCPU was given.
     pub cpuid: Vec<kvm_cpuid_entry2>,

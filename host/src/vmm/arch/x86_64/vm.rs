@@ -9,7 +9,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 /// The VM-wide state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmArchState {
     /// The KVM clock (what the guest's kvmclock reads).
     pub clock: kvm_clock_data,

@@ -35,7 +35,7 @@ use super::{
 use crate::vmm::devices::BusDevice;
 use crate::vmm::lock;
 
-mod persist;
+pub mod persist;
 pub use persist::MmioState;
 
 /// Size of the MMIO window each transport occupies (registers plus a 3.75 KiB config space).
