@@ -1,7 +1,8 @@
 #!/bin/sh
 # Sets up a fresh Debian 12 machine for husk: installs the packages the build and the tests
 # need, builds the guest image (kernel + initramfs, cached under /var/cache/husk) and the husk
-# binary, then boots the guest image once under QEMU/KVM as a smoke test.
+# binary, boots the guest image once under QEMU as a smoke test, makes the default VM template
+# and runs a first container in a VM.
 #
 #   ./scripts/setup.sh            everything
 #   ./scripts/setup.sh --deps     only the apt packages
@@ -55,5 +56,7 @@ echo "== building husk"
 cargo build --release --workspace
 echo "== smoke test: boot the guest image under QEMU (TCG, then KVM if available)"
 cargo test --release -p husk-e2e --test guest_image_qemu -- --nocapture
-echo "== main job: boot the guest image with husk's own VMM and show the boot timeline"
-target/release/husk vm boot --kernel target/husk-image/vmlinux --initrd target/husk-image/initramfs.cpio
+echo "== the default VM template (one cold boot, saved; every later container restores it)"
+target/release/husk template build
+echo "== main job: a first container (husk run of busybox, printing its guest kernel)"
+./scripts/first-container.sh target/release/husk

@@ -33,7 +33,12 @@ impl Density {
 
     /// Idle containers per GiB of host memory, from the median PSS.
     fn per_gib(&self) -> f64 {
-        1048576.0 / Self::median(&self.pss_kib)
+        1048576.0 / self.median_pss_kib()
+    }
+
+    /// The median PSS of a monitor (VM included), KiB.
+    pub(super) fn median_pss_kib(&self) -> f64 {
+        Self::median(&self.pss_kib)
     }
 
     pub(super) fn json(&self) -> Value {
@@ -110,8 +115,14 @@ impl Drop for IdleContainers<'_> {
     }
 }
 
-/// Starts `n` idle containers and measures their memory at steady state.
-pub(super) fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Density> {
+/// Starts `n` idle containers (`husk` run with `env`) and measures their memory at steady
+/// state.
+pub(super) fn measure_density(
+    husk: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    work: &Path,
+    n: usize,
+) -> Result<Density> {
     let rootfs = work.join("bundle/rootfs");
     let bundle = make_bundle(
         &work.join("bundle-idle"),
@@ -139,6 +150,7 @@ pub(super) fn measure_density(husk: &Path, work: &Path, n: usize) -> Result<Dens
                 let log = work.join(format!("{id}.stderr"));
                 let stderr = std::fs::File::create(&log)?;
                 let child = Command::new(husk)
+                    .envs(env.iter().copied())
                     .arg("--root")
                     .arg(&idle.root)
                     .args(["run", "--detach", "--bundle"])
@@ -260,9 +272,10 @@ pub(super) fn cpu_ticks(pid: u64) -> Result<u64> {
     Ok(get(11)? + get(12)?)
 }
 
-/// The guest RAM mapping of a monitor: the largest anonymous mapping (the guest's memory is
-/// one mapping per RAM region; below 3 GiB there is one). Returns (its size in MiB, its RSS in
-/// KiB: what the guest touched).
+/// The guest RAM mapping of a monitor: the largest mapping that is anonymous (a booted VM's
+/// memory) or of a template's memory file (a restored one's, copy on write); one per RAM
+/// region, and below 3 GiB there is one. Returns (its size in MiB, its RSS in KiB: what the
+/// guest touched, the template's page-cache pages included).
 pub(super) fn guest_ram(pid: u64) -> Result<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut best: Option<(u64, u64)> = None;
@@ -274,7 +287,8 @@ pub(super) fn guest_ram(pid: u64) -> Result<(u64, u64)> {
             && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
         {
             // "start-end perms offset dev inode [path]": anonymous when there is no path.
-            current = (f.nth(4).is_none()).then_some(b - a);
+            let path = f.nth(4);
+            current = path.is_none_or(|p| p.ends_with("/memory")).then_some(b - a);
             continue;
         }
         if let (Some(size), Some(rss)) = (current, line.strip_prefix("Rss:"))
@@ -284,7 +298,8 @@ pub(super) fn guest_ram(pid: u64) -> Result<(u64, u64)> {
             best = Some((size, rss));
         }
     }
-    let (size, rss) = best.with_context(|| format!("no anonymous mapping in /proc/{pid}/smaps"))?;
+    let (size, rss) =
+        best.with_context(|| format!("no guest memory mapping in /proc/{pid}/smaps"))?;
     Ok((size >> 20, rss))
 }
 

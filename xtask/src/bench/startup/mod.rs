@@ -37,8 +37,9 @@ use self::density::{Density, measure_density, meminfo, print_memory};
 use super::boot::{self, guest_cmdline, is_kvm_pvm, qemu_kvm_cpu};
 use super::{Scratch, Stats, check_tools, make_bundle, round};
 
-/// The phases of `husk run` in causal order (host/src/phases.rs documents each one).
-const PHASES: [&str; 17] = [
+/// The phases of a cold `husk run` (templates off) in causal order (host/src/phases.rs
+/// documents each one).
+const PHASES_COLD: [&str; 17] = [
     "cli-start",
     "monitor-start",
     "monitor-confined",
@@ -52,11 +53,36 @@ const PHASES: [&str; 17] = [
     "process-started",
     "process-exited",
     "process-exit-seen",
-    "power-off",
+    "guest-shut-down",
     "vm-torn-down",
     "monitor-exit",
     "cli-exit",
 ];
+
+/// The phases of `husk run` from a template: no kernel boots, so no `init-started`; husk-init
+/// reconnects (`host-connected`) once the restored VM runs.
+const PHASES_TEMPLATE: [&str; 16] = [
+    "cli-start",
+    "monitor-start",
+    "monitor-confined",
+    "vm-created",
+    "first-vcpu-entry",
+    "host-connected",
+    "spec-received",
+    "container-created",
+    "create-returned",
+    "process-started",
+    "process-exited",
+    "process-exit-seen",
+    "guest-shut-down",
+    "vm-torn-down",
+    "monitor-exit",
+    "cli-exit",
+];
+
+/// The name of the cold runs, and of their ratio to runs from a template.
+const COLD_RUN: &str = "husk run (cold boot)";
+const COLD_RATIO: &str = "husk run (cold boot) / husk run (template)";
 
 /// Options of `bench startup`.
 #[derive(Debug, clap::Args)]
@@ -99,26 +125,61 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
     let bundle = make_bundle(&work.0.join("bundle"), &["/bin/true"], None)?;
     let machine = machine(&husk, kvm_pvm);
     println!(
-        "machine: {}\n{} iterations of: husk run, runc run, crun run (busybox `true`), QEMU microvm boot to init",
+        "machine: {}\n{} iterations of: husk run from a template and cold, runc run, crun run (busybox `true`), QEMU microvm boot to init",
         machine["summary"].as_str().unwrap_or(""),
         args.runs
     );
+    // The template of the bundle's shape (the default: 1 vCPU, 256 MiB), made before the runs
+    // (what the first `create` of the shape would do).
+    let templates = work.0.join("templates");
+    let started = Instant::now();
+    let built = Command::new(&husk)
+        .args(["template", "build"])
+        .env("HUSK_TEMPLATE_DIR", &templates)
+        .output()
+        .context("running husk template build")?;
+    ensure!(
+        built.status.success(),
+        "husk template build: {}",
+        String::from_utf8_lossy(&built.stderr).trim()
+    );
+    let template_build_ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "template: {} ({:.1} s)",
+        String::from_utf8_lossy(&built.stdout).trim(),
+        template_build_ms / 1000.0
+    );
+    let template_env = [("HUSK_TEMPLATE_DIR", templates.as_os_str())];
+    let cold_env = [
+        ("HUSK_TEMPLATE_DIR", templates.as_os_str()),
+        ("HUSK_TEMPLATES", std::ffi::OsStr::new("off")),
+    ];
 
     let mut husk_phases: Vec<HashMap<String, f64>> = Vec::new();
+    let mut cold_phases: Vec<HashMap<String, f64>> = Vec::new();
     let mut uid_phases: Vec<HashMap<String, f64>> = Vec::new();
     let mut walls: HashMap<&str, Vec<f64>> = HashMap::new();
     for i in 1..=args.runs {
         let id = format!("bench-{}-{i}", std::process::id());
         let phases_file = work.0.join(format!("phases-{i}.jsonl"));
         let husk_root = work.0.join("husk-root");
-        let (ms, phases) = husk_run(&husk, &[], &husk_root, &bundle, &id, &phases_file)
+        let run = |flags: &[String], env: &[(&str, &std::ffi::OsStr)], file: &Path, phases| {
+            husk_run(&husk, flags, env, &husk_root, &bundle, &id, file, phases)
+        };
+        let (ms, phases) = run(&[], &template_env, &phases_file, &PHASES_TEMPLATE[..])
             .with_context(|| format!("iteration {i}: husk run"))?;
         husk_phases.push(phases);
         walls.entry("husk run").or_default().push(ms);
+        let file = work.0.join(format!("phases-cold-{i}.jsonl"));
+        let (cold_ms, phases) = run(&[], &cold_env, &file, &PHASES_COLD[..])
+            .with_context(|| format!("iteration {i}: husk run, templates off"))?;
+        cold_phases.push(phases);
+        walls.entry(COLD_RUN).or_default().push(cold_ms);
+        println!("  iteration {i}: husk run {ms:>9.1} ms (template), {cold_ms:>9.1} ms (cold)");
         if let Some(base) = args.monitor_uid {
             let flags = ["--monitor-uid".to_string(), base.to_string()];
             let file = work.0.join(format!("phases-uid-{i}.jsonl"));
-            let (ms, phases) = husk_run(&husk, &flags, &husk_root, &bundle, &id, &file)
+            let (ms, phases) = run(&flags, &template_env, &file, &PHASES_TEMPLATE[..])
                 .with_context(|| format!("iteration {i}: husk --monitor-uid {base} run"))?;
             uid_phases.push(phases);
             walls.entry(UID_RUN).or_default().push(ms);
@@ -136,22 +197,30 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
             .entry("QEMU microvm boot-to-init")
             .or_default()
             .push(qemu.to_init);
-        let husk_boot = husk_phases[i - 1]["init-started"] - husk_phases[i - 1]["monitor-start"];
+        let husk_boot = cold_phases[i - 1]["init-started"] - cold_phases[i - 1]["monitor-start"];
         walls
             .entry("husk boot-to-init")
             .or_default()
             .push(husk_boot);
         println!(
-            "  iteration {i}: husk run {ms:>9.1} ms  runc run {runc:>7.1} ms  crun run {crun:>7.1} ms  boot-to-init husk {husk_boot:>9.1} ms, QEMU {:>9.1} ms",
+            "  iteration {i}: runc run {runc:>7.1} ms  crun run {crun:>7.1} ms  boot-to-init husk {husk_boot:>9.1} ms, QEMU {:>9.1} ms",
             qemu.to_init
         );
     }
 
-    let segments = print_phases("husk run", &husk_phases);
-    let uid_segments = (!uid_phases.is_empty()).then(|| print_phases(UID_RUN, &uid_phases));
+    let segments = print_phases("husk run (template)", &PHASES_TEMPLATE, &husk_phases);
+    let cold_segments = print_phases(COLD_RUN, &PHASES_COLD, &cold_phases);
+    let uid_segments =
+        (!uid_phases.is_empty()).then(|| print_phases(UID_RUN, &PHASES_TEMPLATE, &uid_phases));
+    // The host's share of a start from a template: from the command to the restored guest
+    // running.
+    let host_side: Vec<f64> = husk_phases.iter().map(|p| p["first-vcpu-entry"]).collect();
+    walls.insert(HOST_SIDE, host_side);
 
     let order: Vec<&str> = [
         "husk run",
+        COLD_RUN,
+        HOST_SIDE,
         UID_RUN,
         "runc run",
         "crun run",
@@ -182,6 +251,7 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
             med("husk boot-to-init") / med("QEMU microvm boot-to-init"),
         ),
     ];
+    ratios.push((COLD_RATIO, med(COLD_RUN) / med("husk run")));
     if walls.contains_key(UID_RUN) {
         ratios.push((UID_RATIO, med(UID_RUN) / med("husk run")));
     }
@@ -190,21 +260,38 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
         println!("ratio of medians, {name}: {r:.3}x");
     }
 
-    let memory = if args.density > 0 {
+    let (memory, cold_memory) = if args.density > 0 {
         println!();
-        println!("memory: starting {} idle husk containers", args.density);
-        let m = measure_density(&husk, &work.0, args.density)?;
+        println!(
+            "memory: starting {} idle husk containers from one template",
+            args.density
+        );
+        let m = measure_density(&husk, &template_env, &work.0, args.density)?;
         print_memory(&m);
-        Some(m)
+        println!();
+        println!(
+            "memory: starting {} idle husk containers, cold",
+            args.density
+        );
+        let cold = measure_density(&husk, &cold_env, &work.0, args.density)?;
+        print_memory(&cold);
+        println!();
+        println!(
+            "ratio of median PSS, cold / template: {:.2}x",
+            cold.median_pss_kib() / m.median_pss_kib()
+        );
+        (Some(m), Some(cold))
     } else {
-        None
+        (None, None)
     };
 
     let report = json!({
         "machine": machine,
         "runs": args.runs,
         "bundle": "busybox-static, runc spec defaults, args [/bin/true], terminal false",
+        "template_build_ms": round(template_build_ms),
         "husk_phases": phases_json(&segments),
+        "husk_cold_phases": phases_json(&cold_segments),
         "husk_monitor_uid_phases": uid_segments.as_deref().map(phases_json),
         "wall": totals.iter().map(|(name, s)| {
             let mut j = s.json();
@@ -214,6 +301,7 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
         }).collect::<Vec<_>>(),
         "ratios_of_medians": ratios.iter().map(|(n, r)| json!({"pair": n, "ratio": round(*r)})).collect::<Vec<_>>(),
         "memory": memory.as_ref().map(Density::json),
+        "memory_cold": cold_memory.as_ref().map(Density::json),
     });
     let json_path = out.join("startup.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
@@ -233,6 +321,9 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The host's share of a start from a template: `cli-start` → `first-vcpu-entry`.
+const HOST_SIDE: &str = "husk cli-start → restored vCPU";
+
 /// The name of the `--monitor-uid` variant's runs, and of its ratio to `husk run`.
 const UID_RUN: &str = "husk run --monitor-uid";
 const UID_RATIO: &str = "husk run --monitor-uid / husk run";
@@ -241,9 +332,9 @@ const UID_RATIO: &str = "husk run --monitor-uid / husk run";
 type Segment = (String, Stats, Vec<f64>);
 
 /// Prints the phase table of `what`'s runs; returns each phase's duration (each phase minus
-/// the one before it in the chain).
-fn print_phases(what: &str, runs: &[HashMap<String, f64>]) -> Vec<Segment> {
-    let segments: Vec<Segment> = PHASES
+/// the one before it in `chain`).
+fn print_phases(what: &str, chain: &[&str], runs: &[HashMap<String, f64>]) -> Vec<Segment> {
+    let segments: Vec<Segment> = chain
         .windows(2)
         .map(|w| {
             let values: Vec<f64> = runs.iter().map(|p| p[w[1]] - p[w[0]]).collect();
@@ -284,18 +375,23 @@ fn phases_json(segments: &[Segment]) -> Value {
     )
 }
 
-/// One `husk FLAGS run`: wall time (ms) and the phases it recorded, as ms since `cli-start`.
+/// One `husk FLAGS run` with `env`: wall time (ms) and the phases it recorded, as ms since
+/// `cli-start` (each of `chain` must be there).
+#[allow(clippy::too_many_arguments)] // One call site, in a closure that names them all.
 fn husk_run(
     husk: &Path,
     flags: &[String],
+    env: &[(&str, &std::ffi::OsStr)],
     root: &Path,
     bundle: &Path,
     id: &str,
     phases_file: &Path,
+    chain: &[&str],
 ) -> Result<(f64, HashMap<String, f64>)> {
     let _ = std::fs::remove_file(phases_file);
     let start = Instant::now();
     let out = Command::new(husk)
+        .envs(env.iter().copied())
         .args(flags)
         .arg("--root")
         .arg(root)
@@ -315,12 +411,12 @@ fn husk_run(
     );
     let text = std::fs::read_to_string(phases_file)
         .with_context(|| format!("husk recorded no phases in {}", phases_file.display()))?;
-    Ok((ms, parse_phases(&text)?))
+    Ok((ms, parse_phases(&text, chain)?))
 }
 
-/// Reads a phase file (JSON lines) into ms since `cli-start`; every phase of [`PHASES`] must be
+/// Reads a phase file (JSON lines) into ms since `cli-start`; every phase of `chain` must be
 /// there, once.
-fn parse_phases(text: &str) -> Result<HashMap<String, f64>> {
+fn parse_phases(text: &str, chain: &[&str]) -> Result<HashMap<String, f64>> {
     let mut ns: HashMap<String, u64> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let v: Value = serde_json::from_str(line)
@@ -332,7 +428,7 @@ fn parse_phases(text: &str) -> Result<HashMap<String, f64>> {
             bail!("phase {phase} recorded twice");
         }
     }
-    let missing: Vec<&str> = PHASES
+    let missing: Vec<&str> = chain
         .iter()
         .copied()
         .filter(|p| !ns.contains_key(*p))
@@ -429,28 +525,38 @@ mod tests {
     fn phases_are_ms_since_cli_start_and_all_required() {
         let line = |p: &str, ns: u64| format!("{{\"phase\":\"{p}\",\"mono_ns\":{ns},\"pid\":1}}\n");
         let mut text = String::new();
-        for (i, p) in PHASES.iter().enumerate() {
+        for (i, p) in PHASES_COLD.iter().enumerate() {
             text += &line(p, 1_000_000_000 + i as u64 * 1_500_000);
         }
         text += &line("start-returned", 1_000_000_000);
-        let p = parse_phases(&text).unwrap();
+        let p = parse_phases(&text, &PHASES_COLD).unwrap();
         assert_eq!(p["cli-start"], 0.0);
         assert_eq!(p["cli-exit"], 16.0 * 1.5);
         let without: String = text
             .lines()
-            .filter(|l| !l.contains("power-off"))
+            .filter(|l| !l.contains("guest-shut-down"))
             .map(|l| format!("{l}\n"))
             .collect();
-        let err = parse_phases(&without).unwrap_err().to_string();
-        assert!(err.contains("power-off"), "{err}");
+        let err = parse_phases(&without, &PHASES_COLD)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("guest-shut-down"), "{err}");
+        // A run from a template has no kernel boot.
+        let restored: String = text
+            .lines()
+            .filter(|l| !l.contains("init-started"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(parse_phases(&restored, &PHASES_TEMPLATE).is_ok());
+        assert!(parse_phases(&restored, &PHASES_COLD).is_err());
         let twice = format!("{text}{}", line("vm-created", 5));
         assert!(
-            parse_phases(&twice)
+            parse_phases(&twice, &PHASES_COLD)
                 .unwrap_err()
                 .to_string()
                 .contains("twice")
         );
-        assert!(parse_phases("not json\n").is_err());
+        assert!(parse_phases("not json\n", &PHASES_COLD).is_err());
     }
 
     #[test]
