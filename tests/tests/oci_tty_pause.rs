@@ -105,12 +105,16 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     let sock = tmp.path().join("console.sock");
     let listener = UnixListener::bind(&sock).unwrap();
 
+    // Both VMs are restored from the default template (made by the first of them if there is
+    // none): the terminal, exec and pause below run on restored VMs.
+    let phases = |id: &str| tmp.path().join(format!("{id}.phases"));
     let create = |id: &str, bundle: &Path, console: Option<&Path>| {
         let mut cmd = Command::new(husk_binary());
         cmd.arg("--root")
             .arg(&root)
             .args(["create", id, "--bundle"])
-            .arg(bundle);
+            .arg(bundle)
+            .env("HUSK_PHASES", phases(id));
         if let Some(c) = console {
             cmd.arg("--console-socket").arg(c);
         }
@@ -132,6 +136,13 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     );
     assert_eq!(status_of(&root, "tty1"), "created");
     assert_eq!(status_of(&root, "plain2"), "created");
+    for id in ["tty1", "plain2"] {
+        let recorded = std::fs::read_to_string(phases(id)).unwrap();
+        assert!(
+            recorded.contains("vm-restored"),
+            "{id} booted cold: {recorded}"
+        );
+    }
 
     let mut master = std::fs::File::from(master);
     // SAFETY: fcntl on a descriptor we own.

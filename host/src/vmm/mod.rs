@@ -1,5 +1,13 @@
 //! The VMM: a KVM virtual machine that boots the guest kernel directly, with the few devices a
-//! container VM needs.
+//! container VM needs, or that is restored from a saved one (a VM template).
+//!
+//! Laid out as Firecracker's: [`builder`] makes a VM from a [`VmConfig`] ([`start`]: boot) or
+//! from a snapshot of one of the same shape ([`restore`]); `vstate` is the KVM edge (guest
+//! memory, vCPU threads); `arch::x86_64` what is x86 (layout, boot protocol, CPUID, registers,
+//! MP table, the vCPU's and the VM's saved state); `devices` the models (`legacy`: serial,
+//! i8042, boot markers; `virtio`: the MMIO transport, the plumbing every device shares, vsock,
+//! fs, net); [`persist`] the [`persist::Persist`] trait every part implements and the
+//! snapshot's files; `event_loop` the "vmm" thread.
 //!
 //! Threads: the caller's thread ("api") starts the VM and waits for it to end; one thread runs
 //! the device event loop ("vmm"); one thread per vCPU. Each confines itself with its own
