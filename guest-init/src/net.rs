@@ -38,6 +38,23 @@ pub fn configure(cfg: &NetworkConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes the interface with MAC `mac` away from the VM: its virtio device is unbound from the
+/// virtio-net driver, so the interface no longer exists (not merely down). For a template's
+/// spare NIC that a container's network does not use.
+pub fn remove(mac: &[u8; 6]) -> Result<(), String> {
+    let name = find_by_mac(mac).map_err(|e| format!("a spare NIC: {e}"))?;
+    let device = std::fs::read_link(format!("/sys/class/net/{name}/device"))
+        .map_err(|e| format!("the device of {name}: {e}"))?;
+    let device = device
+        .file_name()
+        .ok_or_else(|| format!("the device of {name}: {}", device.display()))?;
+    std::fs::write(
+        "/sys/bus/virtio/drivers/virtio_net/unbind",
+        device.as_encoded_bytes(),
+    )
+    .map_err(|e| format!("unbinding {} ({name}): {e}", device.display()))
+}
+
 fn describe(r: &NetRoute) -> String {
     let dst = r
         .destination

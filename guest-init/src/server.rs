@@ -341,6 +341,12 @@ impl Server {
                         code: ErrorCode::System,
                         message: format!("setting the clock: {e}"),
                     })?;
+                    for mac in &req.spare_nics {
+                        crate::net::remove(mac).map_err(|e| ErrorReply {
+                            code: ErrorCode::System,
+                            message: e,
+                        })?;
+                    }
                 }
                 Ok(Response::Done)
             }

@@ -101,6 +101,10 @@ pub struct PrepareRequest {
     pub entropy: Vec<u8>,
     /// The host's wall clock, in nanoseconds since the Unix epoch, for the guest's.
     pub realtime_ns: i64,
+    /// The MAC addresses of the VM's NICs that the container does not use (the spare slots of
+    /// a VM template): husk-init takes them away (unbinds their driver), so that the VM has only
+    /// the interfaces of the container's network.
+    pub spare_nics: Vec<[u8; 6]>,
 }
 
 /// Most bytes of [`PrepareRequest::entropy`] the guest takes.

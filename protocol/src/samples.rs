@@ -105,6 +105,7 @@ pub fn host_messages() -> Vec<HostMessage> {
             Request::Prepare(PrepareRequest {
                 entropy: (0..=255).collect(),
                 realtime_ns: 1_796_000_000_000_000_000,
+                spare_nics: vec![[2, 0x68, 0x75, 0x73, 0x6b, 0]],
             }),
         ),
     ]

@@ -243,4 +243,44 @@ fn containers_restored_from_one_template_are_each_their_own() {
         "",
         "the damaged template is gone"
     );
+
+    // A template that restores but whose guest does not greet in time (forced here with a
+    // 1 ms limit): the VM is stopped, the container's VM boots cold, and `create` removes
+    // the template.
+    ok(husk_with(&root, &templates, None, &["template", "build"]));
+    let log = tmp.path().join("fallback.log");
+    let out = husk_with(
+        &root,
+        &templates,
+        Some(&phases("c4")),
+        &["--log", log.to_str().unwrap(), "run", "c4", "--bundle"],
+    )
+    .arg(&b3)
+    .env("HUSK_RESTORE_GREETING_MS", "1")
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cold-42\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("removed template"),
+        "{out:?}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("did not greet") && logged.contains("booting cold"),
+        "{logged}"
+    );
+    let recorded = std::fs::read_to_string(phases("c4")).unwrap();
+    assert!(recorded.contains("init-started"), "booted cold: {recorded}");
+    let listed = ok(husk_with(
+        &root,
+        &templates,
+        None,
+        &["template", "list", "-q"],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "",
+        "the refused template is gone"
+    );
 }

@@ -108,7 +108,9 @@ fn restore(args: RestoreArgs, process_start: Instant) -> Result<ExitCode> {
     let greeted = Instant::now();
     let request = HostMessage::Request {
         id: RequestId(0),
-        request: Request::Prepare(crate::template::prepare_request()?),
+        request: Request::Prepare(crate::template::prepare_request(vec![
+            crate::vmm::spare_net_mac(0),
+        ])?),
     };
     husk_proto::write_message(&mut conn, &request)?;
     let reply: Option<GuestMessage> = husk_proto::read_message(&mut conn)?;

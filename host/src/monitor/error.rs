@@ -113,6 +113,9 @@ pub enum MonitorError {
     /// husk-init's first message was not its Hello.
     #[error("husk-init sent {0:?} instead of Hello")]
     NoHello(Option<GuestMessage>),
+    /// The control port's listener is gone (a second greeting on one monitor).
+    #[error("husk-init's control port is closed")]
+    NoControlPort,
     /// husk-init could not make the VM its own (reseed its RNG, set its clock).
     #[error("preparing the VM: {0}")]
     Prepare(String),

@@ -18,9 +18,9 @@ use husk_proto::{
 use super::error::MonitorError;
 use crate::vmm::{VmExit, VmHandle};
 
-/// How long the guest may take to connect after the VM starts. Generous because nested
+/// How long a booting guest may take to connect after the VM starts. Generous because nested
 /// kvm_pvm hosts take ~30-40 s to boot a guest; real KVM takes well under a second.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The id of the `Create` request.
 const CREATE_ID: RequestId = RequestId(0);
@@ -40,14 +40,15 @@ pub(super) struct GuestSession {
 
 impl GuestSession {
     /// Waits for husk-init to connect on `control` (the VM's control port): gives up when
-    /// `vm_ended` says the VM ended first, or after [`BOOT_TIMEOUT`] (then stopping `vm`).
+    /// `vm_ended` says the VM ended first, or after `timeout` (then stopping `vm`).
     pub(super) fn accept(
-        control: UnixListener,
+        control: &UnixListener,
         vm: &VmHandle,
+        timeout: Duration,
         mut vm_ended: impl FnMut() -> Option<VmExit>,
     ) -> Result<GuestSession, MonitorError> {
         control.set_nonblocking(true).map_err(MonitorError::Io)?;
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let conn = loop {
             match control.accept() {
                 Ok((c, _)) => break c,
@@ -57,12 +58,12 @@ impl GuestSession {
                     }
                     if Instant::now() > deadline {
                         vm.stop();
-                        return Err(MonitorError::ConnectTimeout(BOOT_TIMEOUT));
+                        return Err(MonitorError::ConnectTimeout(timeout));
                     }
                     // Sleep in poll(2) on the listener: woken the moment husk-init connects
                     // (this is on the startup path), and every 100 ms to check the VM.
                     let mut fds = [nix::poll::PollFd::new(
-                        std::os::fd::AsFd::as_fd(&control),
+                        std::os::fd::AsFd::as_fd(control),
                         nix::poll::PollFlags::POLLIN,
                     )];
                     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
@@ -70,7 +71,6 @@ impl GuestSession {
                 Err(e) => return Err(MonitorError::Accept(e)),
             }
         };
-        drop(control);
         conn.set_nonblocking(false).map_err(MonitorError::Io)?;
         Ok(GuestSession {
             conn,
@@ -88,9 +88,10 @@ impl GuestSession {
     }
 
     /// Makes the VM its own (see [`husk_proto::Request::Prepare`]): fresh entropy for the
-    /// guest kernel's RNG and the wall clock. First, before anything of the container.
-    pub(super) fn prepare(&mut self) -> Result<(), MonitorError> {
-        let request = crate::template::prepare_request().map_err(MonitorError::Io)?;
+    /// guest kernel's RNG, the wall clock, and the spare NICs (by MAC) taken away. First,
+    /// before anything of the container.
+    pub(super) fn prepare(&mut self, spare_nics: Vec<[u8; 6]>) -> Result<(), MonitorError> {
+        let request = crate::template::prepare_request(spare_nics).map_err(MonitorError::Io)?;
         match self.call(PREPARE_ID, Request::Prepare(request))? {
             Some(GuestMessage::Response { result: Ok(_), .. }) => Ok(()),
             Some(GuestMessage::Response { result: Err(e), .. }) => {

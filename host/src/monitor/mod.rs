@@ -49,8 +49,8 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc::{Sender, channel};
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
 
 use husk_proto::ProcessRef;
 
@@ -109,8 +109,8 @@ pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }
 
-/// The line with which the monitor tells `husk create` that KVM or a device refused a
-/// template (followed by its key), before "ok".
+/// The line with which the monitor tells `husk create` that a template could not be restored
+/// (KVM or a device refused it, or its guest did not greet), followed by its key, before "ok".
 pub const TEMPLATE_REJECTED: &str = "template-rejected";
 
 /// Creates the container: the stages of the module docs, up to a monitor ready to serve.
@@ -121,31 +121,24 @@ fn create(
     process_start: Instant,
     stdio: ContainerStdio,
 ) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
-    let host = setup::prepare(args, dir)?;
+    let mut host = setup::prepare(args, dir)?;
     let create = host.create_request();
     let (tx, events) = channel();
-    let vm_ended = tx.clone();
-    let started = vm::start(
-        &host.vm,
-        host.template.as_ref(),
-        process_start,
-        move |why| {
-            let _ = vm_ended.send(Ev::VmEnded(why));
-        },
-    )?;
+    let (started, mut guest) = start_and_greet(&host, process_start, &tx, &events)?;
+    // Further connections to the control port are refused.
+    host.ports.control = None;
     let stopper = started.handle;
-    let mut guest =
-        GuestSession::accept(host.ports.control, &stopper, || match events.try_recv() {
-            Ok(Ev::VmEnded(why)) => Some(why),
-            _ => None,
-        })?;
     // From here on a failure stops the VM.
     let fail = |e: MonitorError| {
         stopper.stop();
         e
     };
-    guest.hello().map_err(fail)?;
-    guest.prepare().map_err(fail)?;
+    // The template's NIC slots the container's network leaves unused.
+    let used = u8::try_from(host.vm.nets.len()).unwrap_or(u8::MAX);
+    let spare_nics = (used..used.saturating_add(host.vm.spare_nets))
+        .map(crate::vmm::spare_net_mac)
+        .collect();
+    guest.prepare(spare_nics).map_err(fail)?;
     if let Some(net) = host
         .network
         .as_ref()
@@ -185,6 +178,79 @@ fn create(
         network: host.network,
     });
     Ok((monitor, started.rejected))
+}
+
+/// How long husk-init in a VM restored from a template may take to reconnect and greet: it
+/// normally takes a fraction of a second; a VM that does not within this is stopped and the
+/// container's VM boots cold instead. `HUSK_RESTORE_GREETING_MS` in `create`'s environment
+/// changes it (for very slow hosts, and for the test of that fallback).
+fn restored_greeting_timeout() -> Duration {
+    std::env::var("HUSK_RESTORE_GREETING_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_millis)
+}
+
+/// Starts the VM (restored from the template, if the setup found one) and waits for husk-init
+/// to connect and exchange `Hello`. A restored VM whose husk-init does not, in time or at all,
+/// is stopped, its template is rejected (one log line; `husk create` removes it) and the VM
+/// boots cold: a container never fails because of its template.
+fn start_and_greet(
+    host: &setup::Prepared,
+    process_start: Instant,
+    tx: &Sender<Ev>,
+    events: &Receiver<Ev>,
+) -> Result<(vm::Started, GuestSession), MonitorError> {
+    let start = |template| {
+        let vm_ended = tx.clone();
+        vm::start(&host.vm, template, process_start, move |why| {
+            let _ = vm_ended.send(Ev::VmEnded(why));
+        })
+    };
+    let vm_ended = || match events.try_recv() {
+        Ok(Ev::VmEnded(why)) => Some(why),
+        _ => None,
+    };
+    let control = host
+        .ports
+        .control
+        .as_ref()
+        .ok_or(MonitorError::NoControlPort)?;
+    let greet = |started: &vm::Started, timeout| {
+        let mut guest = GuestSession::accept(control, &started.handle, timeout, vm_ended)?;
+        guest.hello().map(|()| guest)
+    };
+    let started = start(host.template.as_ref())?;
+    let timeout = if started.restored {
+        restored_greeting_timeout()
+    } else {
+        guest::BOOT_TIMEOUT
+    };
+    let failure = match greet(&started, timeout) {
+        Ok(guest) => return Ok((started, guest)),
+        Err(e) => e,
+    };
+    started.handle.stop();
+    let Some(template) = host.template.as_ref().filter(|_| started.restored) else {
+        return Err(failure);
+    };
+    eprintln!(
+        "husk monitor: the VM restored from template {} did not greet ({}); booting cold",
+        template.key,
+        error_chain(&failure)
+    );
+    // Its end frees the vsock socket that the VM booted next binds.
+    loop {
+        match events.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ev::VmEnded(_)) => break,
+            Ok(_) => {}
+            Err(_) => return Err(failure),
+        }
+    }
+    let mut cold = start(None)?;
+    let guest = greet(&cold, guest::BOOT_TIMEOUT).inspect_err(|_| cold.handle.stop())?;
+    cold.rejected = Some(template.key.clone());
+    Ok((cold, guest))
 }
 
 /// Connects the container's stdio to the guest's streams (accepted on the `stdin`, `stdout` and

@@ -81,8 +81,8 @@ pub(super) fn no_core_dumps() -> Result<(), MonitorError> {
 /// The sockets the VM's vsock device connects the guest's streams to (`vsock.sock_<port>`).
 #[derive(Debug)]
 pub(super) struct GuestPorts {
-    /// husk-init's control connection.
-    pub(super) control: UnixListener,
+    /// husk-init's control connection (closed once husk-init has connected).
+    pub(super) control: Option<UnixListener>,
     /// The container's stdin, stdout and stderr (or its terminal, on the first).
     pub(super) stdio: [UnixListener; 3],
 }
@@ -104,7 +104,7 @@ impl GuestPorts {
         let control = listen(husk_proto::CONTROL_PORT.0)?;
         let [stdin, stdout, stderr] = Self::STDIO;
         Ok(GuestPorts {
-            control,
+            control: Some(control),
             stdio: [listen(stdin)?, listen(stdout)?, listen(stderr)?],
         })
     }

@@ -15,7 +15,7 @@ pub(super) struct Started {
     pub(super) handle: VmHandle,
     /// It was restored from a template (its NICs still have the template's MACs).
     pub(super) restored: bool,
-    /// The template KVM or a device refused (the VM then booted): `husk create` removes it.
+    /// The template that could not be restored (the VM then booted): `husk create` removes it.
     pub(super) rejected: Option<Key>,
 }
 

@@ -289,8 +289,9 @@ impl Cache {
 const ENTROPY_LEN: usize = 64;
 
 /// The `Prepare` request that makes a VM its own (see the module docs): fresh entropy from
-/// the host's kernel and the host's wall clock. Sent to every VM, cold or restored.
-pub fn prepare_request() -> std::io::Result<husk_proto::PrepareRequest> {
+/// the host's kernel, the host's wall clock, and the NICs to take away (`spare_nics`: the
+/// template's slots the container does not use). Sent to every VM, cold or restored.
+pub fn prepare_request(spare_nics: Vec<[u8; 6]>) -> std::io::Result<husk_proto::PrepareRequest> {
     let mut entropy = vec![0u8; ENTROPY_LEN];
     let mut filled = 0;
     while filled < entropy.len() {
@@ -313,6 +314,7 @@ pub fn prepare_request() -> std::io::Result<husk_proto::PrepareRequest> {
     Ok(husk_proto::PrepareRequest {
         entropy,
         realtime_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
+        spare_nics,
     })
 }
 

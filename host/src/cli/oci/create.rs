@@ -165,9 +165,9 @@ fn remove_template(key: &str) {
     let dir = crate::template::cache_dir();
     let removed = crate::template::Cache::open(&dir).and_then(|cache| cache.remove(key));
     match removed {
-        Ok(key) => eprintln!("husk: removed template {key}, which KVM refused"),
+        Ok(key) => eprintln!("husk: removed template {key}, which could not be restored"),
         Err(e) => eprintln!(
-            "husk: template {key} was refused and could not be removed: {}",
+            "husk: template {key} could not be restored, nor removed: {}",
             crate::error_chain(&e)
         ),
     }
