@@ -9,6 +9,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# protobuf-compiler: the build of the e2e tests' CRI client (the k8s-cri crate runs protoc);
+# containernetworking-plugins: the CNI plugins of the CRI tests' pod network.
 PACKAGES="
   build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils patch perl
   linux-source-6.1
@@ -17,6 +19,7 @@ PACKAGES="
   iproute2
   podman conmon crun runc uidmap slirp4netns netavark aardvark-dns iptables
   containerd docker.io
+  containernetworking-plugins protobuf-compiler
 "
 
 install_deps() {

@@ -119,6 +119,13 @@ fn sha256_file(path: &Path) -> String {
 /// An OCI image archive (the layout `ctr images import` reads) of one uncompressed layer,
 /// `layer_tar`, named [`IMAGE`], for linux/amd64.
 pub fn oci_archive(layer_tar: &Path, out: &Path) {
+    let config = serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]});
+    oci_image_archive(layer_tar, out, IMAGE, config);
+}
+
+/// As [`oci_archive`], for the image `name` with the image configuration's `config` object
+/// (`Entrypoint`, `Cmd`, `Env`, ...).
+pub fn oci_image_archive(layer_tar: &Path, out: &Path, name: &str, config: serde_json::Value) {
     let dir = out.with_extension("layout");
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -135,7 +142,7 @@ pub fn oci_archive(layer_tar: &Path, out: &Path) {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
     });
     let (config_digest, config_size) = put(config.to_string().as_bytes());
@@ -153,7 +160,7 @@ pub fn oci_archive(layer_tar: &Path, out: &Path) {
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": format!("sha256:{manifest_digest}"), "size": manifest_size,
             "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": IMAGE,
+            "annotations": {"io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": "test"}}],
     });
     std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
@@ -374,25 +381,31 @@ impl Drop for Podman {
 
 /// Waits (at most `limit`) until no process has `dir` on its command line.
 fn wait_for_processes_naming(dir: &Path, limit: Duration) {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    let me = std::process::id().to_string();
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        let busy = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let name = e.file_name();
-                name.to_string_lossy() != me
-                    && std::fs::read(e.path().join("cmdline"))
-                        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
-            });
-        if !busy {
-            return;
-        }
+    while Instant::now() < deadline && !processes_naming(dir, &[]).is_empty() {
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The processes (other than this one and `except`) that have `dir` on their command line.
+pub fn processes_naming(dir: &Path, except: &[u32]) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (pid != me
+                && !except.contains(&pid)
+                && cmdline
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice()))
+            .then_some(pid)
+        })
+        .collect()
 }
 
 /// containerd with its own configuration, root, state and socket, driven with `ctr` in a
@@ -402,7 +415,21 @@ pub struct Containerd {
     daemon: Option<Daemon>,
     socket: PathBuf,
     namespace: String,
+    shim_root: PathBuf,
     dir: TempDir,
+}
+
+/// What a [`Containerd`] gets beyond its own directories and socket.
+#[derive(Debug, Default)]
+pub struct ContainerdSetup {
+    /// Plugin sections (TOML) appended to the configuration. When set, the CRI plugin is
+    /// enabled (otherwise it is disabled, with the snapshotters this host cannot use).
+    pub cri: Option<String>,
+    /// The namespace `ctr` works in; by default one of this instance's own.
+    pub namespace: Option<String>,
+    /// The `Root` given to the runc v2 shim for husk's containers (husk's state root is
+    /// `<it>/<namespace>`); by default the shim's own default, `/run/containerd/runc`.
+    pub shim_root: Option<PathBuf>,
 }
 
 impl Containerd {
@@ -415,26 +442,44 @@ impl Containerd {
             "tar",
             "sha256sum",
         ])?;
-        let dir = TempDir::new("containerd");
+        let c = Containerd::launch(TempDir::new("containerd"), ContainerdSetup::default());
+        let tar = image_tar(c.dir.path())?;
+        let archive = c.dir.path().join("image.oci.tar");
+        oci_archive(&tar, &archive);
+        let out = c.import(&archive, "native");
+        assert!(out.contains(IMAGE), "ctr import: {out}");
+        Some(c)
+    }
+
+    /// Writes the configuration into `dir` (which the instance owns from then on: its root,
+    /// state, socket and log are in it), starts containerd and waits until `ctr` reaches it.
+    /// The caller checked the programs are there.
+    pub fn launch(dir: TempDir, setup: ContainerdSetup) -> Containerd {
         let d = dir.path();
         let socket = d.join("containerd.sock");
+        let unused = r#""io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp""#;
+        let disabled = match setup.cri {
+            Some(_) => format!("[{unused}]"),
+            None => format!("[\"io.containerd.grpc.v1.cri\", {unused}]"),
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+disabled_plugins = {disabled}
 
 [grpc]
   address = "{socket}"
 
 [ttrpc]
   address = "{socket}.ttrpc"
-"#,
+{plugins}"#,
             root = d.join("root").display(),
             state = d.join("state").display(),
             socket = socket.display(),
+            plugins = setup.cri.as_deref().unwrap_or_default(),
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
         let mut cmd = Command::new("containerd");
@@ -443,15 +488,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         // One per instance: tests of one binary run at once, and the shim's runtime root
         // (husk's state root) is per namespace, shared by every containerd on the host.
         static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let namespace = format!(
-            "husk-test-{}-{}",
-            std::process::id(),
-            INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let namespace = setup.namespace.unwrap_or_else(|| {
+            format!(
+                "husk-test-{}-{}",
+                std::process::id(),
+                INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        });
         let mut c = Containerd {
             daemon: None,
             socket,
             namespace,
+            shim_root: setup
+                .shim_root
+                .unwrap_or_else(|| PathBuf::from("/run/containerd/runc")),
             dir,
         };
         daemon.wait_ready(|| {
@@ -462,14 +512,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
                 .is_ok_and(|s| s.success())
         });
         c.daemon = Some(daemon);
-        let tar = image_tar(c.dir.path())?;
-        let archive = c.dir.path().join("image.oci.tar");
-        oci_archive(&tar, &archive);
-        let mut cmd = c.ctr(&["images", "import", "--snapshotter", "native"]);
-        cmd.arg(&archive);
-        let out = expect_ok(cmd);
-        assert!(out.contains(IMAGE), "ctr import: {out}");
-        Some(c)
+        c
+    }
+
+    /// Imports the image archive `archive` into this instance's namespace, unpacked for
+    /// `snapshotter`; returns `ctr`'s output.
+    pub fn import(&self, archive: &Path, snapshotter: &str) -> String {
+        let mut cmd = self.ctr(&["images", "import", "--snapshotter", snapshotter]);
+        cmd.arg(archive);
+        expect_ok(cmd)
     }
 
     /// `ctr ARGS` against this containerd, in the test's namespace.
@@ -483,6 +534,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         cmd
     }
 
+    /// The directory this instance owns (configuration, root, state, socket, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// containerd's process id (`None` once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
     /// containerd's root (its snapshotters' directories are below it).
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
@@ -490,7 +564,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
     /// The shim's runtime root for this namespace: where husk keeps the containers' state.
     pub fn husk_root(&self) -> PathBuf {
-        PathBuf::from("/run/containerd/runc").join(&self.namespace)
+        self.shim_root.join(&self.namespace)
     }
 }
 
@@ -684,10 +758,16 @@ impl Drop for HttpServer {
 /// `GET /` from `127.0.0.1:port`, retried for up to a minute while the server comes up
 /// (connection refused or reset); the body, or the last error.
 pub fn http_get_local(port: u16) -> Result<String, String> {
+    http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `GET /` from `addr`, retried for up to a minute while the server comes up (connection
+/// refused or reset); the reply, or the last error.
+pub fn http_get(addr: std::net::SocketAddr) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = (|| -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
             s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
             let mut out = String::new();
