@@ -143,10 +143,9 @@ fn run(opts: &Options) -> Result<(), server::ServerError> {
     loop {
         match server.serve() {
             // A VM template was saved here; restored, its vsock device reset the connection
-            // to the template's builder. The monitor that restored it is listening.
-            Err(e @ (server::ServerError::Connection(_) | server::ServerError::HostGone))
-                if server.is_untouched() =>
-            {
+            // to the template's builder (ECONNRESET, or EOF). The monitor that restored it is
+            // listening. Garbage or a protocol violation is no reset: husk-init gives up.
+            Err(e) if server.is_untouched() && e.is_connection_loss() => {
                 log::info!("{}; connecting to the host again", log::chain(&e));
                 server.reconnect(reconnect(opts)?)?;
                 system::mark(Marker::HostConnected);

@@ -13,8 +13,8 @@ use std::process::Command;
 
 use common::{Host, Options, Want, config, sh, skip_unless_root, without_namespace};
 use husk_proto::{
-    ErrorCode, ExecId, FsSource, IpCidr, MountSource, NetInterface, NetRoute, NetworkConfig,
-    ProcessRef, Request, Response, SignalTarget, WaitStatus, WindowSize,
+    ContainerRef, ErrorCode, ExecId, FsSource, IpCidr, MountSource, NetInterface, NetRoute,
+    NetworkConfig, ProcessRef, Request, Response, SignalTarget, WaitStatus, WindowSize,
 };
 use serde_json::json;
 
@@ -461,7 +461,9 @@ fn a_default_deny_profile_without_close_range_runs() {
             "syscalls": [{"names": OLD_STYLE_ALLOW_LIST, "action": "SCMP_ACT_ALLOW"}]
         });
         let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
-        if let Err(e) = h.request(Request::Start) {
+        if let Err(e) = h.request(Request::Start {
+            container: ContainerRef::FIRST,
+        }) {
             panic!("nnp={nnp}: start failed: {e}");
         }
         assert_eq!(io.stdout.wait_for("ready"), "Seccomp:\t2\nready\n");
@@ -487,7 +489,9 @@ fn an_exec_process_gets_the_container_seccomp_profile() {
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
     });
     let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     let process = json!({"args": ["mkdir", "/tmp/d"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
     let (_, eio) = h.exec(1, &process, Want::OUTPUT).unwrap();
@@ -661,9 +665,11 @@ fn a_user_namespace_maps_root_to_an_unprivileged_range() {
     // Seen from outside, the container's root is the unprivileged host uid 200000.
     assert_eq!(status_line("Uid:"), "200000");
     assert_eq!(status_line("Gid:"), "200000");
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     assert_eq!(
-        h.wait_exit(ProcessRef::Init),
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
         exited(0),
         "{}",
         io.stderr.text()
@@ -729,8 +735,10 @@ fn mounts_are_made_with_their_options() {
             vec![src(first + 2, &shared), src(first + 3, &data)],
         )
         .unwrap();
-    h.ok(Request::Start);
-    let status = h.wait_exit(ProcessRef::Init);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
+    let status = h.wait_exit(ProcessRef::Init(ContainerRef::FIRST));
     let out = io.stdout.text();
     assert_eq!(status, exited(0), "{out} {}", io.stderr.text());
     let (table, results) = out.split_once("---\n").unwrap();
@@ -773,8 +781,13 @@ fn a_file_can_be_bind_mounted() {
     let (_, io) = h
         .create_with(&cfg, Want::OUTPUT, vec![MountSource { index, source }])
         .unwrap();
-    h.ok(Request::Start);
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(0)
+    );
     assert_eq!(io.stdout.text(), "welcome\nmotd-ro\n");
     assert_eq!(std::fs::read_to_string(&motd).unwrap(), "welcome\n");
 }
@@ -969,7 +982,11 @@ fn a_missing_executable_fails_create_with_its_name_and_husk_init_carries_on() {
     assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
     // Nothing was created: the host may try again.
     assert_eq!(
-        h.request(Request::Start).unwrap_err().code,
+        h.request(Request::Start {
+            container: ContainerRef::FIRST
+        })
+        .unwrap_err()
+        .code,
         ErrorCode::InvalidState
     );
     assert_eq!(h.run(&sh("exit 5")).status, exited(5));
@@ -1004,13 +1021,15 @@ fn a_signal_request_terminates_the_process() {
     let mut cfg = config(&["sleep", "100"]);
     without_namespace(&mut cfg, "pid");
     let (pid, _io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     h.ok(Request::Signal {
-        target: SignalTarget::Process(ProcessRef::Init),
+        target: SignalTarget::Process(ProcessRef::Init(ContainerRef::FIRST)),
         signal: 15,
     });
     assert_eq!(
-        h.wait_exit(ProcessRef::Init),
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
         WaitStatus::Signaled {
             signal: 15,
             core_dumped: false
@@ -1020,7 +1039,7 @@ fn a_signal_request_terminates_the_process() {
     // It is gone now: a second signal is refused, not sent to a recycled pid.
     let e = h
         .request(Request::Signal {
-            target: SignalTarget::Process(ProcessRef::Init),
+            target: SignalTarget::Process(ProcessRef::Init(ContainerRef::FIRST)),
             signal: 15,
         })
         .unwrap_err();
@@ -1037,7 +1056,9 @@ fn a_signal_request_reaches_an_exec_process_only() {
         let (pid, io) = h
             .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
             .unwrap();
-        h.ok(Request::Start);
+        h.ok(Request::Start {
+            container: ContainerRef::FIRST,
+        });
         io.stdout.wait_for("ready");
         pid
     };
@@ -1066,13 +1087,18 @@ fn a_signal_request_reaches_a_shell_trap() {
     let mut h = Host::start();
     let cfg = sh("trap 'echo caught TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done");
     let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready\n");
     h.ok(Request::Signal {
-        target: SignalTarget::Process(ProcessRef::Init),
+        target: SignalTarget::Process(ProcessRef::Init(ContainerRef::FIRST)),
         signal: 15,
     });
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(7));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(7)
+    );
     assert_eq!(io.stdout.text(), "ready\ncaught TERM\n");
 }
 
@@ -1087,7 +1113,9 @@ fn an_exec_process_joins_the_container() {
     let mut cfg = sh("echo hi > /tmp/from-init; echo ready; exec sleep 100");
     cfg["hostname"] = json!("box");
     let (pid, io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     common::wait_until_running(pid, &["sleep", "100"]);
     let process = json!({
@@ -1123,7 +1151,9 @@ fn an_exec_process_joins_the_container() {
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::ExecutableNotFound, "{e}");
     assert!(e.message.contains("\"nope\""), "{e}");
-    let Response::Pids(pids) = h.ok(Request::ListPids) else {
+    let Response::Pids(pids) = h.ok(Request::ListPids {
+        container: ContainerRef::FIRST,
+    }) else {
         panic!("not pids")
     };
     assert_eq!(pids.len(), 1, "{pids:?}");
@@ -1138,7 +1168,9 @@ fn ps_in_an_exec_process_shows_the_main_process_as_pid_1() {
     let (pid, io) = h
         .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     // "ready" comes from the shell, before it execs sleep.
     common::wait_until_running(pid, &["sleep", "100"]);
@@ -1157,7 +1189,9 @@ fn ps_in_an_exec_process_shows_the_main_process_as_pid_1() {
 }
 
 fn list_pids(h: &mut Host) -> Vec<u32> {
-    match h.ok(Request::ListPids) {
+    match h.ok(Request::ListPids {
+        container: ContainerRef::FIRST,
+    }) {
         Response::Pids(p) => p,
         other => panic!("ListPids answered {other:?}"),
     }
@@ -1175,7 +1209,9 @@ fn list_pids_finds_every_process_of_the_pid_namespace() {
             Want::OUTPUT,
         )
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     let pids = list_pids(&mut h);
     assert_eq!(pids.len(), 3, "{pids:?}");
@@ -1185,11 +1221,11 @@ fn list_pids_finds_every_process_of_the_pid_namespace() {
         assert_eq!(ns(*p), ns(pid));
     }
     h.ok(Request::Signal {
-        target: SignalTarget::All,
+        target: SignalTarget::All(ContainerRef::FIRST),
         signal: 9,
     });
     assert_eq!(
-        h.wait_exit(ProcessRef::Init),
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
         WaitStatus::Signaled {
             signal: 9,
             core_dumped: false
@@ -1218,7 +1254,9 @@ fn the_container_gets_its_own_cgroup_and_list_pids_reads_it() {
     let procs = || std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     // Placed before start, so the process cannot escape by forking first.
     assert_eq!(procs(), format!("{pid}\n"));
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     let out = io.stdout.wait_for("cgroup-done");
     let v2 = out.lines().find(|l| l.starts_with("0::")).unwrap();
     assert_eq!(
@@ -1262,7 +1300,9 @@ fn stdin_is_relayed_until_close_stdin() {
     let (_, mut io) = h
         .create(&config(&["cat"]), Want::Pipes { stdin: true })
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     // Larger than every buffer on the way, so much of it is still in flight at CloseStdin.
     let data: Vec<u8> = (0..1_000_000u32)
         .map(|i| b"abcdefghij\n"[(i % 11) as usize])
@@ -1277,9 +1317,12 @@ fn stdin_is_relayed_until_close_stdin() {
     };
     let stdin = writer.join().unwrap();
     h.ok(Request::CloseStdin {
-        process: ProcessRef::Init,
+        process: ProcessRef::Init(ContainerRef::FIRST),
     });
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(0)
+    );
     let out = io.stdout.bytes();
     assert_eq!(out.len(), data.len());
     assert!(out == data, "stdout differs from stdin");
@@ -1295,16 +1338,21 @@ fn stdin_ends_when_the_host_closes_its_connection() {
     let (_, mut io) = h
         .create(&config(&["wc", "-c"]), Want::Pipes { stdin: true })
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     let mut stdin = io.stdin.take().unwrap();
     stdin.write_all(b"hello").unwrap();
     drop(stdin);
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(0)
+    );
     assert_eq!(io.stdout.text().trim(), "5");
     // A pipe has no window size.
     let e = h
         .request(Request::ResizePty {
-            process: ProcessRef::Init,
+            process: ProcessRef::Init(ContainerRef::FIRST),
             size: WindowSize { rows: 1, cols: 1 },
         })
         .unwrap_err();
@@ -1333,17 +1381,22 @@ fn a_terminal_process_sees_a_tty_and_its_size() {
     cfg["process"]["terminal"] = json!(true);
     cfg["process"]["consoleSize"] = json!({"height": 33, "width": 111});
     let (_, mut io) = h.create(&cfg, Want::Terminal).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("33 111\r\n");
     h.ok(Request::ResizePty {
-        process: ProcessRef::Init,
+        process: ProcessRef::Init(ContainerRef::FIRST),
         size: WindowSize {
             rows: 50,
             cols: 132,
         },
     });
     io.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(0)
+    );
     let out = io.stdout.text();
     // The tty echoes the input and turns \n into \r\n.
     assert_eq!(out, "is-a-tty\r\n33 111\r\ngo\r\n50 132\r\ngot go\r\n");
@@ -1363,9 +1416,11 @@ fn the_terminal_is_a_pty_of_the_container_devpts() {
     with_devpts(&mut cfg);
     cfg["process"]["terminal"] = json!(true);
     let (_, io) = h.create(&cfg, Want::Terminal).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     assert_eq!(
-        h.wait_exit(ProcessRef::Init),
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
         exited(0),
         "{}",
         io.stdout.text()
@@ -1393,9 +1448,11 @@ fn the_terminal_belongs_to_the_process_user() {
     cfg["process"]["terminal"] = json!(true);
     cfg["process"]["user"] = json!({"uid": 1000, "gid": 1000});
     let (_, io) = h.create(&cfg, Want::Terminal).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     assert_eq!(
-        h.wait_exit(ProcessRef::Init),
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
         exited(0),
         "{}",
         io.stdout.text()
@@ -1430,7 +1487,9 @@ fn an_exec_process_can_have_a_terminal() {
     let mut cfg = sh("echo ready; exec sleep 100");
     with_devpts(&mut cfg);
     let (_, io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     // An exec'd process runs at once: its size can only come with it (as `runc exec` does).
     let process = json!({"args": ["sh", "-c", "test -t 0 && echo tty; stty size; tty"], "terminal": true,
@@ -1451,7 +1510,9 @@ fn a_host_that_stops_reading_stdout_still_gets_answers() {
     let (pid, io) = h
         .create(&sh("head -c 8000000 /dev/zero; echo end"), Want::OUTPUT)
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     // 8 MB is far more than the pipe, husk-init's buffer and the socket hold: the process
     // blocks on its write while the control connection stays served.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -1461,7 +1522,10 @@ fn a_host_that_stops_reading_stdout_still_gets_answers() {
     assert!(common::alive(pid));
     io.stdout.release();
     io.stderr.release();
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(0));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(0)
+    );
     let out = io.stdout.bytes();
     assert_eq!(out.len(), 8_000_004);
     assert!(out.ends_with(b"\0end\n"));
@@ -1490,7 +1554,9 @@ fn shutdown_kills_the_container_and_leaves_no_mounts() {
     let (pid, io) = h
         .create(&sh("sleep 100 & echo ready; wait"), Want::OUTPUT)
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     let pids = list_pids(&mut h);
     assert_eq!(h.ok(Request::Shutdown), Response::Done);
@@ -1523,13 +1589,24 @@ fn a_process_that_cannot_start_says_why() {
     cfg["process"]["user"] = json!({"uid": 1000, "gid": 1000});
     cfg["process"]["cwd"] = json!("/root");
     let (pid, _io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    let e = h.request(Request::Start).unwrap_err();
+    let e = h
+        .request(Request::Start {
+            container: ContainerRef::FIRST,
+        })
+        .unwrap_err();
     assert!(e.message.contains("/root"), "{e}");
     // The process existed, so its end is reported like any other.
-    assert_eq!(h.wait_exit(ProcessRef::Init), exited(1));
+    assert_eq!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        exited(1)
+    );
     assert!(common::gone(pid));
     assert_eq!(
-        h.request(Request::Start).unwrap_err().code,
+        h.request(Request::Start {
+            container: ContainerRef::FIRST
+        })
+        .unwrap_err()
+        .code,
         ErrorCode::InvalidState
     );
 }
@@ -1548,9 +1625,13 @@ fn stats_come_from_the_container_cgroup() {
             Want::OUTPUT,
         )
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("busy-done");
-    let Response::Stats(st) = h.ok(Request::Stats) else {
+    let Response::Stats(st) = h.ok(Request::Stats {
+        container: ContainerRef::FIRST,
+    }) else {
         panic!("not stats")
     };
     assert!(st.cpu_usage_ns > 1_000_000, "{st:?}");
@@ -1574,7 +1655,9 @@ fn shutdown_without_a_pid_namespace_kills_exec_processes_too() {
     let mut cfg = config(&["sleep", "100"]);
     without_namespace(&mut cfg, "pid");
     let (pid, _io) = h.create(&cfg, Want::OUTPUT).unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     let process = json!({"args": ["sleep", "100"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
     let (epid, _eio) = h.exec(1, &process, Want::OUTPUT).unwrap();
     h.ok(Request::Shutdown);
@@ -1659,4 +1742,161 @@ fn configure_network_sets_up_interfaces_and_routes() {
     assert!(out.contains("inet6 fd00::7/64"), "{out}");
     assert!(out.contains("default via 10.9.8.1 dev eth0"), "{out}");
     assert!(out.contains("192.168.50.0/24 dev eth0"), "{out}");
+}
+
+// ---- pods -------------------------------------------------------------------------------
+
+/// A copy of `h`'s rootfs (busybox) at `dir`: a pod's second container has a root of its own.
+fn second_rootfs(h: &Host, dir: &str) -> std::path::PathBuf {
+    let to = h.dir().join(dir);
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(h.rootfs())
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    to
+}
+
+#[test]
+fn a_pods_second_container_shares_the_sandboxs_pid_uts_ipc_but_not_its_root() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start_with(Options { cgroup: true });
+    // The sandbox: its own pid, uts and ipc namespaces, a hostname, then it waits.
+    let mut sandbox = config(&["sleep", "1000"]);
+    sandbox["hostname"] = json!("the-pod");
+    let (sandbox_pid, _) = h.create(&sandbox, Want::OUTPUT).unwrap();
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
+    common::wait_until_running(sandbox_pid, &["sleep", "1000"]);
+    // The app names them by (host) path, as CRI does; it gets its own mount namespace and
+    // root, and writes a file there.
+    let app = ContainerRef(1);
+    let mut cfg = sh("touch /only-in-app; hostname; ps -o pid,args; \
+                      readlink /proc/self/ns/ipc; readlink /proc/1/ns/ipc; test -e /only-in-sandbox || echo apart");
+    cfg["linux"]["namespaces"] = json!([
+        {"type": "pid", "path": "/proc/4242/ns/pid"},
+        {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+        {"type": "uts", "path": "/proc/4242/ns/uts"},
+        {"type": "mount"}
+    ]);
+    let rootfs = second_rootfs(&h, "app-rootfs");
+    std::fs::write(h.rootfs().join("only-in-sandbox"), "").unwrap();
+    let (_, io) = h
+        .create_container(
+            app,
+            Some(ContainerRef::FIRST),
+            &rootfs,
+            &cfg,
+            Want::OUTPUT,
+            vec![],
+        )
+        .unwrap();
+    h.ok(Request::Start { container: app });
+    assert_eq!(h.wait_exit(ProcessRef::Init(app)), exited(0));
+    let out = io.stdout.text();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "the-pod", "{out}");
+    // The sandbox's sleep is pid 1 of the shared pid namespace.
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains("sleep 1000")),
+        "{out}"
+    );
+    let ipc: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("ipc:"))
+        .copied()
+        .collect();
+    assert_eq!(ipc.len(), 2, "{out}");
+    assert_eq!(ipc[0], ipc[1], "one ipc namespace: {out}");
+    assert_eq!(*lines.last().unwrap(), "apart", "{out}");
+    assert!(rootfs.join("only-in-app").exists());
+    assert!(!h.rootfs().join("only-in-app").exists());
+    // Its own cgroup beside the sandbox's.
+    let cgroups = h.cgroup_root().unwrap().to_path_buf();
+    assert!(cgroups.join("container-1").is_dir());
+
+    // An exec in the second container, then it is removed; the sandbox goes on.
+    let app2 = ContainerRef(2);
+    let (_, _) = h
+        .create_container(
+            app2,
+            Some(ContainerRef::FIRST),
+            &second_rootfs(&h, "app2-rootfs"),
+            &config(&["sleep", "1000"]),
+            Want::OUTPUT,
+            vec![],
+        )
+        .unwrap();
+    h.ok(Request::Start { container: app2 });
+    let (_, io) = h
+        .exec_in(app2, 7, &json!({"args": ["sh", "-c", "echo in-app2; test -e /only-in-app || echo own-root"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]}), Want::OUTPUT)
+        .unwrap();
+    assert_eq!(h.wait_exit(ProcessRef::Exec(ExecId(7))), exited(0));
+    assert_eq!(io.stdout.text(), "in-app2\nown-root\n");
+    h.ok(Request::Freeze {
+        container: app2,
+        frozen: true,
+    });
+    assert_eq!(
+        std::fs::read_to_string(cgroups.join("container-2/cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    h.ok(Request::Freeze {
+        container: app2,
+        frozen: false,
+    });
+    h.ok(Request::Remove { container: app2 });
+    assert!(!cgroups.join("container-2").exists(), "its cgroup went");
+    let e = h.request(Request::Start { container: app2 }).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidState, "{e}");
+    let e = h
+        .request(Request::Remove {
+            container: ContainerRef::FIRST,
+        })
+        .unwrap_err();
+    assert!(e.message.contains("Shutdown"), "{e}");
+    assert!(common::alive(sandbox_pid), "the sandbox goes on");
+    h.ok(Request::Signal {
+        target: SignalTarget::All(ContainerRef::FIRST),
+        signal: 9,
+    });
+    assert!(matches!(
+        h.wait_exit(ProcessRef::Init(ContainerRef::FIRST)),
+        WaitStatus::Signaled { signal: 9, .. }
+    ));
+}
+
+#[test]
+fn joining_a_namespace_by_path_needs_a_pod() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    let mut cfg = config(&["true"]);
+    cfg["linux"]["namespaces"] =
+        json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "mount"}]);
+    let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unsupported);
+    assert!(e.message.contains("not part of a pod"), "{e}");
+    // Naming a container that is not there.
+    let rootfs = h.rootfs();
+    let e = h
+        .create_container(
+            ContainerRef(1),
+            Some(ContainerRef::FIRST),
+            &rootfs,
+            &cfg,
+            Want::OUTPUT,
+            vec![],
+        )
+        .unwrap_err();
+    assert!(e.message.contains("is not running"), "{e}");
 }

@@ -12,8 +12,8 @@ use std::process::Command;
 
 use common::{Host, Options, Want, config, sh, skip_unless_root};
 use husk_proto::{
-    ErrorCode, ExecId, GuestMessage, Hello, HostMessage, PROTOCOL_VERSION, ProcessRef, Request,
-    RequestId, Response, SignalTarget, WindowSize,
+    ContainerRef, ErrorCode, ExecId, GuestMessage, Hello, HostMessage, PROTOCOL_VERSION,
+    PrepareRequest, ProcessRef, Request, RequestId, Response, SignalTarget, WindowSize,
 };
 use serde_json::json;
 
@@ -31,7 +31,9 @@ fn with_running_container(h: &mut Host) -> u32 {
     let (pid, io) = h
         .create(&sh("echo ready; exec sleep 100"), Want::OUTPUT)
         .unwrap();
-    h.ok(Request::Start);
+    h.ok(Request::Start {
+        container: ContainerRef::FIRST,
+    });
     io.stdout.wait_for("ready");
     pid
 }
@@ -114,7 +116,9 @@ fn a_request_before_the_hello_ends_husk_init() {
     assert!(matches!(h.recv(), Some(GuestMessage::Hello(_))));
     h.send(&HostMessage::Request {
         id: RequestId(1),
-        request: Request::ListPids,
+        request: Request::ListPids {
+            container: ContainerRef::FIRST,
+        },
     });
     assert_fails_with(&mut h, &["handshake", "expected Hello"]);
 }
@@ -188,8 +192,24 @@ fn requests_that_do_not_fit_get_error_replies() {
     }
     let mut h = Host::start();
     let code = |h: &mut Host, r: Request| h.request(r).unwrap_err().code;
-    assert_eq!(code(&mut h, Request::Start), ErrorCode::InvalidState);
-    assert_eq!(code(&mut h, Request::ListPids), ErrorCode::InvalidState);
+    assert_eq!(
+        code(
+            &mut h,
+            Request::Start {
+                container: ContainerRef::FIRST
+            }
+        ),
+        ErrorCode::InvalidState
+    );
+    assert_eq!(
+        code(
+            &mut h,
+            Request::ListPids {
+                container: ContainerRef::FIRST
+            }
+        ),
+        ErrorCode::InvalidState
+    );
     let e = h
         .exec(
             1,
@@ -209,7 +229,15 @@ fn requests_that_do_not_fit_get_error_replies() {
     let pid = with_running_container(&mut h);
     let e = h.create(&config(&["true"]), Want::OUTPUT).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidState, "a second Create: {e}");
-    assert_eq!(code(&mut h, Request::Start), ErrorCode::InvalidState);
+    assert_eq!(
+        code(
+            &mut h,
+            Request::Start {
+                container: ContainerRef::FIRST
+            }
+        ),
+        ErrorCode::InvalidState
+    );
     let unknown = ProcessRef::Exec(ExecId(42));
     let sig = |target, signal| Request::Signal { target, signal };
     assert_eq!(
@@ -217,7 +245,13 @@ fn requests_that_do_not_fit_get_error_replies() {
         ErrorCode::NoSuchProcess
     );
     assert_eq!(
-        code(&mut h, sig(SignalTarget::Process(ProcessRef::Init), 999)),
+        code(
+            &mut h,
+            sig(
+                SignalTarget::Process(ProcessRef::Init(ContainerRef::FIRST)),
+                999
+            )
+        ),
         ErrorCode::InvalidSpec
     );
     assert_eq!(
@@ -229,7 +263,7 @@ fn requests_that_do_not_fit_get_error_replies() {
         size: WindowSize { rows: 1, cols: 1 },
     };
     assert_eq!(
-        code(&mut h, resize(ProcessRef::Init)),
+        code(&mut h, resize(ProcessRef::Init(ContainerRef::FIRST))),
         ErrorCode::InvalidState
     );
     let e = h
@@ -278,9 +312,34 @@ fn exec_after_the_container_stopped_is_refused() {
     assert_eq!(e.code, ErrorCode::InvalidState, "{e}");
     let e = h
         .request(Request::Signal {
-            target: SignalTarget::Process(ProcessRef::Init),
+            target: SignalTarget::Process(ProcessRef::Init(ContainerRef::FIRST)),
             signal: 9,
         })
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NoSuchProcess, "{e}");
+}
+
+#[test]
+fn husk_init_connects_again_until_it_is_asked_for_something() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut h = Host::start();
+    // Prepare does not count (a restored VM's new host sends it first).
+    h.ok(Request::Prepare(PrepareRequest {
+        entropy: vec![1, 2, 3],
+        realtime_ns: 0,
+        spare_nics: vec![],
+    }));
+    h.reconnect();
+    let run = h.run(&common::config(&["echo", "again"]));
+    assert_eq!(run.stdout, "again\n", "{run:?}");
+    // Asked for something, it treats a lost connection as the host's end.
+    h.close_control();
+    let (status, log) = h.wait_husk_exit();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("the host closed the control connection"),
+        "{log}"
+    );
 }

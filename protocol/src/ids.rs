@@ -93,6 +93,22 @@ impl fmt::Display for VsockPort {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId(pub u64);
 
+/// A container of the VM, as the host numbers them: 0 is the VM's first container (the only
+/// one, or a pod's sandbox), later ones are a pod's other containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContainerRef(pub u32);
+
+impl ContainerRef {
+    /// The VM's first container.
+    pub const FIRST: ContainerRef = ContainerRef(0);
+}
+
+impl fmt::Display for ContainerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "container {}", self.0)
+    }
+}
+
 /// Names one exec'd process of a container; chosen by the host, unique per container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ExecId(pub u32);

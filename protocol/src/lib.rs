@@ -48,6 +48,15 @@
 //! 5. host → guest: [`Request::Shutdown`]: the guest kills what is left, replies, and powers
 //!    the VM off.
 //!
+//! ## Several containers in one VM (a pod)
+//!
+//! Every request about a container names it by a [`ContainerRef`] the host chose: the first
+//! `Create` (the only container, or a pod's sandbox) is [`ContainerRef::FIRST`]; a pod's other
+//! containers are created later, while the first runs, each with a new number, and may name the
+//! first one's namespaces to join ([`CreateRequest::join`]). [`Request::Remove`] takes a
+//! stopped container out of the VM (its processes, mounts and cgroup); the VM ends only with
+//! `Shutdown`.
+//!
 //! ## Broken connection
 //!
 //! If the control connection breaks (EOF or an I/O error) or carries a frame that does not
@@ -70,11 +79,11 @@ pub mod marker;
 mod message;
 
 pub use frame::{FrameDecoder, ProtoError, decode, encode_frame, read_message, write_message};
-pub use ids::{ContainerId, ExecId, InvalidContainerId, RequestId, VsockPort};
+pub use ids::{ContainerId, ContainerRef, ExecId, InvalidContainerId, RequestId, VsockPort};
 pub use message::*;
 
 /// The version of this protocol. Bump it on any incompatible change to the messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame payload either side accepts (8 MiB: a config.json is rarely over 100 KiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;

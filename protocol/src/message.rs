@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ContainerId, ExecId, PROTOCOL_VERSION, RequestId, VsockPort};
+use crate::{ContainerId, ContainerRef, ExecId, PROTOCOL_VERSION, RequestId, VsockPort};
 
 /// The first message each side sends: the protocol version it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,21 +52,24 @@ pub enum HostMessage {
 /// What the host can ask of the guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// Build the container up to just before `execve` of its process. Sent once, after
-    /// `Prepare` (and `ConfigureNetwork` when there is a network).
+    /// Build a container up to just before `execve` of its process: the first after `Prepare`
+    /// (and `ConfigureNetwork` when there is a network), a pod's others while it runs.
     Create(Box<CreateRequest>),
     /// Apply the network configuration of the VM's interfaces (before `Start`).
     ConfigureNetwork(NetworkConfig),
-    /// Let the container's process run (`execve`). Answered by [`Response::Started`].
-    Start,
-    /// Send `signal` to one process or to all processes of the container.
+    /// Let a container's process run (`execve`). Answered by [`Response::Started`].
+    Start {
+        /// Which container.
+        container: ContainerRef,
+    },
+    /// Send `signal` to one process, or to all processes of a container.
     Signal {
         /// Who gets the signal.
         target: SignalTarget,
         /// The signal number (Linux x86_64 numbering).
         signal: i32,
     },
-    /// Start a further process in the container's namespaces and cgroup.
+    /// Start a further process in a container's namespaces and cgroup.
     Exec(Box<ExecRequest>),
     /// Set the window size of a process's pseudo-terminal.
     ResizePty {
@@ -80,10 +83,30 @@ pub enum Request {
         /// Whose stdin.
         process: ProcessRef,
     },
-    /// List the pids (in the guest) of all processes of the container.
-    ListPids,
-    /// Read the container's resource usage.
-    Stats,
+    /// List the pids (in the guest) of all processes of a container.
+    ListPids {
+        /// Which container.
+        container: ContainerRef,
+    },
+    /// Read a container's resource usage.
+    Stats {
+        /// Which container.
+        container: ContainerRef,
+    },
+    /// Take a container out of the VM: kill what is left of it, release its mounts and its
+    /// cgroup. Answered when it is gone. (Not the first container: its end is the VM's.)
+    Remove {
+        /// Which container.
+        container: ContainerRef,
+    },
+    /// Freeze (`frozen`) or thaw every process of a container (its cgroup's `cgroup.freeze`):
+    /// the pause of one container of a pod, whose VM goes on.
+    Freeze {
+        /// Which container.
+        container: ContainerRef,
+        /// Frozen or thawed.
+        frozen: bool,
+    },
     /// Kill whatever is left, sync, and power the VM off; answered after the sync, just before
     /// power-off (the host may end the VM on the answer).
     Shutdown,
@@ -110,9 +133,15 @@ pub struct PrepareRequest {
 /// Most bytes of [`PrepareRequest::entropy`] the guest takes.
 pub const MAX_ENTROPY_LEN: usize = 256;
 
-/// Everything the guest needs to build the container.
+/// Everything the guest needs to build a container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateRequest {
+    /// The number the host gave it (see [`ContainerRef`]).
+    pub container: ContainerRef,
+    /// A container of the VM whose namespaces this one joins where its spec names a namespace
+    /// by path (a pod's containers: CRI names the sandbox's ipc, uts and pid namespaces by
+    /// their host paths, which mean nothing in the VM). `None`: paths are refused, as today.
+    pub join: Option<ContainerRef>,
     /// The container id (used as the default hostname and in messages).
     pub container_id: ContainerId,
     /// The bundle's `config.json`, byte for byte; the guest parses it with oci-spec.
@@ -185,6 +214,8 @@ impl Stdio {
 /// Starts a further process in a running container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecRequest {
+    /// The container.
+    pub container: ContainerRef,
     /// The id the host gave it.
     pub exec_id: ExecId,
     /// An OCI `process` object as JSON (as in `runc exec --process`).
@@ -193,19 +224,19 @@ pub struct ExecRequest {
     pub stdio: Stdio,
 }
 
-/// Names a process of the container.
+/// Names a process of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ProcessRef {
-    /// The container's main process.
-    Init,
-    /// An exec'd process.
+    /// A container's main process.
+    Init(ContainerRef),
+    /// An exec'd process (exec ids are the VM's, whatever the container).
     Exec(ExecId),
 }
 
 impl fmt::Display for ProcessRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProcessRef::Init => f.write_str("init"),
+            ProcessRef::Init(c) => write!(f, "init of {c}"),
             ProcessRef::Exec(id) => id.fmt(f),
         }
     }
@@ -216,8 +247,8 @@ impl fmt::Display for ProcessRef {
 pub enum SignalTarget {
     /// One process.
     Process(ProcessRef),
-    /// Every process of the container (`kill --all`).
-    All,
+    /// Every process of a container (`kill --all`).
+    All(ContainerRef),
 }
 
 /// A terminal size.

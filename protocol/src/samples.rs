@@ -20,6 +20,8 @@ pub fn host_messages() -> Vec<HostMessage> {
         req(
             1,
             Request::Create(Box::new(CreateRequest {
+                container: ContainerRef::FIRST,
+                join: None,
                 container_id: ContainerId::new("c1").expect("valid id"),
                 config_json: br#"{"ociVersion":"1.0.2"}"#.to_vec(),
                 rootfs: FsSource::Share {
@@ -59,7 +61,12 @@ pub fn host_messages() -> Vec<HostMessage> {
                 }],
             }),
         ),
-        req(3, Request::Start),
+        req(
+            3,
+            Request::Start {
+                container: ContainerRef::FIRST,
+            },
+        ),
         req(
             4,
             Request::Signal {
@@ -70,13 +77,14 @@ pub fn host_messages() -> Vec<HostMessage> {
         req(
             5,
             Request::Signal {
-                target: SignalTarget::All,
+                target: SignalTarget::All(ContainerRef(2)),
                 signal: 9,
             },
         ),
         req(
             6,
             Request::Exec(Box::new(ExecRequest {
+                container: ContainerRef(1),
                 exec_id: ExecId(1),
                 process_json: br#"{"args":["sh"],"cwd":"/"}"#.to_vec(),
                 stdio: Stdio::Terminal {
@@ -87,18 +95,28 @@ pub fn host_messages() -> Vec<HostMessage> {
         req(
             7,
             Request::ResizePty {
-                process: ProcessRef::Init,
+                process: ProcessRef::Init(ContainerRef::FIRST),
                 size: WindowSize { rows: 24, cols: 80 },
             },
         ),
         req(
             8,
             Request::CloseStdin {
-                process: ProcessRef::Init,
+                process: ProcessRef::Init(ContainerRef(1)),
             },
         ),
-        req(9, Request::ListPids),
-        req(10, Request::Stats),
+        req(
+            9,
+            Request::ListPids {
+                container: ContainerRef::FIRST,
+            },
+        ),
+        req(
+            10,
+            Request::Stats {
+                container: ContainerRef(1),
+            },
+        ),
         req(11, Request::Shutdown),
         req(
             12,
@@ -107,6 +125,34 @@ pub fn host_messages() -> Vec<HostMessage> {
                 realtime_ns: 1_796_000_000_000_000_000,
                 spare_nics: vec![[2, 0x68, 0x75, 0x73, 0x6b, 0]],
             }),
+        ),
+        req(
+            13,
+            Request::Create(Box::new(CreateRequest {
+                container: ContainerRef(1),
+                join: Some(ContainerRef::FIRST),
+                container_id: ContainerId::new("app").expect("valid id"),
+                config_json: br#"{"ociVersion":"1.0.2"}"#.to_vec(),
+                rootfs: FsSource::Share {
+                    tag: SHARE_TAG.into(),
+                    path: "app/rootfs".into(),
+                },
+                mounts: vec![],
+                stdio: Stdio::NULL,
+            })),
+        ),
+        req(
+            14,
+            Request::Remove {
+                container: ContainerRef(1),
+            },
+        ),
+        req(
+            15,
+            Request::Freeze {
+                container: ContainerRef(1),
+                frozen: true,
+            },
         ),
     ]
 }
@@ -141,7 +187,7 @@ pub fn guest_messages() -> Vec<GuestMessage> {
             }),
         ),
         GuestMessage::Event(Event::Exited {
-            process: ProcessRef::Init,
+            process: ProcessRef::Init(ContainerRef(1)),
             status: WaitStatus::Exited(3),
         }),
         GuestMessage::Event(Event::Exited {

@@ -194,8 +194,21 @@ fn max_or(v: i64) -> String {
 }
 
 impl Cgroup {
-    /// Creates the container's cgroup under `root` and applies `resources`.
-    pub fn create(root: &Path, resources: Option<&LinuxResources>) -> Result<Self, String> {
+    /// The cgroup directory of the VM's container number `n`: `container` for the first (the
+    /// only one, or a pod's sandbox), `container-<n>` for a pod's others.
+    pub fn name(n: u32) -> String {
+        match n {
+            0 => NAME.to_owned(),
+            n => format!("{NAME}-{n}"),
+        }
+    }
+
+    /// Creates the cgroup `name` under `root` and applies `resources`.
+    pub fn create(
+        root: &Path,
+        name: &str,
+        resources: Option<&LinuxResources>,
+    ) -> Result<Self, String> {
         // Delegate the controllers the limits need; a controller the kernel lacks is skipped
         // (the limit that needs it then fails with a message naming the file).
         let wanted = ["cpu", "cpuset", "memory", "pids", "io"];
@@ -209,7 +222,7 @@ impl Cgroup {
             write(&root.join("cgroup.subtree_control"), &enable.join(" "))
                 .map_err(|e| format!("enabling cgroup controllers {enable:?}: {e}"))?;
         }
-        let path = root.join(NAME);
+        let path = root.join(name);
         match fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -311,6 +324,23 @@ impl Cgroup {
             }
         }
         stats
+    }
+
+    /// Freezes (or thaws) every process in the cgroup (`cgroup.freeze`), waiting until the
+    /// kernel reports it done (`frozen 1` in `cgroup.events`).
+    pub fn freeze(&self, frozen: bool) -> Result<(), String> {
+        let value = if frozen { "1" } else { "0" };
+        write(&self.path.join("cgroup.freeze"), value)
+            .map_err(|e| format!("writing cgroup.freeze: {e}"))?;
+        let want = format!("frozen {value}");
+        for _ in 0..1000 {
+            let events = fs::read_to_string(self.path.join("cgroup.events")).unwrap_or_default();
+            if events.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Err(format!("the cgroup did not report {want:?} within 2 s"))
     }
 
     /// Kills everything in the cgroup (cgroup.kill) and removes it.
@@ -446,7 +476,7 @@ mod tests {
         fake_cgroup_without_swap(&root);
         let res: LinuxResources =
             serde_json::from_str(r#"{"memory":{"limit":314572800,"swap":629145600}}"#).unwrap();
-        let cg = Cgroup::create(&root, Some(&res)).expect("a swap limit without swap is met");
+        let cg = Cgroup::create(&root, NAME, Some(&res)).expect("a swap limit without swap is met");
         assert_eq!(
             fs::read_to_string(cg.path().join("memory.max")).unwrap(),
             "314572800"
@@ -457,7 +487,7 @@ mod tests {
         );
         // Where the kernel has swap, the limit is written.
         fs::write(cg.path().join(SWAP_MAX), "max\n").unwrap();
-        Cgroup::create(&root, Some(&res)).unwrap();
+        Cgroup::create(&root, NAME, Some(&res)).unwrap();
         assert_eq!(
             fs::read_to_string(cg.path().join(SWAP_MAX)).unwrap(),
             "314572800"

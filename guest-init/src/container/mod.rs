@@ -3,18 +3,23 @@
 //! `create` forks the container's process into its new namespaces; the child builds the
 //! filesystem view, pivots into it and stops just before `execve`, waiting for `start`.
 //! `exec` forks a further process into the same namespaces and cgroup. The parent side (this
-//! module) keeps the pipes to the waiting child and the cgroup.
+//! module) keeps the pipes to the waiting child and the cgroup; what runs in the children is
+//! `child`. A VM holds one container, or a pod's: then the later ones may join the first one's
+//! pid, uts and ipc namespaces (`namespaces`), and each has its own cgroup.
 
 mod cgroup;
+mod child;
 mod console;
 mod mounts;
+mod namespaces;
 mod process;
 mod seccomp;
 mod spec;
+mod stdio;
 mod sync;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use husk_proto::{
@@ -24,7 +29,10 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::relay::{ChildStdio, ProcessIo};
+use self::child::{child_main, close_fds_except, init_child, install_stdio};
+use self::namespaces::Entered;
+use self::stdio::{receive_terminal, setup_stdio};
+use crate::relay::ProcessIo;
 use crate::transport::Transport;
 use crate::{log, sys};
 
@@ -128,100 +136,30 @@ fn is_mountpoint(dir: &Path) -> bool {
     }
 }
 
-/// Closes every descriptor from 3 up except `keep` (the child must not hold the parent's
-/// ends of pipes — stdin EOF would never arrive — nor any other guest descriptor).
-fn close_fds_except(keep: &[RawFd]) {
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default();
-    for fd in fds {
-        if fd > 2 && !keep.contains(&fd) {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-}
-
-/// Both ends of the channel that carries a terminal's master from the process to us.
-type ConsoleChannel = (console::Receiver, console::Sender);
-
-/// Connects a process's stdio. A terminal also gets the channel on which the process sends
-/// its pty master (it opens the pty itself, in the container; see `console`).
-fn setup_stdio(
-    stdio: &husk_proto::Stdio,
-    env: &Env,
-) -> Result<(ChildStdio, ProcessIo, Option<ConsoleChannel>), ErrorReply> {
-    let (child, io) =
-        ProcessIo::setup(stdio, &env.transport).map_err(|e| sys_reply("setting up stdio", e))?;
-    let console = match child {
-        ChildStdio::Terminal => {
-            Some(console::channel().map_err(|e| sys_reply("creating the terminal channel", e))?)
-        }
-        ChildStdio::Fds { .. } => None,
-    };
-    Ok((child, io, console))
-}
-
-/// Parent side: takes the master the child sends and relays it. If the child failed first,
-/// its own report says why.
-fn receive_terminal(
-    console: Option<console::Receiver>,
-    io: &mut ProcessIo,
-    report: &mut File,
-) -> Result<(), ErrorReply> {
-    let Some(rx) = console else { return Ok(()) };
-    match rx.receive() {
-        Ok(master) => io
-            .attach_terminal(master)
-            .map_err(|e| sys_reply("relaying the terminal", e)),
-        Err(e) => Err(match sync::read_report(report) {
-            Ok(sync::ChildReport::Failed(ce)) => ce.into(),
-            _ => sys_reply("receiving the process's terminal", e),
-        }),
-    }
-}
-
-/// In a forked child: makes it a session leader with the stdio descriptors as 0, 1, 2 (a
-/// terminal comes later, from the container's devpts: [`console::Sender::open_terminal`]).
-fn install_stdio(stdio: ChildStdio) -> Result<(), ChildError> {
-    nix::unistd::setsid().map_err(|e| ChildError::sys("setsid", e))?;
-    if let ChildStdio::Fds {
-        stdin,
-        stdout,
-        stderr,
-    } = &stdio
-    {
-        for (fd, target) in [(stdin, 0), (stdout, 1), (stderr, 2)] {
-            if fd.as_raw_fd() != target {
-                sys::dup_onto(fd, target).map_err(|e| ChildError::sys("dup2", e))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Runs `body` as the rest of a forked child's life: reports its error and exits.
-fn child_main(
-    report: &mut File,
-    body: impl FnOnce(&mut File) -> Result<std::convert::Infallible, ChildError>,
-) -> ! {
-    let e = match body(report) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    };
-    sync::report_failure(report, &e);
-    // SAFETY: _exit ends the process at once without running the parent's atexit handlers
-    // or flushing stdio buffers it inherited (which would duplicate the parent's output).
-    unsafe { libc::_exit(1) }
-}
-
 impl Container {
-    /// Builds the container and returns it with its (not yet started) process.
-    pub fn create(req: &CreateRequest, env: &Env) -> Result<(Self, Spawned), ErrorReply> {
+    /// Builds the container and returns it with its (not yet started) process. `join` is the
+    /// container of the VM whose namespaces the spec names by path (a pod's sandbox, see
+    /// [`CreateRequest::join`]).
+    pub fn create(
+        req: &CreateRequest,
+        env: &Env,
+        join: Option<&Container>,
+    ) -> Result<(Self, Spawned), ErrorReply> {
         let plan = spec::plan(req, &env.share_root)?;
+        // Opened now, while the container to join surely runs; entered around the fork.
+        let mut joined = Vec::new();
+        for flag in &plan.joined {
+            let from = join.ok_or_else(|| {
+                err(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "no container to join the {} namespace of",
+                        namespaces::name(*flag)
+                    ),
+                )
+            })?;
+            joined.push((namespaces::open(from.init, *flag)?, *flag));
+        }
         ensure_share(env, &req.rootfs)?;
         for m in &req.mounts {
             ensure_share(env, &m.source)?;
@@ -232,8 +170,9 @@ impl Container {
             .as_ref()
             .and_then(|l| l.resources().as_ref());
         let cgroup = if cgroup::is_cgroup2(&env.cgroup_root) {
+            let name = cgroup::Cgroup::name(req.container.0);
             Some(
-                cgroup::Cgroup::create(&env.cgroup_root, resources)
+                cgroup::Cgroup::create(&env.cgroup_root, &name, resources)
                     .map_err(|m| err(ErrorCode::InvalidSpec, m))?,
             )
         } else {
@@ -245,13 +184,14 @@ impl Container {
             }
             None
         };
-        Self::spawn_init(req, env, plan, cgroup)
+        Self::spawn_init(req, env, plan, &joined, cgroup)
     }
 
     fn spawn_init(
         req: &CreateRequest,
         env: &Env,
         mut plan: spec::Plan,
+        joined: &[(OwnedFd, CloneFlags)],
         cgroup: Option<cgroup::Cgroup>,
     ) -> Result<(Self, Spawned), ErrorReply> {
         let cleanup = |cg: &Option<cgroup::Cgroup>| {
@@ -271,7 +211,19 @@ impl Container {
         let in_userns = plan.id_maps.is_some();
         let (console_rx, console_tx) = console.unzip();
 
-        let pid = match sys::fork_into_namespaces(plan.clone_flags) {
+        let entered = match Entered::enter(joined) {
+            Ok(e) => e,
+            Err(e) => {
+                cleanup(&cgroup);
+                return Err(e);
+            }
+        };
+        let forked = sys::fork_into_namespaces(plan.clone_flags);
+        if !matches!(forked, Ok(0)) {
+            // Back in husk-init's own namespaces; the child stays in the joined ones.
+            drop(entered);
+        }
+        let pid = match forked {
             Err(e) => {
                 cleanup(&cgroup);
                 return Err(sys_reply("creating the container's namespaces (clone)", e));
@@ -349,6 +301,8 @@ impl Container {
             }
         }
 
+        // What an exec'd process joins: the namespaces the container made, and those of the
+        // pod it joined.
         let mut ns = Vec::new();
         for (flag, clone) in [
             (CloneFlags::CLONE_NEWNS, libc::CLONE_NEWNS),
@@ -356,7 +310,7 @@ impl Container {
             (CloneFlags::CLONE_NEWIPC, libc::CLONE_NEWIPC),
             (CloneFlags::CLONE_NEWUSER, libc::CLONE_NEWUSER),
         ] {
-            if plan.clone_flags & clone != 0 {
+            if plan.clone_flags & clone != 0 || plan.joined.contains(&flag) {
                 ns.push(flag);
             }
         }
@@ -375,7 +329,8 @@ impl Container {
             cgroup,
             ns,
             seccomp: plan.seccomp.take(),
-            has_pid_ns: plan.clone_flags & libc::CLONE_NEWPID != 0,
+            has_pid_ns: plan.clone_flags & libc::CLONE_NEWPID != 0
+                || plan.joined.contains(&CloneFlags::CLONE_NEWPID),
         };
         Ok((container, Spawned { pid, io }))
     }
@@ -438,40 +393,24 @@ impl Container {
         let (child_stdio, mut io, console) = setup_stdio(&req.stdio, env)?;
         let (console_rx, console_tx) = console.unzip();
         let (mut rep_r, mut rep_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
-        // Namespace descriptors, opened while /proc still shows guest pids.
-        let open_ns = |name: &str| -> Result<OwnedFd, ErrorReply> {
-            std::fs::File::open(format!("/proc/{}/ns/{name}", self.init))
-                .map(OwnedFd::from)
-                .map_err(|e| sys_reply(&format!("opening the container's {name} namespace"), e))
-        };
-        let mut ns_fds = Vec::new();
-        for flag in &self.ns {
-            let name = match *flag {
-                CloneFlags::CLONE_NEWNS => "mnt",
-                CloneFlags::CLONE_NEWUTS => "uts",
-                CloneFlags::CLONE_NEWIPC => "ipc",
-                CloneFlags::CLONE_NEWUSER => "user",
-                CloneFlags::CLONE_NEWCGROUP => "cgroup",
-                _ => continue,
-            };
-            ns_fds.push((open_ns(name)?, *flag));
-        }
+        let ns_fds = self
+            .ns
+            .iter()
+            .map(|flag| Ok((namespaces::open(self.init, *flag)?, *flag)))
+            .collect::<Result<Vec<_>, ErrorReply>>()?;
         // A pid namespace applies to children only: enter it for the fork, then come back.
         let pid_ns = if self.has_pid_ns {
-            Some((open_ns("pid")?, open_ns_self("pid")?))
+            vec![(
+                namespaces::open(self.init, CloneFlags::CLONE_NEWPID)?,
+                CloneFlags::CLONE_NEWPID,
+            )]
         } else {
-            None
+            Vec::new()
         };
-        if let Some((theirs, _)) = &pid_ns {
-            nix::sched::setns(theirs, CloneFlags::CLONE_NEWPID)
-                .map_err(|e| sys_reply("entering the pid namespace", e))?;
-        }
+        let entered = Entered::enter(&pid_ns)?;
         let forked = sys::fork_into_namespaces(0);
-        if let Some((_, ours)) = &pid_ns
-            && !matches!(forked, Ok(0))
-            && let Err(e) = nix::sched::setns(ours, CloneFlags::CLONE_NEWPID)
-        {
-            log::error!("cannot return to husk-init's pid namespace: {e}");
+        if !matches!(forked, Ok(0)) {
+            drop(entered);
         }
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.path().join("cgroup.procs"));
         let pid = match forked {
@@ -571,6 +510,28 @@ impl Container {
         }
     }
 
+    /// The container's id.
+    pub fn id(&self) -> &ContainerId {
+        &self.id
+    }
+
+    /// Whether the main process is still there (created or running).
+    pub fn is_alive(&self) -> bool {
+        self.status != Status::Stopped
+    }
+
+    /// Freezes or thaws every process of the container (the pause of one container of a pod).
+    pub fn freeze(&self, frozen: bool) -> Result<(), ErrorReply> {
+        let cg = self.cgroup.as_ref().ok_or_else(|| {
+            err(
+                ErrorCode::Unsupported,
+                "pausing needs the container's cgroup (no cgroup v2 here)",
+            )
+        })?;
+        cg.freeze(frozen)
+            .map_err(|m| err(ErrorCode::System, format!("container {}: {m}", self.id)))
+    }
+
     /// Kills every process of the container and removes its cgroup.
     pub fn destroy(&mut self) {
         for pid in self.pids() {
@@ -585,74 +546,4 @@ impl Container {
         self.go = None;
         self.report = None;
     }
-}
-
-fn open_ns_self(name: &str) -> Result<OwnedFd, ErrorReply> {
-    std::fs::File::open(format!("/proc/self/ns/{name}"))
-        .map(OwnedFd::from)
-        .map_err(|e| sys_reply(&format!("opening husk-init's {name} namespace"), e))
-}
-
-/// The container's main process from fork to just before exec.
-fn init_child(
-    plan: &mut spec::Plan,
-    go: &mut File,
-    report: &mut File,
-    in_userns: bool,
-    console: Option<console::Sender>,
-) -> Result<std::convert::Infallible, ChildError> {
-    if sync::wait_for(go) != Some(sync::GO_SETUP) {
-        return Err(ChildError::sys("waiting for husk-init", "it gave up"));
-    }
-    if in_userns {
-        // Root in the new user namespace (if mapped), so files are created as root.
-        let root = nix::unistd::Uid::from_raw(0);
-        let _ = nix::unistd::setresgid(
-            nix::unistd::Gid::from_raw(0),
-            nix::unistd::Gid::from_raw(0),
-            nix::unistd::Gid::from_raw(0),
-        );
-        let _ = nix::unistd::setresuid(root, root, root);
-    }
-    if plan.cgroup_ns {
-        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
-            .map_err(|e| ChildError::sys("creating the cgroup namespace", e))?;
-    }
-    plan.rootfs.mount_all(in_userns)?;
-    plan.rootfs.pivot()?;
-    // As runc: the terminal comes from the container's own devpts, before the root is
-    // finalised (remounted read-only, paths masked).
-    if let Some(tx) = console {
-        tx.open_terminal(plan.process.console_size)?;
-    }
-    if let Some(h) = &plan.hostname {
-        nix::unistd::sethostname(h)
-            .map_err(|e| ChildError::sys(format!("setting hostname {h:?}"), e))?;
-    }
-    if let Some(d) = &plan.domainname {
-        let c = std::ffi::CString::new(d.as_str()).map_err(|e| ChildError::sys("domainname", e))?;
-        // SAFETY: setdomainname reads `len` bytes from a live CString.
-        if unsafe { libc::setdomainname(c.as_ptr(), d.len()) } != 0 {
-            return Err(ChildError::sys(
-                format!("setting domainname {d:?}"),
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    for (k, v) in &plan.sysctls {
-        let path = format!("/proc/sys/{}", k.replace('.', "/"));
-        std::fs::write(&path, v)
-            .map_err(|e| ChildError::sys(format!("setting sysctl {k}={v}"), e))?;
-    }
-    plan.rootfs.finish()?;
-    plan.process.default_home();
-    let exe = plan.process.find_executable()?;
-    plan.process.apply_limits()?;
-    sync::send(report, sync::READY).map_err(|e| ChildError::sys("reporting ready", e))?;
-    if sync::wait_for(go) != Some(sync::GO_START) {
-        // husk-init gave up on us (delete before start).
-        // SAFETY: see child_main.
-        unsafe { libc::_exit(0) }
-    }
-    Err(plan.process.exec(&exe, plan.seccomp.as_ref()))
 }

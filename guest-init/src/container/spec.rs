@@ -7,19 +7,22 @@
 //!   consoleSize, capabilities — all five sets, rlimits, noNewPrivileges, oomScoreAdj),
 //!   `root.readonly`, `hostname`, `domainname`, `mounts` (bind mounts from the host through
 //!   the share, every other type made in the guest, in spec order, with their options and
-//!   propagation), `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones),
+//!   propagation), `linux.namespaces` pid/mount/uts/ipc/user/cgroup (new ones; for a pod's
+//!   container, pid/uts/ipc given by `path` are the pod sandbox's in the VM),
 //!   `linux.uidMappings` / `gidMappings`, `linux.devices`, `linux.sysctl`, `linux.resources`
 //!   memory limit/swap/reservation, cpu shares/quota/period/cpus/mems, pids limit, blockIO
 //!   weight and `unified` (cgroup v2 in the guest), `linux.rootfsPropagation`,
 //!   `linux.maskedPaths`, `linux.readonlyPaths`, `linux.seccomp` (see [`super::seccomp`]).
-//! * **Refused with an error**: a namespace with a `path` other than network (each container
-//!   has its own VM, there is nothing to join), the time namespace, seccomp notify/flags,
+//! * **Refused with an error**: a namespace with a `path` other than network, except the
+//!   pid, uts and ipc namespaces of a pod's container (a container with a VM of its own has
+//!   nothing to join), the time namespace, seccomp notify/flags,
 //!   an unknown capability, bind mounts the host did not provide, `hostname`/`domainname`
 //!   without a uts namespace (as runc), id-mapped mounts (`mounts[].uidMappings`), and
 //!   anything malformed (named in the message).
 //! * **Ignored, by design**: the network namespace (the VM is the network boundary; the host
 //!   side wires the engine's namespace to the VM's NIC), `cgroupsPath` (a host cgroup: the
-//!   monitor lives there; the guest always uses its own `/container` cgroup), `root.path`
+//!   monitor lives there; the guest uses its own `/container` cgroup, `/container-<n>` for
+//!   a pod's n-th container), `root.path`
 //!   (the host names the rootfs in the request), `linux.resources.devices` (the guest has
 //!   only the VM's virtual devices), `apparmorProfile`, `selinuxLabel`, `mountLabel` (no LSM
 //!   in the guest kernel; the VM replaces them as the isolation layer), `ioPriority`,
@@ -35,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use husk_proto::{CreateRequest, ErrorCode, FsSource};
 use nix::mount::MsFlags;
+use nix::sched::CloneFlags;
 use nix::sys::stat::SFlag;
 use oci_spec::runtime::{LinuxDeviceType, LinuxIdMapping, LinuxNamespaceType, Spec};
 
@@ -55,6 +59,9 @@ pub struct Plan {
     pub clone_flags: libc::c_int,
     /// Whether to unshare a cgroup namespace.
     pub cgroup_ns: bool,
+    /// Namespaces (pid, uts, ipc) the spec names by path: joined from the container the
+    /// request says to join ([`CreateRequest::join`]) instead of made.
+    pub joined: Vec<CloneFlags>,
     /// uid_map and gid_map contents when a user namespace is made.
     pub id_maps: Option<(String, String)>,
     /// `hostname`.
@@ -137,6 +144,7 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
     };
 
     let mut clone_flags = libc::CLONE_NEWNS; // always: the VM's own mounts stay out of reach
+    let mut joined = Vec::new();
     let mut cgroup_ns = false;
     let mut userns = false;
     for ns in linux.namespaces().iter().flatten() {
@@ -159,11 +167,31 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
             }
         };
         if let Some(path) = ns.path() {
-            return Err(unsupported(format!(
-                "joining the existing {} namespace {} (each husk container has its own VM)",
-                ns.typ(),
-                path.display()
-            )));
+            // A pod's container names its sandbox's namespaces by their host paths: they mean
+            // the namespaces of the container the host says to join (see `Plan::joined`).
+            let join = match ns.typ() {
+                LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+                LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+                LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+                _ => {
+                    return Err(unsupported(format!(
+                        "joining the existing {} namespace {} (only a pod's pid, uts and ipc \
+                         namespaces can be shared inside its VM)",
+                        ns.typ(),
+                        path.display()
+                    )));
+                }
+            };
+            if req.join.is_none() {
+                return Err(unsupported(format!(
+                    "joining the existing {} namespace {} (this container is not part of a \
+                     pod: it has a VM of its own)",
+                    ns.typ(),
+                    path.display()
+                )));
+            }
+            joined.push(join);
+            continue;
         }
         clone_flags |= flag;
     }
@@ -173,7 +201,9 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         ("hostname", spec.hostname()),
         ("domainname", spec.domainname()),
     ] {
-        if value.as_ref().is_some_and(|v| !v.is_empty()) && clone_flags & libc::CLONE_NEWUTS == 0 {
+        let own_uts =
+            clone_flags & libc::CLONE_NEWUTS != 0 || joined.contains(&CloneFlags::CLONE_NEWUTS);
+        if value.as_ref().is_some_and(|v| !v.is_empty()) && !own_uts {
             return Err(invalid(format!(
                 "{field} is set but linux.namespaces has no uts namespace"
             )));
@@ -339,6 +369,7 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
         rootfs: rootfs_plan,
         clone_flags,
         cgroup_ns,
+        joined,
         id_maps,
         hostname: spec.hostname().clone(),
         domainname: spec.domainname().clone(),
@@ -351,10 +382,12 @@ pub fn plan(req: &CreateRequest, share_root: &Path) -> Result<Plan, ChildError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use husk_proto::{ContainerId, MountSource, Stdio};
+    use husk_proto::{ContainerId, ContainerRef, MountSource, Stdio};
 
     fn req(config: &str, mounts: Vec<MountSource>) -> CreateRequest {
         CreateRequest {
+            container: ContainerRef::FIRST,
+            join: None,
             container_id: ContainerId::new("t").unwrap(),
             config_json: config.as_bytes().to_vec(),
             rootfs: FsSource::Guest("/rootfs".into()),
@@ -394,6 +427,43 @@ mod tests {
         let e = plan(&req(&cfg, vec![]), Path::new("/s")).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unsupported);
         assert!(e.message.contains("/proc/1/ns/ipc"), "{e}");
+    }
+
+    #[test]
+    fn a_pods_container_joins_by_path_what_a_pod_shares_only() {
+        let pod = |namespaces: &str| {
+            let cfg = format!(r#"{{{BASE},"linux":{{"namespaces":[{namespaces}]}}}}"#);
+            let mut r = req(&cfg, vec![]);
+            r.container = ContainerRef(1);
+            r.join = Some(ContainerRef::FIRST);
+            plan(&r, Path::new("/s"))
+        };
+        let p = pod(
+            r#"{"type":"pid","path":"/proc/77/ns/pid"},{"type":"ipc","path":"/proc/77/ns/ipc"},
+               {"type":"uts","path":"/proc/77/ns/uts"},{"type":"mount"},{"type":"cgroup"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.clone_flags, libc::CLONE_NEWNS, "joined, not made");
+        assert_eq!(
+            p.joined,
+            vec![
+                CloneFlags::CLONE_NEWPID,
+                CloneFlags::CLONE_NEWIPC,
+                CloneFlags::CLONE_NEWUTS
+            ]
+        );
+        // A hostname in a joined uts namespace is the pod's (as runc).
+        let cfg = format!(
+            r#"{{{BASE},"hostname":"pod","linux":{{"namespaces":[{{"type":"uts","path":"/x"}}]}}}}"#
+        );
+        let mut r = req(&cfg, vec![]);
+        r.join = Some(ContainerRef::FIRST);
+        assert!(plan(&r, Path::new("/s")).is_ok());
+        for other in ["mount", "user", "cgroup"] {
+            let e = pod(&format!(r#"{{"type":"{other}","path":"/proc/77/ns/x"}}"#)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unsupported, "{other}");
+            assert!(e.message.contains("pid, uts and ipc"), "{e}");
+        }
     }
 
     #[test]

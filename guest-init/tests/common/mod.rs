@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_proto::{
-    CONTROL_PORT, ContainerId, CreateRequest, ErrorReply, Event, ExecId, ExecRequest,
+    CONTROL_PORT, ContainerId, ContainerRef, CreateRequest, ErrorReply, Event, ExecId, ExecRequest,
     FIRST_STDIO_PORT, FsSource, GuestMessage, Hello, HostMessage, MountSource, ProcessRef,
     ProtoError, Request, RequestId, Response, Stdio, VsockPort, WaitStatus,
 };
@@ -323,6 +323,8 @@ pub struct Host {
     child: Child,
     /// husk-init's own stderr (its log).
     log: Output,
+    /// husk-init's control port, for its reconnections.
+    control: UnixListener,
     conn: UnixStream,
     next_id: u64,
     next_port: u32,
@@ -461,6 +463,7 @@ impl Host {
             prefix,
             child,
             log,
+            control,
             conn,
             next_id: 1,
             next_port: FIRST_STDIO_PORT.0,
@@ -523,6 +526,23 @@ impl Host {
     /// Writes raw bytes on the control connection.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.conn.write_all(bytes).expect("writing to husk-init");
+    }
+
+    /// Closes the control connection and takes husk-init's next one (it reconnects while it
+    /// has been asked for nothing), with the handshake: what a VM restored from a template
+    /// does with the monitor that restored it.
+    pub fn reconnect(&mut self) {
+        let _ = self.conn.shutdown(Shutdown::Both);
+        let conn = accept_by(&self.control, Instant::now() + TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "husk-init did not connect again: {e}; its log: {:?}",
+                self.log_text()
+            )
+        });
+        conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        conn.set_write_timeout(Some(TIMEOUT)).expect("timeout");
+        self.conn = conn;
+        self.handshake();
     }
 
     /// Half-closes the control connection (husk-init sees EOF).
@@ -658,11 +678,28 @@ impl Host {
         want: Want,
         mounts: Vec<MountSource>,
     ) -> Result<(u32, Io), ErrorReply> {
+        let rootfs = self.rootfs().to_path_buf();
+        self.create_container(ContainerRef::FIRST, None, &rootfs, config, want, mounts)
+    }
+
+    /// Creates container `container` of the VM (a pod's later one: joining `join`'s
+    /// namespaces where its config names them by path) on `rootfs`.
+    pub fn create_container(
+        &mut self,
+        container: ContainerRef,
+        join: Option<ContainerRef>,
+        rootfs: &Path,
+        config: &Value,
+        want: Want,
+        mounts: Vec<MountSource>,
+    ) -> Result<(u32, Io), ErrorReply> {
         let pending = self.bind_stdio(want);
         let req = CreateRequest {
-            container_id: ContainerId::new("test").expect("id"),
+            container,
+            join,
+            container_id: ContainerId::new(format!("test-{}", container.0)).expect("id"),
             config_json: serde_json::to_vec(config).expect("json"),
-            rootfs: FsSource::Guest(self.rootfs().to_string_lossy().into_owned()),
+            rootfs: FsSource::Guest(rootfs.to_string_lossy().into_owned()),
             mounts,
             stdio: pending.stdio,
         };
@@ -684,8 +721,20 @@ impl Host {
         process: &Value,
         want: Want,
     ) -> Result<(u32, Io), ErrorReply> {
+        self.exec_in(ContainerRef::FIRST, exec_id, process, want)
+    }
+
+    /// Starts a further process in container `container`.
+    pub fn exec_in(
+        &mut self,
+        container: ContainerRef,
+        exec_id: u32,
+        process: &Value,
+        want: Want,
+    ) -> Result<(u32, Io), ErrorReply> {
         let pending = self.bind_stdio(want);
         let req = ExecRequest {
+            container,
             exec_id: ExecId(exec_id),
             process_json: serde_json::to_vec(process).expect("json"),
             stdio: pending.stdio,
@@ -724,8 +773,10 @@ impl Host {
         let (_, io) = self
             .create(config, Want::OUTPUT)
             .unwrap_or_else(|e| panic!("Create failed: {e}"));
-        self.ok(Request::Start);
-        let status = self.wait_exit(ProcessRef::Init);
+        self.ok(Request::Start {
+            container: ContainerRef::FIRST,
+        });
+        let status = self.wait_exit(ProcessRef::Init(ContainerRef::FIRST));
         // The protocol promises the output is complete once Exited arrives.
         Run {
             status,

@@ -60,6 +60,33 @@ pub enum MonitorRequest {
     Resume,
     /// Resource usage of the container (runc's `events --stats` data).
     Stats,
+    /// Add a container to this monitor's VM (a pod's container, from the process that stands
+    /// for it on the host; see `monitor::member`): husk-init creates it from `config_json` on
+    /// the share, its stdio on `stdio`'s ports. Answered [`MonitorReply::Added`], then
+    /// [`MonitorReply::Exited`] on the same connection when its main process ends.
+    AddContainer {
+        /// Its id.
+        id: String,
+        /// Its config.json.
+        config_json: Vec<u8>,
+        /// Where its rootfs is in the share.
+        rootfs: String,
+        /// Where its bind mounts' sources are in the share.
+        mounts: Vec<husk_proto::MountSource>,
+        /// Its stdio: ports the caller listens on at `vsock.sock_<port>` (here).
+        stdio: Stdio,
+    },
+    /// `request` about container `container` of the VM (one [`MonitorRequest::AddContainer`]
+    /// added) instead of the VM's own: how a pod's container's commands reach the VM.
+    ForContainer {
+        /// Which container (the number from [`MonitorReply::Added`]).
+        container: u32,
+        /// The command.
+        request: Box<MonitorRequest>,
+    },
+    /// Take the container out of the VM (only with [`MonitorRequest::ForContainer`]): what is
+    /// left of its processes is killed, its cgroup removed.
+    Remove,
 }
 
 /// What the monitor answers.
@@ -82,6 +109,13 @@ pub enum MonitorReply {
     Stats(serde_json::Value),
     /// The request failed.
     Error(String),
+    /// A container was added to the VM.
+    Added {
+        /// Its number in the VM (for [`MonitorRequest::ForContainer`]).
+        container: u32,
+        /// Its main process's guest pid.
+        pid: u32,
+    },
 }
 
 /// The longest request line the monitor reads (an exec's process JSON is the big one).

@@ -30,6 +30,7 @@
 pub mod api;
 pub mod cgroup;
 pub mod client;
+mod commands;
 pub mod console;
 mod error;
 mod guest;
@@ -52,7 +53,7 @@ use std::process::ExitCode;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
-use husk_proto::ProcessRef;
+use husk_proto::{ContainerRef, ProcessRef};
 
 pub use self::error::MonitorError;
 use self::guest::GuestSession;
@@ -264,7 +265,12 @@ fn relay_stdio(
 ) -> Vec<relay::Output> {
     let mut outputs = Vec::new();
     if let Some(console) = console {
-        serve::relay_console(console, stdin_l, ProcessRef::Init, tx.clone());
+        serve::relay_console(
+            console,
+            stdin_l,
+            ProcessRef::Init(ContainerRef::FIRST),
+            tx.clone(),
+        );
         drop((stdout_l, stderr_l));
     } else {
         outputs.push(relay::output(stdout_l, stdio.stdout, "stdout"));

@@ -11,22 +11,19 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
 use husk_proto::{
-    Event, ExecId, ExecRequest, GuestMessage, ProcessRef, ProtoError, Request, RequestId, Response,
-    SignalTarget, Stdio, VsockPort, WindowSize,
+    ContainerRef, Event, ExecId, GuestMessage, ProcessRef, ProtoError, Request, RequestId,
+    Response, WindowSize,
 };
 
 use super::api::{self, MonitorReply, MonitorRequest};
+use super::commands::Member;
 use super::console::Console;
 use super::guest::GuestSession;
 use super::network::Network;
 use super::relay;
-use crate::error_chain;
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{VmExit, VmHandle};
-
-/// Ports of the terminals the monitor relays for exec'd processes: base + exec id.
-const EXEC_CONSOLE_PORT_BASE: u32 = 60_000;
 
 /// What the main loop handles.
 pub(super) enum Ev {
@@ -39,7 +36,7 @@ pub(super) enum Ev {
 
 /// Why a command failed: its message is the `Error` reply.
 #[derive(Debug, thiserror::Error)]
-enum CommandError {
+pub(super) enum CommandError {
     /// `start` of a container that is not `created`.
     #[error("container is {0}, not created")]
     NotCreated(Status),
@@ -76,15 +73,37 @@ enum CommandError {
     /// The request could not be sent to husk-init.
     #[error("husk-init: {0}")]
     Guest(ProtoError),
+    /// A command for a container the VM does not have (or no longer has).
+    #[error("the VM has no container {0}")]
+    NoContainer(u32),
+    /// A pod's container's command nested in another, or a container added from one.
+    #[error("a request for one of the VM's containers cannot hold another")]
+    Nested,
+    /// A container added to a pod whose own container has stopped.
+    #[error("the pod's sandbox is {0}: no container can join it")]
+    PodStopped(Status),
+    /// An added container with an invalid id.
+    #[error(transparent)]
+    Id(husk_proto::InvalidContainerId),
+    /// `Remove` of the VM's own container.
+    #[error("the VM's own container is not removed from it: its end is the VM's")]
+    RemoveFirst,
 }
 
 /// What a request to the guest was for.
-enum Pending {
-    Start(UnixStream),
+pub(super) enum Pending {
+    /// `Start` of a container.
+    Start(UnixStream, ContainerRef),
     Reply(UnixStream),
     Ps(UnixStream),
     Exec(UnixStream, ExecId),
     Stats(UnixStream),
+    /// A pod's container added (its number and id).
+    Added(UnixStream, ContainerRef, String),
+    /// A pod's container frozen or thawed: its status then.
+    Froze(UnixStream, ContainerRef, Status),
+    /// A pod's container removed.
+    Removed(UnixStream, ContainerRef),
     Shutdown,
     Ignore,
 }
@@ -108,13 +127,17 @@ pub(super) struct Parts {
 pub(super) struct Monitor {
     dir: PathBuf,
     /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
-    sockets: SocketDir,
-    state: State,
+    pub(super) sockets: SocketDir,
+    pub(super) state: State,
     guest: GuestSession,
     events: Receiver<Ev>,
-    events_tx: Sender<Ev>,
-    stopper: VmHandle,
-    next_exec: u32,
+    pub(super) events_tx: Sender<Ev>,
+    pub(super) stopper: VmHandle,
+    pub(super) next_exec: u32,
+    /// A pod's other containers in the VM (see `commands`).
+    pub(super) members: HashMap<ContainerRef, Member>,
+    /// The number the next added container gets.
+    pub(super) next_container: u32,
     pending: HashMap<RequestId, Pending>,
     execs: HashMap<ExecId, UnixStream>,
     exit_status: Option<i32>,
@@ -134,6 +157,8 @@ impl Monitor {
             events_tx: parts.events_tx,
             stopper: parts.stopper,
             next_exec: 1,
+            members: HashMap::new(),
+            next_container: 1,
             pending: HashMap::new(),
             execs: HashMap::new(),
             exit_status: None,
@@ -142,12 +167,12 @@ impl Monitor {
         }
     }
 
-    fn set_status(&mut self, status: Status) {
+    pub(super) fn set_status(&mut self, status: Status) {
         self.state.status = status;
         let _ = state::write_state(&self.dir, &self.state);
     }
 
-    fn send(&mut self, request: Request, pending: Pending) -> Result<(), CommandError> {
+    pub(super) fn send(&mut self, request: Request, pending: Pending) -> Result<(), CommandError> {
         let id = self.guest.send(request).map_err(CommandError::Guest)?;
         self.pending.insert(id, pending);
         Ok(())
@@ -169,7 +194,7 @@ impl Monitor {
                 Ev::Guest(Some(GuestMessage::Event(Event::Exited { process, status }))) => {
                     let code = status.exit_code();
                     match process {
-                        ProcessRef::Init => {
+                        ProcessRef::Init(ContainerRef::FIRST) => {
                             crate::phases::record_now("process-exit-seen");
                             self.exit_status = Some(code);
                             self.state.exit_status = Some(code);
@@ -182,6 +207,15 @@ impl Monitor {
                             if !shutting_down {
                                 shutting_down = true;
                                 let _ = self.send(Request::Shutdown, Pending::Shutdown);
+                            }
+                        }
+                        ProcessRef::Init(member) => {
+                            // A pod's container: the process standing for it exits with it.
+                            if let Some(m) = self.members.get_mut(&member) {
+                                m.status = Status::Stopped;
+                                if let Some(mut s) = m.waiter.take() {
+                                    reply(&mut s, &MonitorReply::Exited(code));
+                                }
                             }
                         }
                         ProcessRef::Exec(id) => {
@@ -212,6 +246,13 @@ impl Monitor {
         let code = self.exit_status.unwrap_or(255);
         self.state.exit_status = Some(code);
         self.set_status(Status::Stopped);
+        // A pod's containers still running went with the VM: killed (128 + SIGKILL).
+        for (_, m) in self.members.drain() {
+            if let Some(mut s) = m.waiter {
+                eprintln!("husk monitor: {} ended with the pod's VM", m.id);
+                reply(&mut s, &MonitorReply::Exited(128 + 9));
+            }
+        }
         for (_, mut s) in self.execs.drain() {
             reply(&mut s, &MonitorReply::Error("the container stopped".into()));
         }
@@ -227,160 +268,39 @@ impl Monitor {
         code
     }
 
-    /// Answers a command on `stream` (the reply may come later, with the guest's answer); a
-    /// command that fails is answered with the error.
-    fn command(
-        &mut self,
-        req: MonitorRequest,
-        mut stream: UnixStream,
-        fd: Option<std::os::fd::OwnedFd>,
-    ) {
-        if let Err(e) = self.handle(req, &mut stream, fd) {
-            reply(&mut stream, &MonitorReply::Error(error_chain(&e)));
-        }
-    }
-
-    fn handle(
-        &mut self,
-        req: MonitorRequest,
-        stream: &mut UnixStream,
-        fd: Option<std::os::fd::OwnedFd>,
-    ) -> Result<(), CommandError> {
-        match req {
-            MonitorRequest::Start => {
-                if self.state.status != Status::Created {
-                    return Err(CommandError::NotCreated(self.state.status));
-                }
-                let s = stream.try_clone().map_err(CommandError::Stream)?;
-                self.send(Request::Start, Pending::Start(s))
-            }
-            MonitorRequest::Kill { signal, all } => {
-                let target = if all {
-                    SignalTarget::All
-                } else {
-                    SignalTarget::Process(ProcessRef::Init)
-                };
-                self.signal(target, signal, stream)
-            }
-            MonitorRequest::KillExec { exec, signal } => {
-                let target = SignalTarget::Process(ProcessRef::Exec(ExecId(exec)));
-                self.signal(target, signal, stream)
-            }
-            MonitorRequest::Ps => {
-                let s = stream.try_clone().map_err(CommandError::Stream)?;
-                self.send(Request::ListPids, Pending::Ps(s))
-            }
-            MonitorRequest::Exec {
-                process_json,
-                stdio,
-                console,
-            } => {
-                if self.state.status != Status::Running {
-                    return Err(CommandError::CannotExec(self.state.status));
-                }
-                let exec_id = ExecId(self.next_exec);
-                self.next_exec += 1;
-                let stdio = if console {
-                    let slave = fd.ok_or(CommandError::NoPty)?;
-                    self.exec_console(exec_id, slave)?
-                } else {
-                    stdio
-                };
-                let req = Request::Exec(Box::new(ExecRequest {
-                    exec_id,
-                    process_json,
-                    stdio,
-                }));
-                let s = stream.try_clone().map_err(CommandError::Stream)?;
-                self.send(req, Pending::Exec(s, exec_id))
-            }
-            MonitorRequest::ResizeExec { exec, size } => {
-                let req = Request::ResizePty {
-                    process: ProcessRef::Exec(ExecId(exec)),
-                    size,
-                };
-                let s = stream.try_clone().map_err(CommandError::Stream)?;
-                self.send(req, Pending::Reply(s))
-            }
-            MonitorRequest::Pause => {
-                if self.state.status != Status::Running {
-                    return Err(CommandError::CannotPause(self.state.status));
-                }
-                self.stopper.pause().map_err(CommandError::Pause)?;
-                self.set_status(Status::Paused);
-                reply(stream, &MonitorReply::Ok);
-                Ok(())
-            }
-            MonitorRequest::Resume => {
-                if self.state.status != Status::Paused {
-                    return Err(CommandError::CannotResume(self.state.status));
-                }
-                self.stopper.resume();
-                self.set_status(Status::Running);
-                reply(stream, &MonitorReply::Ok);
-                Ok(())
-            }
-            MonitorRequest::Stats => {
-                if self.stopper.is_paused() {
-                    return Err(CommandError::Paused);
-                }
-                let s = stream.try_clone().map_err(CommandError::Stream)?;
-                self.send(Request::Stats, Pending::Stats(s))
-            }
-        }
-    }
-
-    /// Sends a signal request to the guest; its answer goes to `stream`.
-    fn signal(
-        &mut self,
-        target: SignalTarget,
-        signal: i32,
-        stream: &mut UnixStream,
-    ) -> Result<(), CommandError> {
-        let request = Request::Signal { target, signal };
-        if self.stopper.is_paused() {
-            // A paused guest answers only once resumed: queue the signal and say so now, as
-            // runc does for a frozen container (delivered on resume).
-            self.send(request, Pending::Ignore)
-                .map(|()| reply(stream, &MonitorReply::Ok))
-        } else {
-            let s = stream.try_clone().map_err(CommandError::Stream)?;
-            self.send(request, Pending::Reply(s))
-        }
-    }
-
-    /// A terminal for an exec'd process whose pty master the caller sent to the engine: the
-    /// monitor holds the `slave` and relays it (so the exec can be detached), on a port of its
-    /// own.
-    fn exec_console(
-        &mut self,
-        exec_id: ExecId,
-        slave: std::os::fd::OwnedFd,
-    ) -> Result<Stdio, CommandError> {
-        let port = EXEC_CONSOLE_PORT_BASE + exec_id.0;
-        let path = self.sockets.vsock_port(port);
-        let _ = std::fs::remove_file(&path);
-        let listener =
-            UnixListener::bind(&path).map_err(|source| CommandError::Listen { path, source })?;
-        let console = Console::from_slave(slave);
-        relay_console(
-            console,
-            listener,
-            ProcessRef::Exec(exec_id),
-            self.events_tx.clone(),
-        );
-        Ok(Stdio::Terminal {
-            port: VsockPort(port),
-        })
-    }
-
     fn response(&mut self, id: RequestId, result: Result<Response, husk_proto::ErrorReply>) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
         match (pending, result) {
-            (Pending::Start(mut s), Ok(_)) => {
-                self.set_status(Status::Running);
+            (Pending::Start(mut s, c), Ok(_)) => {
+                self.set_status_of(c, Status::Running);
+                reply(&mut s, &MonitorReply::Ok);
+            }
+            (Pending::Added(mut s, c, id), Ok(Response::Created { pid })) => {
+                let waiter = s.try_clone().ok();
+                self.members.insert(
+                    c,
+                    Member {
+                        id,
+                        status: Status::Created,
+                        waiter,
+                    },
+                );
+                reply(
+                    &mut s,
+                    &MonitorReply::Added {
+                        container: c.0,
+                        pid,
+                    },
+                );
+            }
+            (Pending::Froze(mut s, c, status), Ok(_)) => {
+                self.set_status_of(c, status);
+                reply(&mut s, &MonitorReply::Ok);
+            }
+            (Pending::Removed(mut s, c), Ok(_)) => {
+                self.members.remove(&c);
                 reply(&mut s, &MonitorReply::Ok);
             }
             (Pending::Reply(mut s), Ok(_)) => reply(&mut s, &MonitorReply::Ok),
@@ -419,17 +339,24 @@ impl Monitor {
                 self.stopper.stop();
             }
             (Pending::Shutdown | Pending::Ignore, _) => {}
-            (
-                Pending::Start(mut s)
-                | Pending::Reply(mut s)
-                | Pending::Ps(mut s)
-                | Pending::Stats(mut s),
+            (Pending::Reply(mut s) | Pending::Ps(mut s) | Pending::Stats(mut s), Err(e))
+            | (
+                Pending::Start(mut s, _)
+                | Pending::Exec(mut s, _)
+                | Pending::Froze(mut s, _, _)
+                | Pending::Removed(mut s, _)
+                | Pending::Added(mut s, _, _),
                 Err(e),
-            )
-            | (Pending::Exec(mut s, _), Err(e)) => {
+            ) => {
                 reply(&mut s, &MonitorReply::Error(e.message));
             }
-            (Pending::Ps(mut s) | Pending::Exec(mut s, _) | Pending::Stats(mut s), Ok(other)) => {
+            (
+                Pending::Ps(mut s)
+                | Pending::Exec(mut s, _)
+                | Pending::Stats(mut s)
+                | Pending::Added(mut s, _, _),
+                Ok(other),
+            ) => {
                 reply(
                     &mut s,
                     &MonitorReply::Error(format!("unexpected answer {other:?}")),
@@ -458,7 +385,7 @@ pub(super) fn relay_console(
     });
 }
 
-fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
+pub(super) fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
     if let Ok(mut line) = serde_json::to_vec(msg) {
         line.push(b'\n');
         let _ = stream.write_all(&line);

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use husk_proto::{
-    ContainerId, CreateRequest, FIRST_STDIO_PORT, FsSource, MountSource, SHARE_TAG, Stdio,
-    VsockPort,
+    ContainerId, ContainerRef, CreateRequest, FIRST_STDIO_PORT, FsSource, MountSource, SHARE_TAG,
+    Stdio, VsockPort,
 };
 
 use super::console::Console;
@@ -152,6 +152,8 @@ impl Prepared {
     pub(super) fn create_request(&self) -> CreateRequest {
         let [stdin, stdout, stderr] = GuestPorts::STDIO;
         CreateRequest {
+            container: ContainerRef::FIRST,
+            join: None,
             container_id: self.id.clone(),
             config_json: self.bundle.config_json.clone(),
             rootfs: FsSource::Share {

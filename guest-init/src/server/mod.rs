@@ -1,7 +1,7 @@
 //! The control loop: one poll(2) loop over the control connection, SIGCHLD (signalfd) and
-//! every process's stdio pumps. Requests are handled in order, one at a time.
+//! every process's stdio pumps. Requests are handled in order, one at a time (`dispatch`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use husk_proto::marker::Marker;
 use husk_proto::{
-    ErrorCode, ErrorReply, Event, FrameDecoder, GuestMessage, Hello, HostMessage, MAX_ENTROPY_LEN,
-    ProcessRef, ProtoError, Request, Response, SignalTarget, WaitStatus,
+    ContainerRef, Event, FrameDecoder, GuestMessage, Hello, HostMessage, ProcessRef, ProtoError,
+    WaitStatus,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -23,6 +23,8 @@ use crate::container::{Container, Env, SHARE_ROOT};
 use crate::relay::ProcessIo;
 use crate::transport::Transport;
 use crate::{log, system};
+
+mod dispatch;
 
 /// How long husk-init waits, on its way out, for the processes it killed.
 const REAP_GRACE: Duration = Duration::from_secs(2);
@@ -84,9 +86,23 @@ pub enum ServerError {
     },
 }
 
+impl ServerError {
+    /// Whether the connection was lost (reset, closed, broken: an I/O error or EOF), rather
+    /// than carrying something husk-init refuses.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            ServerError::HostGone => true,
+            ServerError::Connection(ProtoError::Io(_) | ProtoError::Truncated { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
 /// A process husk-init started and reports on.
 #[derive(Debug)]
 struct Proc {
+    /// The container it belongs to.
+    container: ContainerRef,
     pid: Pid,
     io: ProcessIo,
     exit: Option<WaitStatus>,
@@ -101,7 +117,8 @@ pub struct Server {
     conn: File,
     decoder: FrameDecoder,
     env: Env,
-    container: Option<Container>,
+    /// The VM's containers: one, or a pod's (the first is the sandbox).
+    containers: BTreeMap<ContainerRef, Container>,
     procs: HashMap<ProcessRef, Proc>,
     shutdown: bool,
     /// This process is the VM's PID 1 (not a host test): it may set the VM's clock and RNG.
@@ -122,7 +139,7 @@ impl Server {
                 cgroup_root,
                 share_root: PathBuf::from(SHARE_ROOT),
             },
-            container: None,
+            containers: BTreeMap::new(),
             procs: HashMap::new(),
             shutdown: false,
             pid1,
@@ -178,7 +195,7 @@ impl Server {
                 source,
             })?;
         let result = self.run(&sigfd);
-        if let Some(c) = self.container.as_mut() {
+        for c in self.containers.values_mut() {
             c.destroy();
         }
         for p in self.procs.values_mut() {
@@ -277,183 +294,6 @@ impl Server {
         self.send(&GuestMessage::Response { id, result })
     }
 
-    fn container(&mut self) -> Result<&mut Container, ErrorReply> {
-        self.container.as_mut().ok_or_else(|| ErrorReply {
-            code: ErrorCode::InvalidState,
-            message: "no container has been created".into(),
-        })
-    }
-
-    fn proc(&mut self, p: ProcessRef) -> Result<&mut Proc, ErrorReply> {
-        self.procs.get_mut(&p).ok_or_else(|| ErrorReply {
-            code: ErrorCode::NoSuchProcess,
-            message: format!("no process {p}"),
-        })
-    }
-
-    fn dispatch(&mut self, request: Request) -> Result<Response, ErrorReply> {
-        if !matches!(request, Request::Prepare(_)) {
-            self.touched = true;
-        }
-        match request {
-            Request::Create(req) => {
-                if self.container.is_some() {
-                    return Err(ErrorReply {
-                        code: ErrorCode::InvalidState,
-                        message: "a container was already created in this VM".into(),
-                    });
-                }
-                system::mark(Marker::SpecReceived);
-                let (c, spawned) = Container::create(&req, &self.env)?;
-                let pid = spawned.pid;
-                self.procs.insert(
-                    ProcessRef::Init,
-                    Proc {
-                        pid,
-                        io: spawned.io,
-                        exit: None,
-                        draining: None,
-                    },
-                );
-                self.container = Some(c);
-                system::mark(Marker::ContainerCreated);
-                log::info!("container {} created, pid {pid}", req.container_id);
-                Ok(Response::Created {
-                    pid: pid.as_raw().unsigned_abs(),
-                })
-            }
-            Request::Prepare(req) => {
-                if self.container.is_some() {
-                    return Err(ErrorReply {
-                        code: ErrorCode::InvalidState,
-                        message: "Prepare comes before the container is created".into(),
-                    });
-                }
-                // Only as the VM's PID 1: in host tests this process must not touch the
-                // host's RNG or clock.
-                if self.pid1 {
-                    let entropy = &req.entropy[..req.entropy.len().min(MAX_ENTROPY_LEN)];
-                    system::reseed_rng(entropy).map_err(|e| ErrorReply {
-                        code: ErrorCode::System,
-                        message: format!("reseeding the kernel's RNG: {e}"),
-                    })?;
-                    system::set_wall_clock(req.realtime_ns).map_err(|e| ErrorReply {
-                        code: ErrorCode::System,
-                        message: format!("setting the clock: {e}"),
-                    })?;
-                    for mac in &req.spare_nics {
-                        crate::net::remove(mac).map_err(|e| ErrorReply {
-                            code: ErrorCode::System,
-                            message: e,
-                        })?;
-                    }
-                }
-                Ok(Response::Done)
-            }
-            Request::ConfigureNetwork(cfg) => {
-                crate::net::configure(&cfg).map_err(|e| ErrorReply {
-                    code: ErrorCode::System,
-                    message: e,
-                })?;
-                Ok(Response::Done)
-            }
-            Request::Start => {
-                self.container()?.start()?;
-                system::mark(Marker::ProcessStarted);
-                Ok(Response::Started)
-            }
-            Request::Signal { target, signal } => {
-                let sig = Signal::try_from(signal).map_err(|_| ErrorReply {
-                    code: ErrorCode::InvalidSpec,
-                    message: format!("{signal} is not a signal number"),
-                })?;
-                let pids: Vec<Pid> = match target {
-                    SignalTarget::All => self
-                        .container()?
-                        .pids()
-                        .into_iter()
-                        .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
-                        .collect(),
-                    SignalTarget::Process(p) => {
-                        let proc = self.proc(p)?;
-                        if proc.exit.is_some() {
-                            return Err(ErrorReply {
-                                code: ErrorCode::NoSuchProcess,
-                                message: format!("process {p} has already exited"),
-                            });
-                        }
-                        vec![proc.pid]
-                    }
-                };
-                for pid in pids {
-                    match nix::sys::signal::kill(pid, sig) {
-                        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                        Err(e) => {
-                            return Err(ErrorReply {
-                                code: ErrorCode::System,
-                                message: format!("sending {sig} to {pid}: {e}"),
-                            });
-                        }
-                    }
-                }
-                Ok(Response::Done)
-            }
-            Request::Exec(req) => {
-                let key = ProcessRef::Exec(req.exec_id);
-                if self.procs.contains_key(&key) {
-                    return Err(ErrorReply {
-                        code: ErrorCode::Protocol,
-                        message: format!("{} is already in use", req.exec_id),
-                    });
-                }
-                let env = self.env.clone();
-                let spawned = self.container()?.exec(&req, &env)?;
-                let pid = spawned.pid;
-                self.procs.insert(
-                    key,
-                    Proc {
-                        pid,
-                        io: spawned.io,
-                        exit: None,
-                        draining: None,
-                    },
-                );
-                Ok(Response::ExecStarted {
-                    pid: pid.as_raw().unsigned_abs(),
-                })
-            }
-            Request::ResizePty { process, size } => {
-                self.proc(process)?
-                    .io
-                    .resize(size.rows, size.cols)
-                    .map_err(|e| ErrorReply {
-                        code: ErrorCode::InvalidState,
-                        message: format!("resizing the terminal of {process}: {e}"),
-                    })?;
-                Ok(Response::Done)
-            }
-            Request::CloseStdin { process } => {
-                self.proc(process)?.io.close_stdin();
-                Ok(Response::Done)
-            }
-            Request::ListPids => Ok(Response::Pids(self.container()?.pids())),
-            Request::Stats => Ok(Response::Stats(self.container()?.stats())),
-            Request::Shutdown => {
-                if let Some(c) = self.container.as_mut() {
-                    c.destroy();
-                }
-                // The host ends the VM on the answer: what the container wrote must be on the
-                // host by then (writes through the share already are; a shared mapping's dirty
-                // pages are not until written back).
-                if self.pid1 {
-                    nix::unistd::sync();
-                }
-                self.shutdown = true;
-                Ok(Response::Done)
-            }
-        }
-    }
-
     /// Collects every exited child (PID 1 also gets every orphan of the VM).
     fn reap(&mut self) {
         loop {
@@ -480,9 +320,11 @@ impl Server {
                 continue;
             };
             proc.exit = Some(ws);
-            if *key == ProcessRef::Init {
-                system::mark(Marker::ProcessExited);
-                if let Some(c) = self.container.as_mut() {
+            if let ProcessRef::Init(c) = *key {
+                if c == ContainerRef::FIRST {
+                    system::mark(Marker::ProcessExited);
+                }
+                if let Some(c) = self.containers.get_mut(&c) {
                     c.mark_stopped();
                 }
             }
