@@ -79,8 +79,9 @@
 //!   activation on a vCPU thread only writes an eventfd; the event loop does the rest.
 //! - Kick vCPUs from the API thread with `pthread_kill(thread, SIGRTMIN())` (34 on glibc), the
 //!   signal vmm-sys-util's vCPU kick uses.
-//! - Not use `KVM_GET_REGS`/`KVM_SET_REGS`, `KVM_KVMCLOCK_CTRL` or any other vCPU ioctl after
-//!   boot; add a rule (with its reason) if pause or debugging ever needs one.
+//! - Not use `KVM_SET_REGS`, `KVM_KVMCLOCK_CTRL` or any other vCPU ioctl after boot but
+//!   `KVM_RUN` and the `KVM_GET_*` a paused vCPU makes to save itself for a snapshot; add a
+//!   rule (with its reason) if pause or debugging ever needs another.
 //! - Name its threads (`husk-vmm`, `husk-vcpu0`, ...): the kernel's log names the thread, and
 //!   so the filter, that made a denied syscall.
 //!
@@ -130,7 +131,7 @@
 //! ioctl at all on the others, except `FIONBIO` when a host connection arrives (std's
 //! `set_nonblocking`). (That boot had no network; with virtio-net the event loop also sets the
 //! tap's offloads, `TUNSETOFFLOAD`, when the guest driver activates the device.) Tests kill each kind of thread with an ioctl outside its list
-//! (`KVM_GET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the API thread) and
+//! (`KVM_SET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the API thread) and
 //! with a syscall outside its list.
 //!
 //! # Adding a syscall

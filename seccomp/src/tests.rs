@@ -48,8 +48,18 @@ const KVMIO: u32 = 0xAE;
 const KVM_RUN: u32 = io(KVMIO, 0x80);
 /// `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (32 bytes): a VM ioctl only the setup may make.
 const KVM_IRQFD: u32 = iow(KVMIO, 0x76, 32);
-/// `_IOR(KVMIO, 0x81, struct kvm_regs)`, 144 bytes on x86_64: a vCPU ioctl the filter denies.
-const KVM_GET_REGS: u32 = ior(KVMIO, 0x81, 144);
+/// `_IOWR(type, nr, size)`.
+const fn iowr(ty: u32, nr: u32, size: u32) -> u32 {
+    (3 << 30) | (size << 16) | (ty << 8) | nr
+}
+/// The size of a KVM structure, as the `_IO*` macros encode it.
+fn size<T>() -> u32 {
+    u32::try_from(std::mem::size_of::<T>()).unwrap()
+}
+/// `_IOW(KVMIO, 0x82, struct kvm_regs)`: a vCPU ioctl the filter denies (a snapshot only reads).
+fn kvm_set_regs() -> u32 {
+    iow(KVMIO, 0x82, size::<kvm_bindings::kvm_regs>())
+}
 
 fn returns(program: &[sock_filter]) -> Vec<u32> {
     program
@@ -152,6 +162,11 @@ fn every_filter_allows_the_runtime_baseline() {
 
 /// The JSON holds numbers with the constant's name in a comment; check each against its
 /// definition so a typo cannot open (or close) the wrong door.
+/// `_IOR(KVMIO, nr, T)`.
+fn kvm_ior<T>(nr: u32) -> u64 {
+    u64::from(ior(KVMIO, nr, size::<T>()))
+}
+
 #[test]
 fn argument_values_match_the_constants_they_name() {
     let int = |v: libc::c_int| u64::try_from(v).unwrap();
@@ -163,6 +178,30 @@ fn argument_values_match_the_constants_they_name() {
         ("F_SETFL", int(libc::F_SETFL)),
         ("FIONBIO", libc::FIONBIO),
         ("KVM_RUN", u64::from(KVM_RUN)),
+        // What a paused vCPU reads for a snapshot (VM templates).
+        (
+            "KVM_GET_MP_STATE",
+            kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
+        ),
+        ("KVM_GET_REGS", kvm_ior::<kvm_bindings::kvm_regs>(0x81)),
+        ("KVM_GET_SREGS", kvm_ior::<kvm_bindings::kvm_sregs>(0x83)),
+        ("KVM_GET_XSAVE", kvm_ior::<kvm_bindings::kvm_xsave>(0xa4)),
+        ("KVM_GET_XCRS", kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6)),
+        (
+            "KVM_GET_DEBUGREGS",
+            kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
+        ),
+        (
+            "KVM_GET_LAPIC",
+            kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+        ),
+        (
+            "KVM_GET_VCPU_EVENTS",
+            kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+        ),
+        // `_IOWR` with the fixed head of a flexible array (`nent`/`nmsrs` and padding).
+        ("KVM_GET_CPUID2", u64::from(iowr(KVMIO, 0x91, 8))),
+        ("KVM_GET_MSRS", u64::from(iowr(KVMIO, 0x88, 8))),
         ("MADV_DONTNEED", int(libc::MADV_DONTNEED)),
         ("PROT_EXEC", int(libc::PROT_EXEC)),
         ("SIGABRT", int(libc::SIGABRT)),
@@ -330,12 +369,12 @@ fn child_vcpu_filter_kills_other_kvm_ioctls() {
         let (_r, w) = pipe();
         apply(ThreadKind::Vcpu).unwrap();
         say("filtered");
-        raw_ioctl(&w, KVM_GET_REGS);
-        say("KVM_GET_REGS: survived");
+        raw_ioctl(&w, kvm_set_regs());
+        say("KVM_SET_REGS: survived");
     }) else {
         return;
     };
-    assert_killed_by_seccomp(&output, "filtered", "KVM_GET_REGS: survived");
+    assert_killed_by_seccomp(&output, "filtered", "KVM_SET_REGS: survived");
 }
 
 #[test]
