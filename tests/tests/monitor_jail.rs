@@ -723,8 +723,7 @@ fn threads(pid: i32) -> Vec<(i32, String, String)> {
         .unwrap()
         .map(|t| {
             let tid: i32 = t.unwrap().file_name().to_string_lossy().parse().unwrap();
-            let status =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
             let get = |name: &str| {
                 status
                     .lines()
@@ -890,7 +889,10 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
 
     // Every thread filtered; the probe in its place reached nothing of the host.
     for (tid, thread, seccomp) in &threads {
-        assert_eq!(seccomp, "2", "thread {thread} ({tid}) has no seccomp filter");
+        assert_eq!(
+            seccomp, "2",
+            "thread {thread} ({tid}) has no seccomp filter"
+        );
     }
     assert!(victim_alive, "a monitor thread could kill a root process");
     let must_fail: Vec<String> = [

@@ -62,7 +62,10 @@ fn args() -> Args {
     let mut a = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| die(&format!("{flag} needs a value")));
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{flag} needs a value")))
+        };
         match flag.as_str() {
             "--pid" => a.pid = value().parse().unwrap_or_else(|_| die("--pid")),
             "--tid" => a.tid = value().parse().unwrap_or_else(|_| die("--tid")),
@@ -227,7 +230,9 @@ fn to_namespace(map: &str, id: u32) -> u32 {
             return inside + (id - outside);
         }
     }
-    die(&format!("host id {id} is not mapped in the monitor's namespace"))
+    die(&format!(
+        "host id {id} is not mapped in the monitor's namespace"
+    ))
 }
 
 fn open_ns(pid: i32, tid: i32, name: &str) -> (OwnedFd, u64) {
@@ -473,7 +478,13 @@ fn take_place(a: &Args, status: &str, uid_map: &str, gid_map: &str, ns: &[(&str,
     }
     // SAFETY: prctl with integer arguments.
     unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         if field(status, "NoNewPrivs") == "1" {
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
         }
@@ -651,7 +662,11 @@ fn attempts(a: &Args) {
         report("signal", &format!("tgkill {victim} SIGRTMIN"), verdict(rc));
         // SAFETY: as above.
         let rc = unsafe { libc::kill(victim, libc::SIGTERM) };
-        report("signal", &format!("kill {victim} SIGTERM"), verdict(i64::from(rc)));
+        report(
+            "signal",
+            &format!("kill {victim} SIGTERM"),
+            verdict(i64::from(rc)),
+        );
         // SAFETY: as above: attach and, if it worked, the probe's exit detaches.
         let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, victim, 0, 0) };
         report("ptrace", &format!("attach {victim}"), verdict(rc));
@@ -683,7 +698,11 @@ fn attempts(a: &Args) {
         );
     }
     if let Some(port) = a.tcp {
-        report("connect", &format!("tcp 127.0.0.1:{port}"), connect_tcp(port));
+        report(
+            "connect",
+            &format!("tcp 127.0.0.1:{port}"),
+            connect_tcp(port),
+        );
     }
     for (name, domain, kind, protocol) in [
         ("AF_INET", libc::AF_INET, libc::SOCK_DGRAM, 0),
@@ -727,9 +746,15 @@ fn syscalls_each() {
             }),
         ),
         // SAFETY: an invalid descriptor.
-        ("setns", Box::new(|| unsafe { i64::from(libc::setns(-1, 0)) })),
+        (
+            "setns",
+            Box::new(|| unsafe { i64::from(libc::setns(-1, 0)) }),
+        ),
         // SAFETY: an invalid command.
-        ("bpf", Box::new(|| unsafe { libc::syscall(libc::SYS_bpf, 0xffff, 0, 0) })),
+        (
+            "bpf",
+            Box::new(|| unsafe { libc::syscall(libc::SYS_bpf, 0xffff, 0, 0) }),
+        ),
         (
             "io_uring_setup",
             // SAFETY: zero entries and a null pointer: EINVAL or EFAULT at most.
