@@ -51,11 +51,18 @@
 //!
 //! Argument conditions are used where they are cheap and meaningful: `ioctl` only with the
 //! request numbers a thread uses (`KVM_RUN` on vCPUs, `FIONBIO`), `socket` only for `AF_UNIX`,
-//! `fcntl` only `F_GETFL`/`F_SETFL`, `tgkill` only with `SIGABRT` (and the vCPU kick signal on
-//! the API thread), `madvise` only `MADV_DONTNEED`, and `mmap`/`mprotect` never with
-//! `PROT_EXEC`, so a compromised thread cannot make memory executable. The numbers are written
-//! in decimal (JSON has no hex) with a comment naming the constant; a unit test checks each one
-//! against `libc` or the `_IO` formula.
+//! `fcntl` only `F_GETFL`/`F_SETFL`, `tgkill` only to this process and with `SIGABRT` (and the
+//! vCPU kick signal on the API thread), `madvise` only `MADV_DONTNEED`, and `mmap`/`mprotect`
+//! never with `PROT_EXEC`, so a compromised thread cannot make memory executable. The numbers
+//! are written in decimal (JSON has no hex) with a comment naming the constant; a unit test
+//! checks each one against `libc` or the `_IO` formula.
+//!
+//! One value is known only when the filter is installed: the process's own pid, which
+//! `tgkill`'s target must be (`"val": "own_tgid"` in the JSON). Without it a taken-over thread
+//! could signal any process its uid may signal (as root: every root process of its pid
+//! namespace; `SIGABRT`'s default action is a core dump). `build.rs` compiles it as a number
+//! no pid can be and checks that it comes out only in those comparisons; [`apply_with`] puts
+//! `getpid()` there (so within a pid namespace, the pid there).
 //!
 //! # glibc opens a file when it frees memory
 //!
@@ -222,7 +229,7 @@ pub fn apply_with(kind: ThreadKind, mode: Mode) -> Result<(), SeccompError> {
     // counts CPUs once many arenas exist) that no filter allows.
     drop(std::hint::black_box(Box::new(0_u64)));
 
-    let install = |program| {
+    let install = |program: &[sock_filter]| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
     // The companion first: the thread filter allows openat only because this one answers it.
@@ -230,10 +237,21 @@ pub fn apply_with(kind: ThreadKind, mode: Mode) -> Result<(), SeccompError> {
     if kind != ThreadKind::Vmm {
         install(programs::OPENAT_EACCES)?;
     }
-    install(filter(kind, mode))
+    install(&program(kind, mode, std::process::id()))
 }
 
-/// The BPF program of `kind`'s filter in `mode`, as compiled from the JSON at build time.
+/// The BPF program of `kind`'s filter in `mode` for the process `tgid` (its own pid): the
+/// compiled [`filter`] with `tgid` where the JSON says `"own_tgid"`.
+pub fn program(kind: ThreadKind, mode: Mode, tgid: u32) -> Vec<sock_filter> {
+    let mut program = filter(kind, mode).to_vec();
+    for insn in program.iter_mut().filter(|i| i.k == programs::OWN_TGID) {
+        insn.k = tgid;
+    }
+    program
+}
+
+/// The BPF program of `kind`'s filter in `mode`, as compiled from the JSON at build time,
+/// with a placeholder for the own pid (see [`program`]).
 ///
 /// [`apply_with`] installs it on top of a small companion that answers `openat` with `EACCES`.
 pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
@@ -250,6 +268,8 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
 /// The programs `build.rs` wrote to `OUT_DIR`, decoded at compile time into statics.
 mod programs {
     use super::sock_filter;
+
+    include!(concat!(env!("OUT_DIR"), "/own_tgid.rs"));
 
     /// Size of one raw `sock_filter` record as `build.rs` writes it.
     const RECORD: usize = 8;

@@ -214,6 +214,12 @@ fn argument_values_match_the_constants_they_name() {
         for rule in filter["filter"].as_array().unwrap() {
             for arg in rule["args"].as_array().into_iter().flatten() {
                 let comment = arg["comment"].as_str().expect("every condition is named");
+                if arg["val"] == "own_tgid" {
+                    assert!(comment.contains("own tgid"), "{name}: {comment:?}");
+                    assert_eq!(arg["index"], 0, "{name}: own_tgid is tgkill's tgid");
+                    checked += 1;
+                    continue;
+                }
                 let named: Vec<_> = known.iter().filter(|(c, _)| comment.contains(c)).collect();
                 let [(constant, value)] = named[..] else {
                     panic!("{name}: {comment:?} must name exactly one known constant");
@@ -799,4 +805,66 @@ fn child_api_thread_lives_under_its_filter() {
     };
     let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "api"));
     assert_lived(&output, "api: thread exited");
+}
+
+/// A thread may signal only its own process: `tgkill` to another one (here a `sleep` of the
+/// test's, with the signals the filters allow) kills the thread's process instead, under
+/// every filter. Without that, a taken-over thread of a root monitor could signal any root
+/// process of its pid namespace.
+#[test]
+fn child_tgkill_to_another_process_is_killed_under_any_filter() {
+    const TEST: &str = "child_tgkill_to_another_process_is_killed_under_any_filter";
+    if let Some(arg) = child_role(TEST) {
+        become_child(|| {
+            let (name, victim) = arg.split_once('/').unwrap();
+            let victim: libc::pid_t = victim.parse().unwrap();
+            let kind = ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap();
+            apply(kind).unwrap();
+            say("filtered");
+            for sig in [libc::SIGABRT, libc::SIGRTMIN()] {
+                // SAFETY: tgkill takes integers; the target is the test's own sleeper.
+                unsafe { libc::syscall(libc::SYS_tgkill, victim, victim, sig) };
+            }
+            say("tgkill: survived");
+        });
+    }
+    for kind in ThreadKind::ALL {
+        let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+        let output = run_child(TEST, &format!("{}/{}", kind.name(), victim.id()));
+        let alive = victim.try_wait().unwrap().is_none();
+        let _ = victim.kill();
+        let _ = victim.wait();
+        assert_killed_by_seccomp(&output, "filtered", "tgkill: survived");
+        assert!(alive, "{kind}: the other process got the signal");
+    }
+}
+
+/// The own pid is in every `tgkill` rule, and [`program`] fills it in everywhere.
+#[test]
+fn every_tgkill_rule_names_the_own_process_and_it_is_filled_in() {
+    for kind in ThreadKind::ALL {
+        let tgkill: Vec<Value> = rules(kind)
+            .into_iter()
+            .filter(|r| r["syscall"] == "tgkill")
+            .collect();
+        assert!(!tgkill.is_empty(), "{kind}");
+        for rule in &tgkill {
+            let args = rule["args"].as_array().unwrap();
+            assert!(
+                args.iter()
+                    .any(|a| a["index"] == 0 && a["val"] == "own_tgid" && a["op"] == "eq"),
+                "{kind}: a tgkill rule without the own tgid: {rule}"
+            );
+        }
+        let raw = filter(kind, Mode::Enforce);
+        let placeholders = raw.iter().filter(|i| i.k == programs::OWN_TGID).count();
+        assert_eq!(placeholders, tgkill.len(), "{kind}");
+        let filled = program(kind, Mode::Enforce, 4242);
+        assert_eq!(filled.len(), raw.len());
+        assert!(!filled.iter().any(|i| i.k == programs::OWN_TGID), "{kind}");
+        assert_eq!(filled.iter().filter(|i| i.k == 4242).count(), tgkill.len());
+    }
 }
