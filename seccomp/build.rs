@@ -4,9 +4,11 @@
 //!
 //! Before compiling, the JSON is held to the rules the crate relies on; a violation fails the
 //! build, so an empty or permissive filter can never ship:
-//! - the filter names are exactly the thread kinds plus `openat_eacces`;
+//! - the filter names are exactly the thread kinds plus the companions `openat_eacces` and
+//!   `clone3_enosys`;
 //! - a thread filter allows on match and kills the process otherwise, and has rules;
-//! - `openat_eacces` answers `openat` with EACCES and allows everything else;
+//! - a companion answers its one syscall with its errno (`openat`: EACCES, `clone3`: ENOSYS)
+//!   and allows everything else;
 //! - every rule carries a non-empty `comment` saying who needs the syscall;
 //! - a syscall is not listed both with and without argument conditions in one filter
 //!   (seccompiler would silently keep only the conditional rules);
@@ -23,10 +25,20 @@ use seccompiler::{BpfProgram, TargetArch};
 use serde_json::{Value, json};
 
 /// The thread filters, by name; `src/lib.rs` embeds `<name>.<mode>.bpf` for each.
-const THREADS: [&str; 3] = ["vmm", "vcpu", "api"];
-/// Stacked under every thread filter, in both modes.
-const COMPANION: &str = "openat_eacces";
-const EACCES: u64 = 13;
+const THREADS: [&str; 7] = [
+    "vmm",
+    "vcpu",
+    "vm_wait",
+    "monitor",
+    "guest_reader",
+    "commands",
+    "relay",
+];
+/// Stacked under thread filters, in both modes: (name, its one syscall, the errno it answers).
+const COMPANIONS: [(&str, &str, u64); 2] = [
+    ("openat_eacces", "openat", 13),
+    ("clone3_enosys", "clone3", 38),
+];
 /// What `"own_tgid"` is compiled as: above any pid (pid_max is at most 2^22).
 const OWN_TGID: u32 = 0x4f57_4e54;
 /// A `BPF_JMP | BPF_JEQ | BPF_K` instruction: how seccompiler compares an argument.
@@ -154,7 +166,11 @@ fn encode(program: &BpfProgram) -> Vec<u8> {
 }
 
 fn check(path: &Path, filters: &BTreeMap<String, Value>) {
-    let expected: BTreeSet<&str> = THREADS.iter().copied().chain([COMPANION]).collect();
+    let expected: BTreeSet<&str> = THREADS
+        .iter()
+        .copied()
+        .chain(COMPANIONS.iter().map(|(name, _, _)| *name))
+        .collect();
     let found: BTreeSet<&str> = filters.keys().map(String::as_str).collect();
     if found != expected {
         fail(
@@ -170,15 +186,15 @@ fn check(path: &Path, filters: &BTreeMap<String, Value>) {
         if rules.is_empty() {
             fail(path, &format!("{name}: no rules"));
         }
-        if name == COMPANION {
-            let openat_only = rules.iter().all(|r| r["syscall"] == "openat");
+        if let Some((_, syscall, errno)) = COMPANIONS.iter().find(|(c, _, _)| c == name) {
+            let only = rules.iter().all(|r| r["syscall"] == *syscall);
             if filter["mismatch_action"] != "allow"
-                || filter["match_action"] != json!({ "errno": EACCES })
-                || !openat_only
+                || filter["match_action"] != json!({ "errno": errno })
+                || !only
             {
                 fail(
                     path,
-                    &format!("{name}: must only answer openat with errno {EACCES}"),
+                    &format!("{name}: must only answer {syscall} with errno {errno}"),
                 );
             }
         } else if filter["mismatch_action"] != "kill_process" || filter["match_action"] != "allow" {

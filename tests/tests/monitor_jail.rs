@@ -171,7 +171,10 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         0
     );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    // Every thread (the VMM's were created after the jail) is confined alike.
+    // Every thread (the VMM's were created after the jail) is confined alike, and carries a
+    // seccomp filter (mode 2): the main thread, vm-wait, the guest's reader, the command
+    // acceptor and the relays as well as the VMM's.
+    let mut names = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let s = std::fs::read_to_string(task.join("status")).unwrap();
@@ -180,7 +183,15 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
             "{}: {s}",
             task.display()
         );
+        let name = s.lines().next().unwrap_or_default().to_string();
+        assert!(
+            s.contains("Seccomp:\t2\n"),
+            "{} ({name}) has no seccomp filter: {s}",
+            task.display()
+        );
+        names.push(name);
     }
+    println!("the monitor's threads, each filtered: {names:?}");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let nofile = limits
         .lines()

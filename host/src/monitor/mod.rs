@@ -23,6 +23,8 @@
 //! control connection, one acceptor of command connections (plus a short-lived reader per
 //! connection), one waiter on the VM, and the stdio relays. All of them feed one channel; the
 //! main thread handles the events in order, so the container's state has a single writer.
+//! Every one of them, the main thread included once the VM runs, is confined by a seccomp
+//! filter of its own before it touches anything the guest sends (`threads`).
 //!
 //! The commands' side of the control socket is `api` (the messages) and `client` (what `husk`
 //! commands call).
@@ -41,6 +43,7 @@ mod relay;
 mod serve;
 mod setup;
 mod share;
+mod threads;
 pub mod userns;
 mod vm;
 
@@ -86,6 +89,7 @@ pub struct MonitorArgs {
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
+    threads::monitor_process();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);
@@ -119,6 +123,8 @@ fn create(
     let stopper = vm::start(&host.vm, process_start, move |why| {
         let _ = vm_ended.send(Ev::VmEnded(why));
     })?;
+    // Before anything from the guest is read.
+    threads::confine(husk_seccomp::ThreadKind::Monitor);
     let mut guest =
         GuestSession::accept(host.ports.control, &stopper, || match events.try_recv() {
             Ok(Ev::VmEnded(why)) => Some(why),
