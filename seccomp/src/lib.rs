@@ -1,9 +1,17 @@
 //! Per-thread seccomp filters of the husk monitor.
 //!
-//! The monitor runs three kinds of threads once the VM is built, and each installs its own
-//! allowlist before it touches guest input: [`ThreadKind::Vmm`] (the event loop: devices,
-//! vsock, stdio), [`ThreadKind::Vcpu`] (one per vCPU: `KVM_RUN` and the port-I/O/MMIO exits it
-//! returns) and [`ThreadKind::Api`] (the main thread: control socket, joining the others).
+//! Every thread of the monitor installs its own allowlist before it touches guest input
+//! (DESIGN.md: a taken-over monitor must get nothing, every thread filtered):
+//!
+//! - the VMM's: [`ThreadKind::Vmm`] (the event loop: devices, vsock, virtio-fs, stdio),
+//!   [`ThreadKind::Vcpu`] (one per vCPU: `KVM_RUN` and the port-I/O/MMIO exits it returns) and
+//!   [`ThreadKind::VmWait`] (waits for the VM to end and tears it down: the monitor's
+//!   `vm-wait` thread, and the main thread of `husk vm boot`);
+//! - the monitor's own: [`ThreadKind::Monitor`] (its main thread once the VM runs: the
+//!   session with husk-init, the commands' state machine, `state.json`),
+//!   [`ThreadKind::GuestReader`] (decodes husk-init's frames), [`ThreadKind::Commands`] (the
+//!   control socket's acceptor and a reader per connection) and [`ThreadKind::Relay`] (the
+//!   container's stdio and terminals, and exec terminals).
 //!
 //! ```no_run
 //! # fn vcpu_loop() {}
@@ -17,11 +25,17 @@
 //!
 //! The threads face the guest differently and need very different syscalls. A vCPU thread runs
 //! guest-controlled device emulation on every exit, yet needs little more than `ioctl(KVM_RUN)`
-//! and `write` to an eventfd; the event loop needs sockets; only the main thread reaps children
-//! or signals threads. One process-wide filter would be the union of all three, so a bug in
+//! and `write` to an eventfd; the event loop needs sockets; only the main thread writes the
+//! state or kicks vCPUs. One process-wide filter would be the union of them all, so a bug in
 //! MMIO emulation could open sockets. Seccomp filters are per thread (we install them without
-//! `TSYNC`) and are inherited by threads created later, so every thread is created first and
-//! then filters itself.
+//! `TSYNC`) and are inherited by threads created later, stacked: a syscall must pass every
+//! filter of the thread. So a thread either is created before its parent filters itself, or
+//! narrows what it inherited with its own filter as the first thing it does; and a thread
+//! that starts others (the main thread, the command acceptor, a terminal relay) holds in its
+//! filter what they need until they have installed theirs: `clone` with glibc's thread flags
+//! only (`clone3`, whose flags a filter cannot see, is answered ENOSYS by the companion
+//! `clone3_enosys`, and glibc falls back to `clone`), the new thread's first calls, `prctl`
+//! and `seccomp` for its filter, and their work.
 //!
 //! # Why a denied syscall kills the process
 //!
@@ -51,11 +65,18 @@
 //!
 //! Argument conditions are used where they are cheap and meaningful: `ioctl` only with the
 //! request numbers a thread uses (`KVM_RUN` on vCPUs, `FIONBIO`), `socket` only for `AF_UNIX`,
-//! `fcntl` only `F_GETFL`/`F_SETFL`, `tgkill` only with `SIGABRT` (and the vCPU kick signal on
-//! the API thread), `madvise` only `MADV_DONTNEED`, and `mmap`/`mprotect` never with
-//! `PROT_EXEC`, so a compromised thread cannot make memory executable. The numbers are written
-//! in decimal (JSON has no hex) with a comment naming the constant; a unit test checks each one
-//! against `libc` or the `_IO` formula.
+//! `fcntl` only `F_GETFL`/`F_SETFL`, `tgkill` only to this process and with `SIGABRT` (and the
+//! vCPU kick signal where vCPUs are stopped), `madvise` only `MADV_DONTNEED`, and `mmap`/`mprotect`
+//! never with `PROT_EXEC`, so a compromised thread cannot make memory executable. The numbers
+//! are written in decimal (JSON has no hex) with a comment naming the constant; a unit test
+//! checks each one against `libc` or the `_IO` formula.
+//!
+//! One value is known only when the filter is installed: the process's own pid, which
+//! `tgkill`'s target must be (`"val": "own_tgid"` in the JSON). Without it a taken-over thread
+//! could signal any process its uid may signal (as root: every root process of its pid
+//! namespace; `SIGABRT`'s default action is a core dump). `build.rs` compiles it as a number
+//! no pid can be and checks that it comes out only in those comparisons; [`apply_with`] puts
+//! `getpid()` there (so within a pid namespace, the pid there).
 //!
 //! # glibc opens a file when it frees memory
 //!
@@ -67,9 +88,11 @@
 //! verdict, so `openat` is listed as allowed in the thread filters only so that `EACCES`, not
 //! the kill, wins. [`apply_with`] installs the companion first, then the thread's filter.
 //!
-//! The exception is the `vmm` thread: it runs the virtio-fs server, which opens files in the
+//! The exceptions are the `vmm` thread, which runs the virtio-fs server and opens files in the
 //! shared directory (always relative to an `O_PATH` fd it holds, or through
-//! `/proc/self/fd`), so it gets no companion and its filter allows `openat` itself.
+//! `/proc/self/fd`), and the monitor's main thread, which writes `state.json`: they get no
+//! companion and their filters allow `openat` themselves. The monitor's jail leaves them
+//! nothing else to open.
 //!
 //! # What the monitor must do for these filters to hold
 //!
@@ -77,12 +100,13 @@
 //! - Register irqfds and ioeventfds when a device is attached, before the VM runs, not when the
 //!   guest activates it: no thread may call `KVM_IRQFD`/`KVM_IOEVENTFD` later. Device
 //!   activation on a vCPU thread only writes an eventfd; the event loop does the rest.
-//! - Kick vCPUs from the API thread with `pthread_kill(thread, SIGRTMIN())` (34 on glibc), the
-//!   signal vmm-sys-util's vCPU kick uses.
-//! - Not use `KVM_GET_REGS`/`KVM_SET_REGS`, `KVM_KVMCLOCK_CTRL` or any other vCPU ioctl after
-//!   boot; add a rule (with its reason) if pause or debugging ever needs one.
-//! - Name its threads (`husk-vmm`, `husk-vcpu0`, ...): the kernel's log names the thread, and
-//!   so the filter, that made a denied syscall.
+//! - Kick vCPUs from the vm_wait or monitor thread with `pthread_kill(thread, SIGRTMIN())`
+//!   (34 on glibc), the signal vmm-sys-util's vCPU kick uses.
+//! - Not use `KVM_SET_REGS`, `KVM_KVMCLOCK_CTRL` or any other vCPU ioctl after boot but
+//!   `KVM_RUN` and the `KVM_GET_*` a paused vCPU makes to save itself for a snapshot; add a
+//!   rule (with its reason) if pause or debugging ever needs another.
+//! - Name its threads (`vmm`, `vcpu0`, `vm-wait`, `guest-reader`, ...): the kernel's log names
+//!   the thread, and so the filter, that made a denied syscall.
 //!
 //! A panic in a filtered thread prints its message and, with `panic = abort`, ends in
 //! `SIGABRT` as usual. With `RUST_BACKTRACE` set, the backtrace printer calls `getcwd` and
@@ -130,7 +154,7 @@
 //! ioctl at all on the others, except `FIONBIO` when a host connection arrives (std's
 //! `set_nonblocking`). (That boot had no network; with virtio-net the event loop also sets the
 //! tap's offloads, `TUNSETOFFLOAD`, when the guest driver activates the device.) Tests kill each kind of thread with an ioctl outside its list
-//! (`KVM_GET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the API thread) and
+//! (`KVM_SET_REGS` on a vCPU, `KVM_IRQFD` on the event loop, `KVM_RUN` on the vm_wait thread) and
 //! with a syscall outside its list.
 //!
 //! # Adding a syscall
@@ -155,21 +179,47 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread: `KVM_RUN` and the exits it returns.
     Vcpu,
-    /// The main thread once the VM runs: control socket, reaping, stopping vCPUs.
-    Api,
+    /// Waits for the VM to end, stops its threads and tears it down.
+    VmWait,
+    /// The monitor's main thread once the VM runs.
+    Monitor,
+    /// The monitor's reader of husk-init's control connection.
+    GuestReader,
+    /// The monitor's control-socket acceptor and its per-connection readers.
+    Commands,
+    /// A relay of the container's (or an exec's) stdio or terminal.
+    Relay,
 }
 
 impl ThreadKind {
     /// Every kind, for callers (and tests) that go over all filters.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api];
+    pub const ALL: [ThreadKind; 7] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::VmWait,
+        ThreadKind::Monitor,
+        ThreadKind::GuestReader,
+        ThreadKind::Commands,
+        ThreadKind::Relay,
+    ];
 
     /// The section of the filter file that holds this thread's rules.
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Api => "api",
+            ThreadKind::VmWait => "vm_wait",
+            ThreadKind::Monitor => "monitor",
+            ThreadKind::GuestReader => "guest_reader",
+            ThreadKind::Commands => "commands",
+            ThreadKind::Relay => "relay",
         }
+    }
+
+    /// Whether the thread really opens files (virtio-fs; the monitor's state), rather than
+    /// having `openat` answered EACCES by the `openat_eacces` companion.
+    fn opens_files(self) -> bool {
+        matches!(self, ThreadKind::Vmm | ThreadKind::Monitor)
     }
 }
 
@@ -221,18 +271,31 @@ pub fn apply_with(kind: ThreadKind, mode: Mode) -> Result<(), SeccompError> {
     // counts CPUs once many arenas exist) that no filter allows.
     drop(std::hint::black_box(Box::new(0_u64)));
 
-    let install = |program| {
+    let install = |program: &[sock_filter]| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
-    // The companion first: the thread filter allows openat only because this one answers it.
-    // The vmm thread serves virtio-fs and really opens files.
-    if kind != ThreadKind::Vmm {
+    // The companions first: the thread filter allows openat and clone3 only because these
+    // answer them. The vmm thread serves virtio-fs and the monitor's writes its state: they
+    // really open files.
+    install(programs::CLONE3_ENOSYS)?;
+    if !kind.opens_files() {
         install(programs::OPENAT_EACCES)?;
     }
-    install(filter(kind, mode))
+    install(&program(kind, mode, std::process::id()))
 }
 
-/// The BPF program of `kind`'s filter in `mode`, as compiled from the JSON at build time.
+/// The BPF program of `kind`'s filter in `mode` for the process `tgid` (its own pid): the
+/// compiled [`filter`] with `tgid` where the JSON says `"own_tgid"`.
+pub fn program(kind: ThreadKind, mode: Mode, tgid: u32) -> Vec<sock_filter> {
+    let mut program = filter(kind, mode).to_vec();
+    for insn in program.iter_mut().filter(|i| i.k == programs::OWN_TGID) {
+        insn.k = tgid;
+    }
+    program
+}
+
+/// The BPF program of `kind`'s filter in `mode`, as compiled from the JSON at build time,
+/// with a placeholder for the own pid (see [`program`]).
 ///
 /// [`apply_with`] installs it on top of a small companion that answers `openat` with `EACCES`.
 pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
@@ -241,14 +304,24 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
         (ThreadKind::Vmm, Mode::Log) => programs::VMM_LOG,
         (ThreadKind::Vcpu, Mode::Enforce) => programs::VCPU_ENFORCE,
         (ThreadKind::Vcpu, Mode::Log) => programs::VCPU_LOG,
-        (ThreadKind::Api, Mode::Enforce) => programs::API_ENFORCE,
-        (ThreadKind::Api, Mode::Log) => programs::API_LOG,
+        (ThreadKind::VmWait, Mode::Enforce) => programs::VM_WAIT_ENFORCE,
+        (ThreadKind::VmWait, Mode::Log) => programs::VM_WAIT_LOG,
+        (ThreadKind::Monitor, Mode::Enforce) => programs::MONITOR_ENFORCE,
+        (ThreadKind::Monitor, Mode::Log) => programs::MONITOR_LOG,
+        (ThreadKind::GuestReader, Mode::Enforce) => programs::GUEST_READER_ENFORCE,
+        (ThreadKind::GuestReader, Mode::Log) => programs::GUEST_READER_LOG,
+        (ThreadKind::Commands, Mode::Enforce) => programs::COMMANDS_ENFORCE,
+        (ThreadKind::Commands, Mode::Log) => programs::COMMANDS_LOG,
+        (ThreadKind::Relay, Mode::Enforce) => programs::RELAY_ENFORCE,
+        (ThreadKind::Relay, Mode::Log) => programs::RELAY_LOG,
     }
 }
 
 /// The programs `build.rs` wrote to `OUT_DIR`, decoded at compile time into statics.
 mod programs {
     use super::sock_filter;
+
+    include!(concat!(env!("OUT_DIR"), "/own_tgid.rs"));
 
     /// Size of one raw `sock_filter` record as `build.rs` writes it.
     const RECORD: usize = 8;
@@ -294,9 +367,18 @@ mod programs {
     embed!(VMM_LOG, "vmm.log.bpf");
     embed!(VCPU_ENFORCE, "vcpu.enforce.bpf");
     embed!(VCPU_LOG, "vcpu.log.bpf");
-    embed!(API_ENFORCE, "api.enforce.bpf");
-    embed!(API_LOG, "api.log.bpf");
+    embed!(VM_WAIT_ENFORCE, "vm_wait.enforce.bpf");
+    embed!(VM_WAIT_LOG, "vm_wait.log.bpf");
+    embed!(MONITOR_ENFORCE, "monitor.enforce.bpf");
+    embed!(MONITOR_LOG, "monitor.log.bpf");
+    embed!(GUEST_READER_ENFORCE, "guest_reader.enforce.bpf");
+    embed!(GUEST_READER_LOG, "guest_reader.log.bpf");
+    embed!(COMMANDS_ENFORCE, "commands.enforce.bpf");
+    embed!(COMMANDS_LOG, "commands.log.bpf");
+    embed!(RELAY_ENFORCE, "relay.enforce.bpf");
+    embed!(RELAY_LOG, "relay.log.bpf");
     embed!(OPENAT_EACCES, "openat_eacces.enforce.bpf");
+    embed!(CLONE3_ENOSYS, "clone3_enosys.enforce.bpf");
 }
 
 #[cfg(test)]

@@ -48,8 +48,18 @@ const KVMIO: u32 = 0xAE;
 const KVM_RUN: u32 = io(KVMIO, 0x80);
 /// `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (32 bytes): a VM ioctl only the setup may make.
 const KVM_IRQFD: u32 = iow(KVMIO, 0x76, 32);
-/// `_IOR(KVMIO, 0x81, struct kvm_regs)`, 144 bytes on x86_64: a vCPU ioctl the filter denies.
-const KVM_GET_REGS: u32 = ior(KVMIO, 0x81, 144);
+/// `_IOWR(type, nr, size)`.
+const fn iowr(ty: u32, nr: u32, size: u32) -> u32 {
+    (3 << 30) | (size << 16) | (ty << 8) | nr
+}
+/// The size of a KVM structure, as the `_IO*` macros encode it.
+fn size<T>() -> u32 {
+    u32::try_from(std::mem::size_of::<T>()).unwrap()
+}
+/// `_IOW(KVMIO, 0x82, struct kvm_regs)`: a vCPU ioctl the filter denies (a snapshot only reads).
+fn kvm_set_regs() -> u32 {
+    iow(KVMIO, 0x82, size::<kvm_bindings::kvm_regs>())
+}
 
 fn returns(program: &[sock_filter]) -> Vec<u32> {
     program
@@ -103,13 +113,18 @@ fn every_filter_is_compiled_and_kills_or_logs_by_default() {
         assert_eq!(count(log, RET_KILL_PROCESS), 1, "{kind}");
         assert_eq!(log[2].k, RET_KILL_PROCESS, "{kind}: the architecture check");
     }
-    let companion = programs::OPENAT_EACCES;
-    assert_eq!(count(companion, RET_ERRNO | 13), 1, "openat answers EACCES");
-    assert_eq!(
-        companion.last().map(|i| i.k),
-        Some(RET_ALLOW),
-        "the rest is allowed"
-    );
+    for (companion, errno) in [(programs::OPENAT_EACCES, 13), (programs::CLONE3_ENOSYS, 38)] {
+        assert_eq!(
+            count(companion, RET_ERRNO | errno),
+            1,
+            "answers errno {errno}"
+        );
+        assert_eq!(
+            companion.last().map(|i| i.k),
+            Some(RET_ALLOW),
+            "the rest is allowed"
+        );
+    }
 }
 
 /// Every thread goes through glibc's malloc, std's thread exit and panic = abort, so every
@@ -152,6 +167,11 @@ fn every_filter_allows_the_runtime_baseline() {
 
 /// The JSON holds numbers with the constant's name in a comment; check each against its
 /// definition so a typo cannot open (or close) the wrong door.
+/// `_IOR(KVMIO, nr, T)`.
+fn kvm_ior<T>(nr: u32) -> u64 {
+    u64::from(ior(KVMIO, nr, size::<T>()))
+}
+
 #[test]
 fn argument_values_match_the_constants_they_name() {
     let int = |v: libc::c_int| u64::try_from(v).unwrap();
@@ -162,7 +182,52 @@ fn argument_values_match_the_constants_they_name() {
         ("F_GETFL", int(libc::F_GETFL)),
         ("F_SETFL", int(libc::F_SETFL)),
         ("FIONBIO", libc::FIONBIO),
+        ("TIOCGWINSZ", libc::TIOCGWINSZ),
+        ("SOL_SOCKET", int(libc::SOL_SOCKET)),
+        ("SO_RCVTIMEO", int(libc::SO_RCVTIMEO)),
+        ("PR_SET_NAME", int(libc::PR_SET_NAME)),
+        ("PR_SET_NO_NEW_PRIVS", int(libc::PR_SET_NO_NEW_PRIVS)),
+        (
+            "SECCOMP_SET_MODE_FILTER",
+            u64::from(libc::SECCOMP_SET_MODE_FILTER),
+        ),
+        (
+            "CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|CLONE_SYSVSEM|CLONE_SETTLS|CLONE_PARENT_SETTID|CLONE_CHILD_CLEARTID",
+            int(libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM
+                | libc::CLONE_SETTLS
+                | libc::CLONE_PARENT_SETTID
+                | libc::CLONE_CHILD_CLEARTID),
+        ),
         ("KVM_RUN", u64::from(KVM_RUN)),
+        // What a paused vCPU reads for a snapshot (VM templates).
+        (
+            "KVM_GET_MP_STATE",
+            kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
+        ),
+        ("KVM_GET_REGS", kvm_ior::<kvm_bindings::kvm_regs>(0x81)),
+        ("KVM_GET_SREGS", kvm_ior::<kvm_bindings::kvm_sregs>(0x83)),
+        ("KVM_GET_XSAVE", kvm_ior::<kvm_bindings::kvm_xsave>(0xa4)),
+        ("KVM_GET_XCRS", kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6)),
+        (
+            "KVM_GET_DEBUGREGS",
+            kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
+        ),
+        (
+            "KVM_GET_LAPIC",
+            kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+        ),
+        (
+            "KVM_GET_VCPU_EVENTS",
+            kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+        ),
+        // `_IOWR` with the fixed head of a flexible array (`nent`/`nmsrs` and padding).
+        ("KVM_GET_CPUID2", u64::from(iowr(KVMIO, 0x91, 8))),
+        ("KVM_GET_MSRS", u64::from(iowr(KVMIO, 0x88, 8))),
         ("MADV_DONTNEED", int(libc::MADV_DONTNEED)),
         ("PROT_EXEC", int(libc::PROT_EXEC)),
         ("SIGABRT", int(libc::SIGABRT)),
@@ -175,6 +240,12 @@ fn argument_values_match_the_constants_they_name() {
         for rule in filter["filter"].as_array().unwrap() {
             for arg in rule["args"].as_array().into_iter().flatten() {
                 let comment = arg["comment"].as_str().expect("every condition is named");
+                if arg["val"] == "own_tgid" {
+                    assert!(comment.contains("own tgid"), "{name}: {comment:?}");
+                    assert_eq!(arg["index"], 0, "{name}: own_tgid is tgkill's tgid");
+                    checked += 1;
+                    continue;
+                }
                 let named: Vec<_> = known.iter().filter(|(c, _)| comment.contains(c)).collect();
                 let [(constant, value)] = named[..] else {
                     panic!("{name}: {comment:?} must name exactly one known constant");
@@ -330,12 +401,12 @@ fn child_vcpu_filter_kills_other_kvm_ioctls() {
         let (_r, w) = pipe();
         apply(ThreadKind::Vcpu).unwrap();
         say("filtered");
-        raw_ioctl(&w, KVM_GET_REGS);
-        say("KVM_GET_REGS: survived");
+        raw_ioctl(&w, kvm_set_regs());
+        say("KVM_SET_REGS: survived");
     }) else {
         return;
     };
-    assert_killed_by_seccomp(&output, "filtered", "KVM_GET_REGS: survived");
+    assert_killed_by_seccomp(&output, "filtered", "KVM_SET_REGS: survived");
 }
 
 #[test]
@@ -366,9 +437,9 @@ fn child_vmm_filter_allows_unix_sockets_and_kills_inet() {
 }
 
 #[test]
-fn child_api_filter_kills_a_denied_syscall() {
-    let Some(output) = in_child("child_api_filter_kills_a_denied_syscall", || {
-        apply(ThreadKind::Api).unwrap();
+fn child_vm_wait_filter_kills_a_denied_syscall() {
+    let Some(output) = in_child("child_vm_wait_filter_kills_a_denied_syscall", || {
+        apply(ThreadKind::VmWait).unwrap();
         say("filtered");
         raw_socket(libc::AF_UNIX);
         say("socket: survived");
@@ -384,7 +455,7 @@ fn raw_getppid() {
     unsafe { libc::syscall(libc::SYS_getppid) };
 }
 
-/// `ioctl(FIONBIO)` is the one request the vmm and api threads may make (std's
+/// `ioctl(FIONBIO)` is the one request the vmm and monitor threads may make (std's
 /// `set_nonblocking`); it must get through to the kernel, which answers EFAULT here because
 /// the argument pointer is null.
 fn fionbio_allowed(fd: &OwnedFd) {
@@ -423,30 +494,62 @@ fn child_vmm_filter_kills_a_kvm_ioctl() {
 }
 
 #[test]
-fn child_api_filter_kills_a_kvm_ioctl() {
-    let Some(output) = in_child("child_api_filter_kills_a_kvm_ioctl", || {
+fn child_vm_wait_filter_kills_a_kvm_ioctl() {
+    let Some(output) = in_child("child_vm_wait_filter_kills_a_kvm_ioctl", || {
         let (_r, w) = pipe();
-        apply(ThreadKind::Api).unwrap();
-        fionbio_allowed(&w);
+        apply(ThreadKind::VmWait).unwrap();
+        say("filtered");
         raw_ioctl(&w, KVM_RUN);
         say("KVM_RUN: survived");
     }) else {
         return;
     };
-    assert_killed_by_seccomp(&output, "ioctl(FIONBIO): allowed", "KVM_RUN: survived");
+    assert_killed_by_seccomp(&output, "filtered", "KVM_RUN: survived");
 }
 
+/// Any filter kills what is in none of them, and what the monitor's own threads never make:
+/// a socket other than a Unix one, a process (fork's clone flags), an exec.
 #[test]
-fn child_api_filter_kills_another_denied_syscall() {
-    let Some(output) = in_child("child_api_filter_kills_another_denied_syscall", || {
-        apply(ThreadKind::Api).unwrap();
-        say("filtered");
-        raw_getppid();
-        say("getppid: survived");
-    }) else {
-        return;
-    };
-    assert_killed_by_seccomp(&output, "filtered", "getppid: survived");
+fn child_every_filter_kills_what_no_thread_makes() {
+    const TEST: &str = "child_every_filter_kills_what_no_thread_makes";
+    if let Some(arg) = child_role(TEST) {
+        become_child(|| {
+            let (name, what) = arg.split_once('/').unwrap();
+            let kind = ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap();
+            apply(kind).unwrap();
+            say("filtered");
+            match what {
+                "getppid" => raw_getppid(),
+                "inet" => close(raw_socket(libc::AF_INET)),
+                // SAFETY: fork's child (if it ever ran) only _exits.
+                "fork" => unsafe {
+                    if libc::fork() == 0 {
+                        libc::_exit(0);
+                    }
+                },
+                // SAFETY: a path that does not exist; nothing is executed.
+                "execve" => unsafe {
+                    libc::execve(c"/nonexistent".as_ptr(), std::ptr::null(), std::ptr::null());
+                },
+                other => panic!("{other}"),
+            }
+            say("survived");
+        });
+    }
+    for kind in ThreadKind::ALL {
+        for what in ["getppid", "inet", "fork", "execve"] {
+            let output = run_child(TEST, &format!("{}/{what}", kind.name()));
+            assert!(
+                output.status.signal() == Some(libc::SIGSYS)
+                    && stdout(&output).contains("filtered")
+                    && !stdout(&output).contains("survived"),
+                "{kind}: {what}: {output:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -550,10 +653,10 @@ fn check_openat(kind: ThreadKind) {
     // SAFETY: `path` is a NUL-terminated string that outlives the call.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     let errno = std::io::Error::last_os_error().raw_os_error();
-    if kind == ThreadKind::Vmm {
+    if kind.opens_files() {
         assert!(
             fd >= 0,
-            "the vmm thread must be able to open files: {errno:?}"
+            "the {kind} thread must be able to open files: {errno:?}"
         );
         // SAFETY: fd was just opened by us.
         unsafe { libc::close(fd) };
@@ -713,51 +816,376 @@ fn child_vmm_thread_lives_under_its_filter() {
 }
 
 #[test]
-fn child_api_thread_lives_under_its_filter() {
+fn child_vm_wait_thread_lives_under_its_filter() {
     extern "C" fn ignore(_: libc::c_int) {}
-    let Some(output) = in_child("child_api_thread_lives_under_its_filter", || {
-        // SAFETY: as in the vCPU test: an empty handler for the kick signal.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
-            assert_eq!(
-                libc::sigaction(libc::SIGRTMIN(), &action, std::ptr::null_mut()),
-                0
-            );
-        }
-        let dir = scratch_dir(std::os::unix::process::parent_id(), "api");
+    let Some(output) = in_child("child_vm_wait_thread_lives_under_its_filter", || {
+        install_kick_handler(ignore);
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "vm-wait");
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("control.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut client = UnixStream::connect(&path).unwrap();
-        client.write_all(b"state").unwrap();
-        let mut helper = Command::new("true").spawn().unwrap();
+        // What a VM leaves to tear down: its vsock socket, a mapping, an eventfd.
+        let socket = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // SAFETY: an anonymous private mapping of one page, unmapped by the thread below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as usize;
+        // SAFETY: eventfd takes integers; the descriptor is owned below.
+        let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
         let (tx, rx) = mpsc::channel::<()>();
         let vcpu = std::thread::spawn(move || while rx.recv().is_ok() {});
-
-        live_and_exit(ThreadKind::Api, move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.set_nonblocking(true).unwrap();
-            conn.set_nonblocking(false).unwrap();
-            let mut request = [0; 5];
-            conn.read_exact(&mut request).unwrap();
-            conn.write_all(b"running").unwrap();
+        live_and_exit(ThreadKind::VmWait, move || {
+            let mut file = std::fs::File::from(efd);
+            file.write_all(&1_u64.to_ne_bytes()).unwrap();
             // Stop a vCPU: kick it, tell it to stop, join it.
             // SAFETY: `vcpu` is joinable and not yet joined, so its pthread_t is valid, and
             // SIGRTMIN has a handler.
             let rc = unsafe { libc::pthread_kill(vcpu.as_pthread_t(), libc::SIGRTMIN()) };
             assert_eq!(rc, 0);
+            std::thread::sleep(Duration::from_millis(2));
             drop(tx);
             vcpu.join().unwrap();
-            assert!(helper.wait().unwrap().success());
+            drop(file);
+            // SAFETY: the page mapped above, unmapped once.
+            assert_eq!(unsafe { libc::munmap(map as *mut libc::c_void, 4096) }, 0);
+            drop(listener);
+            std::fs::remove_file(&socket).unwrap();
         });
-        let mut reply = String::new();
-        client.read_to_string(&mut reply).unwrap();
-        assert_eq!(reply, "running");
         std::fs::remove_dir_all(&dir).unwrap();
     }) else {
         return;
     };
-    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "api"));
-    assert_lived(&output, "api: thread exited");
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "vm-wait"));
+    assert_lived(&output, "vm_wait: thread exited");
+}
+
+/// Installs `handler` for the vCPU kick signal.
+fn install_kick_handler(handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: installs a handler that does nothing async-signal-unsafe; the sigaction struct
+    // is zeroed then filled in, as the C API expects.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as libc::sighandler_t;
+        assert_eq!(
+            libc::sigaction(libc::SIGRTMIN(), &action, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+/// Starts a thread named `name` that filters itself as `kind` on top of what it inherited,
+/// does the runtime's work and `work`, and exits; joins it.
+fn spawn_filtered(name: &str, kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            apply(kind).unwrap();
+            runtime_work();
+            check_openat(kind);
+            work();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// The monitor's main thread: husk-init's connection (poll, accept, send, receive), the state
+/// file, an exec's terminal port, listing its directory, kicking a vCPU, and starting the
+/// threads it starts, each narrowing the filter it inherits with its own.
+#[test]
+fn child_monitor_thread_lives_under_its_filter() {
+    extern "C" fn ignore(_: libc::c_int) {}
+    let Some(output) = in_child("child_monitor_thread_lives_under_its_filter", || {
+        install_kick_handler(ignore);
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "monitor");
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = UnixListener::bind(dir.join("vsock.sock_1024")).unwrap();
+        let mut guest = UnixStream::connect(dir.join("vsock.sock_1024")).unwrap();
+        guest.write_all(b"hello").unwrap();
+        guest.write_all(b"frame").unwrap();
+        let (tx, rx) = mpsc::channel::<()>();
+        let vcpu = std::thread::spawn(move || while rx.recv().is_ok() {});
+        let state_dir = dir.clone();
+        live_and_exit(ThreadKind::Monitor, move || {
+            control.set_nonblocking(true).unwrap();
+            let mut fds = [libc::pollfd {
+                fd: control.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: `fds` holds one pollfd, as the count says.
+            assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) }, 1);
+            let (mut conn, _) = control.accept().unwrap();
+            conn.set_nonblocking(false).unwrap();
+            let mut hello = [0; 5];
+            conn.read_exact(&mut hello).unwrap();
+            conn.write_all(b"hello").unwrap();
+            let reader = conn.try_clone().unwrap();
+            conn.write_all(b"frame").unwrap();
+            // state.json: a new temporary file, renamed over.
+            let tmp = state_dir.join(".state.json.1");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .unwrap();
+            f.write_all(b"{}").unwrap();
+            drop(f);
+            std::fs::rename(&tmp, state_dir.join("state.json")).unwrap();
+            // An exec's terminal port.
+            let port = state_dir.join("vsock.sock_60001");
+            let listener = UnixListener::bind(&port).unwrap();
+            std::fs::remove_file(&port).unwrap();
+            // Pause: kick a vCPU.
+            // SAFETY: `vcpu` is joinable and not yet joined, and SIGRTMIN has a handler.
+            let rc = unsafe { libc::pthread_kill(vcpu.as_pthread_t(), libc::SIGRTMIN()) };
+            assert_eq!(rc, 0);
+            // The threads it starts, each under this filter and its own.
+            spawn_filtered("guest-reader", ThreadKind::GuestReader, move || {
+                let mut reader = reader;
+                let mut frame = vec![0u8; 8 << 20];
+                conn_frame(&mut reader, &mut frame);
+            });
+            spawn_filtered("relay", ThreadKind::Relay, move || {
+                // A terminal relay starts a copying thread per direction.
+                spawn_filtered("relay", ThreadKind::Relay, move || drop(listener));
+            });
+            spawn_filtered("commands", ThreadKind::Commands, || {
+                spawn_filtered("command", ThreadKind::Commands, || {});
+            });
+            std::thread::sleep(Duration::from_millis(1));
+            drop(tx);
+            vcpu.join().unwrap();
+            // At exit: its sockets, listed and removed.
+            let names: Vec<String> = std::fs::read_dir(&state_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(names.contains(&"state.json".to_string()), "{names:?}");
+            std::fs::remove_file(state_dir.join("vsock.sock_1024")).unwrap();
+        });
+        let mut back = [0; 10];
+        guest.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"helloframe");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "monitor"));
+    assert_lived(&output, "monitor: thread exited");
+}
+
+/// Reads a 5-byte frame into the start of `frame` (a frame's worth of memory).
+fn conn_frame(conn: &mut UnixStream, frame: &mut [u8]) {
+    conn.read_exact(&mut frame[..5]).unwrap();
+    assert_eq!(&frame[..5], b"frame");
+}
+
+/// The reader of husk-init's frames: reads, allocates up to a frame's size, hands the message
+/// on, logs when the connection fails, exits.
+#[test]
+fn child_guest_reader_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_guest_reader_thread_lives_under_its_filter", || {
+        let (mut guest, conn) = UnixStream::pair().unwrap();
+        let frame = vec![7u8; 8 << 20];
+        let writer = std::thread::spawn(move || guest.write_all(&frame).unwrap());
+        let (tx, rx) = mpsc::channel();
+        live_and_exit(ThreadKind::GuestReader, move || {
+            let mut conn = conn;
+            let mut frame = vec![0u8; 8 << 20];
+            conn.read_exact(&mut frame).unwrap();
+            tx.send(frame.len()).unwrap();
+            eprintln!("control connection to husk-init: a log line");
+            drop(conn);
+        });
+        writer.join().unwrap();
+        assert_eq!(rx.recv().unwrap(), 8 << 20);
+    }) else {
+        return;
+    };
+    assert_lived(&output, "guest_reader: thread exited");
+}
+
+/// The control socket: accepts a command, starts a thread for it that reads its request (with
+/// a read timeout, and a descriptor that came with it), answers a bad one, hands it on.
+#[test]
+fn child_commands_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_commands_thread_lives_under_its_filter", || {
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "commands");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("monitor.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"{bad\n").unwrap();
+        let (tx, rx) = mpsc::channel();
+        live_and_exit(ThreadKind::Commands, move || {
+            let (conn, _) = listener.accept().unwrap();
+            spawn_filtered("command", ThreadKind::Commands, move || {
+                let mut conn = conn;
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut buf = [0u8; 64];
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
+                let mut cmsg = [0u64; 8];
+                // SAFETY: a zeroed msghdr is valid; it points at `iov` and `cmsg`, which
+                // outlive the call.
+                let n = unsafe {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = &raw mut iov;
+                    msg.msg_iovlen = 1;
+                    msg.msg_control = cmsg.as_mut_ptr().cast();
+                    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+                    libc::recvmsg(conn.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC)
+                };
+                assert_eq!(n, 5);
+                conn.set_read_timeout(None).unwrap();
+                conn.write_all(b"bad request\n").unwrap();
+                tx.send(()).unwrap();
+            });
+        });
+        rx.recv().unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "bad request\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "commands"));
+    assert_lived(&output, "commands: thread exited");
+}
+
+/// A relay: accepts the guest's stream, copies both ways (a terminal relay with a thread per
+/// direction, polling the window size), half-closes at the end of stdin.
+#[test]
+fn child_relay_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_relay_thread_lives_under_its_filter", || {
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "relay");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock_1025");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut guest = UnixStream::connect(&path).unwrap();
+        // The guest: takes the input, sends output.
+        let guest = std::thread::spawn(move || {
+            let mut got = [0u8; 5];
+            guest.read_exact(&mut got).unwrap();
+            guest.write_all(b"output").unwrap();
+            got
+        });
+        let (stdin_r, stdin_w) = pipe();
+        let (stdout_r, stdout_w) = pipe();
+        let mut feed = std::fs::File::from(stdin_w);
+        feed.write_all(b"input").unwrap();
+        drop(feed);
+        live_and_exit(ThreadKind::Relay, move || {
+            let (conn, _) = listener.accept().unwrap();
+            drop(listener);
+            let mut to_guest = conn.try_clone().unwrap();
+            let mut stdin = std::fs::File::from(stdin_r);
+            let mut out = std::fs::File::from(stdout_w);
+            let tty = out.as_raw_fd();
+            spawn_filtered("relay", ThreadKind::Relay, move || {
+                let mut buf = [0u8; 64];
+                let n = stdin.read(&mut buf).unwrap();
+                to_guest.write_all(&buf[..n]).unwrap();
+                to_guest.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut ws: libc::winsize = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes a winsize into `ws`; on a pipe it is ENOTTY.
+            let rc = unsafe { libc::ioctl(tty, libc::TIOCGWINSZ, &raw mut ws) };
+            assert_eq!(rc, -1);
+            std::thread::sleep(Duration::from_millis(1));
+            let mut conn = conn;
+            let mut buf = [0u8; 64];
+            let n = conn.read(&mut buf).unwrap();
+            out.write_all(&buf[..n]).unwrap();
+        });
+        assert_eq!(&guest.join().unwrap(), b"input");
+        let mut out = String::new();
+        std::fs::File::from(stdout_r)
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "output");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "relay"));
+    assert_lived(&output, "relay: thread exited");
+}
+
+/// A thread may signal only its own process: `tgkill` to another one (here a `sleep` of the
+/// test's, with the signals the filters allow) kills the thread's process instead, under
+/// every filter. Without that, a taken-over thread of a root monitor could signal any root
+/// process of its pid namespace.
+#[test]
+fn child_tgkill_to_another_process_is_killed_under_any_filter() {
+    const TEST: &str = "child_tgkill_to_another_process_is_killed_under_any_filter";
+    if let Some(arg) = child_role(TEST) {
+        become_child(|| {
+            let (name, victim) = arg.split_once('/').unwrap();
+            let victim: libc::pid_t = victim.parse().unwrap();
+            let kind = ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap();
+            apply(kind).unwrap();
+            say("filtered");
+            for sig in [libc::SIGABRT, libc::SIGRTMIN()] {
+                // SAFETY: tgkill takes integers; the target is the test's own sleeper.
+                unsafe { libc::syscall(libc::SYS_tgkill, victim, victim, sig) };
+            }
+            say("tgkill: survived");
+        });
+    }
+    for kind in ThreadKind::ALL {
+        let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+        let output = run_child(TEST, &format!("{}/{}", kind.name(), victim.id()));
+        let alive = victim.try_wait().unwrap().is_none();
+        let _ = victim.kill();
+        let _ = victim.wait();
+        assert_killed_by_seccomp(&output, "filtered", "tgkill: survived");
+        assert!(alive, "{kind}: the other process got the signal");
+    }
+}
+
+/// The own pid is in every `tgkill` rule, and [`program`] fills it in everywhere.
+#[test]
+fn every_tgkill_rule_names_the_own_process_and_it_is_filled_in() {
+    for kind in ThreadKind::ALL {
+        let tgkill: Vec<Value> = rules(kind)
+            .into_iter()
+            .filter(|r| r["syscall"] == "tgkill")
+            .collect();
+        assert!(!tgkill.is_empty(), "{kind}");
+        for rule in &tgkill {
+            let args = rule["args"].as_array().unwrap();
+            assert!(
+                args.iter()
+                    .any(|a| a["index"] == 0 && a["val"] == "own_tgid" && a["op"] == "eq"),
+                "{kind}: a tgkill rule without the own tgid: {rule}"
+            );
+        }
+        let raw = filter(kind, Mode::Enforce);
+        let placeholders = raw.iter().filter(|i| i.k == programs::OWN_TGID).count();
+        assert_eq!(placeholders, tgkill.len(), "{kind}");
+        let filled = program(kind, Mode::Enforce, 4242);
+        assert_eq!(filled.len(), raw.len());
+        assert!(!filled.iter().any(|i| i.k == programs::OWN_TGID), "{kind}");
+        assert_eq!(filled.iter().filter(|i| i.k == 4242).count(), tgkill.len());
+    }
 }

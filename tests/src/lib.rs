@@ -139,11 +139,15 @@ pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::io::Result<Ou
     })
 }
 
-/// The `husk` binary of this workspace, built (once per test process) if needed.
+/// The `husk` binary of this workspace, built (once per test process) if needed; or the one
+/// `$HUSK_BINARY` names (e.g. an older build, to measure what a change changed).
 pub fn husk_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
+            if let Some(given) = std::env::var_os("HUSK_BINARY") {
+                return PathBuf::from(given);
+            }
             // Test binaries live in target/<profile>/deps; the husk binary one level up.
             let exe = std::env::current_exe().expect("current_exe");
             let profile_dir = exe

@@ -171,7 +171,10 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         0
     );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    // Every thread (the VMM's were created after the jail) is confined alike.
+    // Every thread (the VMM's were created after the jail) is confined alike, and carries a
+    // seccomp filter (mode 2): the main thread, vm-wait, the guest's reader, the command
+    // acceptor and the relays as well as the VMM's.
+    let mut names = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let s = std::fs::read_to_string(task.join("status")).unwrap();
@@ -180,7 +183,15 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
             "{}: {s}",
             task.display()
         );
+        let name = s.lines().next().unwrap_or_default().to_string();
+        assert!(
+            s.contains("Seccomp:\t2\n"),
+            "{} ({name}) has no seccomp filter: {s}",
+            task.display()
+        );
+        names.push(name);
     }
+    println!("the monitor's threads, each filtered: {names:?}");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let nofile = limits
         .lines()
@@ -715,4 +726,253 @@ fn a_monitor_uid_with_an_overlay_of_relative_layers_is_refused_by_name_and_leave
         !layers.join("work/husk-o1").exists(),
         "create left a work directory"
     );
+}
+
+/// One thread of a process: its id, name and seccomp mode (`/proc/PID/task/TID/status`).
+fn threads(pid: i32) -> Vec<(i32, String, String)> {
+    let mut found: Vec<(i32, String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let tid: i32 = t.unwrap().file_name().to_string_lossy().parse().unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let get = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            (tid, get("Name"), get("Seccomp"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// What a monitor taken over by its guest can still reach, in the default mode: for each of
+/// its threads, `husk-probe` takes the thread's place (its seccomp filters, credentials,
+/// capabilities and namespaces, its jail as root; see tests/src/bin/husk-probe.rs) and tries
+/// to open, write, signal, connect to and call what an attacker would want: host files, the
+/// kernel's knobs in /proc and /sys, a root process of the host, an abstract Unix socket and
+/// a TCP port of the host's network namespace, the engines' sockets, and the calls that widen
+/// a foothold (execve, mount, ptrace, bpf, io_uring, user namespaces, ...). The report is
+/// printed (run with `--nocapture`; `HUSK_BINARY` measures another build the same way); the
+/// test holds the monitor to reaching none of it.
+#[test]
+fn a_taken_over_monitor_reaches_nothing_of_the_host() {
+    use std::collections::BTreeMap;
+    use std::os::linux::net::SocketAddrExt;
+    let Some(image) = guest_image() else { return };
+    if !kvm_available() || !is_root() {
+        skip::<()>("needs /dev/kvm and root");
+        return;
+    }
+    let scratch = Scratch::new("reach");
+    let (tmp, root) = (&scratch.tmp, scratch.root.clone());
+    std::fs::write(scratch.volume.join("file"), "the volume's").unwrap();
+    let Some(bundle) = scratch.bundle("echo started; sleep 600", |_| {}) else {
+        return;
+    };
+    let pid_file = tmp.path().join("pid");
+    let errors = tmp.path().join("create.err");
+    let status = Command::new(husk_binary())
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "r1", "--bundle"])
+        .arg(&bundle)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .env_remove("HUSK_JAIL")
+        .env_remove("HUSK_MONITOR_UID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "create: {}",
+        std::fs::read_to_string(&errors).unwrap_or_default()
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(husk(&root, &["start", "r1"]).0, 0);
+
+    // What it must not reach: a root process of the host, an abstract socket and a TCP port
+    // of the host's network namespace.
+    let mut victim = Command::new("sleep").arg("600").spawn().unwrap();
+    let name = format!("husk-probe-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let _abstract = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port().to_string();
+    let dir = root.join("r1");
+    let paths = [
+        dir.join("container.json"),
+        dir.join("hooks.json"),
+        dir.join("state.json"),
+        dir.join("share/rootfs/bin/busybox"),
+        dir.join("share/mounts/0/file"),
+        image.vmlinux.clone(),
+        bundle.join("config.json"),
+        scratch.volume.join("file"),
+    ];
+    let mut args: Vec<String> = vec![
+        "--victim".into(),
+        victim.id().to_string(),
+        "--abstract".into(),
+        name.clone(),
+        "--tcp".into(),
+        port.clone(),
+    ];
+    for p in &paths {
+        args.extend(["--path".into(), p.display().to_string()]);
+    }
+
+    // Each thread's place, probed; threads with the same results are reported together.
+    let threads = threads(pid);
+    type Results = BTreeMap<(String, String), String>;
+    let mut reports: Vec<(Vec<String>, Results)> = Vec::new();
+    for (tid, thread, _) in &threads {
+        let out = Command::new(env!("CARGO_BIN_EXE_husk-probe"))
+            .args(["--pid", &pid.to_string(), "--tid", &tid.to_string()])
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "probing {thread} ({tid}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results: Results = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t');
+                Some((
+                    (f.next()?.to_string(), f.next()?.to_string()),
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect();
+        match reports.iter_mut().find(|(_, r)| *r == results) {
+            Some((names, _)) => names.push(thread.clone()),
+            None => reports.push((vec![thread.clone()], results)),
+        }
+    }
+    let victim_alive = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+
+    println!("\nthreads of the monitor (pid {pid}): name, Seccomp mode");
+    for (tid, thread, seccomp) in &threads {
+        println!("  {tid:>7} {thread:<16} {seccomp}");
+    }
+    println!("\ndescriptors it holds:");
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n = e.file_name().to_string_lossy().parse().ok()?;
+            Some((n, std::fs::read_link(e.path()).ok()?.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    for (n, target) in &fds {
+        println!("  {n:>4} {target}");
+    }
+    for (names, results) in &reports {
+        println!("\nin the place of: {}", names.join(", "));
+        for ((category, target), result) in results {
+            println!("  {category:<12} {target:<60} {result}");
+        }
+    }
+    println!(
+        "\nthe victim (a root `sleep` of the host) is {}",
+        if victim_alive { "alive" } else { "dead" }
+    );
+    let (code, _, err) = husk(&root, &["delete", "--force", "r1"]);
+    assert_eq!(code, 0, "delete: {err}");
+
+    // Every thread filtered; the probe in its place reached nothing of the host.
+    for (tid, thread, seccomp) in &threads {
+        assert_eq!(
+            seccomp, "2",
+            "thread {thread} ({tid}) has no seccomp filter"
+        );
+    }
+    assert!(victim_alive, "a monitor thread could kill a root process");
+    let must_fail: Vec<String> = [
+        "open-write /proc/sys/kernel/core_pattern",
+        "open-write /proc/sys/kernel/modprobe",
+        "open-write /proc/sysrq-trigger",
+        "open-write /sys/kernel/uevent_helper",
+        "open-read /proc/kcore",
+        "open-read /etc/shadow",
+        "open-write /etc/passwd",
+        "open-write /root/.ssh/authorized_keys",
+        "open-read /dev/mem",
+        "open-write /dev/kvm",
+        "signal kill -1 0",
+        &format!("connect unix @{name}"),
+        &format!("connect tcp 127.0.0.1:{port}"),
+        "connect unix /run/containerd/containerd.sock",
+        "connect unix /var/run/docker.sock",
+        "connect unix /run/dbus/system_bus_socket",
+        "socket AF_INET",
+        "socket AF_NETLINK route",
+        "socket AF_PACKET",
+        "socket AF_VSOCK",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(
+        [
+            dir.join("container.json"),
+            dir.join("hooks.json"),
+            image.vmlinux.clone(),
+            bundle.join("config.json"),
+            scratch.volume.join("file"),
+        ]
+        .iter()
+        .map(|p| format!("open-write {}", p.display())),
+    )
+    .chain(
+        [bundle.join("config.json"), scratch.volume.join("file")]
+            .iter()
+            .map(|p| format!("open-read {}", p.display())),
+    )
+    .collect();
+    for (names, results) in &reports {
+        let who = names.join(", ");
+        assert_eq!(
+            results
+                .get(&("creds".into(), "as the thread".into()))
+                .map(String::as_str),
+            Some("same"),
+            "the probe did not take the place of {who}"
+        );
+        for attempt in &must_fail {
+            let (category, target) = attempt.split_once(' ').unwrap();
+            let result = results
+                .get(&(category.to_string(), target.to_string()))
+                .unwrap_or_else(|| panic!("{who}: no result for {attempt}"));
+            assert_ne!(result, "ok", "in the place of {who}: {attempt}");
+        }
+        for ((category, target), result) in results {
+            if category == "signal" && target.contains(&victim.id().to_string())
+                || category == "ptrace"
+                || category == "syscall"
+            {
+                assert!(
+                    result.starts_with("seccomp"),
+                    "in the place of {who}: {category} {target}: {result}"
+                );
+            }
+        }
+    }
 }

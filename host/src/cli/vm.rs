@@ -199,7 +199,7 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
     };
     let vm = vmm::start(&config, process_start).context("starting the VM")?;
     // From here this thread only waits for the VM, stops its threads and reports.
-    vmm::apply_seccomp(config.seccomp, vmm::ThreadKind::Api).map_err(anyhow::Error::msg)?;
+    vmm::apply_seccomp(config.seccomp, vmm::ThreadKind::VmWait).map_err(anyhow::Error::msg)?;
     let (why, timeline) = vm.wait(args.timeout.map(Duration::from_secs));
     report(&timeline.phases(), &why, args.json, "husk vm boot");
     match why {

@@ -12,6 +12,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use husk_proto::WindowSize;
+use husk_seccomp::ThreadKind;
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 /// Why a terminal could not be made or handed to the engine.
@@ -74,7 +75,7 @@ impl Console {
     /// and reports window-size changes on `resize`.
     pub fn relay(self, listener: UnixListener, resize: Sender<WindowSize>) {
         let slave = self.slave;
-        std::thread::spawn(move || {
+        super::threads::spawn("console", ThreadKind::Relay, move || {
             let Ok((conn, _)) = listener.accept() else {
                 return;
             };
@@ -100,11 +101,13 @@ pub fn relay_terminal(
     let Ok(mut conn_in) = conn.try_clone() else {
         return;
     };
-    std::thread::spawn(move || super::relay::copy_streaming(&mut from_tty, &mut conn_in));
+    super::threads::spawn("console-in", ThreadKind::Relay, move || {
+        super::relay::copy_streaming(&mut from_tty, &mut conn_in);
+    });
     let mut conn_out = conn;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done2 = done.clone();
-    std::thread::spawn(move || {
+    super::threads::spawn("console-out", ThreadKind::Relay, move || {
         super::relay::copy_streaming(&mut conn_out, &mut to_tty);
         done2.store(true, std::sync::atomic::Ordering::Release);
     });

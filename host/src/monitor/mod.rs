@@ -23,6 +23,8 @@
 //! control connection, one acceptor of command connections (plus a short-lived reader per
 //! connection), one waiter on the VM, and the stdio relays. All of them feed one channel; the
 //! main thread handles the events in order, so the container's state has a single writer.
+//! Every one of them, the main thread included once the VM runs, is confined by a seccomp
+//! filter of its own before it touches anything the guest sends (`threads`).
 //!
 //! The commands' side of the control socket is `api` (the messages) and `client` (what `husk`
 //! commands call).
@@ -42,6 +44,7 @@ mod relay;
 mod serve;
 mod setup;
 mod share;
+mod threads;
 pub mod userns;
 mod vm;
 
@@ -87,6 +90,7 @@ pub struct MonitorArgs {
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
+    threads::monitor_process();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);
@@ -129,6 +133,11 @@ fn create(
     // Further connections to the control port are refused.
     host.ports.control = None;
     let stopper = started.handle;
+    // Before anything of the container's reaches the guest. (Not before the greeting: a
+    // restored VM that does not greet is replaced by one booted cold, which the confined
+    // thread could not create; until then the guest has run only husk-init, from our image
+    // or our template, nothing of the container's.)
+    threads::confine(husk_seccomp::ThreadKind::Monitor);
     // From here on a failure stops the VM.
     let fail = |e: MonitorError| {
         stopper.stop();

@@ -9,15 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use husk_seccomp::ThreadKind;
+
 /// Accepts the guest's connection on `listener`, then copies `from` into it until EOF and
-/// half-closes it (the guest then closes the process's stdin).
+/// half-closes it (the guest then closes the process's stdin). (Not `std::io::copy`, which
+/// between two descriptors may splice or sendfile: calls the relays' filter need not allow.)
 pub fn stdin(listener: UnixListener, mut from: impl Read + Send + 'static) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+    super::threads::spawn("stdin", ThreadKind::Relay, move || {
         let Ok((mut conn, _)) = listener.accept() else {
             return;
         };
         drop(listener);
-        let _ = std::io::copy(&mut from, &mut conn);
+        copy_streaming(&mut from, &mut conn);
         let _ = conn.shutdown(Shutdown::Write);
     })
 }
@@ -46,7 +49,7 @@ pub fn output(
 ) -> Output {
     let progress = Arc::new(AtomicU64::new(0));
     let counter = progress.clone();
-    let thread = std::thread::spawn(move || {
+    let thread = super::threads::spawn(name, ThreadKind::Relay, move || {
         let Ok((conn, _)) = listener.accept() else {
             return;
         };

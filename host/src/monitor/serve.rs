@@ -14,13 +14,14 @@ use husk_proto::{
     ContainerRef, Event, ExecId, GuestMessage, ProcessRef, ProtoError, Request, RequestId,
     Response, WindowSize,
 };
+use husk_seccomp::ThreadKind;
 
 use super::api::{self, MonitorReply, MonitorRequest};
 use super::commands::Member;
 use super::console::Console;
 use super::guest::GuestSession;
 use super::network::Network;
-use super::relay;
+use super::{relay, threads};
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{VmExit, VmHandle};
@@ -376,7 +377,7 @@ pub(super) fn relay_console(
 ) {
     let (rtx, rrx) = channel();
     console.relay(listener, rtx);
-    std::thread::spawn(move || {
+    threads::spawn("resize", ThreadKind::Relay, move || {
         for size in rrx {
             if tx.send(Ev::Resize(process, size)).is_err() {
                 return;
@@ -393,7 +394,7 @@ pub(super) fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
 }
 
 pub(super) fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
-    std::thread::spawn(move || {
+    threads::spawn("guest-reader", ThreadKind::GuestReader, move || {
         loop {
             let msg: Result<Option<GuestMessage>, _> = husk_proto::read_message(&mut conn);
             match msg {
@@ -417,11 +418,11 @@ pub(super) fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
 }
 
 pub(super) fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
-    std::thread::spawn(move || {
+    threads::spawn("commands", ThreadKind::Commands, move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let tx = tx.clone();
-            std::thread::spawn(move || {
+            threads::spawn("command", ThreadKind::Commands, move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let Ok((line, mut fds)) = api::receive_request(&stream) else {
                     return;

@@ -53,6 +53,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("vm-wait".into())
         .spawn(move || {
+            super::threads::confine(husk_seccomp::ThreadKind::VmWait);
             let (why, timeline) = vm.wait(None);
             record_vm_phases(&timeline);
             on_end(why);

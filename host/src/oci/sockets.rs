@@ -62,6 +62,23 @@ impl SocketDir {
     pub fn vsock_port(&self, port: u32) -> PathBuf {
         self.base.join(format!("vsock.sock_{port}"))
     }
+
+    /// [`SocketDir::vsock_port`] through the directory's descriptor
+    /// (`/proc/self/fd/<fd>/vsock.sock_<port>`), whatever the length of its path: resolving
+    /// it needs no search permission on the directories above it (see
+    /// `cli::oci::exec::ports`, which binds there as the directory's owner).
+    pub fn vsock_port_by_fd(&self, port: u32) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}/vsock.sock_{port}",
+            self._dir.as_raw_fd()
+        ))
+    }
+
+    /// The directory's owner (uid, gid), from its descriptor.
+    pub fn owner(&self) -> std::io::Result<(u32, u32)> {
+        let st = nix::sys::stat::fstat(&self._dir).map_err(std::io::Error::from)?;
+        Ok((st.st_uid, st.st_gid))
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,12 @@
 //!   only the state directory (sockets, `state.json`, `network.json`, the share, with its bind
 //!   mounts), the guest kernel and initramfs (read-only), `/dev/null` and a fresh `/proc` (the
 //!   virtio-fs server reopens its O_PATH descriptors through `/proc/self/fd`, long socket
-//!   paths go through it too). The monitor pivots into it and detaches the host's root.
+//!   paths go through it too). That `/proc` holds processes' directories only (`subset=pid`):
+//!   no `/proc/sys`, whose files are writable by any euid 0 without a capability (a root
+//!   monitor could rewrite `kernel.core_pattern`, a program the kernel runs as root at the
+//!   next crash), no `/proc/sysrq-trigger`, `/proc/kcore`, ...; and of other processes only
+//!   those it could ptrace (`hidepid=invisible`), which are none. The monitor pivots into it
+//!   and detaches the host's root.
 //!   `/dev/kvm` and the taps were opened before, so neither it nor `/dev/net/tun` is there; the
 //!   log, the container's stdio and the `HUSK_PHASES` file are descriptors already;
 //! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
@@ -158,6 +163,10 @@ pub const ENV: &str = "HUSK_JAIL";
 /// The bound on open descriptors (see the module docs): well above what a container's file
 /// tree needs at once, far below the kernel's default `nr_open` (1 Mi).
 const MAX_FILES: u64 = 262_144;
+
+/// The jail's `/proc` (see the module docs): the processes' own directories, none of the
+/// kernel's files, and no process the monitor may not ptrace.
+const PROC_OPTIONS: &str = "subset=pid,hidepid=invisible";
 
 /// What the monitor keeps after setup.
 #[derive(Debug)]
@@ -388,9 +397,11 @@ fn pivot_into_new_root(entries: &[Entry]) -> Result<(), JailError> {
         &proc,
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
+        Some(PROC_OPTIONS),
     )
-    .map_err(sys("mounting /proc"))?;
+    .map_err(sys(format!(
+        "mounting /proc ({PROC_OPTIONS}, Linux 5.8 or later)"
+    )))?;
 
     // As runc does: pivot_root(".", ".") stacks the old root on the new one, and detaching
     // "." (the old root, from old_root's point of view) leaves the new one.

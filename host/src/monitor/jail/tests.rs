@@ -115,6 +115,27 @@ fn child(scratch: &Path, user: Option<IdMap>) {
         }
     }
     report("pinned_changed", changed.join(";"));
+    // /proc: the process's own entries, none of the kernel's knobs. Writing a sysctl needs
+    // euid 0, not a capability: a root monitor without capabilities could still rewrite
+    // kernel.core_pattern (a program run as root at the next crash) through a full procfs.
+    report(
+        "proc_sys_write",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/kernel/core_pattern")
+            .is_ok(),
+    );
+    let mut proc_top: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    proc_top.sort();
+    report("proc_top", proc_top.join(","));
+    report(
+        "proc_self_fd",
+        std::fs::read_dir("/proc/self/fd").is_ok_and(|d| d.count() > 0),
+    );
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     for field in ["CapEff", "CapBnd", "NoNewPrivs"] {
         let line = status.lines().find(|l| l.starts_with(field)).unwrap();
@@ -316,6 +337,17 @@ fn run_jailed(name: &str, user: Option<u32>, overlay: bool) -> Option<Outcome> {
     assert_eq!(outcome.get("CapEff"), format!("{kept:016x}"));
     assert_eq!(outcome.get("CapBnd"), "0000000000000000");
     assert_eq!(outcome.get("NoNewPrivs"), "1");
+    assert_eq!(
+        outcome.get("proc_sys_write"),
+        "false",
+        "the jailed process could open kernel.core_pattern for writing"
+    );
+    assert_eq!(
+        outcome.get("proc_top"),
+        "self,thread-self",
+        "the jail's /proc holds more than the processes' own entries"
+    );
+    assert_eq!(outcome.get("proc_self_fd"), "true");
     Some(outcome)
 }
 

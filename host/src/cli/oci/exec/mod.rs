@@ -121,8 +121,8 @@ fn exec_pipes(
     process_json: Vec<u8>,
     started: &mut Started,
 ) -> Result<ExitCode> {
-    let (socket, vsock) = (&sockets.monitor(), &sockets.vsock());
-    let (base, listeners) = ports::bind(vsock)?;
+    let socket = &sockets.monitor();
+    let (base, listeners) = ports::bind(sockets)?;
     let req = MonitorRequest::Exec {
         process_json,
         stdio: Stdio::Pipes {
@@ -133,7 +133,7 @@ fn exec_pipes(
         console: false,
     };
     let (exec, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
-        ports::remove(vsock, base);
+        ports::remove(sockets, base, 3);
     })?;
     request::running(socket, exec, started)?;
     let [stdin_l, stdout_l, stderr_l] = listeners;
@@ -142,7 +142,7 @@ fn exec_pipes(
         Ok(l.accept()?.0)
     };
     let (stdin_c, stdout_c, stderr_c) = (accept(stdin_l)?, accept(stdout_l)?, accept(stderr_l)?);
-    ports::remove(vsock, base);
+    ports::remove(sockets, base, 3);
     std::thread::spawn(move || {
         let mut conn = stdin_c;
         let _ = std::io::copy(&mut std::io::stdin(), &mut conn);

@@ -2,9 +2,7 @@
 //! process runs (or why not), and from then on this command stands for it; the last gives its
 //! exit status.
 
-use std::io::BufReader;
 use std::os::fd::BorrowedFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -24,7 +22,7 @@ pub(super) fn send(
     req: &MonitorRequest,
     slave: Option<BorrowedFd<'_>>,
     id: &str,
-) -> Result<(u32, BufReader<UnixStream>)> {
+) -> Result<(u32, client::Replies)> {
     let (first, reader) =
         client::request_with_fd(socket, req, slave).map_err(anyhow::Error::msg)?;
     match first {

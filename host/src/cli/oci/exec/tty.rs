@@ -25,7 +25,7 @@ pub(super) fn run(
     let mut process: serde_json::Value = serde_json::from_slice(&process_json)?;
     process["terminal"] = serde_json::Value::Bool(true);
     let process_json = serde_json::to_vec(&process)?;
-    let (socket, vsock) = (&sockets.monitor(), &sockets.vsock());
+    let socket = &sockets.monitor();
     if let Some(console_socket) = &args.console_socket {
         // The monitor holds the terminal; we only wait. We open the pty and hand its master
         // to the engine: the jailed monitor cannot reach the engine's socket by path.
@@ -49,7 +49,7 @@ pub(super) fn run(
     if unsafe { libc::isatty(0) } != 1 {
         bail!("exec --tty needs a terminal on stdin or --console-socket");
     }
-    let (base, listeners) = ports::bind(vsock)?;
+    let (base, listeners) = ports::bind(sockets)?;
     let [term_l, _, _] = listeners;
     let req = MonitorRequest::Exec {
         process_json,
@@ -59,11 +59,11 @@ pub(super) fn run(
         console: false,
     };
     let (exec_id, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
-        ports::remove(vsock, base);
+        ports::remove(sockets, base, 3);
     })?;
     request::running(socket, exec_id, started)?;
     let conn = term_l.accept().map(|(c, _)| c);
-    ports::remove(vsock, base);
+    ports::remove(sockets, base, 3);
     let conn = conn.context("accepting the guest's terminal connection")?;
     let (rtx, rrx) = std::sync::mpsc::channel::<husk_proto::WindowSize>();
     let monitor_socket = socket.to_path_buf();
