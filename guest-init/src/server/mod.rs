@@ -90,11 +90,11 @@ impl ServerError {
     /// Whether the connection was lost (reset, closed, broken: an I/O error or EOF), rather
     /// than carrying something husk-init refuses.
     pub fn is_connection_loss(&self) -> bool {
-        match self {
-            ServerError::HostGone => true,
-            ServerError::Connection(ProtoError::Io(_) | ProtoError::Truncated { .. }) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            ServerError::HostGone
+                | ServerError::Connection(ProtoError::Io(_) | ProtoError::Truncated { .. })
+        )
     }
 }
 

@@ -54,6 +54,13 @@ pub enum MonitorRequest {
         /// The new size.
         size: WindowSize,
     },
+    /// Resize the terminal of the container's main process: how a pod's container's terminal,
+    /// relayed by the process that stands for it on the host (`member`), follows the engine's
+    /// (the VM's own container's terminal is the monitor's, which sees its resizes itself).
+    Resize {
+        /// The new size.
+        size: WindowSize,
+    },
     /// Pause the VM's vCPUs.
     Pause,
     /// Resume them.

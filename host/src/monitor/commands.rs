@@ -140,6 +140,15 @@ impl Monitor {
                 let s = stream.try_clone().map_err(CommandError::Stream)?;
                 self.send(req, Pending::Reply(s))
             }
+            MonitorRequest::Resize { size } => {
+                self.status_of(target)?;
+                let req = Request::ResizePty {
+                    process: ProcessRef::Init(target),
+                    size,
+                };
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                self.send(req, Pending::Reply(s))
+            }
             MonitorRequest::Pause => {
                 let status = self.status_of(target)?;
                 if status != Status::Running {

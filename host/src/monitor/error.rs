@@ -26,6 +26,10 @@ use crate::vmm::{VmError, VmExit};
 /// Why the monitor could not create the container.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
+    /// The record of the VM's network namespace (for a pod's later containers) could not be
+    /// written.
+    #[error(transparent)]
+    Pod(#[from] crate::oci::pod::PodError),
     /// The monitor would leave core dumps, or be readable by other processes of its uid.
     #[error("{what}")]
     CoreDumps {

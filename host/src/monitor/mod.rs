@@ -37,6 +37,7 @@ pub mod console;
 mod error;
 mod guest;
 pub mod jail;
+pub mod member;
 mod mountinfo;
 pub mod network;
 pub mod overlay;

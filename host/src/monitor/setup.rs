@@ -20,6 +20,7 @@ use super::{MonitorArgs, jail, share};
 use crate::assets::GuestImage;
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks::{self, HookError, HookKind};
+use crate::oci::pod;
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
 use crate::template::{self, TemplateShape};
@@ -310,15 +311,35 @@ fn network_with_hooks(
     dir: &Path,
 ) -> Result<Option<Network>, MonitorError> {
     let netns = network::Netns::for_spec(&bundle.spec).map_err(MonitorError::Network)?;
+    record_netns(&netns, dir)?;
     run_create_hooks(bundle, id, netns.host())?;
     network::setup(&netns, dir).map_err(MonitorError::Network)
+}
+
+/// Records which network namespace the VM's network comes from ([`pod::NETNS_FILE`], pinned
+/// by the jail): a later container that names the same namespace is created in this VM (see
+/// `crate::oci::pod`).
+fn record_netns(netns: &network::Netns, dir: &Path) -> Result<(), MonitorError> {
+    let path = match netns {
+        network::Netns::None => return Ok(()),
+        network::Netns::Path(p) => p.clone(),
+        // The monitor's main thread is in it.
+        network::Netns::Own { .. } => "/proc/self/ns/net".into(),
+    };
+    let id = pod::NetnsId::of(&path).map_err(|source| pod::PodError::Record {
+        what: "reading the network namespace",
+        path,
+        source,
+    })?;
+    pod::write_json(&dir.join(pod::NETNS_FILE), &id)?;
+    Ok(())
 }
 
 /// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
 /// `createRuntime`, with the state of a container being created whose `pid` is this process
 /// (the monitor). `netns`: the host's network namespace when the monitor made its own (see
 /// [`hooks::run`]).
-fn run_create_hooks(
+pub(super) fn run_create_hooks(
     bundle: &Bundle,
     id: &str,
     netns: Option<std::os::fd::BorrowedFd<'_>>,

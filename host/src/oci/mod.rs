@@ -3,5 +3,7 @@
 
 pub mod bundle;
 pub mod hooks;
+pub mod pod;
+pub mod ports;
 pub mod sockets;
 pub mod state;

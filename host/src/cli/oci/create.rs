@@ -13,8 +13,8 @@ use super::delete::remove_entry;
 use super::{Context, close_inherited_fds, read_report, spawn_detached, write_pid_file};
 use crate::monitor::{self, MonitorArgs};
 use crate::oci::bundle::Bundle;
-use crate::oci::hooks;
 use crate::oci::state::{self, State, Status};
+use crate::oci::{hooks, pod};
 
 /// `create`.
 #[derive(Debug, clap::Args)]
@@ -52,6 +52,10 @@ pub struct MonitorCmdArgs {
     notify_fd: i32,
     #[arg(long)]
     console_socket: Option<PathBuf>,
+    /// A pod's later container: the sandbox whose VM it is created in (see
+    /// `crate::oci::pod`); the process is then the container's member, not a monitor.
+    #[arg(long)]
+    pod_sandbox: Option<String>,
 }
 
 /// Creates the container and returns the monitor process.
@@ -93,6 +97,11 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if let Err(e) = hooks::save(entry.dir(), bundle.spec.hooks().as_ref()) {
         return Err(fail(entry, e.into()));
     }
+    // A pod's later container joins its sandbox's VM.
+    let role = match pod::role(&bundle, &ctx.root) {
+        Ok(r) => r,
+        Err(e) => return Err(fail(entry, e.into())),
+    };
     // The monitor reports "ok" or an error on this pipe.
     let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
     let write_fd = write_end.as_raw_fd();
@@ -105,6 +114,9 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         .args(["--notify-fd", &write_fd.to_string()]);
     if ctx.debug {
         cmd.arg("--debug");
+    }
+    if let pod::Role::Member { sandbox, .. } = &role {
+        cmd.arg("--pod-sandbox").arg(sandbox);
     }
     if let Some(map) = ctx.monitor_uid {
         cmd.arg("--monitor-uid").arg(map.base().to_string());
@@ -193,6 +205,17 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
     close_inherited_fds(raw);
+    if let Some(sandbox) = args.pod_sandbox {
+        return monitor::member::run(monitor::member::MemberArgs {
+            root: ctx.root.clone(),
+            id: args.id,
+            bundle: args.bundle,
+            sandbox,
+            notify_fd: raw,
+            console_socket: args.console_socket,
+            log: ctx.log.clone(),
+        });
+    }
     monitor::run(
         MonitorArgs {
             root: ctx.root.clone(),

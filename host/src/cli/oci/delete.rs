@@ -53,7 +53,8 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Removes a container whose monitor is gone: first what a killed monitor could not undo in
+/// Removes a container whose monitor is gone: first, for a pod's later container, the
+/// container in its sandbox's VM and its files in the sandbox's share; then what a killed monitor could not undo in
 /// the container's network namespace (its tap, qdiscs and filters), then the monitor's cgroup,
 /// then the work directories of overlays remounted for `--monitor-uid`, then the state
 /// directory, then runs its `poststop` hooks (the spec: after the container is
@@ -61,6 +62,8 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 /// cleanup that fails (an unreadable record, a namespace that cannot be entered) is reported
 /// but does not keep the state directory: a retry could not do better.
 pub(super) fn remove_entry(entry: state::Entry) -> Result<()> {
+    // A pod's later container: out of its sandbox's VM and share.
+    crate::monitor::member::leave(entry.dir());
     if let Err(e) = crate::monitor::network::teardown(entry.dir()) {
         let e = anyhow::Error::from(e);
         eprintln!("husk: cleaning up the container's network namespace: {e:#}");

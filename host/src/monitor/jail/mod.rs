@@ -60,7 +60,7 @@ use nix::sys::stat::Mode;
 use super::cgroup::{self, CgroupError};
 use super::overlay::{self, OverlayError};
 use super::userns::{IdMap, UserNs, UserNsError};
-use crate::oci::{hooks, sockets, state};
+use crate::oci::{hooks, pod, sockets, state};
 
 /// Why the monitor could not be confined. Every step is refused rather than skipped: a
 /// monitor that is not confined as asked does not start the VM.
@@ -145,8 +145,11 @@ fn file(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
 
 /// The files of the state directory pinned read-only (see the module docs): the container's
 /// fixed facts, the lock, the hooks `start` and `delete` run, the records of the network,
-/// cgroups and overlay work directories `delete` undoes, and the control socket the commands
-/// connect to (bound before).
+/// cgroups and overlay work directories `delete` undoes, the control socket the commands
+/// connect to (bound before), and the pod records (`crate::oci::pod`): the network namespace
+/// that later containers of the pod are matched by, and the membership a VM owner has not
+/// (pinned empty, so that a monitor cannot make its own container look like a pod's
+/// member and have `delete` act on another VM).
 pub const PINNED: &[&str] = &[
     state::FIXED_FILE,
     state::LOCK_FILE,
@@ -155,6 +158,8 @@ pub const PINNED: &[&str] = &[
     cgroup::RECORD_FILE,
     overlay::RECORD_FILE,
     sockets::MONITOR_SOCKET,
+    pod::NETNS_FILE,
+    pod::POD_FILE,
 ];
 
 /// The environment variable that turns the jail off (`HUSK_JAIL=off`).

@@ -6,7 +6,6 @@
 //! (`signals`).
 
 mod args;
-mod ports;
 mod relay;
 mod request;
 mod signals;
@@ -25,6 +24,7 @@ use self::request::exited;
 use super::{Context, close_inherited_fds};
 use crate::monitor::api::MonitorRequest;
 use crate::monitor::client;
+use crate::oci::ports;
 use crate::oci::sockets::SocketDir;
 use crate::oci::state::{State, Status};
 
@@ -56,9 +56,9 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         bail!("--started-fd is the exec relay's own flag; it cannot be --detach'ed");
     }
     // The sockets outlive the entry: the lock is not held while the process runs.
-    let (sockets, st) = {
+    let (ends, st) = {
         let entry = ctx.store().open(&args.id)?;
-        (entry.sockets()?, entry.current()?)
+        (Endpoints::of(&entry)?, entry.current()?)
     };
     if st.status != Status::Running {
         bail!("cannot exec in container {}: it is {}", args.id, st.status);
@@ -68,9 +68,31 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         return relay::detach(ctx, args);
     }
     if args.tty {
-        return tty::run(args, &sockets, process_json, started);
+        return tty::run(args, &ends, process_json, started);
     }
-    exec_pipes(args, &sockets, process_json, started)
+    exec_pipes(args, &ends, process_json, started)
+}
+
+/// Where an exec is asked for and where its streams come back: the container's monitor
+/// socket, and the directory of the VM the container is in, where the VM's vsock device
+/// connects the guest's streams (the sandbox's, for a pod's later container: see
+/// `crate::oci::pod`).
+pub(super) struct Endpoints {
+    /// The container's own directory.
+    own: SocketDir,
+    /// Its VM's.
+    vm: SocketDir,
+}
+
+impl Endpoints {
+    fn of(entry: &crate::oci::state::Entry) -> Result<Endpoints> {
+        let vm_dir = crate::oci::pod::vm_dir(entry.dir())?;
+        Ok(Endpoints {
+            own: entry.sockets()?,
+            vm: SocketDir::open(&vm_dir)
+                .with_context(|| format!("opening {}", vm_dir.display()))?,
+        })
+    }
 }
 
 /// The process JSON for `exec`: `--process`, or the container's process with ARGS and the
@@ -117,12 +139,12 @@ fn exec_process(st: &State, args: &ExecArgs) -> Result<Vec<u8>> {
 /// ports.
 fn exec_pipes(
     args: &ExecArgs,
-    sockets: &SocketDir,
+    ends: &Endpoints,
     process_json: Vec<u8>,
     started: &mut Started,
 ) -> Result<ExitCode> {
-    let socket = &sockets.monitor();
-    let (base, listeners) = ports::bind(sockets)?;
+    let socket = &ends.own.monitor();
+    let (base, listeners) = ports::bind(&ends.vm).context("binding the exec's stdio ports")?;
     let req = MonitorRequest::Exec {
         process_json,
         stdio: Stdio::Pipes {
@@ -133,7 +155,7 @@ fn exec_pipes(
         console: false,
     };
     let (exec, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
-        ports::remove(sockets, base, 3);
+        ports::remove(&ends.vm, base, 3);
     })?;
     request::running(socket, exec, started)?;
     let [stdin_l, stdout_l, stderr_l] = listeners;
@@ -142,7 +164,7 @@ fn exec_pipes(
         Ok(l.accept()?.0)
     };
     let (stdin_c, stdout_c, stderr_c) = (accept(stdin_l)?, accept(stdout_l)?, accept(stderr_l)?);
-    ports::remove(sockets, base, 3);
+    ports::remove(&ends.vm, base, 3);
     std::thread::spawn(move || {
         let mut conn = stdin_c;
         let _ = std::io::copy(&mut std::io::stdin(), &mut conn);

@@ -6,26 +6,26 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, bail};
 use husk_proto::{Stdio, VsockPort};
 
+use super::Endpoints;
 use super::args::ExecArgs;
-use super::ports;
 use super::relay::Started;
 use super::request::{self, exited};
 use crate::monitor::api::MonitorRequest;
 use crate::monitor::{client, console};
-use crate::oci::sockets::SocketDir;
+use crate::oci::ports;
 
 /// `exec --tty`: the process gets a pty in the guest, relayed to a host pty whose master goes
 /// to `--console-socket` (engines), or to this command's own terminal (interactive use).
 pub(super) fn run(
     args: &ExecArgs,
-    sockets: &SocketDir,
+    ends: &Endpoints,
     process_json: Vec<u8>,
     started: &mut Started,
 ) -> Result<ExitCode> {
     let mut process: serde_json::Value = serde_json::from_slice(&process_json)?;
     process["terminal"] = serde_json::Value::Bool(true);
     let process_json = serde_json::to_vec(&process)?;
-    let socket = &sockets.monitor();
+    let socket = &ends.own.monitor();
     if let Some(console_socket) = &args.console_socket {
         // The monitor holds the terminal; we only wait. We open the pty and hand its master
         // to the engine: the jailed monitor cannot reach the engine's socket by path.
@@ -49,7 +49,7 @@ pub(super) fn run(
     if unsafe { libc::isatty(0) } != 1 {
         bail!("exec --tty needs a terminal on stdin or --console-socket");
     }
-    let (base, listeners) = ports::bind(sockets)?;
+    let (base, listeners) = ports::bind(&ends.vm).context("binding the exec's stdio ports")?;
     let [term_l, _, _] = listeners;
     let req = MonitorRequest::Exec {
         process_json,
@@ -59,11 +59,11 @@ pub(super) fn run(
         console: false,
     };
     let (exec_id, mut reader) = request::send(socket, &req, None, &args.id).inspect_err(|_| {
-        ports::remove(sockets, base, 3);
+        ports::remove(&ends.vm, base, 3);
     })?;
     request::running(socket, exec_id, started)?;
     let conn = term_l.accept().map(|(c, _)| c);
-    ports::remove(sockets, base, 3);
+    ports::remove(&ends.vm, base, 3);
     let conn = conn.context("accepting the guest's terminal connection")?;
     let (rtx, rrx) = std::sync::mpsc::channel::<husk_proto::WindowSize>();
     let monitor_socket = socket.to_path_buf();

@@ -1,7 +1,9 @@
-//! The ports on which the guest connects an exec'd process's stdio back to `husk exec`:
-//! `vsock.sock_<port>` listeners beside the container's vsock socket (the VM's vsock device
-//! connects the guest's streams to them), bound for the request and removed once the guest
-//! connected or the request failed.
+//! The ports on which the guest connects a process's stdio back to a process on the host
+//! other than the monitor: an exec'd process's to `husk exec`, a pod's later container's to
+//! the process that stands for it (`monitor::member`). They are `vsock.sock_<port>`
+//! listeners beside the VM's vsock socket (the VM's vsock device connects the guest's streams
+//! to them), bound for the request and removed once the guest connected or the request
+//! failed.
 //!
 //! The monitor connects to them, so they belong to the state directory's owner: the monitor's
 //! uid under `--monitor-uid` (root otherwise). That directory is the monitor's to write, and
@@ -14,29 +16,25 @@
 
 use std::os::unix::net::UnixListener;
 
-use anyhow::{Context as _, Result, anyhow, bail};
-
 use crate::oci::sockets::SocketDir;
 
 /// Binds `vsock.sock_<port>` listeners for three consecutive free ports, owned by the
 /// directory's owner (see the module docs).
-pub(super) fn bind(sockets: &SocketDir) -> Result<(u32, [UnixListener; 3])> {
-    let (uid, gid) = sockets
-        .owner()
-        .context("reading the owner of the container's directory")?;
+pub fn bind(sockets: &SocketDir) -> std::io::Result<(u32, [UnixListener; 3])> {
+    let (uid, gid) = sockets.owner()?;
     std::thread::scope(|s| {
         s.spawn(|| {
             as_owner(uid, gid)?;
             bind_free(sockets)
         })
         .join()
-        .map_err(|_| anyhow!("binding the exec's ports: the thread panicked"))?
+        .map_err(|_| std::io::Error::other("binding vsock ports: the thread panicked"))?
     })
 }
 
 /// Makes the calling thread's filesystem uid and gid `uid` and `gid` (the thread's own: they
 /// are per thread, and end with it).
-fn as_owner(uid: u32, gid: u32) -> Result<()> {
+fn as_owner(uid: u32, gid: u32) -> std::io::Result<()> {
     // SAFETY: setfsgid/setfsuid take an id and change only the calling thread's credentials;
     // the invalid id u32::MAX changes nothing and returns the current one, to check.
     let (fsgid, fsuid) = unsafe {
@@ -45,13 +43,16 @@ fn as_owner(uid: u32, gid: u32) -> Result<()> {
         (libc::setfsgid(u32::MAX), libc::setfsuid(u32::MAX))
     };
     if (u32::try_from(fsuid).ok(), u32::try_from(fsgid).ok()) != (Some(uid), Some(gid)) {
-        bail!("cannot bind the exec's ports as uid {uid} and gid {gid} (the directory's owner)");
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("cannot bind vsock ports as uid {uid} and gid {gid} (the directory's owner)"),
+        ));
     }
     Ok(())
 }
 
 /// The three listeners, from the first free port of a pseudo-random sequence.
-fn bind_free(sockets: &SocketDir) -> Result<(u32, [UnixListener; 3])> {
+fn bind_free(sockets: &SocketDir) -> std::io::Result<(u32, [UnixListener; 3])> {
     let seed = std::process::id() % 10_000;
     for attempt in 0..1000u32 {
         let base = 10_000 + ((seed + attempt * 7) % 20_000) * 3;
@@ -71,11 +72,14 @@ fn bind_free(sockets: &SocketDir) -> Result<(u32, [UnixListener; 3])> {
         let mut next = || listeners.next().expect("three bound");
         return Ok((base, [next(), next(), next()]));
     }
-    bail!("no free vsock ports for exec")
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free vsock ports",
+    ))
 }
 
 /// Removes the first `n` of the listeners [`bind`] bound from `base` on.
-pub(super) fn remove(sockets: &SocketDir, base: u32, n: usize) {
+pub fn remove(sockets: &SocketDir, base: u32, n: usize) {
     for p in (base..base + 3).take(n) {
         let _ = std::fs::remove_file(sockets.vsock_port(p));
     }

@@ -1,0 +1,521 @@
+//! A pod's later container: the process that stands for it on the host.
+//!
+//! A pod is one VM (see `crate::oci::pod` for which containers share one): its sandbox's
+//! monitor owns it, and each later container is created inside it by husk-init, next to the
+//! sandbox's. On the host such a container still needs what engines expect of a runc
+//! container: a process whose pid `create` reports and whose exit status is the container's,
+//! a `state.json`, and a `monitor.sock` that the `husk` commands talk to. That process is
+//! this one, the *member*: `husk create` starts it as it starts a monitor (`husk monitor ...
+//! --pod-sandbox S`), detached, with the container's stdio; it
+//!
+//! 1. checks that the sandbox S runs, and runs the `prestart` and `createRuntime` hooks;
+//! 2. attaches the container's rootfs and bind mounts' sources into the sandbox's share,
+//!    where the guest sees them (`place`), and binds the ports on which the guest connects
+//!    the container's stdio in S's directory (`crate::oci::ports`), or opens its terminal;
+//! 3. writes the container's fixed state (its own pid) and [`pod::POD_FILE`], binds its
+//!    `monitor.sock`, and asks S's monitor to add the container
+//!    ([`MonitorRequest::AddContainer`]);
+//! 4. reports "ok" to `husk create` and serves: each command on its socket is passed to S's
+//!    monitor wrapped in [`MonitorRequest::ForContainer`], its replies passed back, and the
+//!    status it changes recorded; when S's monitor says the container's main process exited
+//!    (or S's VM ended), the member records `stopped` and exits with the status.
+//!
+//! `husk delete` takes the container out of the VM and its files out of the share
+//! ([`leave`]).
+//!
+//! The member runs as root on the host and is not jailed; it is not exposed to the guest the
+//! way a monitor is: it reads only the replies of S's monitor (bounded, see `client`) and
+//! relays the container's stdio streams, as `husk exec` does.
+
+mod mounts;
+mod place;
+
+use std::io::Write;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use husk_proto::{Stdio, VsockPort};
+
+use self::place::{Placed, SandboxNamespaces};
+use super::api::{self, MonitorReply, MonitorRequest};
+use super::client;
+use super::console::{Console, ConsoleError};
+use super::setup::{self, ContainerStdio};
+use super::{relay, serve};
+use crate::error_chain;
+use crate::oci::bundle::{Bundle, BundleError};
+use crate::oci::hooks::HookError;
+use crate::oci::pod::{self, Membership, PodError};
+use crate::oci::ports;
+use crate::oci::sockets::{self, SocketDir};
+use crate::oci::state::{self, State, StateError, Status};
+
+/// What `husk create` tells a member.
+#[derive(Debug, Clone)]
+pub struct MemberArgs {
+    /// The state root.
+    pub root: PathBuf,
+    /// The container id.
+    pub id: String,
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// The pod's sandbox, whose VM the container joins.
+    pub sandbox: String,
+    /// Write end of the pipe on which the member reports "ok" or why not.
+    pub notify_fd: RawFd,
+    /// Where to send the pty master when the process has a terminal.
+    pub console_socket: Option<PathBuf>,
+    /// The `--log` file, for the member's own diagnostics.
+    pub log: Option<PathBuf>,
+}
+
+/// Why a pod's container could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// The bundle is invalid.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The sandbox is not there or does not run.
+    #[error(transparent)]
+    Pod(#[from] PodError),
+    /// The sandbox's state could not be read.
+    #[error("the pod's sandbox {id}: {source}")]
+    Sandbox {
+        /// Its id.
+        id: String,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// A hook failed.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// A file or directory could not be read, made or opened.
+    #[error("{what} {path}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A mount of the spec's could not be idmapped for the sandbox's `--monitor-uid`.
+    #[error(
+        "{path} cannot be idmapped for the sandbox's unprivileged monitor (an overlay rootfs? a pod's later containers need --monitor-uid off or rootfs that can): {error}"
+    )]
+    NotIdmappable {
+        /// The mount's source.
+        path: PathBuf,
+        /// What the kernel said.
+        error: std::io::Error,
+    },
+    /// A bind mount of the spec has no source.
+    #[error("config.json: mount {index} ({}): a bind mount needs a source", destination.display())]
+    NoSource {
+        /// Its index.
+        index: u32,
+        /// Its destination.
+        destination: PathBuf,
+    },
+    /// The files could not be attached in the sandbox monitor's namespace.
+    #[error("attaching the container's files to the pod's share: {0}")]
+    Attach(String),
+    /// The terminal.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// `process.terminal` without a console socket.
+    #[error("config.json: process.terminal is true but no --console-socket was given")]
+    NoConsoleSocket,
+    /// The state could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The sandbox's monitor refused or did not answer.
+    #[error("the pod's sandbox's monitor: {0}")]
+    Monitor(String),
+}
+
+/// Runs a member; returns when the container has stopped, with its exit status.
+pub fn run(args: MemberArgs) -> ExitCode {
+    // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
+    let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
+    let dir = args.root.join(&args.id);
+    let joined = setup::take_stdio(args.log.as_deref())
+        .map_err(|source| MemberError::Io {
+            what: "taking the container's stdio",
+            path: "/proc/self/fd".into(),
+            source,
+        })
+        .and_then(|stdio| join(&args, &dir, stdio));
+    let member = match joined {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(notify, "error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = writeln!(notify, "ok");
+    drop(notify);
+    let code = member.serve();
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+}
+
+/// A member whose container the sandbox's VM has.
+struct Member {
+    dir: PathBuf,
+    /// The container's state, written by whoever changes it.
+    state: Arc<Mutex<State>>,
+    /// The connection on which the sandbox's monitor reports the container's exit.
+    exit: client::Replies,
+    /// The output relays, finished before the member exits.
+    outputs: Vec<relay::Output>,
+    /// The member's own sockets (its `monitor.sock`).
+    own: SocketDir,
+    /// The sandbox's directory (the stdio ports are there).
+    vm: SocketDir,
+    /// The first of the stdio ports.
+    ports: u32,
+}
+
+/// Steps 1 to 3 of the module docs; on failure, what was done is undone.
+fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, MemberError> {
+    let bundle = Bundle::load(&args.bundle)?;
+    let sandbox_dir =
+        std::path::absolute(args.root.join(&args.sandbox)).map_err(|source| MemberError::Io {
+            what: "finding",
+            path: args.root.join(&args.sandbox),
+            source,
+        })?;
+    let sandbox_id =
+        husk_proto::ContainerId::new(args.sandbox.clone()).map_err(|e| MemberError::Sandbox {
+            id: args.sandbox.clone(),
+            source: e.into(),
+        })?;
+    let sandbox =
+        state::read_state(&sandbox_dir, &sandbox_id).map_err(|source| MemberError::Sandbox {
+            id: args.sandbox.clone(),
+            source,
+        })?;
+    let sandbox_pid = sandbox
+        .pid
+        .filter(|_| state::monitor_alive(&sandbox))
+        .filter(|_| matches!(sandbox.status, Status::Created | Status::Running))
+        .ok_or_else(|| PodError::SandboxNotRunning {
+            id: args.sandbox.clone(),
+            because: "--pod-sandbox",
+            why: format!("it is {}", sandbox.status),
+        })?;
+    setup::run_create_hooks(&bundle, &args.id, None)?;
+    let ns = SandboxNamespaces::of(sandbox_pid)?;
+    // One thread until here: `place` forks.
+    let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
+    let undo = |e: MemberError| {
+        place::unplace(&args.id, &sandbox_dir, Some(sandbox_pid));
+        e
+    };
+    enter_pod(args, dir, &bundle, &sandbox_dir, placed, stdio).map_err(undo)
+}
+
+/// Step 3 and the stdio of step 2: the container's records and sockets, its stdio, and the
+/// container added to the sandbox's VM.
+fn enter_pod(
+    args: &MemberArgs,
+    dir: &Path,
+    bundle: &Bundle,
+    sandbox_dir: &Path,
+    placed: Placed,
+    stdio: ContainerStdio,
+) -> Result<Member, MemberError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| MemberError::Io { what, path, source }
+    };
+    let vm = SocketDir::open(sandbox_dir).map_err(io("opening", sandbox_dir))?;
+    let own = SocketDir::open(dir).map_err(io("opening", dir))?;
+    let (base, listeners) = ports::bind(&vm).map_err(io("binding stdio ports in", sandbox_dir))?;
+    let result = (|| {
+        let console = match (bundle.terminal(), &args.console_socket) {
+            (false, _) => None,
+            (true, Some(socket)) => Some(Console::open(socket)?),
+            (true, None) => return Err(MemberError::NoConsoleSocket),
+        };
+        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        let mut state = State {
+            oci_version: state::OCI_VERSION.into(),
+            id: args.id.clone(),
+            status: Status::Creating,
+            pid: Some(pid),
+            bundle: bundle.dir.clone(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            created: state::now_rfc3339(),
+            monitor_start_time: state::process_start_time(pid).unwrap_or(0),
+            exit_status: None,
+        };
+        state::write_fixed(dir, &state)?;
+        let membership = |container| Membership {
+            sandbox: args.sandbox.clone(),
+            container,
+        };
+        pod::write_json(&dir.join(pod::POD_FILE), &membership(0))?;
+        let commands = UnixListener::bind(own.monitor())
+            .map_err(io("listening on", &dir.join(sockets::MONITOR_SOCKET)))?;
+        let stdio_ports = if console.is_some() {
+            Stdio::Terminal {
+                port: VsockPort(base),
+            }
+        } else {
+            Stdio::Pipes {
+                stdin: Some(VsockPort(base)),
+                stdout: Some(VsockPort(base + 1)),
+                stderr: Some(VsockPort(base + 2)),
+            }
+        };
+        let added = Arc::new(std::sync::OnceLock::new());
+        let outputs = relay_stdio(console, listeners, stdio, &vm, added.clone());
+        let request = MonitorRequest::AddContainer {
+            id: args.id.clone(),
+            config_json: bundle.config_json.clone(),
+            rootfs: placed.rootfs,
+            mounts: placed.mounts,
+            stdio: stdio_ports,
+        };
+        let (reply, exit) =
+            client::request(&vm.monitor(), &request).map_err(MemberError::Monitor)?;
+        let container = match reply {
+            MonitorReply::Added { container, .. } => container,
+            MonitorReply::Error(e) => return Err(MemberError::Monitor(e)),
+            other => return Err(MemberError::Monitor(format!("unexpected reply {other:?}"))),
+        };
+        let _ = added.set(container);
+        pod::write_json(&dir.join(pod::POD_FILE), &membership(container))?;
+        state.status = Status::Created;
+        state::write_state(dir, &state)?;
+        let state = Arc::new(Mutex::new(state));
+        spawn_command_proxy(
+            commands,
+            vm.monitor(),
+            container,
+            state.clone(),
+            dir.to_owned(),
+        );
+        Ok((state, exit, outputs))
+    })();
+    match result {
+        Ok((state, exit, outputs)) => Ok(Member {
+            dir: dir.to_owned(),
+            state,
+            exit,
+            outputs,
+            own,
+            vm,
+            ports: base,
+        }),
+        Err(e) => {
+            ports::remove(&vm, base, 3);
+            Err(e)
+        }
+    }
+}
+
+/// Connects the container's stdio to the guest's streams: the terminal (whose resizes go to
+/// the sandbox's monitor once the container has its number, `added`), or the stdio the member
+/// inherited.
+fn relay_stdio(
+    console: Option<Console>,
+    [stdin_l, stdout_l, stderr_l]: [UnixListener; 3],
+    stdio: ContainerStdio,
+    vm: &SocketDir,
+    added: Arc<std::sync::OnceLock<u32>>,
+) -> Vec<relay::Output> {
+    let Some(console) = console else {
+        relay::stdin(stdin_l, stdio.stdin);
+        return vec![
+            relay::output(stdout_l, stdio.stdout, "stdout"),
+            relay::output(stderr_l, stdio.stderr, "stderr"),
+        ];
+    };
+    let (tx, sizes) = std::sync::mpsc::channel();
+    console.relay(stdin_l, tx);
+    let monitor = vm.monitor();
+    std::thread::spawn(move || {
+        for size in sizes {
+            let Some(&container) = added.get() else {
+                // Not added yet: the guest sizes the terminal when it creates it, and the
+                // next change comes on its own.
+                continue;
+            };
+            let request = MonitorRequest::ForContainer {
+                container,
+                request: Box::new(MonitorRequest::Resize { size }),
+            };
+            let _ = client::request(&monitor, &request);
+        }
+    });
+    Vec::new()
+}
+
+/// The status a command that succeeded leaves the container in.
+fn status_after(request: &MonitorRequest) -> Option<Status> {
+    match request {
+        MonitorRequest::Start | MonitorRequest::Resume => Some(Status::Running),
+        MonitorRequest::Pause => Some(Status::Paused),
+        _ => None,
+    }
+}
+
+/// Accepts commands on the container's `monitor.sock` and passes each to the sandbox's
+/// monitor (see the module docs), one thread per connection.
+fn spawn_command_proxy(
+    commands: UnixListener,
+    sandbox: PathBuf,
+    container: u32,
+    state: Arc<Mutex<State>>,
+    dir: PathBuf,
+) {
+    std::thread::spawn(move || {
+        for stream in commands.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (sandbox, state, dir) = (sandbox.clone(), state.clone(), dir.clone());
+            std::thread::spawn(move || proxy(stream, &sandbox, container, &state, &dir));
+        }
+    });
+}
+
+/// Passes one command from `stream` to the sandbox's monitor, and its replies back.
+fn proxy(mut stream: UnixStream, sandbox: &Path, container: u32, state: &Mutex<State>, dir: &Path) {
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let Ok((line, mut fds)) = api::receive_request(&stream) else {
+        return;
+    };
+    let _ = stream.set_read_timeout(None);
+    let request = match serde_json::from_slice::<MonitorRequest>(&line) {
+        Ok(MonitorRequest::ForContainer { .. } | MonitorRequest::AddContainer { .. }) => {
+            let e = "a pod's container's monitor takes requests about the container only";
+            serve::reply(&mut stream, &MonitorReply::Error(e.into()));
+            return;
+        }
+        Ok(r) => r,
+        Err(e) => {
+            serve::reply(
+                &mut stream,
+                &MonitorReply::Error(format!("bad request: {e}")),
+            );
+            return;
+        }
+    };
+    let then = status_after(&request);
+    let wrapped = MonitorRequest::ForContainer {
+        container,
+        request: Box::new(request),
+    };
+    let fd: Option<OwnedFd> = fds.drain(..).next();
+    let (reply, mut replies) =
+        match client::request_with_fd(sandbox, &wrapped, fd.as_ref().map(AsFd::as_fd)) {
+            Ok(r) => r,
+            Err(e) => {
+                serve::reply(&mut stream, &MonitorReply::Error(e));
+                return;
+            }
+        };
+    if let (MonitorReply::Ok, Some(status)) = (&reply, then) {
+        // Before the reply: a `husk state` right after the command must see it.
+        let mut st = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.status != Status::Stopped {
+            st.status = status;
+            let _ = state::write_state(dir, &st);
+        }
+    }
+    serve::reply(&mut stream, &reply);
+    // Later replies (an exec'd process's exit), until the sandbox's monitor closes.
+    while let Ok(later) = client::read_reply(&mut replies) {
+        serve::reply(&mut stream, &later);
+    }
+}
+
+impl Member {
+    /// Waits for the container's exit (step 4); returns its status.
+    fn serve(mut self) -> i32 {
+        let code = match client::read_reply(&mut self.exit) {
+            Ok(MonitorReply::Exited(code)) => code,
+            Ok(other) => {
+                eprintln!("husk: unexpected reply from the pod's sandbox's monitor: {other:?}");
+                255
+            }
+            Err(e) => {
+                eprintln!("husk: the pod's sandbox's monitor went away: {e}");
+                128 + 9
+            }
+        };
+        for out in self.outputs.drain(..) {
+            out.finish(relay::OUTPUT_STALL);
+        }
+        {
+            let mut st = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.status = Status::Stopped;
+            st.exit_status = Some(code);
+            let _ = state::write_state(&self.dir, &st);
+        }
+        ports::remove(&self.vm, self.ports, 3);
+        // Fails (EBUSY) only if pinned; `delete` removes it with the directory.
+        let _ = std::fs::remove_file(self.own.monitor());
+        code
+    }
+}
+
+/// Takes a pod's later container (state directory `dir`, of root `root`) out of its
+/// sandbox's VM, if the sandbox still runs, and its files out of the sandbox's share: what
+/// `husk delete` does before it removes the directory. Nothing to do for a container that is
+/// not a pod's later one. Must be called while the process has one thread.
+pub fn leave(dir: &Path) {
+    let pod = match pod::membership(dir) {
+        Ok(Some(pod)) => pod,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("husk: {}", error_chain(&e));
+            return;
+        }
+    };
+    let Ok(sandbox_id) = husk_proto::ContainerId::new(pod.sandbox.clone()) else {
+        return;
+    };
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = dir.parent().unwrap_or(Path::new("."));
+    let Ok(sandbox_dir) = std::path::absolute(root.join(&pod.sandbox)) else {
+        return;
+    };
+    let sandbox_pid = state::read_state(&sandbox_dir, &sandbox_id)
+        .ok()
+        .filter(state::monitor_alive)
+        .and_then(|st| st.pid);
+    if sandbox_pid.is_some() && pod.container != 0 {
+        let request = MonitorRequest::ForContainer {
+            container: pod.container,
+            request: Box::new(MonitorRequest::Remove),
+        };
+        let outcome = SocketDir::open(&sandbox_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|s| client::request(&s.monitor(), &request));
+        match outcome {
+            Ok((MonitorReply::Ok, _)) => {}
+            Ok((MonitorReply::Error(e), _)) | Err(e) => {
+                eprintln!("husk: taking {id} out of its pod's VM: {e}");
+            }
+            Ok((other, _)) => {
+                eprintln!("husk: taking {id} out of its pod's VM: unexpected reply {other:?}");
+            }
+        }
+    }
+    place::unplace(&id, &sandbox_dir, sandbox_pid);
+}
