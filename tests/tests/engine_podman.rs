@@ -347,3 +347,77 @@ fn podman_on_overlay_storage_with_a_monitor_of_its_own_uid() {
     expect_ok(podman.with(&["rm", "-f", "-t", "60", "u1"]));
     assert_no_husk_containers(&podman);
 }
+
+/// A podman pod is one VM: its infra container owns it, and the pod's containers, which podman
+/// puts in the infra container's network namespace, are created in it (husk matches them by
+/// that namespace). They reach each other on localhost, each with its own root filesystem,
+/// and removing the pod leaves nothing.
+#[test]
+fn podman_pod_is_one_vm() {
+    let Some(()) = prerequisites() else { return };
+    let Some(podman) = Podman::new(&husk_binary()) else {
+        return;
+    };
+    expect_ok(podman.with(&[
+        "pod",
+        "create",
+        "--name",
+        "p1",
+        "--network",
+        "none",
+        "--infra-image",
+        IMAGE,
+        "--infra-command",
+        "sleep 100000",
+    ]));
+    expect_ok(podman.with(&[
+        "run",
+        "-d",
+        "--pod",
+        "p1",
+        "--name",
+        "server",
+        IMAGE,
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait",
+    ]));
+    expect_ok(podman.with(&[
+        "run",
+        "-d",
+        "--pod",
+        "p1",
+        "--name",
+        "client",
+        IMAGE,
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 1; done",
+    ]));
+    // Three containers, one VM: the guest kernel's boot id is the same in each.
+    let boot_id = |name: &str| {
+        expect_ok(podman.with(&["exec", name, "cat", "/proc/sys/kernel/random/boot_id"]))
+    };
+    let infra =
+        expect_ok(podman.with(&["pod", "inspect", "p1", "--format", "{{.InfraContainerID}}"]));
+    let infra = infra.trim();
+    let vm = boot_id(infra);
+    assert_eq!(boot_id("server"), vm);
+    assert_eq!(boot_id("client"), vm);
+    let mut fetch = podman.cmd();
+    fetch.args(["exec", "client", "sh", "-c"]).arg(
+        "i=0; while [ $i -lt 30 ]; do wget -q -O - http://127.0.0.1:8080/ && exit 0; \
+         sleep 1; i=$((i + 1)); done; exit 1",
+    );
+    assert_eq!(expect_ok(fetch), "served-from-the-container\n");
+    expect_ok(podman.with(&["exec", "server", "touch", "/made-in-server"]));
+    expect_code(
+        podman.with(&["exec", "client", "sh", "-c", "[ -e /made-in-server ]"]),
+        1,
+    );
+    let on_host = std::fs::read_dir(podman.husk_root()).unwrap().count();
+    assert_eq!(on_host, 3, "a husk container each, on the host");
+
+    expect_ok(podman.with(&["pod", "rm", "-f", "-t", "0", "p1"]));
+    assert_no_husk_containers(&podman);
+}
