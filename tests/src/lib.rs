@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod cri;
 pub mod engines;
+pub mod tty;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

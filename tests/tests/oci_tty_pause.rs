@@ -2,71 +2,23 @@
 //! we drive through the pty master, window size included), one we pause, resume and read
 //! stats from. Two VM boots, in parallel.
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_e2e::tty::{devpts_mount, nonblocking, read_until, recv_fd, resize};
 use husk_e2e::{
     TempDir, busybox_bundle, guest_image, husk, husk_binary, is_root, kvm_available, skip,
 };
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 fn status_of(root: &Path, id: &str) -> String {
     let (code, out, err) = husk(root, &["state", id]);
     assert_eq!(code, 0, "state {id}: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["status"].as_str().unwrap().to_string()
-}
-
-fn recv_fd(listener: &UnixListener) -> (OwnedFd, String) {
-    let (conn, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        conn.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    let mut fd = None;
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            fd = fds.first().copied();
-        }
-    }
-    let n = msg.bytes;
-    let name = String::from_utf8_lossy(&buf[..n]).into_owned();
-    // SAFETY: the fd was just received via SCM_RIGHTS and is ours alone.
-    (
-        unsafe { OwnedFd::from_raw_fd(fd.expect("an fd in the message")) },
-        name,
-    )
-}
-
-fn read_until(master: &mut std::fs::File, needle: &str, limit: Duration) -> String {
-    let start = Instant::now();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    while !seen.contains(needle) {
-        assert!(
-            start.elapsed() < limit,
-            "no {needle:?} on the terminal; saw {seen:?}"
-        );
-        match master.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("reading the pty master: {e}"),
-        }
-    }
-    seen
 }
 
 #[test]
@@ -96,10 +48,7 @@ fn terminal_pause_resume_and_two_containers_at_once() {
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
     v["process"]["terminal"] = serde_json::Value::Bool(true);
     // The terminal comes from the container's own devpts, as with runc.
-    v["mounts"].as_array_mut().unwrap().push(serde_json::json!(
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}
-    ));
+    v["mounts"].as_array_mut().unwrap().push(devpts_mount());
     v["process"]["env"] = serde_json::json!(["PATH=/bin", "HOME=/root", "TERM=xterm"]);
     std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
     let sock = tmp.path().join("console.sock");
@@ -144,26 +93,13 @@ fn terminal_pause_resume_and_two_containers_at_once() {
         );
     }
 
-    let mut master = std::fs::File::from(master);
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(master.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
+    let mut master = nonblocking(master);
     assert_eq!(husk(&root, &["start", "tty1"]).0, 0);
     assert_eq!(husk(&root, &["start", "plain2"]).0, 0);
     master.write_all(b"echo hi-$((40+2))\n").unwrap();
     read_until(&mut master, "hi-42", Duration::from_secs(60));
     // The engine resizes the master; the shell in the guest sees the new size.
-    let ws = libc::winsize {
-        ws_row: 40,
-        ws_col: 100,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads the winsize we pass; the fd is a pty master.
-    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-    assert_eq!(r, 0);
+    resize(&master, 40, 100);
     std::thread::sleep(Duration::from_millis(500));
     master
         .write_all(b"stty size; test -t 0 && echo tty-ok-$((3+4)) $(tty)\n")

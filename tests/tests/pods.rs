@@ -4,11 +4,12 @@
 //! cgroup and lifecycle; deleting it takes it out of the VM and its files out of the share.
 //! One VM for the whole test (boots are ~30 s on nested kvm_pvm).
 
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_e2e::{TempDir, busybox_bundle, guest_image, husk, husk_binary, kvm_available, skip};
+use husk_e2e::{TempDir, busybox_bundle, guest_image, husk, husk_binary, kvm_available, skip, tty};
 
 fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration, what: &str) {
     let start = Instant::now();
@@ -203,6 +204,100 @@ fn a_pods_containers_share_its_vm() {
     assert_eq!(code, 0, "the sandbox runs while the app is paused");
     assert_eq!(husk(&root, &["resume", "app"]).0, 0);
     assert_eq!(status_of(&root, "app"), "running");
+
+    // Its resource usage, from its own cgroup in the guest.
+    let (code, stats, err) = husk(&root, &["events", "--stats", "app"]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
+    assert_eq!(stats["type"], "stats", "{stats}");
+    assert!(
+        stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(
+        stats["data"]["pids"]["current"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+
+    // A container of the pod with a terminal: the engine gets the master, resizes reach it.
+    let Some(term) = busybox_bundle(&tmp.path().join("term"), &["sh"]) else {
+        return;
+    };
+    edit_config(&term, |v| {
+        v["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        });
+        v["process"]["terminal"] = true.into();
+        v["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(tty::devpts_mount());
+    });
+    let sock = tmp.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut create_term = Command::new(husk_binary());
+    create_term
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "term", "--console-socket"])
+        .arg(&sock)
+        .arg("--bundle")
+        .arg(&term)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut create_term = create_term.spawn().unwrap();
+    let (master, name) = tty::recv_fd(&listener);
+    assert!(name.starts_with("/dev/pts/"), "{name}");
+    assert!(create_term.wait().unwrap().success(), "create term");
+    let mut master = tty::nonblocking(master);
+    assert_eq!(husk(&root, &["start", "term"]).0, 0);
+    master.write_all(b"echo hi-$((40+2))\n").unwrap();
+    tty::read_until(&mut master, "hi-42", Duration::from_secs(60));
+    tty::resize(&master, 40, 100);
+    // The resize travels on its own; ask until the shell sees it.
+    let start = Instant::now();
+    loop {
+        master.write_all(b"stty size\n").unwrap();
+        let seen = tty::read_until(&mut master, "\n", Duration::from_secs(30));
+        if seen.contains("40 100") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no resize: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    master.write_all(b"exit 5\n").unwrap();
+    wait_for(
+        || status_of(&root, "term") == "stopped",
+        Duration::from_secs(60),
+        "the terminal's shell to exit",
+    );
+    assert_eq!(state_of(&root, "term")["exitStatus"], 5);
+    assert_eq!(husk(&root, &["delete", "term"]).0, 0);
+
+    // A container whose limits do not fit in the pod's VM (the default 256 MiB) is refused.
+    let Some(big) = busybox_bundle(&tmp.path().join("big"), &["true"]) else {
+        return;
+    };
+    edit_config(&big, |v| {
+        v["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        });
+        v["linux"]["resources"] = serde_json::json!({"memory": {"limit": 1u64 << 30}});
+    });
+    let (code, _, err) = husk(&root, &["create", "big", "--bundle", big.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("memory limit (1024 MiB)") && err.contains("does not grow"),
+        "{err}"
+    );
+    assert!(!root.join("big").exists());
+    assert!(!root.join("pod1/share/pod/big").exists());
 
     // A second container, matched by the sandbox's network namespace alone (podman's pods).
     let Some(side) = busybox_bundle(&tmp.path().join("side"), &["sh", "-c", BOOT_ID]) else {

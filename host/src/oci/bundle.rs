@@ -3,8 +3,15 @@
 //! The VM is sized from the spec: guest RAM is the container's memory limit plus what the
 //! guest kernel and husk-init need themselves ([`GUEST_OVERHEAD_MIB`]); vCPUs are as many as
 //! the `cpus` set lists (host CPU ids; the guest numbers its own 0..n-1), else the CPU quota
-//! rounded up. Without limits a VM gets [`DEFAULT_MEMORY_MIB`] and one vCPU. The annotations
-//! `io.husk.vm.memory_mib` and `io.husk.vm.vcpus` override both.
+//! rounded up. Without limits a VM gets [`DEFAULT_MEMORY_MIB`] and one vCPU.
+//!
+//! A pod's VM is its sandbox's (see `super::pod`): sized the same way from the sandbox's spec,
+//! except that the pod's own limits, where CRI gives them as annotations on the sandbox
+//! (containerd 1.7 and later: [`CRI_SANDBOX_MEMORY`], [`CRI_SANDBOX_CPU_QUOTA`] /
+//! [`CRI_SANDBOX_CPU_PERIOD`]; containerd 1.6 gives none), replace the sandbox's. A pod's later
+//! container must fit in it: its limits are checked against the VM when it is created.
+//!
+//! The annotations `io.husk.vm.memory_mib` and `io.husk.vm.vcpus` override all of it.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +25,12 @@ pub const GUEST_OVERHEAD_MIB: u64 = 64;
 pub const ANNOTATION_MEMORY: &str = "io.husk.vm.memory_mib";
 /// Annotation overriding the vCPU count.
 pub const ANNOTATION_VCPUS: &str = "io.husk.vm.vcpus";
+/// What containerd (1.7 and later) puts on a pod's sandbox: the pod's memory limit (bytes).
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The pod's CPU quota, with [`CRI_SANDBOX_CPU_PERIOD`].
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The period of [`CRI_SANDBOX_CPU_QUOTA`].
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// What is wrong with a bundle.
 #[derive(Debug, thiserror::Error)]
@@ -163,34 +176,58 @@ impl Bundle {
     }
 }
 
-/// The VM size a spec asks for.
-pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
+/// What a spec's own resources limit its processes to: memory (bytes) and CPUs (the `cpus`
+/// set's size, else the quota rounded up); `None` where it sets no limit.
+pub fn limits(spec: &Spec) -> Result<(Option<u64>, Option<u64>), (&'static str, String)> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-    let mut memory_mib = DEFAULT_MEMORY_MIB;
-    if let Some(limit) = resources
+    let memory = resources
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
         .filter(|l| *l > 0)
-    {
-        let limit = u64::try_from(limit).unwrap_or(0);
-        memory_mib = limit.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
-    }
-    let mut vcpus: u64 = 1;
+        .map(|l| u64::try_from(l).unwrap_or(0));
+    let mut cpus = None;
     if let Some(cpu) = resources.and_then(|r| r.cpu().as_ref()) {
         // A set first: in the guest the container gets as many CPUs as it lists (husk-init
         // renumbers them 0..n-1), and the quota, if any, limits it there as it would on the
         // host.
-        if let Some(cpus) = cpu.cpus().as_ref().filter(|c| !c.trim().is_empty()) {
-            vcpus = count_cpus(cpus).ok_or((
+        if let Some(set) = cpu.cpus().as_ref().filter(|c| !c.trim().is_empty()) {
+            cpus = Some(count_cpus(set).ok_or((
                 "linux.resources.cpu.cpus",
-                format!("{cpus:?} is not a CPU list like \"0-3,5\""),
-            ))?;
+                format!("{set:?} is not a CPU list like \"0-3,5\""),
+            ))?);
         } else if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period())
             && quota > 0
             && period > 0
         {
-            vcpus = u64::try_from(quota).unwrap_or(1).div_ceil(period);
+            cpus = Some(u64::try_from(quota).unwrap_or(1).div_ceil(period));
         }
+    }
+    Ok((memory, cpus))
+}
+
+/// The VM size a spec asks for (see the module docs).
+pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
+    let (memory, cpus) = limits(spec)?;
+    let mut memory_mib = memory.map_or(DEFAULT_MEMORY_MIB, |limit| {
+        limit.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB
+    });
+    let mut vcpus: u64 = cpus.unwrap_or(1);
+    let annotations = spec.annotations().as_ref();
+    let number = |key: &str| {
+        annotations
+            .and_then(|a| a.get(key))
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|v| *v > 0)
+    };
+    // A pod's sandbox: the pod's own limits, where CRI gives them.
+    if let Some(bytes) = number(CRI_SANDBOX_MEMORY) {
+        memory_mib = bytes.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
+    }
+    if let (Some(quota), Some(period)) = (
+        number(CRI_SANDBOX_CPU_QUOTA),
+        number(CRI_SANDBOX_CPU_PERIOD),
+    ) {
+        vcpus = quota.div_ceil(period);
     }
     let annotations = spec.annotations().as_ref();
     if let Some(v) = annotations.and_then(|a| a.get(ANNOTATION_MEMORY)) {
@@ -287,6 +324,40 @@ mod tests {
                 memory_mib: 128,
                 vcpus: 3
             }
+        );
+    }
+
+    #[test]
+    fn a_pods_limits_size_its_sandboxs_vm() {
+        // containerd 1.7+: the pod's memory (bytes) and CPU quota on the pause container.
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-memory":"536870912","io.kubernetes.cri.sandbox-cpu-quota":"150000","io.kubernetes.cri.sandbox-cpu-period":"100000"}}"#,
+        );
+        assert_eq!(
+            vm_size(&s).unwrap(),
+            VmSize {
+                memory_mib: 512 + GUEST_OVERHEAD_MIB,
+                vcpus: 2
+            }
+        );
+        // Zero (no limit) leaves the sandbox's own size; husk's annotations win.
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.sandbox-memory":"0","io.husk.vm.vcpus":"3","io.kubernetes.cri.sandbox-cpu-quota":"150000","io.kubernetes.cri.sandbox-cpu-period":"100000"}}"#,
+        );
+        assert_eq!(
+            vm_size(&s).unwrap(),
+            VmSize {
+                memory_mib: DEFAULT_MEMORY_MIB,
+                vcpus: 3
+            }
+        );
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":1073741824},"cpu":{"cpus":"0-1"}}}}"#,
+        );
+        assert_eq!(limits(&s).unwrap(), (Some(1 << 30), Some(2)));
+        assert_eq!(
+            limits(&spec(r#"{"ociVersion":"1.0.2"}"#)).unwrap(),
+            (None, None)
         );
     }
 

@@ -134,6 +134,11 @@ pub enum MemberError {
     /// The state could not be written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The container's limits do not fit in the pod's VM.
+    #[error(
+        "config.json: linux.resources: {0}; the pod's VM is sized by its sandbox (see the README's pods section) and does not grow"
+    )]
+    DoesNotFit(String),
     /// The sandbox's monitor refused or did not answer.
     #[error("the pod's sandbox's monitor: {0}")]
     Monitor(String),
@@ -209,6 +214,7 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
             because: "--pod-sandbox",
             why: format!("it is {}", sandbox.status),
         })?;
+    fits(&bundle, &sandbox)?;
     setup::run_create_hooks(&bundle, &args.id, None)?;
     let ns = SandboxNamespaces::of(sandbox_pid)?;
     // One thread until here: `place` forks.
@@ -218,6 +224,44 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
         e
     };
     enter_pod(args, dir, &bundle, &sandbox_dir, placed, stdio).map_err(undo)
+}
+
+/// Checks that the container's limits fit in the pod's VM (sized by the sandbox's spec, see
+/// `crate::oci::bundle`): its memory limit in what the guest leaves to containers, its CPUs in
+/// the vCPUs. The VM does not grow.
+fn fits(bundle: &Bundle, sandbox: &State) -> Result<(), MemberError> {
+    let vm = Bundle::load(&sandbox.bundle)
+        .map_err(|e| MemberError::Sandbox {
+            id: sandbox.id.clone(),
+            source: StateError::Corrupt {
+                path: sandbox.bundle.clone(),
+                msg: error_chain(&e),
+            },
+        })?
+        .vm;
+    let (memory, cpus) =
+        crate::oci::bundle::limits(&bundle.spec).map_err(|(field, why)| BundleError::Invalid {
+            path: bundle.dir.join("config.json"),
+            field,
+            why,
+        })?;
+    let room_mib = vm
+        .memory_mib
+        .saturating_sub(crate::oci::bundle::GUEST_OVERHEAD_MIB);
+    if let Some(bytes) = memory.filter(|b| b.div_ceil(1 << 20) > room_mib) {
+        return Err(MemberError::DoesNotFit(format!(
+            "its memory limit ({} MiB) is more than the pod's VM leaves to containers ({room_mib} MiB of {} MiB)",
+            bytes.div_ceil(1 << 20),
+            vm.memory_mib
+        )));
+    }
+    if let Some(n) = cpus.filter(|n| *n > u64::from(vm.vcpus)) {
+        return Err(MemberError::DoesNotFit(format!(
+            "it asks for {n} CPUs, the pod's VM has {}",
+            vm.vcpus
+        )));
+    }
+    Ok(())
 }
 
 /// Step 3 and the stdio of step 2: the container's records and sockets, its stdio, and the
