@@ -13,6 +13,10 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CPUID.7.0:EBX SMAP.
 const LEAF7_EBX_SMAP: u32 = 1 << 20;
+/// KVM's paravirtual features (CPUID 0x4000_0001 EAX): asynchronous page faults, and their
+/// "page ready" interrupt (which guests since Linux 5.8 require to use them at all).
+const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
+const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
 
 /// How the guest's CPUID is shaped.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +91,16 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, id: u8, opts: CpuidOptions) {
                 }
             }
         }
+        0x4000_0001 => {
+            // No asynchronous page faults (KVM tells the guest a page is not there yet and
+            // lets it run something else meanwhile). A microVM gains little from them, and
+            // they are where hypervisors go wrong: Cloud Hypervisor and libkrun turn them off
+            // for KVM bugs, and on kvm_pvm hosts, whose event injection differs, container
+            // processes died of SIGSEGV now and then, most under host load with guest memory
+            // mapped from a template's file (a host page fault that would wait is what makes
+            // KVM send one).
+            e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT);
+        }
         0xd if opts.kvm_pvm => {
             // No XSAVE: no XSAVE state components either.
             e.eax = 0;
@@ -128,6 +142,31 @@ mod tests {
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(e.edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn no_asynchronous_page_faults() {
+        let mut cpuid = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: 0x4000_0001,
+            eax: 0x0100_7fff,
+            ..Default::default()
+        }])
+        .unwrap();
+        normalize(
+            &mut cpuid,
+            0,
+            CpuidOptions {
+                vcpus: 1,
+                kvm_pvm: false,
+            },
+        );
+        let eax = cpuid.as_slice()[0].eax;
+        assert_eq!(eax & (KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT), 0);
+        // The clock and the rest stay.
+        assert_eq!(
+            eax | KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT,
+            0x0100_7fff
+        );
     }
 
     #[test]
