@@ -238,17 +238,21 @@ impl Overlay {
     }
 
     /// The work directory husk gives the new overlay for container `id`, inside the engine's.
-    fn workdir(&self, id: &str) -> Option<PathBuf> {
+    pub(crate) fn workdir(&self, id: &str) -> Option<PathBuf> {
         self.upper
             .as_ref()
             .map(|(_, work)| work.join(workdir_name(id)))
     }
 
-    /// Mounts the new overlay at the place of the old (taken off by [`take_off`]), on
-    /// idmapped views of its layers.
-    pub fn mount_idmapped(&self, ns: &UserNs, map: IdMap, id: &str) -> Result<(), OverlayError> {
-        // Each directory to cover once: an ancestor's idmapped view covers what is below it
-        // (and a view cannot be idmapped twice).
+    /// Its read-only, nosuid, nodev and noexec flags.
+    pub(crate) fn flags(&self) -> MsFlags {
+        self.flags
+    }
+
+    /// The directories whose idmapped views the new overlay needs, canonical, none below
+    /// another: each lower layer, and the one directory holding the upper and work
+    /// directories (overlayfs wants those on one mount).
+    pub(crate) fn layer_dirs(&self) -> Result<Vec<PathBuf>, OverlayError> {
         let canonical = |dir: &Path| {
             dir.canonicalize().map_err(|source| OverlayError::Layer {
                 dir: dir.to_owned(),
@@ -261,7 +265,6 @@ impl Overlay {
             .map(|d| canonical(d))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some((upper, work)) = &self.upper {
-            // Upper and work directories must be on one mount: the directory holding both.
             let (upper, work) = (canonical(upper)?, canonical(work)?);
             dirs.push(
                 upper
@@ -273,32 +276,60 @@ impl Overlay {
         }
         dirs.sort();
         dirs.dedup();
-        let mut covered: Vec<&Path> = Vec::new();
-        for dir in &dirs {
-            if covered.iter().any(|c| dir.starts_with(c)) {
-                continue;
+        // An ancestor's idmapped view covers what is below it (and a view cannot be idmapped
+        // twice).
+        let mut covering: Vec<PathBuf> = Vec::new();
+        for dir in dirs {
+            if !covering.iter().any(|c| dir.starts_with(c)) {
+                covering.push(dir);
             }
-            // Not its submounts (the engine's own mount point may be one): overlayfs does
-            // not see a layer's submounts either.
-            ns.idmap(dir, false)?;
-            covered.push(dir);
         }
-        let mut data = self.options.clone();
-        let join = |paths: &[PathBuf]| {
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(":")
+        Ok(covering)
+    }
+
+    /// The new overlay's mount options for container `id`: its layers, each path as `place`
+    /// makes it (where the caller has the layer's idmapped view), husk's work directory, the
+    /// index off, and the engine's other options.
+    pub(crate) fn data(
+        &self,
+        id: &str,
+        place: &dyn Fn(&Path) -> Result<PathBuf, OverlayError>,
+    ) -> Result<String, OverlayError> {
+        let canonical = |dir: &Path| {
+            dir.canonicalize()
+                .map_err(|source| OverlayError::Layer {
+                    dir: dir.to_owned(),
+                    source,
+                })
+                .and_then(|d| place(&d))
         };
-        data.push(format!("lowerdir={}", join(&self.lower)));
+        let mut data = self.options.clone();
+        let lower = self
+            .lower
+            .iter()
+            .map(|p| canonical(p).map(|p| p.display().to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        data.push(format!("lowerdir={}", lower.join(":")));
         if let (Some((upper, _)), Some(work)) = (&self.upper, self.workdir(id)) {
-            data.push(format!("upperdir={}", upper.display()));
-            data.push(format!("workdir={}", work.display()));
+            data.push(format!("upperdir={}", canonical(upper)?.display()));
+            // Made by now: canonical, it is where `place` puts it.
+            data.push(format!("workdir={}", canonical(&work)?.display()));
         }
         data.push("index=off".into());
-        let data = data.join(",");
-        as_namespace_root(map, || {
+        Ok(data.join(","))
+    }
+
+    /// Mounts the new overlay at the place of the old (taken off by [`take_off`]), on
+    /// idmapped views of its layers.
+    pub fn mount_idmapped(&self, ns: &UserNs, map: IdMap, id: &str) -> Result<(), OverlayError> {
+        for dir in self.layer_dirs()? {
+            // Not its submounts (the engine's own mount point may be one): overlayfs does
+            // not see a layer's submounts either.
+            ns.idmap(&dir, false)?;
+        }
+        // The views cover the layers' own paths here.
+        let data = self.data(id, &|p| Ok(p.to_owned()))?;
+        as_namespace_root(map.base(), || {
             mount(
                 Some("overlay"),
                 &self.at,
@@ -315,7 +346,7 @@ impl Overlay {
     }
 }
 
-fn workdir_name(id: &str) -> String {
+pub(crate) fn workdir_name(id: &str) -> String {
     format!("husk-{id}")
 }
 
@@ -362,6 +393,32 @@ pub fn find(share: &Path, state_dir: &Path, id: &str) -> Result<Vec<Overlay>, Ov
     Ok(found)
 }
 
+/// The overlay mounted at `dir` itself, if any (the engine's rootfs, for a pod's later
+/// container: see `super::member`). Fails, naming it, on one that cannot be mounted anew, or
+/// one with mounts below it.
+pub(crate) fn at(dir: &Path) -> Result<Option<Overlay>, OverlayError> {
+    let dir = dir.canonicalize().map_err(|source| OverlayError::Layer {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let mounts = mountinfo::under(&dir).map_err(OverlayError::Mountinfo)?;
+    // The last mount at `dir` is the one seen there.
+    let Some(m) = mounts.iter().rev().find(|m| m.at == dir) else {
+        return Ok(None);
+    };
+    if m.kind != "overlay" {
+        return Ok(None);
+    }
+    if let Some(below) = mounts.iter().find(|b| b.at != dir) {
+        return Err(OverlayError::MountBelow {
+            at: dir.clone(),
+            kind: below.kind.clone(),
+            below: below.at.clone(),
+        });
+    }
+    Overlay::parse(m).map(Some)
+}
+
 /// Takes the overlays off the share (they are mounted anew after the share is idmapped).
 pub fn take_off(overlays: &[Overlay]) -> Result<(), OverlayError> {
     for o in overlays {
@@ -373,11 +430,10 @@ pub fn take_off(overlays: &[Overlay]) -> Result<(), OverlayError> {
     Ok(())
 }
 
-/// Runs `f` with the filesystem uid and gid of the namespace's root (host BASE) and the
+/// Runs `f` with the filesystem uid and gid of the namespace's root (host `base`) and the
 /// capabilities kept, then goes back to root's.
-fn as_namespace_root<T>(map: IdMap, f: impl FnOnce() -> T) -> Result<T, OverlayError> {
+pub(crate) fn as_namespace_root<T>(base: u32, f: impl FnOnce() -> T) -> Result<T, OverlayError> {
     use caps::CapSet;
-    let base = map.base();
     nix::unistd::setfsgid(nix::unistd::Gid::from_raw(base));
     nix::unistd::setfsuid(nix::unistd::Uid::from_raw(base));
     // Leaving fsuid 0 clears the effective filesystem capabilities; they are still permitted.

@@ -113,6 +113,10 @@ pub struct Membership {
     pub sandbox: String,
     /// The member's number in the VM (`ContainerRef`); 0 until the VM took it.
     pub container: u32,
+    /// The work directory husk made for its overlay rootfs, if it mounted one anew (see
+    /// `monitor::member`), which `delete` removes.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
 }
 
 fn annotation<'a>(bundle: &'a Bundle, key: &str) -> Option<&'a str> {

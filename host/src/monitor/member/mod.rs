@@ -44,7 +44,7 @@ use super::api::{self, MonitorReply, MonitorRequest};
 use super::client;
 use super::console::{Console, ConsoleError};
 use super::setup::{self, ContainerStdio};
-use super::{relay, serve};
+use super::{overlay, relay, serve};
 use crate::error_chain;
 use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::hooks::HookError;
@@ -106,7 +106,7 @@ pub enum MemberError {
     },
     /// A mount of the spec's could not be idmapped for the sandbox's `--monitor-uid`.
     #[error(
-        "{path} cannot be idmapped for the sandbox's unprivileged monitor (an overlay rootfs? a pod's later containers need --monitor-uid off or rootfs that can): {error}"
+        "{path} cannot be idmapped for the sandbox's unprivileged monitor (its filesystem does not support idmapped mounts; run the pod with --monitor-uid root): {error}"
     )]
     NotIdmappable {
         /// The mount's source.
@@ -114,6 +114,9 @@ pub enum MemberError {
         /// What the kernel said.
         error: std::io::Error,
     },
+    /// The engine's overlay rootfs cannot be mounted anew on idmapped layers.
+    #[error(transparent)]
+    Overlay(#[from] crate::monitor::overlay::OverlayError),
     /// A bind mount of the spec has no source.
     #[error("config.json: mount {index} ({}): a bind mount needs a source", destination.display())]
     NoSource {
@@ -219,8 +222,12 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
     let ns = SandboxNamespaces::of(sandbox_pid)?;
     // One thread until here: `place` forks.
     let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
+    let workdir = placed.workdir.clone();
     let undo = |e: MemberError| {
         place::unplace(&args.id, &sandbox_dir, Some(sandbox_pid));
+        if let Some(w) = &workdir {
+            let _ = std::fs::remove_dir_all(w);
+        }
         e
     };
     enter_pod(args, dir, &bundle, &sandbox_dir, placed, stdio).map_err(undo)
@@ -300,9 +307,11 @@ fn enter_pod(
             exit_status: None,
         };
         state::write_fixed(dir, &state)?;
+        let workdir = placed.workdir.clone();
         let membership = |container| Membership {
             sandbox: args.sandbox.clone(),
             container,
+            workdir: workdir.clone(),
         };
         pod::write_json(&dir.join(pod::POD_FILE), &membership(0))?;
         let commands = UnixListener::bind(own.monitor())
@@ -562,4 +571,21 @@ pub fn leave(dir: &Path) {
         }
     }
     place::unplace(&id, &sandbox_dir, sandbox_pid);
+    if let Some(workdir) = pod.workdir {
+        // Only a directory named for this container (a record of ours, but checked anyway).
+        let ours = workdir.is_absolute()
+            && workdir.file_name() == Some(std::ffi::OsStr::new(&overlay::workdir_name(&id)));
+        if ours {
+            if let Err(e) = std::fs::remove_dir_all(&workdir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("husk: removing {}: {e}", workdir.display());
+            }
+        } else {
+            eprintln!(
+                "husk: {} is not a work directory of {id}: left",
+                workdir.display()
+            );
+        }
+    }
 }

@@ -54,6 +54,78 @@ impl Detached {
         }
     }
 
+    /// A new mount of a filesystem of type `fstype` with `options` (each `key=value`, or a flag
+    /// alone), attached nowhere yet, with `attrs` (`MOUNT_ATTR_*`): fsopen(2), fsconfig(2) and
+    /// fsmount(2), with the caller's credentials (the filesystem may keep them, as overlayfs
+    /// does for its copy-ups).
+    pub(super) fn new_mount(
+        fstype: &str,
+        options: &[&str],
+        attrs: u64,
+    ) -> std::io::Result<Detached> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in a mount option")
+            })
+        };
+        let check = |r: libc::c_long| {
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r)
+            }
+        };
+        let fstype = c(fstype)?;
+        // SAFETY: fsopen(2) reads the NUL-terminated name and returns a new descriptor or -1.
+        let fs = check(unsafe {
+            libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC)
+        })?;
+        // SAFETY: fsopen returned this descriptor to us and nothing else owns it.
+        let fs = unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fs).unwrap_or(-1)) };
+        let config = |cmd: libc::c_uint, key: Option<&CString>, value: Option<&CString>| {
+            // SAFETY: fsconfig(2) reads the NUL-terminated key and value (or takes NULL where
+            // the command has none) and the auxiliary argument 0.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fs.as_raw_fd(),
+                    cmd,
+                    key.map_or(std::ptr::null(), |k| k.as_ptr()),
+                    value.map_or(std::ptr::null(), |v| v.as_ptr()),
+                    0,
+                )
+            })
+            .map_err(|e| {
+                let what = key
+                    .map(|k| k.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                std::io::Error::new(e.kind(), format!("{what}: {e}"))
+            })
+        };
+        for option in options {
+            match option.split_once('=') {
+                Some((key, value)) => {
+                    config(libc::FSCONFIG_SET_STRING, Some(&c(key)?), Some(&c(value)?))?
+                }
+                None => config(libc::FSCONFIG_SET_FLAG, Some(&c(option)?), None)?,
+            };
+        }
+        config(libc::FSCONFIG_CMD_CREATE, None, None)?;
+        // SAFETY: fsmount(2) takes the configured context's descriptor and two flag words.
+        let mnt = check(unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fs.as_raw_fd(),
+                libc::FSMOUNT_CLOEXEC,
+                attrs,
+            )
+        })?;
+        // SAFETY: fsmount returned this descriptor to us and nothing else owns it.
+        Ok(Detached(unsafe {
+            OwnedFd::from_raw_fd(RawFd::try_from(mnt).unwrap_or(-1))
+        }))
+    }
+
     /// Makes the whole tree read-only (every mount in it, not only the top one).
     pub(super) fn set_read_only(&self) -> std::io::Result<()> {
         self.set(&libc::mount_attr {

@@ -8,9 +8,9 @@
 //! the host (recursively for the rootfs and `rbind`), made read-only as a whole for `ro`,
 //! idmapped through the sandbox monitor's user namespace when it runs in one
 //! (`--monitor-uid`), then attached from a child that entered the monitor's mount
-//! namespace. An overlay rootfs cannot be idmapped: under `--monitor-uid` a pod's containers
-//! need rootfs on filesystems that can (the sandbox's own overlay is handled by
-//! `monitor::overlay`; a pod's later ones are not yet).
+//! namespace. An overlay rootfs (what engines give) cannot be idmapped: it is mounted anew
+//! there on idmapped views of its layers ([`RemountedOverlay`]), as `monitor::overlay` does
+//! for a VM's own container.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use husk_proto::{FsSource, MountSource, SHARE_TAG};
 
 use super::MemberError;
 use super::mounts::{Detached, Last, detach, in_mount_namespace, walk};
+use crate::monitor::overlay;
 use crate::oci::bundle::Bundle;
 
 /// The share's directory of a pod's container `id`, relative to the share.
@@ -33,14 +34,148 @@ pub(super) struct Placed {
     pub(super) rootfs: String,
     /// The bind mounts' sources.
     pub(super) mounts: Vec<MountSource>,
+    /// The work directory of an overlay rootfs mounted anew (see [`RemountedOverlay`]), for
+    /// `delete` to remove.
+    pub(super) workdir: Option<PathBuf>,
+}
+
+/// Where the idmapped views of an overlay rootfs's layers are attached in the sandbox
+/// monitor's mount namespace: outside the share (the guest does not see them), in the
+/// sandbox's state directory.
+const LAYERS_DIR: &str = "pod-layers";
+
+/// The engine's overlay rootfs of a pod's container, mounted anew in the sandbox monitor's
+/// namespace on idmapped views of its layers, as `monitor::overlay` does for a VM's own
+/// container: each layer's view is attached at `pod-layers/<id>/<n>` of the sandbox's state
+/// directory, and the overlay is mounted with those paths (relative to that directory, which
+/// keeps the options short) and a work directory of husk's own inside the engine's.
+struct RemountedOverlay {
+    /// The layers' idmapped views, attached as their index.
+    layers: Vec<Detached>,
+    /// The overlay's options.
+    data: String,
+    /// Its `MOUNT_ATTR_*` flags.
+    attrs: u64,
+    /// The host uid and gid of the monitor's namespace root, which mounts it.
+    base: u32,
+    /// husk's work directory, made here.
+    workdir: Option<PathBuf>,
+}
+
+impl RemountedOverlay {
+    fn prepare(
+        o: &overlay::Overlay,
+        id: &str,
+        userns: &OwnedFd,
+        base: u32,
+        sandbox_dir: &Path,
+    ) -> Result<RemountedOverlay, MemberError> {
+        let dirs = o.layer_dirs()?;
+        let mut layers = Vec::new();
+        for dir in &dirs {
+            // Not its submounts: overlayfs does not see a layer's submounts either.
+            let tree = Detached::clone_of(dir, false).map_err(|source| MemberError::Io {
+                what: "cloning the mount of the overlay layer",
+                path: dir.clone(),
+                source,
+            })?;
+            tree.idmap(userns)
+                .map_err(|error| MemberError::NotIdmappable {
+                    path: dir.clone(),
+                    error,
+                })?;
+            layers.push(tree);
+        }
+        let workdir = o.workdir(id);
+        if let Some(w) = &workdir {
+            match std::fs::create_dir(w) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(MemberError::Io {
+                        what: "making the overlay's work directory",
+                        path: w.clone(),
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let data = o.data(id, &|p| {
+            let (n, dir) = (0..)
+                .zip(&dirs)
+                .find(|(_, d)| p.starts_with(d))
+                .ok_or_else(|| overlay::OverlayError::Layer {
+                    dir: p.to_owned(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                })?;
+            let rest = p.strip_prefix(dir).unwrap_or(Path::new(""));
+            Ok(Path::new(&format!("{n}")).join(rest))
+        })?;
+        let flags = o.flags();
+        let attrs = [
+            (nix::mount::MsFlags::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),
+            (nix::mount::MsFlags::MS_NOSUID, libc::MOUNT_ATTR_NOSUID),
+            (nix::mount::MsFlags::MS_NODEV, libc::MOUNT_ATTR_NODEV),
+            (nix::mount::MsFlags::MS_NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+        ]
+        .into_iter()
+        .filter(|(f, _)| flags.contains(*f))
+        .fold(0, |a, (_, attr)| a | attr);
+        // The layers' mount points.
+        let sandbox = open_dir(sandbox_dir).map_err(|source| MemberError::Io {
+            what: "opening",
+            path: sandbox_dir.to_owned(),
+            source,
+        })?;
+        for n in 0..layers.len() {
+            let names = [LAYERS_DIR, id, &n.to_string()];
+            walk(&sandbox, &names, Last::Dir, true).map_err(|source| MemberError::Io {
+                what: "creating a mount point in",
+                path: sandbox_dir.join(names.join("/")),
+                source,
+            })?;
+        }
+        Ok(RemountedOverlay {
+            layers,
+            data,
+            attrs,
+            base,
+            workdir,
+        })
+    }
+
+    /// In the sandbox monitor's mount namespace: attaches the layers, mounts the overlay and
+    /// attaches it at `target`.
+    fn mount(&self, sandbox_dir: &Path, id: &str, target: &OwnedFd) -> Result<(), String> {
+        let layers_dir = open_dir(sandbox_dir)
+            .and_then(|d| walk(&d, &[LAYERS_DIR, id], Last::Dir, false))
+            .map_err(|e| format!("opening {}/{LAYERS_DIR}/{id}: {e}", sandbox_dir.display()))?;
+        for (n, tree) in self.layers.iter().enumerate() {
+            let point = walk(&layers_dir, &[&n.to_string()], Last::Dir, false)
+                .map_err(|e| format!("opening the mount point of layer {n}: {e}"))?;
+            tree.attach(&point)
+                .map_err(|e| format!("attaching layer {n}: {e}"))?;
+        }
+        // The layers' paths are relative to it.
+        nix::unistd::fchdir(&layers_dir).map_err(|e| format!("entering the layers: {e}"))?;
+        let options: Vec<&str> = self.data.split(',').collect();
+        let mounted = overlay::as_namespace_root(self.base, || {
+            Detached::new_mount("overlay", &options, self.attrs)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("mounting the overlay ({}): {e}", self.data))?;
+        mounted
+            .attach(target)
+            .map_err(|e| format!("attaching the overlay: {e}"))
+    }
 }
 
 /// The sandbox monitor's namespaces, opened from its pid.
 pub(super) struct SandboxNamespaces {
     /// Its mount namespace.
     pub(super) mnt: OwnedFd,
-    /// Its user namespace, when it is not ours (`--monitor-uid`).
-    pub(super) user: Option<OwnedFd>,
+    /// Its user namespace, when it is not ours (`--monitor-uid`), and the host uid of that
+    /// namespace's root.
+    pub(super) user: Option<(OwnedFd, u32)>,
 }
 
 impl SandboxNamespaces {
@@ -58,9 +193,31 @@ impl SandboxNamespaces {
         };
         let same_user = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()
             == std::fs::read_link("/proc/self/ns/user").ok();
+        let user = if same_user {
+            None
+        } else {
+            let map = PathBuf::from(format!("/proc/{pid}/uid_map"));
+            let text = std::fs::read_to_string(&map).map_err(|source| MemberError::Io {
+                what: "reading",
+                path: map.clone(),
+                source,
+            })?;
+            // "0 BASE COUNT": the namespace's root is host uid BASE.
+            let base = text
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.first() == Some(&"0"))
+                .and_then(|f| f.get(1).and_then(|b| b.parse().ok()))
+                .ok_or_else(|| MemberError::Io {
+                    what: "finding the root of the sandbox monitor's user namespace in",
+                    path: map,
+                    source: std::io::ErrorKind::InvalidData.into(),
+                })?;
+            Some((open("user")?, base))
+        };
         Ok(SandboxNamespaces {
             mnt: open("mnt")?,
-            user: if same_user { None } else { Some(open("user")?) },
+            user,
         })
     }
 }
@@ -102,7 +259,7 @@ pub(super) fn place(
             tree.set_read_only()
                 .map_err(io("making read-only", source.to_owned()))?;
         }
-        if let Some(userns) = &ns.user {
+        if let Some((userns, _)) = &ns.user {
             tree.idmap(userns).map_err(|e| MemberError::NotIdmappable {
                 path: source.to_owned(),
                 error: e,
@@ -113,13 +270,23 @@ pub(super) fn place(
 
     // (tree, where below the share, what the mount point is)
     let mut trees: Vec<(Detached, Vec<String>, Last)> = Vec::new();
-    // Writable even for `root.readonly`: husk-init makes the root read-only in the guest
-    // after it created the mount points (as for the VM's own container).
-    trees.push((
-        clone(&bundle.rootfs, true, false)?,
-        vec!["pod".into(), id.into(), "rootfs".into()],
-        Last::Dir,
-    ));
+    let rootfs_at = vec!["pod".into(), id.into(), "rootfs".into()];
+    // An overlay cannot be idmapped: for the monitor's user namespace it is mounted anew.
+    let overlay = match &ns.user {
+        Some((userns, base)) => overlay::at(&bundle.rootfs)?
+            .map(|o| RemountedOverlay::prepare(&o, id, userns, *base, sandbox_dir))
+            .transpose()?,
+        None => None,
+    };
+    if overlay.is_none() {
+        // Writable even for `root.readonly`: husk-init makes the root read-only in the guest
+        // after it created the mount points (as for the VM's own container).
+        trees.push((
+            clone(&bundle.rootfs, true, false)?,
+            rootfs_at.clone(),
+            Last::Dir,
+        ));
+    }
     let mut mounts = Vec::new();
     for (index, m) in (0u32..).zip(bundle.spec.mounts().as_deref().unwrap_or_default()) {
         let options = m.options().as_deref().unwrap_or_default();
@@ -157,18 +324,60 @@ pub(super) fn place(
             },
         });
     }
-    for (_, names, last) in &trees {
+    let attached = attach_all(
+        sandbox_dir,
+        &share,
+        &trees,
+        overlay.as_ref(),
+        &rootfs_at,
+        id,
+        ns,
+    );
+    let workdir = overlay.and_then(|o| o.workdir);
+    if let Err(e) = attached {
+        // The caller undoes the rest (`unplace`); the work directory is recorded only once
+        // placed.
+        if let Some(w) = &workdir {
+            let _ = std::fs::remove_dir_all(w);
+        }
+        return Err(e);
+    }
+    Ok(Placed {
+        rootfs: format!("{rel}/rootfs"),
+        mounts,
+        workdir,
+    })
+}
+
+/// Creates the mount points on the host, then, in the sandbox monitor's mount namespace,
+/// attaches the trees and mounts the overlay rootfs if there is one.
+fn attach_all(
+    sandbox_dir: &Path,
+    share: &OwnedFd,
+    trees: &[(Detached, Vec<String>, Last)],
+    overlay: Option<&RemountedOverlay>,
+    rootfs_at: &[String],
+    id: &str,
+    ns: &SandboxNamespaces,
+) -> Result<(), MemberError> {
+    let share_dir = sandbox_dir.join("share");
+    let mount_points = trees
+        .iter()
+        .map(|(_, names, last)| (names.as_slice(), *last))
+        .chain(overlay.map(|_| (rootfs_at, Last::Dir)));
+    for (names, last) in mount_points {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        walk(&share, &names, *last, true).map_err(io(
-            "creating a mount point in",
-            share_dir.join(names.join("/")),
-        ))?;
+        walk(share, &names, last, true).map_err(|source| MemberError::Io {
+            what: "creating a mount point in",
+            path: share_dir.join(names.join("/")),
+            source,
+        })?;
     }
     in_mount_namespace(&ns.mnt, || {
         let share = open_dir(sandbox_dir)
             .and_then(|d| walk(&d, &["share"], Last::Dir, false))
             .map_err(|e| format!("opening {}: {e}", share_dir.display()))?;
-        for (tree, names, last) in &trees {
+        for (tree, names, last) in trees {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let at = || share_dir.join(names.join("/"));
             let target = walk(&share, &names, *last, false)
@@ -176,13 +385,15 @@ pub(super) fn place(
             tree.attach(&target)
                 .map_err(|e| format!("attaching at {}: {e}", at().display()))?;
         }
+        if let Some(o) = overlay {
+            let names: Vec<&str> = rootfs_at.iter().map(String::as_str).collect();
+            let target = walk(&share, &names, Last::Dir, false)
+                .map_err(|e| format!("opening {}/{}: {e}", share_dir.display(), names.join("/")))?;
+            o.mount(sandbox_dir, id, &target)?;
+        }
         Ok(())
     })
-    .map_err(MemberError::Attach)?;
-    Ok(Placed {
-        rootfs: format!("{rel}/rootfs"),
-        mounts,
-    })
+    .map_err(MemberError::Attach)
 }
 
 /// Detaches what [`place`] attached for container `id` in the sandbox monitor's mount
@@ -205,6 +416,14 @@ pub(crate) fn unplace(id: &str, sandbox_dir: &Path, sandbox_pid: Option<i32>) {
                     .collect()
             })
             .unwrap_or_default();
+    let layer_points: Vec<String> = walk(&sandbox, &[LAYERS_DIR, id], Last::Dir, false)
+        .and_then(|d| std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())))
+        .map(|list| {
+            list.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     if let Some(pid) = sandbox_pid
         && let Ok(ns) = SandboxNamespaces::of(pid)
     {
@@ -216,6 +435,13 @@ pub(crate) fn unplace(id: &str, sandbox_dir: &Path, sandbox_pid: Option<i32>) {
             };
             // Not mounted (any more): nothing to detach.
             let _ = detach(&dir, "rootfs");
+            if let Ok(layers) =
+                open_dir(sandbox_dir).and_then(|d| walk(&d, &[LAYERS_DIR, id], Last::Dir, false))
+            {
+                for name in &layer_points {
+                    let _ = detach(&layers, name);
+                }
+            }
             if let Ok(mounts) = walk(&dir, &["mounts"], Last::Dir, false) {
                 for name in &mount_points {
                     let _ = detach(&mounts, name);
@@ -227,8 +453,10 @@ pub(crate) fn unplace(id: &str, sandbox_dir: &Path, sandbox_pid: Option<i32>) {
             eprintln!("husk: detaching {id}'s files from its pod: {e}");
         }
     }
-    if let Ok(pod) = walk(&sandbox, &["share", "pod"], Last::Dir, false) {
-        // Through the descriptor: the last component is not followed, the rest is ours.
-        let _ = std::fs::remove_dir_all(format!("/proc/self/fd/{}/{id}", pod.as_raw_fd()));
+    for parent in [&["share", "pod"][..], &[LAYERS_DIR]] {
+        if let Ok(dir) = walk(&sandbox, parent, Last::Dir, false) {
+            // Through the descriptor: the last component is not followed, the rest is ours.
+            let _ = std::fs::remove_dir_all(format!("/proc/self/fd/{}/{id}", dir.as_raw_fd()));
+        }
     }
 }
