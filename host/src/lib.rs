@@ -9,9 +9,12 @@
 //!
 //! - `cli`: parses the command line; `cli::oci` has one file per OCI verb, each a few lines
 //!   over the modules below;
-//! - `oci`: the bundle, the state store under `--root`, the hooks;
+//! - `oci`: the bundle, the state store under `--root`, the hooks, which containers make a pod
+//!   (`pod`);
 //! - `monitor`: the process behind each container, in the stages of creating it (`setup`,
-//!   `vm`, `guest`, `serve`), and its control socket (`api`, `client`);
+//!   `vm`, `guest`, `serve`), and its control socket (`api`, `client`); for a pod's later
+//!   container, the process that stands for it in its sandbox's VM (`member`);
+//! - `template`: the cache of saved, booted VMs that containers' VMs are restored from;
 //! - `vmm`: the KVM virtual machine and its devices;
 //! - `assets` (where the guest image is), `phases` (`HUSK_PHASES` timestamps), `mount_ns`
 //!   (a private mount namespace) and [`error_chain`] serve them all.

@@ -1,5 +1,6 @@
 //! The OCI side of husk: bundles (config.json and how big a VM it needs), the hooks they name,
-//! and the state store under `--root`.
+//! the state store under `--root` and the sockets there (`sockets`, `ports`), and which
+//! containers share a VM as a pod (`pod`).
 
 pub mod bundle;
 pub mod hooks;
