@@ -35,6 +35,7 @@ pub mod client;
 pub mod console;
 mod error;
 mod guest;
+mod guest_log;
 pub mod jail;
 mod mountinfo;
 pub mod network;

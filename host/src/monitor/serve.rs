@@ -19,6 +19,7 @@ use husk_seccomp::ThreadKind;
 use super::api::{self, MonitorReply, MonitorRequest};
 use super::console::Console;
 use super::guest::GuestSession;
+use super::guest_log::{self, GuestLog};
 use super::network::Network;
 use super::{relay, threads};
 use crate::error_chain;
@@ -122,6 +123,8 @@ pub(super) struct Monitor {
     outputs: Vec<relay::Output>,
     /// The container's network, undone when the monitor ends (dropped).
     _network: Option<Network>,
+    /// What the monitor says about husk-init's messages, rate limited.
+    guest_log: GuestLog,
 }
 
 impl Monitor {
@@ -140,6 +143,7 @@ impl Monitor {
             exit_status: None,
             outputs: parts.outputs,
             _network: parts.network,
+            guest_log: GuestLog::default(),
         }
     }
 
@@ -193,7 +197,7 @@ impl Monitor {
                     }
                 }
                 Ev::Guest(Some(other)) => {
-                    eprintln!("husk monitor: unexpected message from husk-init: {other:?}");
+                    unexpected(&mut self.guest_log, &mut std::io::stderr(), &other);
                 }
                 Ev::Guest(None) => {
                     // The guest is gone (powered off, crashed, or sent garbage).
@@ -427,11 +431,27 @@ impl Monitor {
             (Pending::Ps(mut s) | Pending::Exec(mut s, _) | Pending::Stats(mut s), Ok(other)) => {
                 reply(
                     &mut s,
-                    &MonitorReply::Error(format!("unexpected answer {other:?}")),
+                    &MonitorReply::Error(format!(
+                        "unexpected answer {}",
+                        guest_log::describe(&other)
+                    )),
                 );
             }
         }
     }
+}
+
+/// Logs a message from husk-init that nothing waits for (a second `Hello`, say): rate
+/// limited, and described in a few hundred bytes at most (see `guest_log`).
+fn unexpected(log: &mut GuestLog, out: &mut impl Write, msg: &GuestMessage) {
+    log.line(
+        std::time::Instant::now(),
+        out,
+        format_args!(
+            "husk monitor: unexpected message from husk-init: {}",
+            guest_log::describe(msg)
+        ),
+    );
 }
 
 /// Relays `console` to the guest's terminal connection (accepted on `listener`) and sends the
@@ -509,4 +529,36 @@ pub(super) fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use husk_proto::Hello;
+
+    use super::*;
+
+    /// A guest that repeats a message nothing waits for (a second Hello) gets a few lines a
+    /// minute in the engine's log, not one each; each line is short whatever the message.
+    #[test]
+    fn unexpected_messages_from_the_guest_are_logged_a_few_times() {
+        let mut log = GuestLog::default();
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            unexpected(&mut log, &mut out, &GuestMessage::Hello(Hello::current()));
+        }
+        let big = GuestMessage::Response {
+            id: RequestId(7),
+            result: Ok(Response::Pids(vec![1; 1 << 20])),
+        };
+        let mut fresh = GuestLog::default();
+        let mut one = Vec::new();
+        unexpected(&mut fresh, &mut one, &big);
+        let lines = String::from_utf8(out).unwrap();
+        assert!(
+            lines.lines().count() <= guest_log::BURST as usize,
+            "{} lines for 10000 messages",
+            lines.lines().count()
+        );
+        assert!(one.len() < 512, "a line of {} bytes", one.len());
+    }
 }
