@@ -745,14 +745,14 @@ fn syscalls_each() {
                 ))
             }),
         ),
-        // SAFETY: an invalid descriptor.
         (
             "setns",
+            // SAFETY: an invalid descriptor.
             Box::new(|| unsafe { i64::from(libc::setns(-1, 0)) }),
         ),
-        // SAFETY: an invalid command.
         (
             "bpf",
+            // SAFETY: an invalid command.
             Box::new(|| unsafe { libc::syscall(libc::SYS_bpf, 0xffff, 0, 0) }),
         ),
         (
