@@ -39,6 +39,7 @@ mod guest_log;
 pub mod jail;
 mod mountinfo;
 pub mod network;
+mod outbox;
 pub mod overlay;
 mod relay;
 mod serve;

@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
 use husk_proto::{
-    Event, ExecId, ExecRequest, GuestMessage, ProcessRef, ProtoError, Request, RequestId, Response,
+    Event, ExecId, ExecRequest, GuestMessage, ProcessRef, Request, RequestId, Response,
     SignalTarget, Stdio, VsockPort, WindowSize,
 };
 use husk_seccomp::ThreadKind;
@@ -21,6 +21,7 @@ use super::console::Console;
 use super::guest::GuestSession;
 use super::guest_log::{self, GuestLog};
 use super::network::Network;
+use super::outbox::{Outbox, OutboxError};
 use super::{relay, threads};
 use crate::error_chain;
 use crate::oci::sockets::{self, SocketDir};
@@ -76,8 +77,8 @@ enum CommandError {
         source: std::io::Error,
     },
     /// The request could not be sent to husk-init.
-    #[error("husk-init: {0}")]
-    Guest(ProtoError),
+    #[error(transparent)]
+    Guest(OutboxError),
 }
 
 /// What a request to the guest was for.
@@ -112,7 +113,8 @@ pub(super) struct Monitor {
     /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
     sockets: SocketDir,
     state: State,
-    guest: GuestSession,
+    /// Requests to husk-init (see `outbox`: the loop never waits for the guest to take them).
+    guest: Outbox,
     events: Receiver<Ev>,
     events_tx: Sender<Ev>,
     stopper: VmHandle,
@@ -133,7 +135,10 @@ impl Monitor {
             dir: parts.dir,
             sockets: parts.sockets,
             state: parts.state,
-            guest: parts.guest,
+            guest: {
+                let (conn, next) = parts.guest.into_writer();
+                Outbox::new(conn, next)
+            },
             events: parts.events,
             events_tx: parts.events_tx,
             stopper: parts.stopper,
@@ -481,7 +486,7 @@ fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
 }
 
 pub(super) fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
-    threads::spawn("guest-reader", ThreadKind::GuestReader, move || {
+    threads::spawn("guest-reader", ThreadKind::Guest, move || {
         loop {
             let msg: Result<Option<GuestMessage>, _> = husk_proto::read_message(&mut conn);
             match msg {
