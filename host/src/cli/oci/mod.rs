@@ -20,9 +20,11 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
+use crate::monitor::client;
 use crate::oci::state::Store;
 
 /// What every command needs.
@@ -84,11 +86,60 @@ fn spawn_detached(cmd: &mut Command, report: RawFd) -> std::io::Result<Child> {
 }
 
 /// What a process started by [`spawn_detached`] wrote on its report pipe, read until every
-/// write end is closed (`read_end`'s; the caller drops its own write end first).
+/// write end is closed (`read_end`'s; the caller drops its own write end first), or
+/// `error: ...` if that takes longer than [`report_limit`]: a monitor whose guest never answers
+/// (or a relay waiting on one) must not hang the command. The caller then ends the process.
 fn read_report(read_end: OwnedFd) -> String {
-    let mut report = String::new();
-    let _ = std::fs::File::from(read_end).read_to_string(&mut report);
-    report
+    read_report_within(read_end, report_limit())
+}
+
+/// How long `create` (and `exec --detach`) wait for their process's report: the guest's boot
+/// (up to 300 s on a loaded nested-KVM host), then [`client::reply_timeout`] for husk-init to
+/// answer.
+fn report_limit() -> Duration {
+    Duration::from_secs(300) + client::reply_timeout()
+}
+
+/// [`read_report`], giving up after `limit`.
+fn read_report_within(read_end: OwnedFd, limit: Duration) -> String {
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + limit;
+    let mut file = std::fs::File::from(read_end);
+    let mut report = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = u16::try_from(left.as_millis().min(u128::from(u16::MAX))).unwrap_or(0);
+        let mut fds = [nix::poll::PollFd::new(
+            file.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(millis)) {
+            Ok(0) if left.is_zero() => {
+                return format!(
+                    "error: no report within {} s (is the guest hung?); HUSK_REPLY_TIMEOUT \
+                     adds to the 300 s a boot may take",
+                    limit.as_secs()
+                );
+            }
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                report.extend_from_slice(&buf[..n]);
+                // A report is a few lines; a process writing more is not one of ours.
+                if report.len() > 64 << 10 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&report).into_owned()
 }
 
 /// Closes every descriptor the monitor inherited besides stdio (the container's), `keep` (the
@@ -123,4 +174,39 @@ fn close_inherited_fds(keep: RawFd) {
         first = first.max(k + 1);
     }
     close(first, RawFd::MAX);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that never reports (a monitor whose guest hung) does not hang the command.
+    #[test]
+    fn a_report_that_never_comes_is_given_up_on() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_report_within(read_end, Duration::from_secs(1)));
+        });
+        let report = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("waiting for a report that never comes went on past its limit");
+        drop(write_end);
+        assert!(
+            report.starts_with("error: no report within 1 s"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_report_is_read_to_its_end() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let mut w = std::fs::File::from(write_end);
+        std::io::Write::write_all(&mut w, b"template-rejected k\nok\n").unwrap();
+        drop(w);
+        assert_eq!(
+            read_report_within(read_end, Duration::from_secs(5)),
+            "template-rejected k\nok\n"
+        );
+    }
 }

@@ -137,10 +137,8 @@ fn exec_pipes(
     })?;
     request::running(socket, exec, started)?;
     let [stdin_l, stdout_l, stderr_l] = listeners;
-    let accept = |l: UnixListener| -> Result<std::os::unix::net::UnixStream> {
-        l.set_nonblocking(false)?;
-        Ok(l.accept()?.0)
-    };
+    let deadline = std::time::Instant::now() + client::reply_timeout();
+    let accept = |l: UnixListener| ports::accept_by(&l, deadline);
     let (stdin_c, stdout_c, stderr_c) = (accept(stdin_l)?, accept(stdout_l)?, accept(stderr_l)?);
     ports::remove(sockets, base, 3);
     std::thread::spawn(move || {

@@ -87,6 +87,8 @@ pub(super) fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // It failed, or gave no report in time (then it is stuck: end it).
+    let _ = child.kill();
     let status = child.wait().context("waiting for the exec relay")?;
     match report.strip_prefix("error: ") {
         Some(msg) => Err(anyhow!("{msg}")),
