@@ -14,7 +14,8 @@
 //!   `vm`, `guest`, `serve`), and its control socket (`api`, `client`);
 //! - `vmm`: the KVM virtual machine and its devices;
 //! - `assets` (where the guest image is), `phases` (`HUSK_PHASES` timestamps), `mount_ns`
-//!   (a private mount namespace) and [`error_chain`] serve them all.
+//!   (a private mount namespace), `pid` (the pid the host knows this process by) and
+//!   [`error_chain`] serve them all.
 
 mod assets;
 mod cli;
@@ -22,6 +23,7 @@ mod monitor;
 mod mount_ns;
 mod oci;
 mod phases;
+mod pid;
 mod template;
 mod vmm;
 

@@ -192,6 +192,19 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         names.push(name);
     }
     println!("the monitor's threads, each filtered: {names:?}");
+    // The first process of a pid namespace of its own (as Firecracker's jailer's
+    // --new-pid-ns): it can name, signal or ptrace no other process. And a network namespace
+    // of its own, not the host's with its abstract sockets.
+    assert_eq!(
+        status_field(pid, "NSpid"),
+        format!("{pid}\t1"),
+        "the monitor is not the first process of a pid namespace of its own"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "the monitor is in the host's network namespace"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let nofile = limits
         .lines()
@@ -811,12 +824,21 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = tcp.local_addr().unwrap().port().to_string();
     let dir = root.join("r1");
+    // The volume's place in the share: its index among the spec's mounts.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let volume_index = config["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m["destination"] == "/vol")
+        .unwrap();
     let paths = [
         dir.join("container.json"),
         dir.join("hooks.json"),
         dir.join("state.json"),
         dir.join("share/rootfs/bin/busybox"),
-        dir.join("share/mounts/0/file"),
+        dir.join(format!("share/mounts/{volume_index}/file")),
         image.vmlinux.clone(),
         bundle.join("config.json"),
         scratch.volume.join("file"),

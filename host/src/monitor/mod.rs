@@ -92,6 +92,8 @@ pub struct MonitorArgs {
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     threads::monitor_process();
+    // Before the jail's /proc, which is the monitor's own pid namespace's.
+    crate::pid::init();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);

@@ -193,6 +193,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         state_dir: dir,
         read_only: vec![&image.vmlinux, &image.initramfs],
         network: network.is_some(),
+        leave_network_namespace: network::requested(&bundle.spec) != network::Requested::New,
         user: args.user.map(|map| (map, share.as_path())),
     })?;
     crate::phases::record_now("monitor-confined");
@@ -262,7 +263,7 @@ fn run_create_hooks(
         oci_version: state::OCI_VERSION.into(),
         id: id.to_owned(),
         status: Status::Creating,
-        pid: i32::try_from(std::process::id()).ok(),
+        pid: i32::try_from(crate::pid::host_pid()).ok(),
         bundle: bundle.dir.clone(),
         annotations: bundle.spec.annotations().clone().unwrap_or_default(),
         created: String::new(),
@@ -286,7 +287,7 @@ fn open_kvm() -> Result<OwnedFd, MonitorError> {
 /// The container's state as the monitor starts it (`creating`, its own pid), written as the
 /// fixed record (`container.json`) husk commands trust.
 fn fixed_state(args: &MonitorArgs, bundle: &Bundle, dir: &Path) -> Result<State, MonitorError> {
-    let pid = i32::try_from(std::process::id()).unwrap_or(0);
+    let pid = i32::try_from(crate::pid::host_pid()).unwrap_or(0);
     let state = State {
         oci_version: state::OCI_VERSION.into(),
         id: args.id.clone(),

@@ -214,8 +214,18 @@ impl UserNs {
                     // The parent's ends: `go` must see EOF when the parent closes its copy.
                     libc::close(go_w.as_raw_fd());
                     libc::close(ready_r.as_raw_fd());
-                    let ok = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
-                    libc::write(ready_w.as_raw_fd(), (&raw const ok).cast(), 1);
+                    // The report: whether the namespace was made, then this process's pid as
+                    // the mounted /proc knows it (the monitor runs in a pid namespace of its
+                    // own, where the pid fork returned is not the one /proc/<pid> names).
+                    let mut report = [0u8; 24];
+                    report[0] = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+                    let n = libc::readlink(
+                        c"/proc/self".as_ptr(),
+                        report[1..].as_mut_ptr().cast(),
+                        report.len() - 1,
+                    );
+                    let len = 1 + usize::try_from(n).unwrap_or(0);
+                    libc::write(ready_w.as_raw_fd(), report.as_ptr().cast(), len);
                     // Until the parent has the namespace (it closes its end of `go`).
                     let mut b = 0u8;
                     libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1);
@@ -234,12 +244,16 @@ impl UserNs {
 
     /// Writes the maps of the helper's namespace and opens it.
     fn adopt(child: nix::unistd::Pid, map: IdMap, ready: OwnedFd) -> Result<UserNs, UserNsError> {
-        let mut ok = [0u8];
-        let n = nix::unistd::read(&ready, &mut ok).map_err(UserNsError::Helper)?;
-        if n != 1 || ok[0] != 1 {
+        let mut report = [0u8; 24];
+        let n = nix::unistd::read(&ready, &mut report).map_err(UserNsError::Helper)?;
+        if n < 1 || report[0] != 1 {
             return Err(UserNsError::Unshare);
         }
-        let proc = format!("/proc/{child}");
+        let pid = std::str::from_utf8(&report[1..n])
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .map_or(child.to_string(), |p| p.to_string());
+        let proc = format!("/proc/{pid}");
         let line = format!("0 {} {RANGE}\n", map.base);
         for file in ["uid_map", "gid_map"] {
             std::fs::write(format!("{proc}/{file}"), &line).map_err(|source| UserNsError::Map {

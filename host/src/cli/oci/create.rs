@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::delete::remove_entry;
-use super::{Context, close_inherited_fds, read_report, spawn_detached, write_pid_file};
+use super::{Context, close_inherited_fds, read_report, spawn_monitor, write_pid_file};
 use crate::monitor::{self, MonitorArgs};
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks;
@@ -117,7 +117,7 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         let socket = std::path::absolute(socket).context("--console-socket")?;
         cmd.arg("--console-socket").arg(socket);
     }
-    let mut child = match spawn_detached(&mut cmd, write_fd) {
+    let mut child = match spawn_monitor(&mut cmd, write_fd) {
         Ok(c) => c,
         Err(e) => return Err(fail(entry, anyhow!("starting the monitor: {e}"))),
     };

@@ -85,6 +85,32 @@ fn spawn_detached(cmd: &mut Command, report: RawFd) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// Starts the monitor as [`spawn_detached`] does, as the first process of a pid namespace of
+/// its own (unshared by a short-lived thread, for the children it starts alone): from there
+/// no other process can be named, so none can be signalled or ptraced, and a monitor sees no
+/// other monitor. The engine still knows it by its pid here (see `crate::pid`). Signals other
+/// than SIGKILL and SIGSTOP that come from outside reach it only if it handles them, as for
+/// any pid namespace's first process: `husk kill` and `husk delete` are the ways to stop it.
+fn spawn_monitor(cmd: &mut Command, report: RawFd) -> std::io::Result<Child> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(|e| {
+                std::io::Error::new(
+                    std::io::Error::from(e).kind(),
+                    format!("a pid namespace for the monitor: unshare(CLONE_NEWPID): {e}"),
+                )
+            })?;
+            spawn_detached(cmd, report)
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread starting the monitor panicked",
+            ))
+        })
+    })
+}
+
 /// What a process started by [`spawn_detached`] wrote on its report pipe, read until every
 /// write end is closed (`read_end`'s; the caller drops its own write end first), or
 /// `error: ...` if that takes longer than [`report_limit`]: a monitor whose guest never answers

@@ -15,6 +15,12 @@
 //!   and detaches the host's root.
 //!   `/dev/kvm` and the taps were opened before, so neither it nor `/dev/net/tun` is there; the
 //!   log, the container's stdio and the `HUSK_PHASES` file are descriptors already;
+//! - **a network namespace of its own**, new and empty, unless it is in one it made for the
+//!   container (which `/proc/<pid>/ns/net` names to the engine and hooks): in the host's, any
+//!   process may connect to the abstract Unix sockets of the host's services (they have no
+//!   owner and no mode; containerd's shims used such sockets). The taps and the rtnetlink
+//!   socket it took in the container's namespace keep working there, and the vsock device's
+//!   sockets are files;
 //! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
 //!   its vsock sockets), but the files there that husk commands act on as root (see
 //!   `crate::oci::state` on what husk trusts) are bind-mounted read-only onto themselves first
@@ -179,6 +185,10 @@ pub struct Jail<'a> {
     pub read_only: Vec<&'a Path>,
     /// Whether it has a network to undo at exit.
     pub network: bool,
+    /// Whether to leave the network namespace it is in (the host's, or the engine's it only
+    /// works in from a helper thread) for a new, empty one: all but a namespace it made for the
+    /// container, which `/proc/<pid>/ns/net` must keep naming.
+    pub leave_network_namespace: bool,
     /// `--monitor-uid`: the user namespace to run in, and the share to idmap through it.
     pub user: Option<(IdMap, &'a Path)>,
 }
@@ -214,6 +224,11 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), JailError> {
     drop(entries);
     if let Some(ns) = user_ns {
         ns.enter()?;
+    }
+    if jail.leave_network_namespace {
+        // Its taps and rtnetlink socket stay bound to the namespace they were made in.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(sys("leaving the host's network namespace for a new one"))?;
     }
     limit_resources()?;
     drop_capabilities(&kept_capabilities(jail.network, jail.user.is_some()))

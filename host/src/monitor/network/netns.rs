@@ -71,7 +71,7 @@ impl Netns {
         })?;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetworkError::Unshare { source })?;
-        let path = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        let path = PathBuf::from(format!("/proc/{}/ns/net", crate::pid::host_pid()));
         let nl_err = |what: &str| {
             let (path, what) = (path.clone(), what.to_owned());
             move |source| NetworkError::Netlink { path, what, source }
