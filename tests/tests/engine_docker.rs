@@ -191,11 +191,10 @@ fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
 #[test]
 fn docker_on_overlay2_with_a_monitor_of_its_own_uid() {
     let Some(()) = prerequisites() else { return };
-    // The runtime with --monitor-uid (dockerd takes a binary), and the overlay2 driver: the
-    // rootfs is an overlay mount, which the monitor mounts anew on idmapped layers.
-    let tmp = husk_e2e::TempDir::new("docker-uid");
-    let wrapper = engines::monitor_uid_wrapper(tmp.path());
-    let Some(docker) = Dockerd::start_with(&wrapper, false, "overlay2") else {
+    // husk as it is (its monitor gets a uid of its own by default), and the overlay2 driver:
+    // the rootfs is an overlay mount, which the monitor mounts anew on idmapped layers.
+    let husk = husk_e2e::husk_binary();
+    let Some(docker) = Dockerd::start_with(&husk, false, "overlay2") else {
         return;
     };
     expect_ok(docker.docker(&[

@@ -46,6 +46,7 @@ mod serve;
 mod setup;
 mod share;
 mod threads;
+pub mod uids;
 pub mod userns;
 mod vm;
 

@@ -1,6 +1,7 @@
-//! The monitor as an unprivileged host uid (`husk --monitor-uid BASE`, or `HUSK_MONITOR_UID`):
-//! what Firecracker's jailer does with `--uid`/`--gid`, for a monitor that also serves the
-//! container's files as the guest's root.
+//! The monitor as an unprivileged host uid (the default, a range allocated per container by
+//! [`super::uids`]; or `husk --monitor-uid BASE`, `HUSK_MONITOR_UID`): what Firecracker's
+//! jailer does with `--uid`/`--gid`, for a monitor that also serves the container's files as the
+//! guest's root.
 //!
 //! The monitor enters a user namespace in which uids and gids 0-65535 are the host's
 //! BASE..BASE+65535 (a subordinate range, as podman's `--userns=auto` uses), and becomes its
@@ -34,10 +35,10 @@
 //!   unmount): the paths to the state directory may pass through directories only root may
 //!   search (containerd's state root is 0700), and a fresh `/proc` needs privilege over the
 //!   host's pid namespace;
-//! - monitors started with the same BASE share a host uid: they cannot ptrace or read one
-//!   another (they are not dumpable) but may signal one another. A range per container (as
-//!   Firecracker's jailer wants a uid per microVM) keeps them apart; allocating those ranges
-//!   is left to whoever starts husk.
+//! - monitors started with the same BASE share a host uid: each is in a pid namespace of its
+//!   own, so they cannot name, signal or ptrace one another, but they can write one another's
+//!   files if a path to them is in both jails (none is). The default (see [`super::uids`])
+//!   gives each monitor a range of its own, as Firecracker's jailer wants a uid per microVM.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -130,9 +131,10 @@ pub enum UserNsError {
     /// A filesystem under the directory cannot be idmapped (`mount_setattr` said EINVAL).
     #[error(
         "idmapping {dir} for the monitor's uid: mount_setattr: {error} (a filesystem under it \
-         does not support idmapped mounts; they are: {filesystems}; --monitor-uid needs the \
-         rootfs and bind mounts, or an overlay rootfs's layers, on e.g. ext4, xfs, btrfs or \
-         tmpfs)"
+         does not support idmapped mounts; they are: {filesystems}; a monitor with a uid of \
+         its own, the default, needs the rootfs and bind mounts, or an overlay rootfs's layers, \
+         on e.g. ext4, xfs, btrfs or tmpfs; --monitor-uid root serves them as they are, a \
+         weaker confinement)"
     )]
     NotIdmappable {
         /// The directory.

@@ -3,7 +3,7 @@
 //! container.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::delete::remove_entry;
 use super::{Context, close_inherited_fds, read_report, spawn_monitor, write_pid_file};
-use crate::monitor::{self, MonitorArgs};
+use crate::monitor::{self, MonitorArgs, uids};
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks;
 use crate::oci::state::{self, State, Status};
@@ -106,9 +106,18 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if ctx.debug {
         cmd.arg("--debug");
     }
-    if let Some(map) = ctx.monitor_uid {
-        cmd.arg("--monitor-uid").arg(map.base().to_string());
-    }
+    // Its uids: a range of its own by default (see monitor::uids), taken back by delete.
+    let user = uids::for_container(
+        ctx.monitor_uid,
+        ctx.monitor_uid_pool,
+        Path::new(uids::REGISTRY),
+        entry.dir(),
+    );
+    match user {
+        Ok(Some(map)) => cmd.arg("--monitor-uid").arg(map.base().to_string()),
+        Ok(None) => cmd.arg("--monitor-uid").arg("root"),
+        Err(e) => return Err(fail(entry, e.into())),
+    };
     if let Some(log) = &ctx.log {
         cmd.arg("--log")
             .arg(std::path::absolute(log).context("--log")?);
@@ -166,6 +175,15 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
     close_inherited_fds(raw);
+    let user = match ctx.monitor_uid {
+        uids::MonitorUser::Root => None,
+        uids::MonitorUser::Fixed(map) => Some(map),
+        uids::MonitorUser::Auto => {
+            // `create` resolves it; the monitor is never started with `auto`.
+            eprintln!("husk monitor: --monitor-uid auto is for create, not the monitor");
+            return ExitCode::FAILURE;
+        }
+    };
     monitor::run(
         MonitorArgs {
             root: ctx.root.clone(),
@@ -175,7 +193,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             console: ctx.debug,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
-            user: ctx.monitor_uid,
+            user,
         },
         process_start,
     )

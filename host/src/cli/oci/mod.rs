@@ -39,7 +39,9 @@ pub struct Context {
     /// `--debug`: the VM's serial console goes to the monitor's stderr.
     pub debug: bool,
     /// `--monitor-uid`.
-    pub monitor_uid: Option<crate::monitor::userns::IdMap>,
+    pub monitor_uid: crate::monitor::uids::MonitorUser,
+    /// `--monitor-uid-pool`.
+    pub monitor_uid_pool: crate::monitor::uids::Pool,
 }
 
 impl Context {

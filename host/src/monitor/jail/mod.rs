@@ -42,14 +42,20 @@
 //!   (see `super::setup::no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply
 //!   it to uid 0.
 //!
-//! **An unprivileged uid** (`--monitor-uid BASE`, see [`super::userns`]): the share is served
+//! **An unprivileged uid** (the default: a range of its own, see [`super::uids`]; or
+//! `--monitor-uid BASE`; see [`super::userns`]): the share is served
 //! as the guest's root (files created with the guest's uids, chowned, whatever the container's
 //! root does), so the monitor needs CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_SETUID;
 //! under a plain other uid that would confine nothing (CAP_SETUID makes it root again). So the
 //! monitor becomes root of a user namespace mapped to BASE..BASE+65535, with the share
 //! idmapped through it: its capabilities then hold only there. Without CAP_NET_ADMIN and
-//! CAP_MKNOD, which would mean nothing there. The root monitor (the default) is confined by
-//! the rest of the list above.
+//! CAP_MKNOD, which would mean nothing there. The root monitor (`--monitor-uid root`, weaker:
+//! its euid 0 still owns what root owns within its jail) is confined by the rest of the list
+//! above.
+//!
+//! Besides the jail, every thread of the monitor filters itself with seccomp (see
+//! `super::threads`), and `husk create` starts the monitor as the first process of a pid
+//! namespace of its own (`crate::cli`'s `spawn_monitor`).
 //!
 //! `HUSK_JAIL=off` in the environment of `husk create` skips all of this (debugging: a
 //! monitor that can see the host, e.g. to `strace` or inspect it); the monitor logs that it is
@@ -160,6 +166,7 @@ pub const PINNED: &[&str] = &[
     super::network::RECORD_FILE,
     cgroup::RECORD_FILE,
     overlay::RECORD_FILE,
+    super::uids::RECORD_FILE,
     sockets::MONITOR_SOCKET,
 ];
 

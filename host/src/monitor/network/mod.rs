@@ -64,8 +64,8 @@ use std::sync::Arc;
 use husk_proto::{IpCidr, NetInterface, NetRoute, NetworkConfig};
 
 use self::netlink::{ARPHRD_ETHER, IFF_LOOPBACK, Link, Netlink, RTPROT_KERNEL, Route};
-pub use self::netns::{Netns, Requested, requested};
 use self::netns::in_netns;
+pub use self::netns::{Netns, Requested, requested};
 use self::record::{InterfaceRecord, undo};
 pub use self::record::{RECORD_FILE, Record, teardown};
 use crate::vmm::NetConfig;

@@ -168,7 +168,8 @@ mod tests {
             log_format: crate::cli::log::Format::Json,
             root: "/run/x".into(),
             debug: false,
-            monitor_uid: None,
+            monitor_uid: crate::monitor::uids::MonitorUser::Root,
+            monitor_uid_pool: crate::monitor::uids::Pool::default(),
         };
         let a = parse(&[
             "--detach",
@@ -228,7 +229,8 @@ mod tests {
             log_format: crate::cli::log::Format::Text,
             root: "/r".into(),
             debug: true,
-            monitor_uid: None,
+            monitor_uid: crate::monitor::uids::MonitorUser::Root,
+            monitor_uid_pool: crate::monitor::uids::Pool::default(),
         };
         let a = parse(&["-d", "c1", "sh", "-c", "echo --tty"]);
         let v = relay_args(&ctx, &a, 3).unwrap();
