@@ -896,6 +896,10 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.code() == Some(3) && text.starts_with("thread\tgone") {
+            // A thread that ended meanwhile (a relay that finished): nothing to take over.
+            continue;
+        }
         assert!(
             out.status.success(),
             "probing {thread} ({tid}): {text}{}",
