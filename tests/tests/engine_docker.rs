@@ -4,8 +4,8 @@
 //! container while the test execs into it, reads its logs and stops it.
 //!
 //! The networking checks (default bridge, published ports) are a separate test: Docker 20.10
-//! asks for a new network namespace and fills it from a prestart hook, which the monitor runs
-//! with its own new namespace as the state's `/proc/<pid>/ns/net`.
+//! asks for a new network namespace and fills it from a prestart hook, which `husk create`
+//! runs once the monitor has made that namespace, the state's `/proc/<pid>/ns/net`.
 
 use husk_e2e::engines::{self, Dockerd, HttpServer, IMAGE, expect_code, expect_ok};
 use husk_e2e::husk_binary;

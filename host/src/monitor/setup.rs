@@ -18,7 +18,6 @@ use super::error::MonitorError;
 use super::network::{self, Network};
 use super::{MonitorArgs, jail, share};
 use crate::oci::bundle::Bundle;
-use crate::oci::hooks::{self, HookError, HookKind};
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
 use crate::vmm::{SeccompMode, VmConfig};
@@ -166,7 +165,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
     let id = ContainerId::new(args.id.clone())?;
     let image = crate::assets::find()?;
     let (share, mounts) = share::prepare(dir, &bundle)?;
-    let mut network = network_with_hooks(&bundle, &args.id, dir)?;
+    let mut network = network_with_hooks(args, &bundle, dir)?;
     let sockets = SocketDir::open(dir).map_err(|source| MonitorError::SocketDir {
         dir: dir.to_owned(),
         source,
@@ -234,44 +233,16 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
 }
 
 /// The network namespace (a new one while the monitor still has a single thread), the hooks
-/// that fill it, then its interfaces for the VM: undone on drop, when the monitor ends or right
-/// away if creating fails later.
+/// that fill it (run by `husk create`, see `super::create_hooks`), then its interfaces for the
+/// VM: undone on drop, when the monitor ends or right away if creating fails later.
 fn network_with_hooks(
+    args: &MonitorArgs,
     bundle: &Bundle,
-    id: &str,
     dir: &Path,
 ) -> Result<Option<Network>, MonitorError> {
     let netns = network::Netns::for_spec(&bundle.spec).map_err(MonitorError::Network)?;
-    run_create_hooks(bundle, id, netns.host())?;
+    super::create_hooks::run(args, bundle)?;
     network::setup(&netns, dir).map_err(MonitorError::Network)
-}
-
-/// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
-/// `createRuntime`, with the state of a container being created whose `pid` is this process
-/// (the monitor). `netns`: the host's network namespace when the monitor made its own (see
-/// [`hooks::run`]).
-fn run_create_hooks(
-    bundle: &Bundle,
-    id: &str,
-    netns: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<(), HookError> {
-    let hooks = bundle.spec.hooks().as_ref();
-    if hooks.is_none() {
-        return Ok(());
-    }
-    let state = State {
-        oci_version: state::OCI_VERSION.into(),
-        id: id.to_owned(),
-        status: Status::Creating,
-        pid: i32::try_from(crate::pid::host_pid()).ok(),
-        bundle: bundle.dir.clone(),
-        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-        created: String::new(),
-        monitor_start_time: 0,
-        exit_status: None,
-    };
-    hooks::run(HookKind::Prestart, hooks, &state, netns)?;
-    hooks::run(HookKind::CreateRuntime, hooks, &state, netns)
 }
 
 /// Opens `/dev/kvm` for the VMM (the monitor's jail does not hold it).

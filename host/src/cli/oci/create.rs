@@ -10,7 +10,9 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::delete::remove_entry;
-use super::{Context, close_inherited_fds, read_report, spawn_monitor, write_pid_file};
+use super::{
+    Context, close_inherited_fds, read_report_serving, report_limit, spawn_monitor, write_pid_file,
+};
 use crate::monitor::{self, MonitorArgs, uids};
 use crate::oci::bundle::Bundle;
 use crate::oci::hooks;
@@ -50,6 +52,9 @@ pub struct MonitorCmdArgs {
     bundle: PathBuf,
     #[arg(long)]
     notify_fd: i32,
+    /// The read end of the pipe on which `create` says it ran the hooks.
+    #[arg(long)]
+    hooks_fd: Option<i32>,
     #[arg(long)]
     console_socket: Option<PathBuf>,
 }
@@ -89,12 +94,15 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if let Err(e) = entry.write(&initial) {
         return Err(fail(entry, e.into()));
     }
-    // What `start` and `delete` run (the monitor runs the create hooks from the bundle).
+    // What `start` and `delete` run (the create hooks are run from the bundle, below).
     if let Err(e) = hooks::save(entry.dir(), bundle.spec.hooks().as_ref()) {
         return Err(fail(entry, e.into()));
     }
-    // The monitor reports "ok" or an error on this pipe.
-    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
+    // The monitor reports "ok" or an error on this pipe (and asks for the create hooks on it).
+    // Close-on-exec here: not for the hooks this process runs (spawn_detached keeps the write
+    // end open in the monitor).
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     let write_fd = write_end.as_raw_fd();
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let mut cmd = Command::new(exe);
@@ -126,12 +134,28 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         let socket = std::path::absolute(socket).context("--console-socket")?;
         cmd.arg("--console-socket").arg(socket);
     }
-    let mut child = match spawn_monitor(&mut cmd, write_fd) {
+    // The monitor has the prestart and createRuntime hooks run here (monitor::create_hooks),
+    // and hears back on this pipe. Close-on-exec: a hook's child that held the write end would
+    // keep a monitor whose hook failed from hearing so.
+    let (hooks_r, hooks_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    cmd.args(["--hooks-fd", &hooks_r.as_raw_fd().to_string()]);
+    let mut child = match spawn_monitor(&mut cmd, &[write_fd, hooks_r.as_raw_fd()]) {
         Ok(c) => c,
         Err(e) => return Err(fail(entry, anyhow!("starting the monitor: {e}"))),
     };
-    drop(write_end);
-    let report = read_report(read_end);
+    drop((write_end, hooks_r));
+    let mut hooks_w = Some(hooks_w);
+    let monitor_pid = child.id();
+    let mut report = read_report_serving(read_end, report_limit(), |line| {
+        serve_create_hooks(line, &bundle, &args.id, monitor_pid, &mut hooks_w)
+    });
+    if report.trim() == "ok" && hooks_w.is_some() && monitor::create_hooks::wanted(&bundle) {
+        // What a monitor says is not believed: the bundle's hooks ran, or it is not created.
+        report = "error: the monitor reported the container created without having its \
+                  prestart and createRuntime hooks run"
+            .into();
+    }
     if report.trim() != "ok" {
         let msg = report
             .trim()
@@ -166,15 +190,16 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     // Make sure the notify fd is ours (and close-on-exec from here on).
     // SAFETY: the fd number was given to us by `create`, which left it open for us.
     let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
-    // Not for the hooks the monitor runs: one that leaves a child behind would hold `create`'s
-    // pipe open, and `create` waits for its end.
+    // Not for anything the monitor would exec: a process that outlived it would hold
+    // `create`'s pipe open, and `create` waits for its end. (The hooks pipe is
+    // monitor::create_hooks's, which closes it.)
     let _ = nix::fcntl::fcntl(
         &fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
-    close_inherited_fds(raw);
+    close_inherited_fds(&[raw, args.hooks_fd.unwrap_or(raw)]);
     let user = match ctx.monitor_uid {
         uids::MonitorUser::Root => None,
         uids::MonitorUser::Fixed(map) => Some(map),
@@ -190,11 +215,54 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             id: args.id,
             bundle: args.bundle,
             notify_fd: raw,
+            hooks_fd: args.hooks_fd,
             console: ctx.debug,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
             user,
         },
         process_start,
+    )
+}
+
+/// Runs the `prestart` and `createRuntime` hooks when the monitor asks (`line` is its request,
+/// see `monitor::create_hooks`), here, in husk create's namespaces as runc runs them, with the
+/// state of the container being created whose `pid` is the monitor's; then tells it on
+/// `answers`, once. `None`: `line` is no request, but part of the report.
+fn serve_create_hooks(
+    line: &str,
+    bundle: &Bundle,
+    id: &str,
+    monitor: u32,
+    answers: &mut Option<OwnedFd>,
+) -> Option<Result<(), String>> {
+    if line != monitor::create_hooks::REQUEST {
+        return None;
+    }
+    let Some(answers) = answers.take() else {
+        return Some(Err("the monitor asked twice for the create hooks".into()));
+    };
+    let state = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: id.to_owned(),
+        status: Status::Creating,
+        pid: i32::try_from(monitor).ok(),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: String::new(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    let hooks = bundle.spec.hooks().as_ref();
+    let ran = hooks::run(hooks::HookKind::Prestart, hooks, &state)
+        .and_then(|()| hooks::run(hooks::HookKind::CreateRuntime, hooks, &state));
+    if let Err(e) = ran {
+        return Some(Err(crate::error_chain(&e)));
+    }
+    let done = format!("{}\n", monitor::create_hooks::DONE);
+    Some(
+        nix::unistd::write(&answers, done.as_bytes())
+            .map(drop)
+            .map_err(|e| format!("telling the monitor the hooks ran: {e}")),
     )
 }

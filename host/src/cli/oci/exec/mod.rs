@@ -33,7 +33,7 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
     if let Some(fd) = args.started_fd {
         // The exec relay lives as long as the exec'd process, as the monitor lives with the
         // container: nothing the engine leaked into `exec --detach` may live on in it.
-        close_inherited_fds(fd);
+        close_inherited_fds(&[fd]);
     }
     let mut started = Started::new(args.pid_file.clone(), args.started_fd)?;
     let result = exec_attached(ctx, &args, &mut started);

@@ -77,7 +77,7 @@ pub(super) fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(relay_args(ctx, args, write_fd)?);
-    let mut child = spawn_detached(&mut cmd, write_fd).context("starting the exec relay")?;
+    let mut child = spawn_detached(&mut cmd, &[write_fd]).context("starting the exec relay")?;
     drop(write_end);
     let report = read_report(read_end);
     let report = report.trim();
