@@ -26,13 +26,7 @@ use serde_json::{Value, json};
 
 /// The thread filters, by name; `src/lib.rs` embeds `<name>.<mode>.bpf` for each.
 const THREADS: [&str; 7] = [
-    "vmm",
-    "vcpu",
-    "vm_wait",
-    "monitor",
-    "guest_reader",
-    "commands",
-    "relay",
+    "vmm", "vcpu", "vm_wait", "monitor", "guest", "commands", "relay",
 ];
 /// Stacked under thread filters, in both modes: (name, its one syscall, the errno it answers).
 const COMPANIONS: [(&str, &str, u64); 2] = [

@@ -17,7 +17,8 @@
 //! - `template`: the cache of saved, booted VMs that containers' VMs are restored from;
 //! - `vmm`: the KVM virtual machine and its devices;
 //! - `assets` (where the guest image is), `phases` (`HUSK_PHASES` timestamps), `mount_ns`
-//!   (a private mount namespace) and [`error_chain`] serve them all.
+//!   (a private mount namespace), `pid` (the pid the host knows this process by) and
+//!   [`error_chain`] serve them all.
 
 mod assets;
 mod cli;
@@ -25,6 +26,7 @@ mod monitor;
 mod mount_ns;
 mod oci;
 mod phases;
+mod pid;
 mod template;
 mod vmm;
 

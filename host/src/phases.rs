@@ -115,7 +115,7 @@ pub fn record(phase: &str, at: Instant) {
     let line = format!(
         "{{\"phase\":{},\"mono_ns\":{ns},\"pid\":{}}}\n",
         serde_json::Value::from(phase),
-        std::process::id()
+        crate::pid::host_pid()
     );
     if let Some(mut f) = r.file.as_ref() {
         let _ = f.write_all(line.as_bytes());

@@ -9,7 +9,7 @@
 //!   `vm-wait` thread, and the main thread of `husk vm boot`);
 //! - the monitor's own: [`ThreadKind::Monitor`] (its main thread once the VM runs: the
 //!   session with husk-init, the commands' state machine, `state.json`),
-//!   [`ThreadKind::GuestReader`] (decodes husk-init's frames), [`ThreadKind::Commands`] (the
+//!   [`ThreadKind::Guest`] (decodes husk-init's frames), [`ThreadKind::Commands`] (the
 //!   control socket's acceptor and a reader per connection) and [`ThreadKind::Relay`] (the
 //!   container's stdio and terminals, and exec terminals).
 //!
@@ -183,8 +183,8 @@ pub enum ThreadKind {
     VmWait,
     /// The monitor's main thread once the VM runs.
     Monitor,
-    /// The monitor's reader of husk-init's control connection.
-    GuestReader,
+    /// The monitor's reader and writer of husk-init's control connection.
+    Guest,
     /// The monitor's control-socket acceptor and its per-connection readers.
     Commands,
     /// A relay of the container's (or an exec's) stdio or terminal.
@@ -198,7 +198,7 @@ impl ThreadKind {
         ThreadKind::Vcpu,
         ThreadKind::VmWait,
         ThreadKind::Monitor,
-        ThreadKind::GuestReader,
+        ThreadKind::Guest,
         ThreadKind::Commands,
         ThreadKind::Relay,
     ];
@@ -210,7 +210,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::VmWait => "vm_wait",
             ThreadKind::Monitor => "monitor",
-            ThreadKind::GuestReader => "guest_reader",
+            ThreadKind::Guest => "guest",
             ThreadKind::Commands => "commands",
             ThreadKind::Relay => "relay",
         }
@@ -308,8 +308,8 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
         (ThreadKind::VmWait, Mode::Log) => programs::VM_WAIT_LOG,
         (ThreadKind::Monitor, Mode::Enforce) => programs::MONITOR_ENFORCE,
         (ThreadKind::Monitor, Mode::Log) => programs::MONITOR_LOG,
-        (ThreadKind::GuestReader, Mode::Enforce) => programs::GUEST_READER_ENFORCE,
-        (ThreadKind::GuestReader, Mode::Log) => programs::GUEST_READER_LOG,
+        (ThreadKind::Guest, Mode::Enforce) => programs::GUEST_ENFORCE,
+        (ThreadKind::Guest, Mode::Log) => programs::GUEST_LOG,
         (ThreadKind::Commands, Mode::Enforce) => programs::COMMANDS_ENFORCE,
         (ThreadKind::Commands, Mode::Log) => programs::COMMANDS_LOG,
         (ThreadKind::Relay, Mode::Enforce) => programs::RELAY_ENFORCE,
@@ -371,8 +371,8 @@ mod programs {
     embed!(VM_WAIT_LOG, "vm_wait.log.bpf");
     embed!(MONITOR_ENFORCE, "monitor.enforce.bpf");
     embed!(MONITOR_LOG, "monitor.log.bpf");
-    embed!(GUEST_READER_ENFORCE, "guest_reader.enforce.bpf");
-    embed!(GUEST_READER_LOG, "guest_reader.log.bpf");
+    embed!(GUEST_ENFORCE, "guest.enforce.bpf");
+    embed!(GUEST_LOG, "guest.log.bpf");
     embed!(COMMANDS_ENFORCE, "commands.enforce.bpf");
     embed!(COMMANDS_LOG, "commands.log.bpf");
     embed!(RELAY_ENFORCE, "relay.enforce.bpf");

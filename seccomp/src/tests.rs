@@ -947,7 +947,7 @@ fn child_monitor_thread_lives_under_its_filter() {
             let rc = unsafe { libc::pthread_kill(vcpu.as_pthread_t(), libc::SIGRTMIN()) };
             assert_eq!(rc, 0);
             // The threads it starts, each under this filter and its own.
-            spawn_filtered("guest-reader", ThreadKind::GuestReader, move || {
+            spawn_filtered("guest-reader", ThreadKind::Guest, move || {
                 let mut reader = reader;
                 let mut frame = vec![0u8; 8 << 20];
                 conn_frame(&mut reader, &mut frame);
@@ -987,29 +987,35 @@ fn conn_frame(conn: &mut UnixStream, frame: &mut [u8]) {
     assert_eq!(&frame[..5], b"frame");
 }
 
-/// The reader of husk-init's frames: reads, allocates up to a frame's size, hands the message
-/// on, logs when the connection fails, exits.
+/// husk-init's connection: the reader reads, allocates up to a frame's size, hands the
+/// message on, logs when the connection fails, exits; the writer writes the queued requests.
 #[test]
-fn child_guest_reader_thread_lives_under_its_filter() {
-    let Some(output) = in_child("child_guest_reader_thread_lives_under_its_filter", || {
+fn child_guest_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_guest_thread_lives_under_its_filter", || {
         let (mut guest, conn) = UnixStream::pair().unwrap();
         let frame = vec![7u8; 8 << 20];
-        let writer = std::thread::spawn(move || guest.write_all(&frame).unwrap());
+        let peer = std::thread::spawn(move || {
+            guest.write_all(&frame).unwrap();
+            let mut request = [0u8; 7];
+            guest.read_exact(&mut request).unwrap();
+            request
+        });
         let (tx, rx) = mpsc::channel();
-        live_and_exit(ThreadKind::GuestReader, move || {
+        live_and_exit(ThreadKind::Guest, move || {
             let mut conn = conn;
             let mut frame = vec![0u8; 8 << 20];
             conn.read_exact(&mut frame).unwrap();
             tx.send(frame.len()).unwrap();
+            conn.write_all(b"request").unwrap();
             eprintln!("control connection to husk-init: a log line");
             drop(conn);
         });
-        writer.join().unwrap();
+        assert_eq!(&peer.join().unwrap(), b"request");
         assert_eq!(rx.recv().unwrap(), 8 << 20);
     }) else {
         return;
     };
-    assert_lived(&output, "guest_reader: thread exited");
+    assert_lived(&output, "guest: thread exited");
 }
 
 /// The control socket: accepts a command, starts a thread for it that reads its request (with

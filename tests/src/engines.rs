@@ -783,47 +783,35 @@ pub fn http_get(addr: std::net::SocketAddr) -> Result<String, String> {
     }
 }
 
-/// The uid the engine tests run monitors as (`--monitor-uid`).
-pub const MONITOR_UID: u32 = 400_000;
+/// The first uid of husk's default pool of monitor uid ranges (`--monitor-uid-pool`), from
+/// which every monitor the engines start gets a range of its own.
+pub const MONITOR_UID_POOL_FIRST: u32 = 0x7000_0000;
 
-/// A runtime for engines that take a binary, not flags: `husk --monitor-uid MONITOR_UID`, as
-/// a script in `dir`.
-pub fn monitor_uid_wrapper(dir: &Path) -> PathBuf {
-    let wrapper = dir.join("husk-uid");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec '{}' --monitor-uid {MONITOR_UID} \"$@\"\n",
-            crate::husk_binary().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    wrapper
-}
-
-/// What the engine tests exec in a container under `--monitor-uid`: as its root, a new file
-/// given to 1000 and a lower layer's file appended to (a copy-up); then its uid.
+/// What the engine tests exec in a container whose monitor runs as a uid of its own (the
+/// default): as its root, a new file given to 1000 and a lower layer's file appended to (a
+/// copy-up); then its uid.
 pub const UID_WRITES: &str =
     "echo x > /made && chown 1000:1000 /made && echo y >> /etc/passwd && id -u";
 
-/// Checks a container under `--monitor-uid` [`MONITOR_UID`] after [`UID_WRITES`] printed
-/// `exec_out`: it ran as root, its monitor (`pid`) as the uid, and its writes are in the
-/// engine's `upper` directory with the container's ids.
+/// Checks a container after [`UID_WRITES`] printed `exec_out`: it ran as root, its monitor
+/// (`pid`) as a uid of its own (the first of a range of husk's default pool), and its writes
+/// are in the engine's `upper` directory with the container's ids.
 pub fn check_uid_writes(exec_out: &str, pid: &str, upper: &str) {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(exec_out.trim(), "0", "exec: {exec_out}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    let base = MONITOR_UID.to_string();
-    assert_eq!(
-        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
-        [base.as_str(); 4],
-        "the monitor's uids"
+    let ids: Vec<u32> = uid
+        .split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(
+        ids.len() == 4
+            && ids.iter().all(|u| *u == ids[0])
+            && ids[0] >= MONITOR_UID_POOL_FIRST
+            && (ids[0] - MONITOR_UID_POOL_FIRST).is_multiple_of(65_536),
+        "the monitor's uids: {uid}"
     );
     let upper = Path::new(upper.trim());
     let owner = |name: &str| {

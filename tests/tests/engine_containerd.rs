@@ -116,10 +116,8 @@ fn containerd_overlayfs_with_a_monitor_of_its_own_uid() {
     let Some(ctr) = Containerd::start() else {
         return;
     };
-    // The shim runs husk with --monitor-uid (a wrapper: the shim takes a binary, not flags).
-    let tmp = husk_e2e::TempDir::new("containerd-uid");
-    let wrapper = engines::monitor_uid_wrapper(tmp.path());
-    let wrapper_arg = wrapper.to_string_lossy().into_owned();
+    // The shim runs husk as it is: its monitor gets a uid of its own by default.
+    let husk_arg = husk_binary().to_string_lossy().into_owned();
     // The overlayfs snapshotter: the rootfs is an overlay mount, which the monitor mounts
     // anew on idmapped layers.
     let run: Command = ctr.ctr(&[
@@ -128,7 +126,7 @@ fn containerd_overlayfs_with_a_monitor_of_its_own_uid() {
         "--snapshotter",
         "overlayfs",
         "--runc-binary",
-        &wrapper_arg,
+        &husk_arg,
         IMAGE,
         "u1",
         "sh",

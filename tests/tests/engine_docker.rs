@@ -4,8 +4,8 @@
 //! container while the test execs into it, reads its logs and stops it.
 //!
 //! The networking checks (default bridge, published ports) are a separate test: Docker 20.10
-//! asks for a new network namespace and fills it from a prestart hook, which the monitor runs
-//! with its own new namespace as the state's `/proc/<pid>/ns/net`.
+//! asks for a new network namespace and fills it from a prestart hook, which `husk create`
+//! runs once the monitor has made that namespace, the state's `/proc/<pid>/ns/net`.
 
 use husk_e2e::engines::{self, Dockerd, HttpServer, IMAGE, expect_code, expect_ok};
 use husk_e2e::husk_binary;
@@ -191,11 +191,10 @@ fn docker_bridge_network_reaches_the_host_and_publishes_a_port() {
 #[test]
 fn docker_on_overlay2_with_a_monitor_of_its_own_uid() {
     let Some(()) = prerequisites() else { return };
-    // The runtime with --monitor-uid (dockerd takes a binary), and the overlay2 driver: the
-    // rootfs is an overlay mount, which the monitor mounts anew on idmapped layers.
-    let tmp = husk_e2e::TempDir::new("docker-uid");
-    let wrapper = engines::monitor_uid_wrapper(tmp.path());
-    let Some(docker) = Dockerd::start_with(&wrapper, false, "overlay2") else {
+    // husk as it is (its monitor gets a uid of its own by default), and the overlay2 driver:
+    // the rootfs is an overlay mount, which the monitor mounts anew on idmapped layers.
+    let husk = husk_e2e::husk_binary();
+    let Some(docker) = Dockerd::start_with(&husk, false, "overlay2") else {
         return;
     };
     expect_ok(docker.docker(&[

@@ -317,10 +317,8 @@ fn podman_publishes_a_port_of_the_container() {
 fn podman_on_overlay_storage_with_a_monitor_of_its_own_uid() {
     let Some(()) = prerequisites() else { return };
     // podman's overlay driver: the rootfs is an overlay mount, which the monitor (a uid of
-    // its own) mounts anew on idmapped layers.
-    let uid = engines::MONITOR_UID.to_string();
-    let Some(podman) = Podman::configured(&husk_binary(), "overlay", &["--monitor-uid", &uid])
-    else {
+    // its own, the default) mounts anew on idmapped layers.
+    let Some(podman) = Podman::configured(&husk_binary(), "overlay", &[]) else {
         return;
     };
     expect_ok(podman.with(&[

@@ -82,6 +82,7 @@ fn hooks_run_in_order_with_the_state_and_fill_a_new_network_namespace() {
     let root = tmp.path().join("state");
     let _cleanup = ContainerRoot(root.clone());
     let host_netns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let host_pidns = std::fs::read_link("/proc/self/ns/pid").unwrap();
 
     // 1. A createContainer hook is refused before anything runs or is made.
     let out = tmp.path().join("refused-out");
@@ -153,11 +154,14 @@ fn hooks_run_in_order_with_the_state_and_fill_a_new_network_namespace() {
     let pid = std::process::id();
     let subnet = format!("10.{}.{}", 180 + pid % 20, pid / 20 % 250);
     let host_end = format!("hkh{}", pid % 100_000);
-    // What Docker's prestart hook has dockerd do, done by createRuntime here; it also says
-    // which namespace it ran in and which one the state's pid is in.
+    // What Docker's prestart hook has dockerd do, done by createRuntime here (`netns $pid`
+    // names the state's pid to the kernel: the hook must run in the engine's pid namespace,
+    // not the monitor's); it also says which namespaces it ran in and which network namespace
+    // the state's pid is in.
     let fill = format!(
         "cat > \"$OUT/createRuntime.json\"; echo createRuntime >> \"$OUT/order\"; \
          readlink /proc/self/ns/net > \"$OUT/hook-netns\"; \
+         readlink /proc/self/ns/pid > \"$OUT/hook-pidns\"; \
          pid=$(grep -o '\"pid\":[0-9]*' \"$OUT/createRuntime.json\" | cut -d: -f2); \
          readlink /proc/$pid/ns/net > \"$OUT/container-netns\"; \
          ip link add {host_end} type veth peer name eth0 netns $pid && \
@@ -210,10 +214,17 @@ fn hooks_run_in_order_with_the_state_and_fill_a_new_network_namespace() {
         assert_eq!(st["bundle"], bundle.to_str().unwrap(), "{kind}: {st}");
         assert!(st["ociVersion"].is_string(), "{kind}: {st}");
     }
-    // The hook ran in the host's namespace; the state's pid is in a new one.
+    // The hook ran in the host's namespaces (husk create's, not the monitor's pid namespace);
+    // the state's pid is in a new network namespace.
     let hook_ns = std::fs::read_to_string(out.join("hook-netns")).unwrap();
+    let hook_pidns = std::fs::read_to_string(out.join("hook-pidns")).unwrap();
     let container_ns = std::fs::read_to_string(out.join("container-netns")).unwrap();
     assert_eq!(hook_ns.trim(), host_netns.to_str().unwrap());
+    assert_eq!(
+        hook_pidns.trim(),
+        host_pidns.to_str().unwrap(),
+        "the hook ran in another pid namespace (the monitor's?)"
+    );
     assert_ne!(container_ns.trim(), host_netns.to_str().unwrap());
     // What the hook put in the namespace reached the VM.
     assert!(

@@ -3,9 +3,12 @@
 //! that still works (exec, a write to a bind mount); then a container flooding its stdout
 //! while the engine reads slowly, then not at all: the monitor's own memory stays bounded, the
 //! control path answers, kill works, the monitor ends; and `delete` leaves nothing behind.
-//! Then (a second VM) the same monitor under `--monitor-uid`: its host uid, the files the
-//! container writes on a bind mount owned on disk as in the guest, its network, exec, and
-//! `delete` undoing what it could not.
+//! That first monitor runs as root (`--monitor-uid root`, the weaker mode). Then (a second VM)
+//! a monitor as the default makes it, in a uid range of its own: its host uid (a range
+//! allocated for it, recorded, given back by `delete`), the files the container writes on a
+//! bind mount owned on disk as in the guest, its network, exec, and `delete` undoing what it
+//! could not. A third VM is probed in each of its threads' places for what a monitor taken
+//! over by its guest could still reach (`husk-probe`).
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -20,10 +23,13 @@ use husk_e2e::{
     kvm_available, skip,
 };
 
-/// The capabilities the jailed monitor keeps without a network (host/src/monitor/jail/):
+/// The capabilities the jailed root monitor keeps without a network (host/src/monitor/jail/):
 /// CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, SETGID 6, SETUID 7, MKNOD 27, SETFCAP 31.
 const KEPT: u64 =
     (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31);
+
+/// The first uid of the default pool of monitor uid ranges (`monitor::uids::DEFAULT_POOL`).
+const POOL_FIRST: u32 = 0x7000_0000;
 
 fn status_field(pid: i32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -136,7 +142,7 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
     let status = Command::new(husk_binary())
         .arg("--root")
         .arg(&root)
-        .args(["create", "j1", "--bundle"])
+        .args(["--monitor-uid", "root", "create", "j1", "--bundle"])
         .arg(&bundle)
         .arg("--pid-file")
         .arg(&pid_file)
@@ -192,6 +198,19 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
         names.push(name);
     }
     println!("the monitor's threads, each filtered: {names:?}");
+    // The first process of a pid namespace of its own (as Firecracker's jailer's
+    // --new-pid-ns): it can name, signal or ptrace no other process. And a network namespace
+    // of its own, not the host's with its abstract sockets.
+    assert_eq!(
+        status_field(pid, "NSpid"),
+        format!("{pid}\t1"),
+        "the monitor is not the first process of a pid namespace of its own"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "the monitor is in the host's network namespace"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let nofile = limits
         .lines()
@@ -446,7 +465,6 @@ impl Drop for TestNetns {
 #[test]
 fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     use std::os::unix::fs::MetadataExt;
-    const BASE: u32 = 300_000;
     let Some(_image) = guest_image() else { return };
     if !kvm_available() || !is_root() {
         skip::<()>("needs /dev/kvm and root");
@@ -489,13 +507,7 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
         .arg("--root")
         .arg(&root)
         .env("HUSK_PHASES", &phases)
-        .args([
-            "--monitor-uid",
-            &BASE.to_string(),
-            "create",
-            "u1",
-            "--bundle",
-        ])
+        .args(["create", "u1", "--bundle"])
         .arg(&bundle)
         .arg("--pid-file")
         .arg(&pid_file)
@@ -516,18 +528,35 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
         .parse()
         .unwrap();
 
+    // The default: a range of its own from the pool, recorded in the state directory and in
+    // the host's registry (see monitor::uids).
+    let base: u32 = std::fs::read_to_string(root.join("u1/monitor-uid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (POOL_FIRST..POOL_FIRST + 4094 * 65536).contains(&base)
+            && (base - POOL_FIRST).is_multiple_of(65536),
+        "the monitor's range {base} is not one of the default pool's"
+    );
+    let registered = Path::new("/run/husk-monitor-uids").join(base.to_string());
+    assert_eq!(
+        std::fs::read_to_string(&registered).unwrap().trim(),
+        root.join("u1").to_str().unwrap()
+    );
     // The monitor's host ids, with no groups, and the namespace it is root of.
-    let ids = format!("{BASE}\t{BASE}\t{BASE}\t{BASE}");
+    let ids = format!("{base}\t{base}\t{base}\t{base}");
     assert_eq!(status_field(pid, "Uid"), ids);
     assert_eq!(status_field(pid, "Gid"), ids);
     assert_eq!(status_field(pid, "Groups"), "");
     let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
     assert_eq!(
         uid_map.split_whitespace().collect::<Vec<_>>(),
-        ["0", &BASE.to_string(), "65536"]
+        ["0", &base.to_string(), "65536"]
     );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    assert_eq!(std::fs::metadata(root.join("u1")).unwrap().uid(), BASE);
+    assert_eq!(std::fs::metadata(root.join("u1")).unwrap().uid(), base);
     // The monitor records its phases from its jail too (the file, root's, is not there: it
     // keeps it open from its first phase, through the closing of what it inherited).
     let recorded = std::fs::read_to_string(&phases).unwrap();
@@ -623,6 +652,10 @@ fn a_monitor_with_a_uid_of_its_own_serves_the_container_as_its_root() {
     assert!(!err.contains("cleaning up"), "delete: {err}");
     assert!(!root.join("u1").exists());
     assert!(
+        !registered.exists(),
+        "delete did not give the monitor's uid range back"
+    );
+    assert!(
         !workdir.exists(),
         "delete left the overlay's work directory"
     );
@@ -701,14 +734,7 @@ fn a_monitor_uid_with_an_overlay_of_relative_layers_is_refused_by_name_and_leave
 
     let (code, _, err) = husk(
         &scratch.root,
-        &[
-            "--monitor-uid",
-            "300000",
-            "create",
-            "o1",
-            "--bundle",
-            bundle.to_str().unwrap(),
-        ],
+        &["create", "o1", "--bundle", bundle.to_str().unwrap()],
     );
     assert_ne!(
         code, 0,
@@ -720,6 +746,15 @@ fn a_monitor_uid_with_an_overlay_of_relative_layers_is_refused_by_name_and_leave
         "the error does not name the overlay and its layer: {err}"
     );
     assert!(!scratch.root.join("o1").exists(), "create left its state");
+    // Nor a uid range: the registry names no directory of this test's.
+    let registry = std::fs::read_dir("/run/husk-monitor-uids").unwrap();
+    for entry in registry.flatten() {
+        let owner = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !owner.contains(scratch.root.to_str().unwrap()),
+            "create left a uid range: {owner}"
+        );
+    }
     let (_, list, _) = husk(&scratch.root, &["list", "-q"]);
     assert!(list.trim().is_empty(), "{list}");
     assert!(
@@ -801,6 +836,14 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
         .parse()
         .unwrap();
     assert_eq!(husk(&root, &["start", "r1"]).0, 0);
+    // The default: a uid range of its own, not root.
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uid >= POOL_FIRST, "the monitor runs as uid {uid}");
 
     // What it must not reach: a root process of the host, an abstract socket and a TCP port
     // of the host's network namespace.
@@ -811,12 +854,21 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = tcp.local_addr().unwrap().port().to_string();
     let dir = root.join("r1");
+    // The volume's place in the share: its index among the spec's mounts.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let volume_index = config["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m["destination"] == "/vol")
+        .unwrap();
     let paths = [
         dir.join("container.json"),
         dir.join("hooks.json"),
         dir.join("state.json"),
         dir.join("share/rootfs/bin/busybox"),
-        dir.join("share/mounts/0/file"),
+        dir.join(format!("share/mounts/{volume_index}/file")),
         image.vmlinux.clone(),
         bundle.join("config.json"),
         scratch.volume.join("file"),
@@ -844,6 +896,10 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.code() == Some(3) && text.starts_with("thread\tgone") {
+            // A thread that ended meanwhile (a relay that finished): nothing to take over.
+            continue;
+        }
         assert!(
             out.status.success(),
             "probing {thread} ({tid}): {text}{}",
@@ -975,4 +1031,55 @@ fn a_taken_over_monitor_reaches_nothing_of_the_host() {
             }
         }
     }
+}
+
+/// When every range of the pool is taken, `create` says so (and how to get one), before any
+/// VM, and leaves nothing; the ranges in use are untouched.
+#[test]
+fn a_monitor_without_a_free_uid_range_is_refused_clearly_and_leaves_nothing() {
+    if !is_root() {
+        skip::<()>("needs root");
+        return;
+    }
+    // A pool of one range of its own (apart from the default's), taken by a container that
+    // was not deleted: its state directory records the range the registry gives it.
+    const FIRST: u32 = 1_500_000_000 + 65_536 * 7;
+    let scratch = Scratch::new("uids-full");
+    let Some(bundle) = scratch.bundle("true", |_| {}) else {
+        return;
+    };
+    let holder = scratch.tmp.path().join("holder");
+    std::fs::create_dir_all(&holder).unwrap();
+    std::fs::write(holder.join("monitor-uid"), format!("{FIRST}\n")).unwrap();
+    let registry = Path::new("/run/husk-monitor-uids");
+    std::fs::create_dir_all(registry).unwrap();
+    let entry = registry.join(FIRST.to_string());
+    std::fs::write(&entry, format!("{}\n", holder.display())).unwrap();
+
+    let pool = format!("{FIRST}:65536");
+    let (code, _, err) = husk(
+        &scratch.root,
+        &[
+            "--monitor-uid-pool",
+            &pool,
+            "create",
+            "n1",
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    let held = std::fs::read_to_string(&entry);
+    let _ = std::fs::remove_file(&entry);
+    assert_ne!(code, 0, "create without a free uid range");
+    println!("create said: {}", err.trim());
+    assert!(
+        err.contains("no uid range left") && err.contains("--monitor-uid-pool"),
+        "{err}"
+    );
+    assert!(!scratch.root.join("n1").exists(), "create left its state");
+    assert_eq!(
+        held.unwrap().trim(),
+        holder.to_str().unwrap(),
+        "the range in use was taken"
+    );
 }

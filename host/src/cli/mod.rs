@@ -34,11 +34,31 @@ struct Cli {
     /// Accepted for compatibility (cgroups are applied inside the VM).
     #[arg(long, global = true)]
     systemd_cgroup: bool,
-    /// Run each container's monitor as this host uid and gid (not root), in a user namespace
-    /// where the container's ids 0-65535 are UID..UID+65535; its files keep their owners on
-    /// disk (served through idmapped mounts, which the filesystems must support).
-    #[arg(long, global = true, value_name = "UID", env = crate::monitor::userns::ENV)]
-    monitor_uid: Option<crate::monitor::userns::IdMap>,
+    /// Who each container's monitor runs as: `auto` (the default), a range of 65536 host uids
+    /// and gids of its own from --monitor-uid-pool, in a user namespace where the container's
+    /// ids 0-65535 are that range (its files keep their owners on disk, served through
+    /// idmapped mounts, which the filesystems must support); a UID, the same range
+    /// UID..UID+65535 for every monitor (weaker: monitors may signal one another); or `root`
+    /// (weaker still: confined by its jail and seccomp filters only).
+    #[arg(
+        long,
+        global = true,
+        value_name = "auto|root|UID",
+        default_value = "auto",
+        env = crate::monitor::userns::ENV
+    )]
+    monitor_uid: crate::monitor::uids::MonitorUser,
+    /// The host uids `--monitor-uid auto` takes ranges from: COUNT ids from FIRST, a multiple
+    /// of 65536 (one range per container that is not deleted yet). Keep it apart from the
+    /// host's users and from other subordinate ranges (/etc/subuid).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FIRST:COUNT",
+        default_value = crate::monitor::uids::DEFAULT_POOL,
+        env = crate::monitor::uids::POOL_ENV
+    )]
+    monitor_uid_pool: crate::monitor::uids::Pool,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +114,7 @@ pub fn main(process_start: Instant) -> ExitCode {
         root: cli.root.clone(),
         debug: cli.debug,
         monitor_uid: cli.monitor_uid,
+        monitor_uid_pool: cli.monitor_uid_pool,
     };
     let _ = cli.systemd_cgroup;
     let is_monitor = matches!(cli.command, Command::Monitor(_));

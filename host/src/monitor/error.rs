@@ -19,7 +19,6 @@ use super::network::NetworkError;
 use super::share::ShareError;
 use crate::assets::ImageNotFound;
 use crate::oci::bundle::BundleError;
-use crate::oci::hooks::HookError;
 use crate::oci::state::StateError;
 use crate::vmm::{VmError, VmExit};
 
@@ -57,9 +56,22 @@ pub enum MonitorError {
     /// The network namespace or its interfaces.
     #[error("setting up the network")]
     Network(#[source] NetworkError),
-    /// A `prestart` or `createRuntime` hook.
-    #[error(transparent)]
-    Hook(#[from] HookError),
+    /// The bundle has `prestart` or `createRuntime` hooks, but `husk create` gave the monitor
+    /// no way to have it run them.
+    #[error(
+        "the bundle has prestart or createRuntime hooks, but the monitor was given no --hooks-fd \
+         to have husk create run them"
+    )]
+    NoHooksChannel,
+    /// Asking `husk create` to run the `prestart` and `createRuntime` hooks, or hearing back.
+    #[error("the create hooks: {what}")]
+    HooksChannel {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The state directory could not be opened for its sockets.
     #[error("{dir}")]
     SocketDir {

@@ -2,17 +2,16 @@
 //! connects once the guest kernel has started it; then comes the handshake (its Hello, then
 //! ours) and the requests that must be answered before `husk create` returns, each a typed
 //! call that waits for its answer: [`GuestSession::prepare`], [`GuestSession::configure_network`]
-//! (when the VM has interfaces) and [`GuestSession::create_container`]. Once the container is created, the
-//! serving loop sends its requests on the same connection ([`GuestSession::send`]) and a
-//! reader thread takes the answers and events.
+//! (when the VM has interfaces) and [`GuestSession::create_container`]. Once the container is
+//! created, the serving loop's writer sends its requests on the same connection
+//! ([`GuestSession::into_writer`]) and a reader thread takes the answers and events.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use husk_proto::{
-    CreateRequest, GuestMessage, Hello, HostMessage, NetworkConfig, ProtoError, Request, RequestId,
-    Response,
+    CreateRequest, GuestMessage, Hello, HostMessage, NetworkConfig, Request, RequestId, Response,
 };
 
 use super::error::MonitorError;
@@ -135,18 +134,14 @@ impl GuestSession {
         }
     }
 
-    /// Sends `request` without waiting for its answer (which the reader thread gets); returns
-    /// its id.
-    pub(super) fn send(&mut self, request: Request) -> Result<RequestId, ProtoError> {
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        husk_proto::write_message(&mut self.conn, &HostMessage::Request { id, request })?;
-        Ok(id)
-    }
-
     /// The connection again, for the thread that reads husk-init's answers and events.
     pub(super) fn reader(&self) -> io::Result<UnixStream> {
         self.conn.try_clone()
+    }
+
+    /// The connection and the id of the next request, for the serving loop's writer.
+    pub(super) fn into_writer(self) -> (UnixStream, RequestId) {
+        (self.conn, RequestId(self.next_id))
     }
 
     /// Sends request `id` and reads the message that answers it.

@@ -9,8 +9,8 @@
 //! 1. `setup`: what the container needs on the host, prepared while the monitor still sees the
 //!    host: the bundle; the shared directory (`share`); the network namespace (a new one is
 //!    unshared there, on the single thread the monitor has then), the `prestart` and
-//!    `createRuntime` hooks (`crate::oci::hooks`, run back in the host's namespace) and the
-//!    namespace's interfaces taken for the VM (`network`); the sockets; the terminal
+//!    `createRuntime` hooks (run by `husk create` when the monitor asks, `create_hooks`) and
+//!    the namespace's interfaces taken for the VM (`network`); the sockets; the terminal
 //!    (`console`); the container's fixed state; then the jail (`jail`, with `cgroup`,
 //!    `userns` and `overlay`);
 //! 2. `vm`: the VM started from the `VmConfig` the setup made;
@@ -34,18 +34,22 @@ pub mod cgroup;
 pub mod client;
 mod commands;
 pub mod console;
+pub mod create_hooks;
 mod error;
 mod guest;
+mod guest_log;
 pub mod jail;
 pub mod member;
 mod mountinfo;
 pub mod network;
+mod outbox;
 pub mod overlay;
 mod relay;
 mod serve;
 mod setup;
 mod share;
 mod threads;
+pub mod uids;
 pub mod userns;
 mod vm;
 
@@ -78,6 +82,9 @@ pub struct MonitorArgs {
     pub bundle: PathBuf,
     /// Write end of the pipe on which the monitor reports "created" or why not.
     pub notify_fd: RawFd,
+    /// Read end of the pipe on which `husk create` says it ran the create hooks (see
+    /// [`create_hooks`]).
+    pub hooks_fd: Option<RawFd>,
     /// Serial console of the VM to the monitor's stderr (debugging).
     pub console: bool,
     /// Where to send the pty master when the process has a terminal.
@@ -92,6 +99,8 @@ pub struct MonitorArgs {
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
     threads::monitor_process();
+    // Before the jail's /proc, which is the monitor's own pid namespace's.
+    crate::pid::init();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);

@@ -54,7 +54,11 @@ pub enum OverlayError {
     #[error("reading {}", super::mountinfo::PATH)]
     Mountinfo(#[source] std::io::Error),
     /// An overlay whose options husk cannot mount anew (see the module docs for which).
-    #[error("the overlay at {at}: {why}; --monitor-uid cannot remount it on idmapped layers")]
+    #[error(
+        "the overlay at {at}: {why}; a monitor with a uid of its own (the default, or \
+         --monitor-uid UID) cannot remount it on idmapped layers (--monitor-uid root serves it \
+         as it is, a weaker confinement)"
+    )]
     Unsupported {
         /// Where it is mounted.
         at: PathBuf,

@@ -11,8 +11,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
 use husk_proto::{
-    ContainerRef, Event, ExecId, GuestMessage, ProcessRef, ProtoError, Request, RequestId,
-    Response, WindowSize,
+    ContainerRef, Event, ExecId, GuestMessage, ProcessRef, Request, RequestId, Response, WindowSize,
 };
 use husk_seccomp::ThreadKind;
 
@@ -20,7 +19,9 @@ use super::api::{self, MonitorReply, MonitorRequest};
 use super::commands::Member;
 use super::console::Console;
 use super::guest::GuestSession;
+use super::guest_log::{self, GuestLog};
 use super::network::Network;
+use super::outbox::{Outbox, OutboxError};
 use super::{relay, threads};
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
@@ -72,8 +73,8 @@ pub(super) enum CommandError {
         source: std::io::Error,
     },
     /// The request could not be sent to husk-init.
-    #[error("husk-init: {0}")]
-    Guest(ProtoError),
+    #[error(transparent)]
+    Guest(OutboxError),
     /// A command for a container the VM does not have (or no longer has).
     #[error("the VM has no container {0}")]
     NoContainer(u32),
@@ -130,7 +131,8 @@ pub(super) struct Monitor {
     /// Names the sockets in `dir` (the VM's vsock device uses it for the monitor's life).
     pub(super) sockets: SocketDir,
     pub(super) state: State,
-    guest: GuestSession,
+    /// Requests to husk-init (see `outbox`: the loop never waits for the guest to take them).
+    pub(super) guest: Outbox,
     events: Receiver<Ev>,
     pub(super) events_tx: Sender<Ev>,
     pub(super) stopper: VmHandle,
@@ -145,6 +147,8 @@ pub(super) struct Monitor {
     outputs: Vec<relay::Output>,
     /// The container's network, undone when the monitor ends (dropped).
     _network: Option<Network>,
+    /// What the monitor says about husk-init's messages, rate limited.
+    guest_log: GuestLog,
 }
 
 impl Monitor {
@@ -153,7 +157,10 @@ impl Monitor {
             dir: parts.dir,
             sockets: parts.sockets,
             state: parts.state,
-            guest: parts.guest,
+            guest: {
+                let (conn, next) = parts.guest.into_writer();
+                Outbox::new(conn, next)
+            },
             events: parts.events,
             events_tx: parts.events_tx,
             stopper: parts.stopper,
@@ -165,6 +172,7 @@ impl Monitor {
             exit_status: None,
             outputs: parts.outputs,
             _network: parts.network,
+            guest_log: GuestLog::default(),
         }
     }
 
@@ -227,7 +235,7 @@ impl Monitor {
                     }
                 }
                 Ev::Guest(Some(other)) => {
-                    eprintln!("husk monitor: unexpected message from husk-init: {other:?}");
+                    unexpected(&mut self.guest_log, &mut std::io::stderr(), &other);
                 }
                 Ev::Guest(None) => {
                     // The guest is gone (powered off, crashed, or sent garbage).
@@ -360,11 +368,27 @@ impl Monitor {
             ) => {
                 reply(
                     &mut s,
-                    &MonitorReply::Error(format!("unexpected answer {other:?}")),
+                    &MonitorReply::Error(format!(
+                        "unexpected answer {}",
+                        guest_log::describe(&other)
+                    )),
                 );
             }
         }
     }
+}
+
+/// Logs a message from husk-init that nothing waits for (a second `Hello`, say): rate
+/// limited, and described in a few hundred bytes at most (see `guest_log`).
+fn unexpected(log: &mut GuestLog, out: &mut impl Write, msg: &GuestMessage) {
+    log.line(
+        std::time::Instant::now(),
+        out,
+        format_args!(
+            "husk monitor: unexpected message from husk-init: {}",
+            guest_log::describe(msg)
+        ),
+    );
 }
 
 /// Relays `console` to the guest's terminal connection (accepted on `listener`) and sends the
@@ -394,7 +418,7 @@ pub(super) fn reply(stream: &mut UnixStream, msg: &MonitorReply) {
 }
 
 pub(super) fn spawn_guest_reader(mut conn: UnixStream, tx: Sender<Ev>) {
-    threads::spawn("guest-reader", ThreadKind::GuestReader, move || {
+    threads::spawn("guest-reader", ThreadKind::Guest, move || {
         loop {
             let msg: Result<Option<GuestMessage>, _> = husk_proto::read_message(&mut conn);
             match msg {
@@ -442,4 +466,36 @@ pub(super) fn spawn_command_acceptor(listener: UnixListener, tx: Sender<Ev>) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use husk_proto::Hello;
+
+    use super::*;
+
+    /// A guest that repeats a message nothing waits for (a second Hello) gets a few lines a
+    /// minute in the engine's log, not one each; each line is short whatever the message.
+    #[test]
+    fn unexpected_messages_from_the_guest_are_logged_a_few_times() {
+        let mut log = GuestLog::default();
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            unexpected(&mut log, &mut out, &GuestMessage::Hello(Hello::current()));
+        }
+        let big = GuestMessage::Response {
+            id: RequestId(7),
+            result: Ok(Response::Pids(vec![1; 1 << 20])),
+        };
+        let mut fresh = GuestLog::default();
+        let mut one = Vec::new();
+        unexpected(&mut fresh, &mut one, &big);
+        let lines = String::from_utf8(out).unwrap();
+        assert!(
+            lines.lines().count() <= guest_log::BURST as usize,
+            "{} lines for 10000 messages",
+            lines.lines().count()
+        );
+        assert!(one.len() < 512, "a line of {} bytes", one.len());
+    }
 }

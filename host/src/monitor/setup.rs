@@ -19,7 +19,6 @@ use super::network::{self, Network};
 use super::{MonitorArgs, jail, share};
 use crate::assets::GuestImage;
 use crate::oci::bundle::Bundle;
-use crate::oci::hooks::{self, HookError, HookKind};
 use crate::oci::pod;
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
@@ -183,7 +182,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
     let id = ContainerId::new(args.id.clone())?;
     let image = crate::assets::find()?;
     let (share, mounts) = share::prepare(dir, &bundle)?;
-    let mut network = network_with_hooks(&bundle, &args.id, dir)?;
+    let mut network = network_with_hooks(args, &bundle, dir)?;
     let sockets = SocketDir::open(dir).map_err(|source| MonitorError::SocketDir {
         dir: dir.to_owned(),
         source,
@@ -211,6 +210,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         state_dir: dir,
         read_only: vec![&image.vmlinux, &image.initramfs],
         network: network.is_some(),
+        leave_network_namespace: network::requested(&bundle.spec) != network::Requested::New,
         user: args.user.map(|map| (map, share.as_path())),
     })?;
     crate::phases::record_now("monitor-confined");
@@ -303,16 +303,16 @@ fn choose_template(
 }
 
 /// The network namespace (a new one while the monitor still has a single thread), the hooks
-/// that fill it, then its interfaces for the VM: undone on drop, when the monitor ends or right
-/// away if creating fails later.
+/// that fill it (run by `husk create`, see `super::create_hooks`), then its interfaces for the
+/// VM: undone on drop, when the monitor ends or right away if creating fails later.
 fn network_with_hooks(
+    args: &MonitorArgs,
     bundle: &Bundle,
-    id: &str,
     dir: &Path,
 ) -> Result<Option<Network>, MonitorError> {
     let netns = network::Netns::for_spec(&bundle.spec).map_err(MonitorError::Network)?;
     record_netns(&netns, dir)?;
-    run_create_hooks(bundle, id, netns.host())?;
+    super::create_hooks::run(args.notify_fd, args.hooks_fd, bundle)?;
     network::setup(&netns, dir).map_err(MonitorError::Network)
 }
 
@@ -323,8 +323,7 @@ fn record_netns(netns: &network::Netns, dir: &Path) -> Result<(), MonitorError> 
     let path = match netns {
         network::Netns::None => return Ok(()),
         network::Netns::Path(p) => p.clone(),
-        // The monitor's main thread is in it.
-        network::Netns::Own { .. } => "/proc/self/ns/net".into(),
+        network::Netns::Own { path } => path.clone(),
     };
     let id = pod::NetnsId::of(&path).map_err(|source| pod::PodError::Record {
         what: "reading the network namespace",
@@ -333,34 +332,6 @@ fn record_netns(netns: &network::Netns, dir: &Path) -> Result<(), MonitorError> 
     })?;
     pod::write_json(&dir.join(pod::NETNS_FILE), &id)?;
     Ok(())
-}
-
-/// Runs the hooks of `create` for the container `id` of `bundle`: `prestart`, then
-/// `createRuntime`, with the state of a container being created whose `pid` is this process
-/// (the monitor). `netns`: the host's network namespace when the monitor made its own (see
-/// [`hooks::run`]).
-pub(super) fn run_create_hooks(
-    bundle: &Bundle,
-    id: &str,
-    netns: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<(), HookError> {
-    let hooks = bundle.spec.hooks().as_ref();
-    if hooks.is_none() {
-        return Ok(());
-    }
-    let state = State {
-        oci_version: state::OCI_VERSION.into(),
-        id: id.to_owned(),
-        status: Status::Creating,
-        pid: i32::try_from(std::process::id()).ok(),
-        bundle: bundle.dir.clone(),
-        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-        created: String::new(),
-        monitor_start_time: 0,
-        exit_status: None,
-    };
-    hooks::run(HookKind::Prestart, hooks, &state, netns)?;
-    hooks::run(HookKind::CreateRuntime, hooks, &state, netns)
 }
 
 /// Opens `/dev/kvm` for the VMM (the monitor's jail does not hold it).
@@ -376,7 +347,7 @@ fn open_kvm() -> Result<OwnedFd, MonitorError> {
 /// The container's state as the monitor starts it (`creating`, its own pid), written as the
 /// fixed record (`container.json`) husk commands trust.
 fn fixed_state(args: &MonitorArgs, bundle: &Bundle, dir: &Path) -> Result<State, MonitorError> {
-    let pid = i32::try_from(std::process::id()).unwrap_or(0);
+    let pid = i32::try_from(crate::pid::host_pid()).unwrap_or(0);
     let state = State {
         oci_version: state::OCI_VERSION.into(),
         id: args.id.clone(),

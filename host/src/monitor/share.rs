@@ -141,19 +141,38 @@ pub fn prepare(
     Ok((share, sources))
 }
 
-/// Makes an existing bind mount read-only (the file server then gets EROFS for any write).
+/// Makes an existing bind mount read-only, with every mount below it (an `rbind` brings the
+/// source's submounts, and a remount reaches only the top one): the file server then gets
+/// EROFS for any write. `mount_setattr(2)` with `AT_RECURSIVE` does the whole tree at once.
 fn remount_readonly(target: &Path) -> Result<(), ShareError> {
-    mount(
-        None::<&str>,
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(|source| ShareError::ReadOnly {
+    let err = |source| ShareError::ReadOnly {
         path: target.to_owned(),
         source,
-    })
+    };
+    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(nix::Error::EINVAL))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) reads the NUL-terminated path and `attr`, whose size is
+    // passed; both outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &raw const attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(err(nix::Error::last()));
+    }
+    Ok(())
 }
 
 fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), ShareError> {
@@ -167,4 +186,47 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), ShareError>
         to: target.to_owned(),
         source: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read-only bind mount with `rbind` brings the mounts below its source: they must be
+    /// read-only too, not only its top.
+    #[test]
+    fn a_read_only_rbind_is_read_only_below_its_top() {
+        if !husk_e2e::is_root() {
+            husk_e2e::skip::<()>("needs root (mounts)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("husk-share-ro-{}", std::process::id()));
+        let (source, target) = (dir.join("source"), dir.join("target"));
+        std::fs::create_dir_all(source.join("sub")).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        // On a thread of its own: the mount namespace is the thread's, gone with it.
+        let writes = std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::mount_ns::enter().unwrap();
+                // A mount below the source, as a volume with a mount inside it has.
+                mount(
+                    Some("tmpfs"),
+                    &source.join("sub"),
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    None::<&str>,
+                )
+                .unwrap();
+                bind(&source, &target, true).unwrap();
+                remount_readonly(&target).unwrap();
+                [target.join("top"), target.join("sub/below")]
+                    .map(|p| std::fs::write(&p, b"x").map_err(|e| e.raw_os_error()))
+            })
+            .join()
+            .unwrap()
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(writes[0], Err(Some(libc::EROFS)), "the top");
+        assert_eq!(writes[1], Err(Some(libc::EROFS)), "the mount below it");
+    }
 }

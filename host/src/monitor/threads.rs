@@ -1,9 +1,9 @@
 //! The monitor's threads, each named and each confined by its seccomp filter (crate
 //! `husk-seccomp`) before it does anything else: a monitor taken over by its guest must find
 //! no thread without one. The VMM's threads (vmm, vCPUs) filter themselves in `crate::vmm`;
-//! the monitor's own are started here: `vm-wait` (`VmWait`), `guest-reader` (`GuestReader`),
-//! `commands` and one `command` per connection (`Commands`), and the relays of the container's
-//! stdio and terminals (`Relay`). The main thread filters itself as `Monitor` once the VM runs
+//! the monitor's own are started here: `vm-wait` (`VmWait`), `guest-reader` and
+//! `guest-writer` (`Guest`), `commands` and one `command` per connection (`Commands`), and the
+//! relays of the container's stdio and terminals (`Relay`). The main thread filters itself as `Monitor` once the VM runs
 //! ([`confine`], called from `super::create`).
 //!
 //! A thread created after its parent filtered itself runs under the parent's filter until it

@@ -1,6 +1,7 @@
-//! The monitor as an unprivileged host uid (`husk --monitor-uid BASE`, or `HUSK_MONITOR_UID`):
-//! what Firecracker's jailer does with `--uid`/`--gid`, for a monitor that also serves the
-//! container's files as the guest's root.
+//! The monitor as an unprivileged host uid (the default, a range allocated per container by
+//! [`super::uids`]; or `husk --monitor-uid BASE`, `HUSK_MONITOR_UID`): what Firecracker's
+//! jailer does with `--uid`/`--gid`, for a monitor that also serves the container's files as the
+//! guest's root.
 //!
 //! The monitor enters a user namespace in which uids and gids 0-65535 are the host's
 //! BASE..BASE+65535 (a subordinate range, as podman's `--userns=auto` uses), and becomes its
@@ -34,10 +35,10 @@
 //!   unmount): the paths to the state directory may pass through directories only root may
 //!   search (containerd's state root is 0700), and a fresh `/proc` needs privilege over the
 //!   host's pid namespace;
-//! - monitors started with the same BASE share a host uid: they cannot ptrace or read one
-//!   another (they are not dumpable) but may signal one another. A range per container (as
-//!   Firecracker's jailer wants a uid per microVM) keeps them apart; allocating those ranges
-//!   is left to whoever starts husk.
+//! - monitors started with the same BASE share a host uid: each is in a pid namespace of its
+//!   own, so they cannot name, signal or ptrace one another, but they can write one another's
+//!   files if a path to them is in both jails (none is). The default (see [`super::uids`])
+//!   gives each monitor a range of its own, as Firecracker's jailer wants a uid per microVM.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -130,9 +131,10 @@ pub enum UserNsError {
     /// A filesystem under the directory cannot be idmapped (`mount_setattr` said EINVAL).
     #[error(
         "idmapping {dir} for the monitor's uid: mount_setattr: {error} (a filesystem under it \
-         does not support idmapped mounts; they are: {filesystems}; --monitor-uid needs the \
-         rootfs and bind mounts, or an overlay rootfs's layers, on e.g. ext4, xfs, btrfs or \
-         tmpfs)"
+         does not support idmapped mounts; they are: {filesystems}; a monitor with a uid of \
+         its own, the default, needs the rootfs and bind mounts, or an overlay rootfs's layers, \
+         on e.g. ext4, xfs, btrfs or tmpfs; --monitor-uid root serves them as they are, a \
+         weaker confinement)"
     )]
     NotIdmappable {
         /// The directory.
@@ -214,8 +216,18 @@ impl UserNs {
                     // The parent's ends: `go` must see EOF when the parent closes its copy.
                     libc::close(go_w.as_raw_fd());
                     libc::close(ready_r.as_raw_fd());
-                    let ok = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
-                    libc::write(ready_w.as_raw_fd(), (&raw const ok).cast(), 1);
+                    // The report: whether the namespace was made, then this process's pid as
+                    // the mounted /proc knows it (the monitor runs in a pid namespace of its
+                    // own, where the pid fork returned is not the one /proc/<pid> names).
+                    let mut report = [0u8; 24];
+                    report[0] = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+                    let n = libc::readlink(
+                        c"/proc/self".as_ptr(),
+                        report[1..].as_mut_ptr().cast(),
+                        report.len() - 1,
+                    );
+                    let len = 1 + usize::try_from(n).unwrap_or(0);
+                    libc::write(ready_w.as_raw_fd(), report.as_ptr().cast(), len);
                     // Until the parent has the namespace (it closes its end of `go`).
                     let mut b = 0u8;
                     libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1);
@@ -234,12 +246,16 @@ impl UserNs {
 
     /// Writes the maps of the helper's namespace and opens it.
     fn adopt(child: nix::unistd::Pid, map: IdMap, ready: OwnedFd) -> Result<UserNs, UserNsError> {
-        let mut ok = [0u8];
-        let n = nix::unistd::read(&ready, &mut ok).map_err(UserNsError::Helper)?;
-        if n != 1 || ok[0] != 1 {
+        let mut report = [0u8; 24];
+        let n = nix::unistd::read(&ready, &mut report).map_err(UserNsError::Helper)?;
+        if n < 1 || report[0] != 1 {
             return Err(UserNsError::Unshare);
         }
-        let proc = format!("/proc/{child}");
+        let pid = std::str::from_utf8(&report[1..n])
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .map_or(child.to_string(), |p| p.to_string());
+        let proc = format!("/proc/{pid}");
         let line = format!("0 {} {RANGE}\n", map.base);
         for file in ["uid_map", "gid_map"] {
             std::fs::write(format!("{proc}/{file}"), &line).map_err(|source| UserNsError::Map {

@@ -68,6 +68,10 @@ fn bind_free(sockets: &SocketDir) -> std::io::Result<(u32, [UnixListener; 3])> {
             remove(sockets, base, bound.len());
             continue;
         }
+        for l in &bound {
+            // Accepted by deadline (`accept_by`).
+            l.set_nonblocking(true)?;
+        }
         let mut listeners = bound.into_iter();
         let mut next = || listeners.next().expect("three bound");
         return Ok((base, [next(), next(), next()]));
@@ -76,6 +80,40 @@ fn bind_free(sockets: &SocketDir) -> std::io::Result<(u32, [UnixListener; 3])> {
         std::io::ErrorKind::AddrInUse,
         "no free vsock ports",
     ))
+}
+
+/// Accepts the guest's connection on `listener` (one of [`bind`]'s), waiting until
+/// `deadline` at most: the guest connects a process's streams as soon as the process runs,
+/// and one that does not must not hang the command waiting for it.
+pub fn accept_by(
+    listener: &UnixListener,
+    deadline: std::time::Instant,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsFd;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the guest did not connect the process's streams in time (is the guest hung?)",
+            ));
+        }
+        let millis = u16::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(millis));
+    }
 }
 
 /// Removes the first `n` of the listeners [`bind`] bound from `base` on.
@@ -162,5 +200,25 @@ mod tests {
         let base = bound.unwrap();
         assert!(base >= 10_000, "{base}");
         assert_eq!(owners, vec![(54_321, 54_322, true); 3]);
+    }
+
+    /// A guest that never connects an exec's stream: `husk exec` gives up at its deadline.
+    #[test]
+    fn a_stream_the_guest_never_connects_is_given_up_on() {
+        let dir = std::env::temp_dir().join(format!("husk-ports-accept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sockets = SocketDir::open(&dir).unwrap();
+        let (_base, [l, _, _]) = bind(&sockets).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let _ = tx.send(accept_by(&l, deadline).map(drop).map_err(|e| e.to_string()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = got
+            .expect("waiting for the guest's connection went on past the deadline")
+            .unwrap_err();
+        assert!(err.contains("did not connect"), "{err}");
     }
 }

@@ -82,12 +82,20 @@ fn args() -> Args {
     a
 }
 
+/// The exit status when the thread is gone before the probe could take its place (a relay
+/// that finished, a command's reader): the caller skips it.
+const GONE: i32 = 3;
+
 /// The thread's filters, newest first (as the kernel numbers them), or none.
 fn dump_filters(tid: i32) -> Vec<Vec<libc::sock_filter>> {
     // SAFETY: ptrace requests on a thread id with integer arguments; SEIZE and INTERRUPT
     // stop the thread until DETACH, and waitpid waits for that stop.
     unsafe {
         if libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0) != 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+                println!("thread\tgone\t{tid}");
+                std::process::exit(GONE);
+            }
             die("PTRACE_SEIZE");
         }
         if libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) != 0 {
@@ -268,8 +276,11 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 
 fn main() {
     let a = args();
-    let status = std::fs::read_to_string(format!("/proc/{}/task/{}/status", a.pid, a.tid))
-        .unwrap_or_else(|_| die("reading the thread's status"));
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/task/{}/status", a.pid, a.tid))
+    else {
+        println!("thread\tgone\t{}", a.tid);
+        std::process::exit(GONE);
+    };
     let uid_map = std::fs::read_to_string(format!("/proc/{}/uid_map", a.pid))
         .unwrap_or_else(|_| die("uid_map"));
     let gid_map = std::fs::read_to_string(format!("/proc/{}/gid_map", a.pid))
@@ -745,14 +756,14 @@ fn syscalls_each() {
                 ))
             }),
         ),
-        // SAFETY: an invalid descriptor.
         (
             "setns",
+            // SAFETY: an invalid descriptor.
             Box::new(|| unsafe { i64::from(libc::setns(-1, 0)) }),
         ),
-        // SAFETY: an invalid command.
         (
             "bpf",
+            // SAFETY: an invalid command.
             Box::new(|| unsafe { libc::syscall(libc::SYS_bpf, 0xffff, 0, 0) }),
         ),
         (

@@ -3,15 +3,17 @@
 //! container.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use super::delete::remove_entry;
-use super::{Context, close_inherited_fds, read_report, spawn_detached, write_pid_file};
-use crate::monitor::{self, MonitorArgs};
+use super::{
+    Context, close_inherited_fds, read_report_serving, report_limit, spawn_monitor, write_pid_file,
+};
+use crate::monitor::{self, MonitorArgs, uids};
 use crate::oci::bundle::Bundle;
 use crate::oci::state::{self, State, Status};
 use crate::oci::{hooks, pod};
@@ -50,6 +52,9 @@ pub struct MonitorCmdArgs {
     bundle: PathBuf,
     #[arg(long)]
     notify_fd: i32,
+    /// The read end of the pipe on which `create` says it ran the hooks.
+    #[arg(long)]
+    hooks_fd: Option<i32>,
     #[arg(long)]
     console_socket: Option<PathBuf>,
     /// A pod's later container: the sandbox whose VM it is created in (see
@@ -93,7 +98,7 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if let Err(e) = entry.write(&initial) {
         return Err(fail(entry, e.into()));
     }
-    // What `start` and `delete` run (the monitor runs the create hooks from the bundle).
+    // What `start` and `delete` run (the create hooks are run from the bundle, below).
     if let Err(e) = hooks::save(entry.dir(), bundle.spec.hooks().as_ref()) {
         return Err(fail(entry, e.into()));
     }
@@ -102,8 +107,11 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         Ok(r) => r,
         Err(e) => return Err(fail(entry, e.into())),
     };
-    // The monitor reports "ok" or an error on this pipe.
-    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
+    // The monitor reports "ok" or an error on this pipe (and asks for the create hooks on it).
+    // Close-on-exec here: not for the hooks this process runs (spawn_detached keeps the write
+    // end open in the monitor).
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     let write_fd = write_end.as_raw_fd();
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let mut cmd = Command::new(exe);
@@ -116,10 +124,22 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         cmd.arg("--debug");
     }
     if let pod::Role::Member { sandbox, .. } = &role {
+        // A member's VM is its sandbox's, whose monitor has its uids: it gets none of its own.
         cmd.arg("--pod-sandbox").arg(sandbox);
-    }
-    if let Some(map) = ctx.monitor_uid {
-        cmd.arg("--monitor-uid").arg(map.base().to_string());
+        cmd.arg("--monitor-uid").arg("root");
+    } else {
+        // Its uids: a range of its own by default (see monitor::uids), taken back by delete.
+        let user = uids::for_container(
+            ctx.monitor_uid,
+            ctx.monitor_uid_pool,
+            Path::new(uids::REGISTRY),
+            entry.dir(),
+        );
+        match user {
+            Ok(Some(map)) => cmd.arg("--monitor-uid").arg(map.base().to_string()),
+            Ok(None) => cmd.arg("--monitor-uid").arg("root"),
+            Err(e) => return Err(fail(entry, e.into())),
+        };
     }
     if let Some(log) = &ctx.log {
         cmd.arg("--log")
@@ -129,12 +149,22 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         let socket = std::path::absolute(socket).context("--console-socket")?;
         cmd.arg("--console-socket").arg(socket);
     }
-    let mut child = match spawn_detached(&mut cmd, write_fd) {
+    // The monitor has the prestart and createRuntime hooks run here (monitor::create_hooks),
+    // and hears back on this pipe. Close-on-exec: a hook's child that held the write end would
+    // keep a monitor whose hook failed from hearing so.
+    let (hooks_r, hooks_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    cmd.args(["--hooks-fd", &hooks_r.as_raw_fd().to_string()]);
+    let mut child = match spawn_monitor(&mut cmd, &[write_fd, hooks_r.as_raw_fd()]) {
         Ok(c) => c,
         Err(e) => return Err(fail(entry, anyhow!("starting the monitor: {e}"))),
     };
-    drop(write_end);
-    let report = read_report(read_end);
+    drop((write_end, hooks_r));
+    let mut hooks_w = Some(hooks_w);
+    let monitor_pid = child.id();
+    let report = read_report_serving(read_end, report_limit(), |line| {
+        serve_create_hooks(line, &bundle, &args.id, monitor_pid, &mut hooks_w)
+    });
     let mut lines: Vec<&str> = report.lines().collect();
     // A template the monitor could not restore from: removed here, where the cache is seen.
     lines.retain(|line| match line.strip_prefix(monitor::TEMPLATE_REJECTED) {
@@ -144,7 +174,13 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         }
         None => true,
     });
-    let report = lines.join("\n");
+    let mut report = lines.join("\n");
+    if report.trim() == "ok" && hooks_w.is_some() && monitor::create_hooks::wanted(&bundle) {
+        // What a monitor says is not believed: the bundle's hooks ran, or it is not created.
+        report = "error: the monitor reported the container created without having its \
+                  prestart and createRuntime hooks run"
+            .into();
+    }
     if report.trim() != "ok" {
         let msg = report
             .trim()
@@ -196,15 +232,16 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
     // Make sure the notify fd is ours (and close-on-exec from here on).
     // SAFETY: the fd number was given to us by `create`, which left it open for us.
     let fd = unsafe { OwnedFd::from_raw_fd(args.notify_fd) };
-    // Not for the hooks the monitor runs: one that leaves a child behind would hold `create`'s
-    // pipe open, and `create` waits for its end.
+    // Not for anything the monitor would exec: a process that outlived it would hold
+    // `create`'s pipe open, and `create` waits for its end. (The hooks pipe is
+    // monitor::create_hooks's, which closes it.)
     let _ = nix::fcntl::fcntl(
         &fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
     let raw = fd.as_raw_fd();
     std::mem::forget(fd);
-    close_inherited_fds(raw);
+    close_inherited_fds(&[raw, args.hooks_fd.unwrap_or(raw)]);
     if let Some(sandbox) = args.pod_sandbox {
         return monitor::member::run(monitor::member::MemberArgs {
             root: ctx.root.clone(),
@@ -212,21 +249,74 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             bundle: args.bundle,
             sandbox,
             notify_fd: raw,
+            hooks_fd: args.hooks_fd,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
         });
     }
+    let user = match ctx.monitor_uid {
+        uids::MonitorUser::Root => None,
+        uids::MonitorUser::Fixed(map) => Some(map),
+        uids::MonitorUser::Auto => {
+            // `create` resolves it; the monitor is never started with `auto`.
+            eprintln!("husk monitor: --monitor-uid auto is for create, not the monitor");
+            return ExitCode::FAILURE;
+        }
+    };
     monitor::run(
         MonitorArgs {
             root: ctx.root.clone(),
             id: args.id,
             bundle: args.bundle,
             notify_fd: raw,
+            hooks_fd: args.hooks_fd,
             console: ctx.debug,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
-            user: ctx.monitor_uid,
+            user,
         },
         process_start,
+    )
+}
+
+/// Runs the `prestart` and `createRuntime` hooks when the monitor asks (`line` is its request,
+/// see `monitor::create_hooks`), here, in husk create's namespaces as runc runs them, with the
+/// state of the container being created whose `pid` is the monitor's; then tells it on
+/// `answers`, once. `None`: `line` is no request, but part of the report.
+fn serve_create_hooks(
+    line: &str,
+    bundle: &Bundle,
+    id: &str,
+    monitor: u32,
+    answers: &mut Option<OwnedFd>,
+) -> Option<Result<(), String>> {
+    if line != monitor::create_hooks::REQUEST {
+        return None;
+    }
+    let Some(answers) = answers.take() else {
+        return Some(Err("the monitor asked twice for the create hooks".into()));
+    };
+    let state = State {
+        oci_version: state::OCI_VERSION.into(),
+        id: id.to_owned(),
+        status: Status::Creating,
+        pid: i32::try_from(monitor).ok(),
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: String::new(),
+        monitor_start_time: 0,
+        exit_status: None,
+    };
+    let hooks = bundle.spec.hooks().as_ref();
+    let ran = hooks::run(hooks::HookKind::Prestart, hooks, &state)
+        .and_then(|()| hooks::run(hooks::HookKind::CreateRuntime, hooks, &state));
+    if let Err(e) = ran {
+        return Some(Err(crate::error_chain(&e)));
+    }
+    let done = format!("{}\n", monitor::create_hooks::DONE);
+    Some(
+        nix::unistd::write(&answers, done.as_bytes())
+            .map(drop)
+            .map_err(|e| format!("telling the monitor the hooks ran: {e}")),
     )
 }

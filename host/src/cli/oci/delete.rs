@@ -56,8 +56,8 @@ pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<ExitCode> {
 /// Removes a container whose monitor is gone: first, for a pod's later container, the
 /// container in its sandbox's VM and its files in the sandbox's share; then what a killed monitor could not undo in
 /// the container's network namespace (its tap, qdiscs and filters), then the monitor's cgroup,
-/// then the work directories of overlays remounted for `--monitor-uid`, then the state
-/// directory, then runs its `poststop` hooks (the spec: after the container is
+/// then the work directories of overlays remounted for `--monitor-uid` and the monitor's uid
+/// range, then the state directory, then runs its `poststop` hooks (the spec: after the container is
 /// deleted, before `delete` returns; also after a failed `create`). A network or cgroup
 /// cleanup that fails (an unreadable record, a namespace that cannot be entered) is reported
 /// but does not keep the state directory: a retry could not do better.
@@ -75,6 +75,11 @@ pub(super) fn remove_entry(entry: state::Entry) -> Result<()> {
     }
     // The work directories of overlays remounted for `--monitor-uid` (monitor::overlay).
     if let Err(e) = crate::monitor::overlay::remove_workdirs(entry.dir(), &entry.id().to_string()) {
+        eprintln!("husk: {}", error_chain(&e));
+    }
+    // The monitor's uid range, for another container (monitor::uids).
+    let registry = std::path::Path::new(crate::monitor::uids::REGISTRY);
+    if let Err(e) = crate::monitor::uids::release(registry, entry.dir()) {
         eprintln!("husk: {}", error_chain(&e));
     }
     let (kept, st) = (hooks::load_or_warn(entry.dir()), entry.read());

@@ -102,7 +102,8 @@ mod tests {
             log_format: crate::cli::log::Format::Text,
             root: root.clone(),
             debug: false,
-            monitor_uid: None,
+            monitor_uid: crate::monitor::uids::MonitorUser::Root,
+            monitor_uid_pool: crate::monitor::uids::Pool::default(),
         };
         let entry = ctx.store().create("c1").unwrap();
         entry

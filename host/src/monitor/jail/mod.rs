@@ -15,6 +15,12 @@
 //!   and detaches the host's root.
 //!   `/dev/kvm` and the taps were opened before, so neither it nor `/dev/net/tun` is there; the
 //!   log, the container's stdio and the `HUSK_PHASES` file are descriptors already;
+//! - **a network namespace of its own**, new and empty, unless it is in one it made for the
+//!   container (which `/proc/<pid>/ns/net` names to the engine and hooks): in the host's, any
+//!   process may connect to the abstract Unix sockets of the host's services (they have no
+//!   owner and no mode; containerd's shims used such sockets). The taps and the rtnetlink
+//!   socket it took in the container's namespace keep working there, and the vsock device's
+//!   sockets are files;
 //! - **pinned records**: the monitor writes to its state directory after this (`state.json`,
 //!   its vsock sockets), but the files there that husk commands act on as root (see
 //!   `crate::oci::state` on what husk trusts) are bind-mounted read-only onto themselves first
@@ -36,14 +42,20 @@
 //!   (see `super::setup::no_core_dumps`). RLIMIT_NPROC is not set: the kernel does not apply
 //!   it to uid 0.
 //!
-//! **An unprivileged uid** (`--monitor-uid BASE`, see [`super::userns`]): the share is served
+//! **An unprivileged uid** (the default: a range of its own, see [`super::uids`]; or
+//! `--monitor-uid BASE`; see [`super::userns`]): the share is served
 //! as the guest's root (files created with the guest's uids, chowned, whatever the container's
 //! root does), so the monitor needs CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_SETUID;
 //! under a plain other uid that would confine nothing (CAP_SETUID makes it root again). So the
 //! monitor becomes root of a user namespace mapped to BASE..BASE+65535, with the share
 //! idmapped through it: its capabilities then hold only there. Without CAP_NET_ADMIN and
-//! CAP_MKNOD, which would mean nothing there. The root monitor (the default) is confined by
-//! the rest of the list above.
+//! CAP_MKNOD, which would mean nothing there. The root monitor (`--monitor-uid root`, weaker:
+//! its euid 0 still owns what root owns within its jail) is confined by the rest of the list
+//! above.
+//!
+//! Besides the jail, every thread of the monitor filters itself with seccomp (see
+//! `super::threads`), and `husk create` starts the monitor as the first process of a pid
+//! namespace of its own (`crate::cli`'s `spawn_monitor`).
 //!
 //! `HUSK_JAIL=off` in the environment of `husk create` skips all of this (debugging: a
 //! monitor that can see the host, e.g. to `strace` or inspect it); the monitor logs that it is
@@ -157,6 +169,7 @@ pub const PINNED: &[&str] = &[
     super::network::RECORD_FILE,
     cgroup::RECORD_FILE,
     overlay::RECORD_FILE,
+    super::uids::RECORD_FILE,
     sockets::MONITOR_SOCKET,
     pod::NETNS_FILE,
     pod::POD_FILE,
@@ -184,6 +197,10 @@ pub struct Jail<'a> {
     pub read_only: Vec<&'a Path>,
     /// Whether it has a network to undo at exit.
     pub network: bool,
+    /// Whether to leave the network namespace it is in (the host's, or the engine's it only
+    /// works in from a helper thread) for a new, empty one: all but a namespace it made for the
+    /// container, which `/proc/<pid>/ns/net` must keep naming.
+    pub leave_network_namespace: bool,
     /// `--monitor-uid`: the user namespace to run in, and the share to idmap through it.
     pub user: Option<(IdMap, &'a Path)>,
 }
@@ -219,6 +236,11 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), JailError> {
     drop(entries);
     if let Some(ns) = user_ns {
         ns.enter()?;
+    }
+    if jail.leave_network_namespace {
+        // Its taps and rtnetlink socket stay bound to the namespace they were made in.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(sys("leaving the host's network namespace for a new one"))?;
     }
     limit_resources()?;
     drop_capabilities(&kept_capabilities(jail.network, jail.user.is_some()))

@@ -46,11 +46,13 @@ fn child(scratch: &Path, user: Option<IdMap>) {
         )
         .unwrap();
     }
+    let netns_before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     enter(&Jail {
         id: &unit_id(scratch),
         state_dir: &state,
         read_only: vec![&kernel],
         network: false,
+        leave_network_namespace: true,
         user: user.map(|m| (m, share.as_path())),
     })
     .unwrap();
@@ -135,6 +137,12 @@ fn child(scratch: &Path, user: Option<IdMap>) {
     report(
         "proc_self_fd",
         std::fs::read_dir("/proc/self/fd").is_ok_and(|d| d.count() > 0),
+    );
+    // A network namespace of its own: not the host's, whose abstract Unix sockets any process
+    // in it may connect to (they have no owner, no mode).
+    report(
+        "netns_left",
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap() != netns_before,
     );
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     for field in ["CapEff", "CapBnd", "NoNewPrivs"] {
@@ -348,6 +356,11 @@ fn run_jailed(name: &str, user: Option<u32>, overlay: bool) -> Option<Outcome> {
         "the jail's /proc holds more than the processes' own entries"
     );
     assert_eq!(outcome.get("proc_self_fd"), "true");
+    assert_eq!(
+        outcome.get("netns_left"),
+        "true",
+        "the jailed process is still in the host's network namespace"
+    );
     Some(outcome)
 }
 

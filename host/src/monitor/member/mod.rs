@@ -47,7 +47,6 @@ use super::setup::{self, ContainerStdio};
 use super::{overlay, relay, serve};
 use crate::error_chain;
 use crate::oci::bundle::{Bundle, BundleError};
-use crate::oci::hooks::HookError;
 use crate::oci::pod::{self, Membership, PodError};
 use crate::oci::ports;
 use crate::oci::sockets::{self, SocketDir};
@@ -64,8 +63,11 @@ pub struct MemberArgs {
     pub bundle: PathBuf,
     /// The pod's sandbox, whose VM the container joins.
     pub sandbox: String,
-    /// Write end of the pipe on which the member reports "ok" or why not.
+    /// Write end of the pipe on which the member reports "ok" or why not (and asks for the
+    /// create hooks, see `monitor::create_hooks`).
     pub notify_fd: RawFd,
+    /// Read end of the pipe on which `husk create` says it ran the create hooks.
+    pub hooks_fd: Option<RawFd>,
     /// Where to send the pty master when the process has a terminal.
     pub console_socket: Option<PathBuf>,
     /// The `--log` file, for the member's own diagnostics.
@@ -90,9 +92,9 @@ pub enum MemberError {
         #[source]
         source: StateError,
     },
-    /// A hook failed.
+    /// The `prestart`/`createRuntime` hooks (run by `husk create`) failed or did not run.
     #[error(transparent)]
-    Hook(#[from] HookError),
+    CreateHooks(Box<super::MonitorError>),
     /// A file or directory could not be read, made or opened.
     #[error("{what} {path}")]
     Io {
@@ -149,6 +151,8 @@ pub enum MemberError {
 
 /// Runs a member; returns when the container has stopped, with its exit status.
 pub fn run(args: MemberArgs) -> ExitCode {
+    // The member is the first process of a pid namespace of its own, as a monitor is.
+    crate::pid::init();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
     let mut notify = unsafe { std::fs::File::from_raw_fd(args.notify_fd) };
     let dir = args.root.join(&args.id);
@@ -218,7 +222,8 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
             why: format!("it is {}", sandbox.status),
         })?;
     fits(&bundle, &sandbox)?;
-    setup::run_create_hooks(&bundle, &args.id, None)?;
+    super::create_hooks::run(args.notify_fd, args.hooks_fd, &bundle)
+        .map_err(|e| MemberError::CreateHooks(Box::new(e)))?;
     let ns = SandboxNamespaces::of(sandbox_pid)?;
     // One thread until here: `place` forks.
     let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
@@ -288,13 +293,19 @@ fn enter_pod(
     let vm = SocketDir::open(sandbox_dir).map_err(io("opening", sandbox_dir))?;
     let own = SocketDir::open(dir).map_err(io("opening", dir))?;
     let (base, listeners) = ports::bind(&vm).map_err(io("binding stdio ports in", sandbox_dir))?;
+    // The relays wait on them for as long as the container lives (the guest connects when
+    // its process starts, after `start`): blocking, unlike an exec's.
+    for l in &listeners {
+        l.set_nonblocking(false)
+            .map_err(io("making blocking a stdio port in", sandbox_dir))?;
+    }
     let result = (|| {
         let console = match (bundle.terminal(), &args.console_socket) {
             (false, _) => None,
             (true, Some(socket)) => Some(Console::open(socket)?),
             (true, None) => return Err(MemberError::NoConsoleSocket),
         };
-        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        let pid = i32::try_from(crate::pid::host_pid()).unwrap_or(0);
         let mut state = State {
             oci_version: state::OCI_VERSION.into(),
             id: args.id.clone(),

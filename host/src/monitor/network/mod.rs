@@ -8,10 +8,10 @@
 //! - the monitor's own: an entry *without* a path asks for a new namespace. The monitor's main
 //!   thread unshares one first thing in `create` (before any thread exists, so every thread of
 //!   the monitor is in it and `/proc/<monitor pid>/ns/net`, the state's `pid`'s, names it) and
-//!   brings its `lo` up. The `prestart`/`createRuntime` hooks then run (see
-//!   [`crate::oci::hooks`]; they are `setns`ed back into the host's namespace, which
-//!   [`Netns::host`] keeps open): this is how Docker 20.10 fills it, its `libnetwork-setkey`
-//!   hook having dockerd move a configured veth into `/proc/<pid>/ns/net`. Without such a
+//!   brings its `lo` up. The `prestart`/`createRuntime` hooks then run, in `husk create`
+//!   (see `super::create_hooks` and [`crate::oci::hooks`]), in the host's namespaces: this
+//!   is how Docker 20.10 fills it, its `libnetwork-setkey` hook having dockerd move a
+//!   configured veth into `/proc/<pid>/ns/net`. Without such a
 //!   hook (plain `husk run`) it stays empty. It dies with the monitor unless an engine
 //!   bind-mounted it (dockerd does, and deletes it with the container);
 //! - none: no network namespace entry; the VM has only `lo` and the monitor stays in the

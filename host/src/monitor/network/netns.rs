@@ -1,7 +1,7 @@
 //! Which network namespace the container gets (see the module docs of `network`): none, the
 //! engine's, or one the monitor makes; and how the monitor works in one it is not in.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use super::NetworkError;
@@ -43,8 +43,6 @@ pub enum Netns {
     Path(PathBuf),
     /// The monitor's own: the one its main thread unshared.
     Own {
-        /// The host's network namespace, where hooks run.
-        host: OwnedFd,
         /// `/proc/<monitor pid>/ns/net`, the name hooks and engines use for it.
         path: PathBuf,
     },
@@ -64,14 +62,9 @@ impl Netns {
 
     /// Moves the calling thread into a new network namespace with `lo` up.
     fn unshare() -> Result<Netns, NetworkError> {
-        let here = Path::new("/proc/thread-self/ns/net");
-        let host = std::fs::File::open(here).map_err(|source| NetworkError::OpenNamespace {
-            path: here.to_owned(),
-            source,
-        })?;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetworkError::Unshare { source })?;
-        let path = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        let path = PathBuf::from(format!("/proc/{}/ns/net", crate::pid::host_pid()));
         let nl_err = |what: &str| {
             let (path, what) = (path.clone(), what.to_owned());
             move |source| NetworkError::Netlink { path, what, source }
@@ -84,19 +77,7 @@ impl Netns {
             nl.set_up(lo.index, lo.mtu)
                 .map_err(nl_err("bringing up lo"))?;
         }
-        Ok(Netns::Own {
-            host: host.into(),
-            path,
-        })
-    }
-
-    /// The host's network namespace, when the caller is not in it (the monitor's own
-    /// namespace): hooks are run there.
-    pub fn host(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            Netns::Own { host, .. } => Some(host.as_fd()),
-            Netns::None | Netns::Path(_) => None,
-        }
+        Ok(Netns::Own { path })
     }
 }
 

@@ -4,16 +4,18 @@
 //!
 //! | hook | who runs it, when | state `status` | a failure |
 //! |---|---|---|---|
-//! | `prestart`, `createRuntime` | the monitor, during `create`: after the container's network namespace exists, before the VM boots | `creating` | fails `create`, which cleans up |
+//! | `prestart`, `createRuntime` | `husk create`, when the monitor asks: after the container's network namespace exists, before the VM boots | `creating` | fails `create`, which cleans up |
 //! | `poststart` | `husk start`, after the guest started the process | `running` | a warning; the rest still run |
 //! | `poststop` | `husk delete` (and `run`, and a failed `create`), after the container is gone | `stopped` | a warning; the rest still run |
 //! | `createContainer`, `startContainer` | refused when the bundle is loaded | | |
 //!
-//! Every hook runs in the runtime's namespaces, never the container's: the monitor runs
-//! `prestart`/`createRuntime` from inside the network namespace it made for the container, so
-//! it `setns`es the hook back into the host's (the namespace itself is the state's `pid`'s,
-//! `/proc/<pid>/ns/net`, which is what Docker's `libnetwork-setkey` prestart hook hands to
-//! dockerd to fill). The working directory is the bundle, as runc's.
+//! Every hook runs in the runtime's namespaces, never the container's. `prestart` and
+//! `createRuntime` run in `husk create` (see `crate::monitor::create_hooks`): the monitor, the
+//! first process of a pid namespace of its own, asks for them once it has made the container's
+//! network namespace (the state's `pid`'s, `/proc/<pid>/ns/net`, which is what Docker's
+//! `libnetwork-setkey` prestart hook hands to dockerd to fill); from `create` the state's `pid`
+//! names the monitor for the kernel too (`ip link ... netns <pid>`). The working directory is
+//! the bundle, as runc's.
 //!
 //! Why `createContainer` and `startContainer` are refused: the spec runs them in the
 //! container's mount namespace, i.e. inside the VM, where the host's binaries (the hook's
@@ -30,7 +32,6 @@
 //! A hook past its `timeout` is killed (SIGKILL) and fails.
 
 use std::io::{Read, Seek};
-use std::os::fd::BorrowedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -71,7 +72,8 @@ impl HookKind {
         }
     }
 
-    fn hooks(self, hooks: &Hooks) -> &[Hook] {
+    /// This kind's hooks of `hooks`.
+    pub(crate) fn hooks(self, hooks: &Hooks) -> &[Hook] {
         let list = match self {
             HookKind::Prestart => hooks.prestart(),
             HookKind::CreateRuntime => hooks.create_runtime(),
@@ -266,20 +268,14 @@ pub fn load_or_warn(dir: &Path) -> Option<Hooks> {
 }
 
 /// Runs the `kind` hooks of `hooks` in order with `state` on their stdin, stopping at the
-/// first that fails. `netns`: the network namespace to run them in, when the caller is not in
-/// the host's (the monitor, after it made the container's).
-pub fn run(
-    kind: HookKind,
-    hooks: Option<&Hooks>,
-    state: &State,
-    netns: Option<BorrowedFd<'_>>,
-) -> Result<(), HookError> {
+/// first that fails.
+pub fn run(kind: HookKind, hooks: Option<&Hooks>, state: &State) -> Result<(), HookError> {
     let Some(hooks) = hooks else {
         return Ok(());
     };
     kind.hooks(hooks)
         .iter()
-        .try_for_each(|h| run_one(kind, h, state, netns))
+        .try_for_each(|h| run_one(kind, h, state))
 }
 
 /// Runs every `kind` hook of `hooks`; a failing one is reported on stderr (`husk: warning:
@@ -289,7 +285,7 @@ pub fn run_warning(kind: HookKind, hooks: Option<&Hooks>, state: &State) {
         return;
     };
     for h in kind.hooks(hooks) {
-        if let Err(e) = run_one(kind, h, state, None) {
+        if let Err(e) = run_one(kind, h, state) {
             eprintln!("husk: warning: {}", error_chain(&e));
         }
     }
@@ -302,12 +298,7 @@ fn memfd(name: &str) -> std::io::Result<std::fs::File> {
         .map_err(std::io::Error::from)
 }
 
-fn run_one(
-    kind: HookKind,
-    hook: &Hook,
-    state: &State,
-    netns: Option<BorrowedFd<'_>>,
-) -> Result<(), HookError> {
+fn run_one(kind: HookKind, hook: &Hook, state: &State) -> Result<(), HookError> {
     let path = hook.path().clone();
     let io_err = |what| {
         let path = path.clone();
@@ -346,20 +337,6 @@ fn run_one(
     cmd.stdin(clone(&stdin, "making its stdin")?)
         .stdout(clone(&stdout, "making its stdout")?)
         .stderr(clone(&stderr, "making its stderr")?);
-    if let Some(fd) = netns {
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        // SAFETY: between fork and exec the closure makes one syscall, setns(2), which is
-        // async-signal-safe and touches no memory of the parent; `raw` stays open until
-        // spawn returns because the caller's borrow outlives this function.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
     let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
         kind,
         path: path.clone(),

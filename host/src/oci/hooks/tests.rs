@@ -57,7 +57,7 @@ fn a_hook_gets_the_state_on_stdin_its_args_env_and_the_bundle_as_cwd() {
         "env": ["FOO=bar=baz", "PATH=/bin:/usr/bin"],
     });
     let h = hooks("createRuntime", vec![hook]);
-    run(HookKind::CreateRuntime, Some(&h), &state(&d.0), None).unwrap();
+    run(HookKind::CreateRuntime, Some(&h), &state(&d.0)).unwrap();
     let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", out.display())).unwrap();
     let got: serde_json::Value = serde_json::from_str(&read("state")).unwrap();
     assert_eq!(got["ociVersion"], "1.2.0");
@@ -96,7 +96,7 @@ fn hooks_run_in_order_and_the_first_failure_stops_the_rest() {
             .collect::<Vec<_>>()
     };
     let h = hooks("prestart", list());
-    let err = run(HookKind::Prestart, Some(&h), &state(&d.0), None).unwrap_err();
+    let err = run(HookKind::Prestart, Some(&h), &state(&d.0)).unwrap_err();
     let text = error_chain(&err);
     assert!(text.contains("prestart hook /bin/sh failed"), "{text}");
     assert!(text.contains("exit status 3"), "{text}");
@@ -121,7 +121,7 @@ fn a_hook_past_its_timeout_is_killed() {
     hook["timeout"] = 1.into();
     let h = hooks("createRuntime", vec![hook]);
     let t = Instant::now();
-    let err = run(HookKind::CreateRuntime, Some(&h), &state(&d.0), None).unwrap_err();
+    let err = run(HookKind::CreateRuntime, Some(&h), &state(&d.0)).unwrap_err();
     let took = t.elapsed();
     assert!(
         matches!(err, HookError::Timeout { timeout: 1, .. }),
@@ -144,7 +144,7 @@ fn a_hook_that_cannot_run_names_its_path() {
         "poststart",
         vec![serde_json::json!({"path": "/nonexistent/hook"})],
     );
-    let err = run(HookKind::Poststart, Some(&h), &state(&d.0), None).unwrap_err();
+    let err = run(HookKind::Poststart, Some(&h), &state(&d.0)).unwrap_err();
     let text = error_chain(&err);
     assert!(
         text.contains("poststart hook /nonexistent/hook: cannot run it"),
@@ -161,7 +161,7 @@ fn a_long_output_is_quoted_by_its_end() {
             "i=0; while [ $i -lt 2000 ]; do echo line-$i >&2; i=$((i+1)); done; exit 1",
         )],
     );
-    let err = run(HookKind::Prestart, Some(&h), &state(&d.0), None).unwrap_err();
+    let err = run(HookKind::Prestart, Some(&h), &state(&d.0)).unwrap_err();
     let HookError::Failed { output, .. } = &err else {
         panic!("{err}");
     };

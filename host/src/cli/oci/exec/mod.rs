@@ -33,7 +33,7 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<ExitCode> {
     if let Some(fd) = args.started_fd {
         // The exec relay lives as long as the exec'd process, as the monitor lives with the
         // container: nothing the engine leaked into `exec --detach` may live on in it.
-        close_inherited_fds(fd);
+        close_inherited_fds(&[fd]);
     }
     let mut started = Started::new(args.pid_file.clone(), args.started_fd)?;
     let result = exec_attached(ctx, &args, &mut started);
@@ -159,10 +159,8 @@ fn exec_pipes(
     })?;
     request::running(socket, exec, started)?;
     let [stdin_l, stdout_l, stderr_l] = listeners;
-    let accept = |l: UnixListener| -> Result<std::os::unix::net::UnixStream> {
-        l.set_nonblocking(false)?;
-        Ok(l.accept()?.0)
-    };
+    let deadline = std::time::Instant::now() + client::reply_timeout();
+    let accept = |l: UnixListener| ports::accept_by(&l, deadline);
     let (stdin_c, stdout_c, stderr_c) = (accept(stdin_l)?, accept(stdout_l)?, accept(stderr_l)?);
     ports::remove(&ends.vm, base, 3);
     std::thread::spawn(move || {

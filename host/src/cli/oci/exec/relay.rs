@@ -77,7 +77,7 @@ pub(super) fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the husk binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(relay_args(ctx, args, write_fd)?);
-    let mut child = spawn_detached(&mut cmd, write_fd).context("starting the exec relay")?;
+    let mut child = spawn_detached(&mut cmd, &[write_fd]).context("starting the exec relay")?;
     drop(write_end);
     let report = read_report(read_end);
     let report = report.trim();
@@ -87,6 +87,8 @@ pub(super) fn detach(ctx: &Context, args: &ExecArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // It failed, or gave no report in time (then it is stuck: end it).
+    let _ = child.kill();
     let status = child.wait().context("waiting for the exec relay")?;
     match report.strip_prefix("error: ") {
         Some(msg) => Err(anyhow!("{msg}")),
@@ -166,7 +168,8 @@ mod tests {
             log_format: crate::cli::log::Format::Json,
             root: "/run/x".into(),
             debug: false,
-            monitor_uid: None,
+            monitor_uid: crate::monitor::uids::MonitorUser::Root,
+            monitor_uid_pool: crate::monitor::uids::Pool::default(),
         };
         let a = parse(&[
             "--detach",
@@ -226,7 +229,8 @@ mod tests {
             log_format: crate::cli::log::Format::Text,
             root: "/r".into(),
             debug: true,
-            monitor_uid: None,
+            monitor_uid: crate::monitor::uids::MonitorUser::Root,
+            monitor_uid_pool: crate::monitor::uids::Pool::default(),
         };
         let a = parse(&["-d", "c1", "sh", "-c", "echo --tty"]);
         let v = relay_args(&ctx, &a, 3).unwrap();

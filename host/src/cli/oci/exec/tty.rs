@@ -62,9 +62,9 @@ pub(super) fn run(
         ports::remove(&ends.vm, base, 3);
     })?;
     request::running(socket, exec_id, started)?;
-    let conn = term_l.accept().map(|(c, _)| c);
+    let conn = ports::accept_by(&term_l, std::time::Instant::now() + client::reply_timeout());
     ports::remove(&ends.vm, base, 3);
-    let conn = conn.context("accepting the guest's terminal connection")?;
+    let conn = conn.context("the guest's terminal connection")?;
     let (rtx, rrx) = std::sync::mpsc::channel::<husk_proto::WindowSize>();
     let monitor_socket = socket.to_path_buf();
     std::thread::spawn(move || {
