@@ -176,9 +176,18 @@ impl Bundle {
     }
 }
 
-/// What a spec's own resources limit its processes to: memory (bytes) and CPUs (the `cpus`
-/// set's size, else the quota rounded up); `None` where it sets no limit.
-pub fn limits(spec: &Spec) -> Result<(Option<u64>, Option<u64>), (&'static str, String)> {
+/// What a spec's own resources limit its processes to ([`limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory, in bytes; `None` where the spec sets no limit.
+    pub memory: Option<u64>,
+    /// CPUs: the `cpus` set's size, else the quota rounded up; `None` where it sets neither.
+    pub cpus: Option<u64>,
+}
+
+/// What a spec's own resources limit its processes to (see [`Limits`]); the error names the
+/// field and what is wrong with it.
+pub fn limits(spec: &Spec) -> Result<Limits, (&'static str, String)> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let memory = resources
         .and_then(|r| r.memory().as_ref())
@@ -202,12 +211,12 @@ pub fn limits(spec: &Spec) -> Result<(Option<u64>, Option<u64>), (&'static str, 
             cpus = Some(u64::try_from(quota).unwrap_or(1).div_ceil(period));
         }
     }
-    Ok((memory, cpus))
+    Ok(Limits { memory, cpus })
 }
 
 /// The VM size a spec asks for (see the module docs).
 pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
-    let (memory, cpus) = limits(spec)?;
+    let Limits { memory, cpus } = limits(spec)?;
     let mut memory_mib = memory.map_or(DEFAULT_MEMORY_MIB, |limit| {
         limit.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB
     });
@@ -354,10 +363,19 @@ mod tests {
         let s = spec(
             r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":1073741824},"cpu":{"cpus":"0-1"}}}}"#,
         );
-        assert_eq!(limits(&s).unwrap(), (Some(1 << 30), Some(2)));
+        assert_eq!(
+            limits(&s).unwrap(),
+            Limits {
+                memory: Some(1 << 30),
+                cpus: Some(2)
+            }
+        );
         assert_eq!(
             limits(&spec(r#"{"ociVersion":"1.0.2"}"#)).unwrap(),
-            (None, None)
+            Limits {
+                memory: None,
+                cpus: None
+            }
         );
     }
 

@@ -239,8 +239,8 @@ fn fits(bundle: &Bundle, sandbox: &State) -> Result<(), MemberError> {
             },
         })?
         .vm;
-    let (memory, cpus) =
-        crate::oci::bundle::limits(&bundle.spec).map_err(|(field, why)| BundleError::Invalid {
+    let crate::oci::bundle::Limits { memory, cpus } = crate::oci::bundle::limits(&bundle.spec)
+        .map_err(|(field, why)| BundleError::Invalid {
             path: bundle.dir.join("config.json"),
             field,
             why,
