@@ -31,7 +31,8 @@ struct Cli {
     /// Debug output.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for compatibility (cgroups are applied inside the VM).
+    /// cgroupsPath is systemd's "slice:prefix:name" (the cgroup is made on the cgroup
+    /// filesystem where runc's systemd driver would have its scope).
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Run each container's monitor as this host uid and gid (not root), in a user namespace
@@ -94,8 +95,8 @@ pub fn main(process_start: Instant) -> ExitCode {
         root: cli.root.clone(),
         debug: cli.debug,
         monitor_uid: cli.monitor_uid,
+        systemd_cgroup: cli.systemd_cgroup,
     };
-    let _ = cli.systemd_cgroup;
     let is_monitor = matches!(cli.command, Command::Monitor(_));
     crate::phases::record(
         if is_monitor {

@@ -87,6 +87,8 @@ pub struct MonitorArgs {
     pub log: Option<PathBuf>,
     /// `--monitor-uid`: run confined as this host uid (see [`userns`]).
     pub user: Option<userns::IdMap>,
+    /// `--systemd-cgroup`: `cgroupsPath` is `slice:prefix:name` (see [`cgroup::path`]).
+    pub systemd_cgroup: bool,
 }
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).

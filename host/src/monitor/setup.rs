@@ -16,9 +16,9 @@ use husk_proto::{
 use super::console::Console;
 use super::error::MonitorError;
 use super::network::{self, Network};
-use super::{MonitorArgs, jail, share};
+use super::{MonitorArgs, cgroup, jail, share};
 use crate::assets::GuestImage;
-use crate::oci::bundle::Bundle;
+use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::hooks::{self, HookError, HookKind};
 use crate::oci::pod;
 use crate::oci::sockets::{self, SocketDir};
@@ -181,6 +181,15 @@ impl Prepared {
 pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, MonitorError> {
     let bundle = Bundle::load(&args.bundle).map_err(MonitorError::Bundle)?;
     let id = ContainerId::new(args.id.clone())?;
+    // Joined with the jail; checked first, before anything is made.
+    let cgroup = cgroup::Placement::monitor(&bundle.spec, &args.id, args.systemd_cgroup, bundle.vm)
+        .map_err(|why| {
+            MonitorError::Bundle(BundleError::Invalid {
+                path: bundle.dir.join("config.json"),
+                field: "linux.cgroupsPath",
+                why,
+            })
+        })?;
     let image = crate::assets::find()?;
     let (share, mounts) = share::prepare(dir, &bundle)?;
     let mut network = network_with_hooks(&bundle, &args.id, dir)?;
@@ -208,6 +217,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         })?;
     jail::enter(&jail::Jail {
         id: &args.id,
+        cgroup: &cgroup,
         state_dir: dir,
         read_only: vec![&image.vmlinux, &image.initramfs],
         network: network.is_some(),

@@ -115,6 +115,9 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if ctx.debug {
         cmd.arg("--debug");
     }
+    if ctx.systemd_cgroup {
+        cmd.arg("--systemd-cgroup");
+    }
     if let pod::Role::Member { sandbox, .. } = &role {
         cmd.arg("--pod-sandbox").arg(sandbox);
     }
@@ -214,6 +217,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             notify_fd: raw,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
+            systemd_cgroup: ctx.systemd_cgroup,
         });
     }
     monitor::run(
@@ -226,6 +230,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             console_socket: args.console_socket,
             log: ctx.log.clone(),
             user: ctx.monitor_uid,
+            systemd_cgroup: ctx.systemd_cgroup,
         },
         process_start,
     )

@@ -103,6 +103,7 @@ mod tests {
             root: root.clone(),
             debug: false,
             monitor_uid: None,
+            systemd_cgroup: false,
         };
         let entry = ctx.store().create("c1").unwrap();
         entry

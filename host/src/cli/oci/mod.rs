@@ -38,6 +38,8 @@ pub struct Context {
     pub debug: bool,
     /// `--monitor-uid`.
     pub monitor_uid: Option<crate::monitor::userns::IdMap>,
+    /// `--systemd-cgroup`.
+    pub systemd_cgroup: bool,
 }
 
 impl Context {

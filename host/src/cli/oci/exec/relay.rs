@@ -167,6 +167,7 @@ mod tests {
             root: "/run/x".into(),
             debug: false,
             monitor_uid: None,
+            systemd_cgroup: false,
         };
         let a = parse(&[
             "--detach",
@@ -227,6 +228,7 @@ mod tests {
             root: "/r".into(),
             debug: true,
             monitor_uid: None,
+            systemd_cgroup: false,
         };
         let a = parse(&["-d", "c1", "sh", "-c", "echo --tty"]);
         let v = relay_args(&ctx, &a, 3).unwrap();
