@@ -74,6 +74,8 @@ enum Command {
     Resume(oci::IdArg),
     /// Print the container's resource usage as stats events (JSON lines).
     Events(oci::events::EventsArgs),
+    /// Change a running container's resource limits (in its VM and on its host cgroup).
+    Update(oci::update::UpdateArgs),
     /// Manage VM templates (booted guests that `create` restores instead of booting).
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -121,6 +123,7 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Pause(a) => oci::pause::pause(&ctx, a, true),
         Command::Resume(a) => oci::pause::pause(&ctx, a, false),
         Command::Events(a) => oci::events::events(&ctx, a),
+        Command::Update(a) => oci::update::update(&ctx, a),
         Command::Template(cmd) => template::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::create::monitor(&ctx, a, process_start)),

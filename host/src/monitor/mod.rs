@@ -131,6 +131,7 @@ fn create(
 ) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
     let mut host = setup::prepare(args, dir)?;
     let create = host.create_request();
+    let limits = commands::Limits::new(host.vm_size(), &create.config_json);
     let (tx, events) = channel();
     let (started, mut guest) = start_and_greet(&host, process_start, &tx, &events)?;
     // Further connections to the control port are refused.
@@ -189,6 +190,7 @@ fn create(
         stopper,
         outputs,
         network: host.network,
+        limits,
     });
     Ok((monitor, started.rejected))
 }

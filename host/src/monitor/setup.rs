@@ -148,6 +148,14 @@ pub(super) struct Template {
 }
 
 impl Prepared {
+    /// The size of the VM to start.
+    pub(super) fn vm_size(&self) -> crate::oci::bundle::VmSize {
+        crate::oci::bundle::VmSize {
+            memory_mib: self.vm.mem_mib,
+            vcpus: self.vm.vcpus,
+        }
+    }
+
     /// What husk-init is asked to create: the container of the bundle on the share, its stdio
     /// on the stdio ports (its terminal on the first, with `process.terminal`).
     pub(super) fn create_request(&self) -> CreateRequest {

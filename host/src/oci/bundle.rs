@@ -276,7 +276,7 @@ pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
 
 /// The number of CPUs in a list like `0-3,5`; `None` for a malformed list or one whose count
 /// does not fit a `u64` (the caller refuses any count above the vCPU maximum anyway).
-fn count_cpus(list: &str) -> Option<u64> {
+pub(crate) fn count_cpus(list: &str) -> Option<u64> {
     let mut n: u64 = 0;
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let count = match part.split_once('-') {

@@ -1,9 +1,10 @@
 //! The OCI side of husk: bundles (config.json and how big a VM it needs), the hooks they name,
-//! and the state store under `--root`.
+//! the state store under `--root`, and `update`'s resources.
 
 pub mod bundle;
 pub mod hooks;
 pub mod pod;
 pub mod ports;
+pub mod resources;
 pub mod sockets;
 pub mod state;

@@ -14,6 +14,7 @@ pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod update;
 
 use std::io::Read;
 use std::os::fd::{OwnedFd, RawFd};
