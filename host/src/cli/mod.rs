@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "husk",
     version,
-    about = "OCI runtime that runs each container in its own KVM microVM"
+    about = "OCI runtime that runs each container in its own KVM microVM",
+    after_help = "Not supported: checkpoint and restore (a container's VM cannot be saved and restored yet)."
 )]
 struct Cli {
     /// Root directory for container state.
@@ -76,6 +77,10 @@ enum Command {
     Events(oci::events::EventsArgs),
     /// Change a running container's resource limits (in its VM and on its host cgroup).
     Update(oci::update::UpdateArgs),
+    /// Not supported: a container's VM cannot be checkpointed yet.
+    Checkpoint(oci::Unsupported),
+    /// Not supported: a container's VM cannot be restored from a checkpoint yet.
+    Restore(oci::Unsupported),
     /// Manage VM templates (booted guests that `create` restores instead of booting).
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -124,6 +129,8 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Resume(a) => oci::pause::pause(&ctx, a, false),
         Command::Events(a) => oci::events::events(&ctx, a),
         Command::Update(a) => oci::update::update(&ctx, a),
+        Command::Checkpoint(_) => oci::spec::checkpoint("checkpoint"),
+        Command::Restore(_) => oci::spec::checkpoint("restore"),
         Command::Template(cmd) => template::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::create::monitor(&ctx, a, process_start)),

@@ -49,6 +49,15 @@ impl Context {
     }
 }
 
+/// The arguments of a command husk does not support: whatever they are, the answer is the
+/// same.
+#[derive(Debug, clap::Args)]
+pub struct Unsupported {
+    /// Ignored.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+    args: Vec<String>,
+}
+
 /// A container id.
 #[derive(Debug, clap::Args)]
 pub struct IdArg {

@@ -32,6 +32,15 @@ pub fn spec(args: SpecArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `husk checkpoint`, `husk restore` and `husk features` say.
+pub const CHECKPOINT_UNSUPPORTED: &str =
+    "checkpoint and restore are not supported: a container's VM cannot be saved and restored yet";
+
+/// `husk checkpoint` and `husk restore`: refused, saying so.
+pub fn checkpoint(verb: &str) -> Result<ExitCode> {
+    bail!("{verb}: {CHECKPOINT_UNSUPPORTED}")
+}
+
 /// `husk features`.
 pub fn features() -> Result<ExitCode> {
     let v = serde_json::json!({
@@ -57,7 +66,10 @@ pub fn features() -> Result<ExitCode> {
         },
         "annotations": {
             "io.husk.vm.memory_mib": "guest RAM in MiB (default: memory limit + 64, or 256)",
-            "io.husk.vm.vcpus": "vCPUs (default: the size of cpu.cpus, else CPU quota rounded up, or 1)"
+            "io.husk.vm.vcpus": "vCPUs (default: the size of cpu.cpus, else CPU quota rounded up, or 1)",
+            // runc's key, read by tools that look for checkpoint support.
+            "org.opencontainers.runc.checkpoint.enabled": "false",
+            "io.husk.checkpoint": CHECKPOINT_UNSUPPORTED
         }
     });
     println!("{}", serde_json::to_string_pretty(&v)?);
