@@ -39,9 +39,9 @@
 //!    container (mounts, namespaces, cgroup, ...) up to the point just before `execve` and
 //!    replies [`Response::Created`].
 //! 4. From then on the host sends requests in any order ([`Request::Start`],
-//!    [`Request::Signal`], [`Request::Exec`], ...). Each request carries a [`RequestId`] and
-//!    gets exactly one [`GuestMessage::Response`] with the same id; responses come in request
-//!    order. Independently, the guest sends [`GuestMessage::Event`]s, e.g.
+//!    [`Request::Signal`], [`Request::Exec`], [`Request::Update`], ...). Each request carries
+//!    a [`RequestId`] and gets exactly one [`GuestMessage::Response`] with the same id;
+//!    responses come in request order. Independently, the guest sends [`GuestMessage::Event`]s, e.g.
 //!    [`Event::Exited`] when a process ends. A process's `Exited` event is sent only after its
 //!    stdout/stderr connections are closed, so the host has seen all of its output once it
 //!    has seen EOF on those streams.
@@ -83,7 +83,7 @@ pub use ids::{ContainerId, ContainerRef, ExecId, InvalidContainerId, RequestId, 
 pub use message::*;
 
 /// The version of this protocol. Bump it on any incompatible change to the messages.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame payload either side accepts (8 MiB: a config.json is rarely over 100 KiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;

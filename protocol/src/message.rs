@@ -113,6 +113,17 @@ pub enum Request {
     /// Make this VM its own before anything else: a VM restored from a template shares the
     /// template's kernel RNG state and has its clock. Sent first, answered [`Response::Done`].
     Prepare(PrepareRequest),
+    /// Change a container's resource limits (`husk update`): the guest applies them to the
+    /// container's cgroup as it applied the spec's at create, or puts the previous ones back
+    /// and answers why not. Answered [`Response::Done`].
+    Update {
+        /// Which container.
+        container: ContainerRef,
+        /// The container's whole `linux.resources` after the update (the previous ones with
+        /// the update's fields over them), as OCI `LinuxResources` JSON; the guest parses it
+        /// with oci-spec, as it does the spec.
+        resources_json: Vec<u8>,
+    },
 }
 
 /// What makes a VM its own ([`Request::Prepare`]).

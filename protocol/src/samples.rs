@@ -154,6 +154,13 @@ pub fn host_messages() -> Vec<HostMessage> {
                 frozen: true,
             },
         ),
+        req(
+            16,
+            Request::Update {
+                container: ContainerRef::FIRST,
+                resources_json: br#"{"memory":{"limit":104857600},"pids":{"limit":64}}"#.to_vec(),
+            },
+        ),
     ]
 }
 

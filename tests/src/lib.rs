@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cgroups;
 pub mod cri;
 pub mod engines;
 pub mod tty;

@@ -9,7 +9,7 @@
 use std::process::Command;
 
 use husk_e2e::engines::{self, HttpServer, IMAGE, Podman, expect_code, expect_ok};
-use husk_e2e::{TempDir, husk_binary};
+use husk_e2e::{TempDir, cgroups, husk_binary};
 
 /// Root, KVM and the guest image, or a skip.
 fn prerequisites() -> Option<()> {
@@ -127,6 +127,34 @@ fn podman_runs_husk_containers() {
         (300 * 1024..=364 * 1024).contains(&mem_kib),
         "MemTotal {mem_kib} kB for --memory 300m"
     );
+    // The host cgroup podman named (cgroupsPath) holds the VM, bounded by --memory plus what
+    // the VM costs, with --cpus as its quota; `podman stats` reads it; `podman update` changes
+    // the limits there and in the guest, and refuses what would grow the VM. (podman 4.3's
+    // update has no --pids-limit; the pids limit is checked through husk in host_cgroups.)
+    let host_cgroup = check_host_cgroup(&podman, "c1", 300 << 20);
+    expect_ok(podman.with(&["update", "--memory", "200m", "--cpu-shares", "512", "c1"]));
+    if let Some(dirs) = &host_cgroup {
+        assert_eq!(cgroups::read(&dirs[2], "cpu.shares"), "512");
+        // The host's memory bound stays the VM's.
+        assert_eq!(
+            cgroups::read(&dirs[0], "memory.limit_in_bytes"),
+            cgroups::host_memory_limit(300 << 20).to_string()
+        );
+    }
+    // In the guest: the memory limit, and shares 512 as cgroup v2's weight (runc's mapping).
+    let guest = expect_ok(podman.with(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "read l < /proc/self/cgroup; d=/sys/fs/cgroup${l#0::}; cat $d/memory.max $d/cpu.weight",
+    ]));
+    assert_eq!(guest, format!("{}\n20\n", 200u64 << 20));
+    let out = expect_code(podman.with(&["update", "--memory", "4g", "c1"]), 125);
+    assert!(
+        out.contains("linux.resources.memory.limit") && out.contains("does not grow"),
+        "{out}"
+    );
     // exec --user overrides the container's user.
     let out = expect_ok(podman.with(&["exec", "--user", "0", "c1", "id", "-u"]));
     assert_eq!(out.trim(), "0");
@@ -153,6 +181,10 @@ fn podman_runs_husk_containers() {
         );
     }
     expect_ok(podman.with(&["rm", "c1"]));
+    // The container's cgroup went with it.
+    for dir in host_cgroup.iter().flatten() {
+        assert!(!dir.exists(), "{} is left after rm", dir.display());
+    }
 
     // run --rm -it on a terminal (script gives podman a pty): the process's stdio is a
     // terminal, its exit code is podman's, and nothing is left.
@@ -201,6 +233,46 @@ fn podman_rm_force_removes_a_running_container() {
     let ps = expect_ok(podman.with(&["ps", "-a", "-q"]));
     assert_eq!(ps.trim(), "", "containers left: {ps}");
     assert_no_husk_containers(&podman);
+}
+
+/// Checks the host cgroup of podman's container `name` (created with `--memory limit`) where
+/// the host has v1 hierarchies, and that `podman stats` reads its memory; returns its memory,
+/// pids and cpu directories (`None` on a v2 host, where only the stats are checked).
+fn check_host_cgroup(podman: &Podman, name: &str, limit: u64) -> Option<[std::path::PathBuf; 3]> {
+    let stats =
+        expect_ok(podman.with(&["stats", "--no-stream", "--format", "{{.MemUsage}}", name]));
+    // "12.3MB / 469.8MB": some memory in use.
+    let used: f64 = stats
+        .trim()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("podman stats: {stats}"));
+    assert!(used > 0.0, "podman stats: {stats}");
+    if !cgroups::is_v1() {
+        return None;
+    }
+    let pid: u32 = expect_ok(podman.with(&["inspect", name, "--format", "{{.State.Pid}}"]))
+        .trim()
+        .parse()
+        .unwrap();
+    let id = expect_ok(podman.with(&["inspect", name, "--format", "{{.Id}}"]));
+    let dirs = ["memory", "pids", "cpu"].map(|c| cgroups::cgroup_of(pid, c).unwrap());
+    for dir in &dirs {
+        assert!(
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(id.trim())),
+            "the monitor is in {}, not podman's cgroup of {}",
+            dir.display(),
+            id.trim()
+        );
+    }
+    assert_eq!(
+        cgroups::read(&dirs[0], "memory.limit_in_bytes"),
+        cgroups::host_memory_limit(limit).to_string()
+    );
+    assert_eq!(cgroups::read(&dirs[2], "cpu.cfs_quota_us"), "200000");
+    Some(dirs)
 }
 
 /// `podman run --rm -it IMAGE sh -c SCRIPT` under `script` (a pty for podman); asserts the

@@ -2,6 +2,9 @@
 //! container that CRI's annotations put in its pod (or that names the sandbox's network
 //! namespace) is created inside that VM, next to it, with its own rootfs, bind mounts, stdio,
 //! cgroup and lifecycle; deleting it takes it out of the VM and its files out of the share.
+//! On the host the sandbox's monitor (the VM) lives in the sandbox's `cgroupsPath` and the
+//! process standing for a later container in that container's, without limits: its limits
+//! hold in the VM, where `update` changes them through the sandbox's monitor.
 //! One VM for the whole test (boots are ~30 s on nested kvm_pvm).
 
 use std::io::Write;
@@ -9,7 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_e2e::{TempDir, busybox_bundle, guest_image, husk, husk_binary, kvm_available, skip, tty};
+use husk_e2e::{
+    TempDir, busybox_bundle, cgroups, guest_image, husk, husk_binary, kvm_available, skip, tty,
+};
 
 fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration, what: &str) {
     let start = Instant::now();
@@ -72,6 +77,9 @@ fn a_pods_containers_share_its_vm() {
     let tmp = TempDir::new("pods");
     let root = tmp.path().join("state");
     let _cleanup = husk_e2e::ContainerRoot(root.clone());
+    // The pod's cgroups, below this test's own (a parent of the test's, removed at its end).
+    let parent = format!("husk-e2e-pod-{}", std::process::id());
+    let _parent = Parents(parent.clone());
 
     // The sandbox: a network namespace of its own (as CRI's pause container has).
     let Some(sandbox) = busybox_bundle(&tmp.path().join("sandbox"), &["sleep", "1000"]) else {
@@ -83,6 +91,7 @@ fn a_pods_containers_share_its_vm() {
             "io.kubernetes.cri.sandbox-id": "pod1",
         });
         v["hostname"] = "pod-host".into();
+        v["linux"]["cgroupsPath"] = format!("{parent}/pod1").into();
         v["linux"]["namespaces"]
             .as_array_mut()
             .unwrap()
@@ -118,6 +127,7 @@ fn a_pods_containers_share_its_vm() {
             "io.kubernetes.cri.sandbox-id": "pod1",
         });
         v["hostname"] = serde_json::Value::Null;
+        v["linux"]["cgroupsPath"] = format!("{parent}/app").into();
         let mounts = v["mounts"].as_array_mut().unwrap();
         mounts.push(serde_json::json!({
             "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
@@ -216,6 +226,45 @@ fn a_pods_containers_share_its_vm() {
     );
     assert!(
         stats["data"]["pids"]["current"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+
+    // On the host: the VM in the sandbox's cgroup, the app's process in its own, unlimited.
+    let sandbox_cgroup = cgroups::cgroup_of(u32::try_from(sandbox_pid).unwrap(), "memory");
+    let app_cgroup = cgroups::cgroup_of(u32::try_from(member_pid).unwrap(), "memory");
+    if let Some(own) = cgroups::cgroup_of(std::process::id(), "memory") {
+        let sandbox_dir = sandbox_cgroup.clone().unwrap();
+        assert_eq!(sandbox_dir, own.join(&parent).join("pod1"));
+        assert_eq!(app_cgroup.clone().unwrap(), own.join(&parent).join("app"));
+        let vcpu = cgroups::vcpu_threads(u32::try_from(sandbox_pid).unwrap())[0];
+        assert!(cgroups::tasks_in(&sandbox_dir).contains(&vcpu));
+    }
+    // update of the app: through the sandbox's monitor, into its cgroup in the VM.
+    let (code, _, err) = husk(
+        &root,
+        &["update", "--memory", "32m", "--pids-limit", "12", "app"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, stats, _) = husk(&root, &["events", "--stats", "app"]);
+    let stats: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
+    assert_eq!(
+        stats["data"]["memory"]["usage"]["limit"],
+        32u64 << 20,
+        "{stats}"
+    );
+    assert_eq!(stats["data"]["pids"]["limit"], 12, "{stats}");
+    // More than the pod's VM (256 MiB) leaves: refused, nothing changed.
+    let (code, _, err) = husk(&root, &["update", "--memory", "1g", "app"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("1024 MiB") && err.contains("does not grow"),
+        "{err}"
+    );
+    let (_, stats, _) = husk(&root, &["events", "--stats", "app"]);
+    let stats: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
+    assert_eq!(
+        stats["data"]["memory"]["usage"]["limit"],
+        32u64 << 20,
         "{stats}"
     );
 
@@ -337,6 +386,9 @@ fn a_pods_containers_share_its_vm() {
     );
     assert_eq!(husk(&root, &["delete", "app"]).0, 0);
     assert!(!root.join("app").exists());
+    if let Some(dir) = &app_cgroup {
+        assert!(!dir.exists(), "the app's cgroup is left: {}", dir.display());
+    }
     assert!(!root.join("pod1/share/pod/app").exists());
     assert_eq!(status_of(&root, "pod1"), "running");
     let (code, _) = exec(&root, "pod1", "true");
@@ -389,4 +441,20 @@ fn a_pods_containers_share_its_vm() {
         0,
         "nothing left in the root"
     );
+    if let Some(dir) = &sandbox_cgroup {
+        assert!(
+            !dir.exists(),
+            "the sandbox's cgroup is left: {}",
+            dir.display()
+        );
+    }
+}
+
+/// Removes the test's parent cgroup (`delete` removes the containers' own, as runc does).
+struct Parents(String);
+
+impl Drop for Parents {
+    fn drop(&mut self) {
+        cgroups::remove_tree(&self.0, true);
+    }
 }

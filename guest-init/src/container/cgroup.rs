@@ -239,7 +239,31 @@ impl Cgroup {
         }
     }
 
+    /// Writes the limits of `resources`; a value the kernel refuses puts back what was written
+    /// before it, and is the error.
     fn apply(&self, resources: Option<&LinuxResources>) -> Result<(), String> {
+        let mut written = Vec::new();
+        let result = self.write_limits(resources, &mut written);
+        if result.is_err() {
+            for (path, old) in written.into_iter().rev() {
+                let _ = write(&path, &old);
+            }
+        }
+        result
+    }
+
+    /// Changes the limits (`husk update`): `resources` is the container's whole
+    /// `linux.resources` after the update, applied as at create; refused, the previous values
+    /// stay.
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), String> {
+        self.apply(Some(resources))
+    }
+
+    fn write_limits(
+        &self,
+        resources: Option<&LinuxResources>,
+        written: &mut Vec<(PathBuf, String)>,
+    ) -> Result<(), String> {
         let all = match resources {
             Some(r) => settings(r, &Topology::current())?,
             None => Vec::new(),
@@ -251,7 +275,7 @@ impl Cgroup {
                         "linux.resources.unified key {k:?} is not a cgroup file name"
                     ));
                 }
-                self.write_file(k, v)?;
+                self.write_file(k, v, written)?;
             }
         }
         for (file, value) in all {
@@ -261,14 +285,25 @@ impl Cgroup {
             if file == SWAP_MAX && !self.path.join(file).exists() {
                 continue;
             }
-            self.write_file(file, &value)?;
+            self.write_file(file, &value, written)?;
         }
         Ok(())
     }
 
-    fn write_file(&self, file: &str, value: &str) -> Result<(), String> {
-        write(&self.path.join(file), value)
-            .map_err(|e| format!("setting cgroup {file} to {value:?} (from linux.resources): {e}"))
+    /// Writes `value` into `file`, remembering in `written` what it held.
+    fn write_file(
+        &self,
+        file: &str,
+        value: &str,
+        written: &mut Vec<(PathBuf, String)>,
+    ) -> Result<(), String> {
+        let path = self.path.join(file);
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        write(&path, value).map_err(|e| {
+            format!("setting cgroup {file} to {value:?} (from linux.resources): {e}")
+        })?;
+        written.push((path, old.trim().to_owned()));
+        Ok(())
     }
 
     /// Moves a process into the cgroup.
@@ -491,6 +526,44 @@ mod tests {
         assert_eq!(
             fs::read_to_string(cg.path().join(SWAP_MAX)).unwrap(),
             "314572800"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_update_the_kernel_refuses_puts_the_previous_limits_back() {
+        let root = std::env::temp_dir().join(format!("husk-cg-update-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fake_cgroup_without_swap(&root);
+        let dir = root.join(NAME);
+        fs::write(dir.join("cpu.max"), "max 100000\n").unwrap();
+        let cg = Cgroup { path: dir.clone() };
+        let res: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":1048576},"cpu":{"quota":50000}}"#).unwrap();
+        cg.update(&res).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.max")).unwrap(),
+            "1048576"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "50000 100000"
+        );
+        // pids.max cannot be written (a directory here): what came before it goes back.
+        fs::create_dir(dir.join("pids.max")).unwrap();
+        let res: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":2097152},"cpu":{"quota":80000},"pids":{"limit":9}}"#,
+        )
+        .unwrap();
+        let e = cg.update(&res).unwrap_err();
+        assert!(e.contains("pids.max"), "{e}");
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.max")).unwrap(),
+            "1048576"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "50000 100000"
         );
         fs::remove_dir_all(&root).unwrap();
     }

@@ -532,6 +532,29 @@ impl Container {
             .map_err(|m| err(ErrorCode::System, format!("container {}: {m}", self.id)))
     }
 
+    /// Changes the container's limits (`husk update`): `resources` is its whole
+    /// `linux.resources` after the update. Refused, nothing changes.
+    pub fn update(&self, resources: &oci_spec::runtime::LinuxResources) -> Result<(), ErrorReply> {
+        if !self.is_alive() {
+            return Err(err(
+                ErrorCode::InvalidState,
+                format!("container {} has stopped", self.id),
+            ));
+        }
+        let cg = self.cgroup.as_ref().ok_or_else(|| {
+            err(
+                ErrorCode::Unsupported,
+                "updating limits needs the container's cgroup (no cgroup v2 here)",
+            )
+        })?;
+        cg.update(resources).map_err(|m| {
+            err(
+                ErrorCode::InvalidSpec,
+                format!("container {}: {m}", self.id),
+            )
+        })
+    }
+
     /// Kills every process of the container and removes its cgroup.
     pub fn destroy(&mut self) {
         for pid in self.pids() {

@@ -77,6 +77,17 @@ impl Server {
                 Ok(Response::Done)
             }
             Request::Remove { container } => self.remove(container),
+            Request::Update {
+                container,
+                resources_json,
+            } => {
+                let resources: oci_spec::runtime::LinuxResources =
+                    serde_json::from_slice(&resources_json).map_err(|e| {
+                        reply(ErrorCode::InvalidSpec, format!("linux.resources: {e}"))
+                    })?;
+                self.container(container)?.update(&resources)?;
+                Ok(Response::Done)
+            }
             Request::Shutdown => {
                 for c in self.containers.values_mut() {
                     c.destroy();

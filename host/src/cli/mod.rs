@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "husk",
     version,
-    about = "OCI runtime that runs each container in its own KVM microVM"
+    about = "OCI runtime that runs each container in its own KVM microVM",
+    after_help = "Not supported: checkpoint and restore (a container's VM cannot be saved and restored yet)."
 )]
 struct Cli {
     /// Root directory for container state.
@@ -31,7 +32,8 @@ struct Cli {
     /// Debug output.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for compatibility (cgroups are applied inside the VM).
+    /// cgroupsPath is systemd's "slice:prefix:name" (the cgroup is made on the cgroup
+    /// filesystem where runc's systemd driver would have its scope).
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Who each container's monitor runs as: `auto` (the default), a range of 65536 host uids
@@ -93,6 +95,12 @@ enum Command {
     Resume(oci::IdArg),
     /// Print the container's resource usage as stats events (JSON lines).
     Events(oci::events::EventsArgs),
+    /// Change a running container's resource limits (in its VM and on its host cgroup).
+    Update(oci::update::UpdateArgs),
+    /// Not supported: a container's VM cannot be checkpointed yet.
+    Checkpoint(oci::Unsupported),
+    /// Not supported: a container's VM cannot be restored from a checkpoint yet.
+    Restore(oci::Unsupported),
     /// Manage VM templates (booted guests that `create` restores instead of booting).
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -115,8 +123,8 @@ pub fn main(process_start: Instant) -> ExitCode {
         debug: cli.debug,
         monitor_uid: cli.monitor_uid,
         monitor_uid_pool: cli.monitor_uid_pool,
+        systemd_cgroup: cli.systemd_cgroup,
     };
-    let _ = cli.systemd_cgroup;
     let is_monitor = matches!(cli.command, Command::Monitor(_));
     crate::phases::record(
         if is_monitor {
@@ -141,6 +149,9 @@ pub fn main(process_start: Instant) -> ExitCode {
         Command::Pause(a) => oci::pause::pause(&ctx, a, true),
         Command::Resume(a) => oci::pause::pause(&ctx, a, false),
         Command::Events(a) => oci::events::events(&ctx, a),
+        Command::Update(a) => oci::update::update(&ctx, a),
+        Command::Checkpoint(_) => oci::spec::checkpoint("checkpoint"),
+        Command::Restore(_) => oci::spec::checkpoint("restore"),
         Command::Template(cmd) => template::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, process_start),
         Command::Monitor(a) => Ok(oci::create::monitor(&ctx, a, process_start)),

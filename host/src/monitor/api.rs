@@ -94,6 +94,13 @@ pub enum MonitorRequest {
     /// Take the container out of the VM (only with [`MonitorRequest::ForContainer`]): what is
     /// left of its processes is killed, its cgroup removed.
     Remove,
+    /// Change the container's limits in the VM (`husk update`): the fields `resources` sets
+    /// replace the container's, and the result must fit the VM. Answered `Ok` once husk-init
+    /// has applied them.
+    Update {
+        /// What changes.
+        resources: Box<oci_spec::runtime::LinuxResources>,
+    },
 }
 
 /// What the monitor answers.

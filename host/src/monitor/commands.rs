@@ -7,6 +7,7 @@
 //! commands come wrapped in [`MonitorRequest::ForContainer`] from the process that stands for
 //! it on the host (`member`).
 
+use std::collections::HashMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use husk_proto::{
@@ -18,6 +19,8 @@ use super::api::{MonitorReply, MonitorRequest};
 use super::console::Console;
 use super::serve::{CommandError, Monitor, Pending, relay_console, reply};
 use crate::error_chain;
+use crate::oci::bundle::VmSize;
+use crate::oci::resources;
 use crate::oci::state::Status;
 
 /// Ports of the terminals the monitor relays for exec'd processes: base + exec id.
@@ -32,6 +35,37 @@ pub(super) struct Member {
     pub(super) status: Status,
     /// The connection of the process that stands for it on the host: it gets the exit.
     pub(super) waiter: Option<UnixStream>,
+}
+
+/// What `update` checks and merges against: the VM's size and the present `linux.resources`
+/// of each of its containers.
+#[derive(Debug)]
+pub(super) struct Limits {
+    /// The VM's size.
+    pub(super) vm: VmSize,
+    /// Each container's resources, as created or last updated.
+    pub(super) resources: HashMap<ContainerRef, oci_spec::runtime::LinuxResources>,
+}
+
+impl Limits {
+    /// The limits of a VM of `vm` whose own container has the spec `config_json`.
+    pub(super) fn new(vm: VmSize, config_json: &[u8]) -> Limits {
+        let mut limits = Limits {
+            vm,
+            resources: HashMap::new(),
+        };
+        limits.add(ContainerRef::FIRST, config_json);
+        limits
+    }
+
+    /// Records the resources of container `c`, from its spec.
+    fn add(&mut self, c: ContainerRef, config_json: &[u8]) {
+        let resources = serde_json::from_slice::<oci_spec::runtime::Spec>(config_json)
+            .ok()
+            .and_then(|s| s.linux().as_ref().and_then(|l| l.resources().clone()))
+            .unwrap_or_default();
+        self.resources.insert(c, resources);
+    }
 }
 
 impl Monitor {
@@ -211,6 +245,7 @@ impl Monitor {
                 let container_id = ContainerId::new(id.clone()).map_err(CommandError::Id)?;
                 let container = ContainerRef(self.next_container);
                 self.next_container += 1;
+                self.limits.add(container, &config_json);
                 let req = Request::Create(Box::new(CreateRequest {
                     container,
                     join: Some(ContainerRef::FIRST),
@@ -236,6 +271,25 @@ impl Monitor {
                 }
                 self.status_of(c)?;
                 self.handle(c, *request, stream, fd)
+            }
+            MonitorRequest::Update { resources } => {
+                let status = self.status_of(target)?;
+                if !matches!(status, Status::Created | Status::Running | Status::Paused) {
+                    return Err(CommandError::CannotUpdate(status));
+                }
+                if self.stopper.is_paused() {
+                    return Err(CommandError::Paused);
+                }
+                let present = self.limits.resources.get(&target).cloned();
+                let merged = resources::merge(&present.unwrap_or_default(), &resources);
+                resources::fits(&merged, self.limits.vm).map_err(CommandError::DoesNotFit)?;
+                let resources_json = serde_json::to_vec(&merged).map_err(CommandError::Json)?;
+                let s = stream.try_clone().map_err(CommandError::Stream)?;
+                let req = Request::Update {
+                    container: target,
+                    resources_json,
+                };
+                self.send(req, Pending::Updated(s, target, Box::new(merged)))
             }
             MonitorRequest::Remove => {
                 if first {

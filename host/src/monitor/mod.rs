@@ -94,6 +94,8 @@ pub struct MonitorArgs {
     pub log: Option<PathBuf>,
     /// `--monitor-uid`: run confined as this host uid (see [`userns`]).
     pub user: Option<userns::IdMap>,
+    /// `--systemd-cgroup`: `cgroupsPath` is `slice:prefix:name` (see [`cgroup::path`]).
+    pub systemd_cgroup: bool,
 }
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
@@ -138,6 +140,7 @@ fn create(
 ) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
     let mut host = setup::prepare(args, dir)?;
     let create = host.create_request();
+    let limits = commands::Limits::new(host.vm_size(), &create.config_json);
     let (tx, events) = channel();
     let (started, mut guest) = start_and_greet(&host, process_start, &tx, &events)?;
     // Further connections to the control port are refused.
@@ -196,6 +199,7 @@ fn create(
         stopper,
         outputs,
         network: host.network,
+        limits,
     });
     Ok((monitor, started.rejected))
 }

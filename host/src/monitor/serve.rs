@@ -16,7 +16,7 @@ use husk_proto::{
 use husk_seccomp::ThreadKind;
 
 use super::api::{self, MonitorReply, MonitorRequest};
-use super::commands::Member;
+use super::commands::{Limits, Member};
 use super::console::Console;
 use super::guest::GuestSession;
 use super::guest_log::{self, GuestLog};
@@ -90,6 +90,15 @@ pub(super) enum CommandError {
     /// `Remove` of the VM's own container.
     #[error("the VM's own container is not removed from it: its end is the VM's")]
     RemoveFirst,
+    /// `update` of a container that has stopped.
+    #[error("cannot update a {0} container")]
+    CannotUpdate(Status),
+    /// `update` to limits the VM cannot meet without growing.
+    #[error("{0}")]
+    DoesNotFit(String),
+    /// `update`'s resources could not be encoded for husk-init.
+    #[error("encoding linux.resources")]
+    Json(#[source] serde_json::Error),
 }
 
 /// What a request to the guest was for.
@@ -106,6 +115,12 @@ pub(super) enum Pending {
     Froze(UnixStream, ContainerRef, Status),
     /// A pod's container removed.
     Removed(UnixStream, ContainerRef),
+    /// A container's limits changed: its resources now.
+    Updated(
+        UnixStream,
+        ContainerRef,
+        Box<oci_spec::runtime::LinuxResources>,
+    ),
     Shutdown,
     Ignore,
 }
@@ -123,6 +138,8 @@ pub(super) struct Parts {
     pub(super) outputs: Vec<relay::Output>,
     /// The container's network, undone when the monitor ends (dropped).
     pub(super) network: Option<Network>,
+    /// The VM's size and its containers' resources (for `update`).
+    pub(super) limits: Limits,
 }
 
 /// The monitor of a created container.
@@ -141,6 +158,8 @@ pub(super) struct Monitor {
     pub(super) members: HashMap<ContainerRef, Member>,
     /// The number the next added container gets.
     pub(super) next_container: u32,
+    /// The VM's size and its containers' resources (for `update`).
+    pub(super) limits: Limits,
     pending: HashMap<RequestId, Pending>,
     execs: HashMap<ExecId, UnixStream>,
     exit_status: Option<i32>,
@@ -167,6 +186,7 @@ impl Monitor {
             next_exec: 1,
             members: HashMap::new(),
             next_container: 1,
+            limits: parts.limits,
             pending: HashMap::new(),
             execs: HashMap::new(),
             exit_status: None,
@@ -310,6 +330,11 @@ impl Monitor {
             }
             (Pending::Removed(mut s, c), Ok(_)) => {
                 self.members.remove(&c);
+                self.limits.resources.remove(&c);
+                reply(&mut s, &MonitorReply::Ok);
+            }
+            (Pending::Updated(mut s, c, resources), Ok(_)) => {
+                self.limits.resources.insert(c, *resources);
                 reply(&mut s, &MonitorReply::Ok);
             }
             (Pending::Reply(mut s), Ok(_)) => reply(&mut s, &MonitorReply::Ok),
@@ -354,6 +379,7 @@ impl Monitor {
                 | Pending::Exec(mut s, _)
                 | Pending::Froze(mut s, _, _)
                 | Pending::Removed(mut s, _)
+                | Pending::Updated(mut s, _, _)
                 | Pending::Added(mut s, _, _),
                 Err(e),
             ) => {

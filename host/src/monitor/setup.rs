@@ -16,9 +16,9 @@ use husk_proto::{
 use super::console::Console;
 use super::error::MonitorError;
 use super::network::{self, Network};
-use super::{MonitorArgs, jail, share};
+use super::{MonitorArgs, cgroup, jail, share};
 use crate::assets::GuestImage;
-use crate::oci::bundle::Bundle;
+use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::pod;
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, Status};
@@ -147,6 +147,14 @@ pub(super) struct Template {
 }
 
 impl Prepared {
+    /// The size of the VM to start.
+    pub(super) fn vm_size(&self) -> crate::oci::bundle::VmSize {
+        crate::oci::bundle::VmSize {
+            memory_mib: self.vm.mem_mib,
+            vcpus: self.vm.vcpus,
+        }
+    }
+
     /// What husk-init is asked to create: the container of the bundle on the share, its stdio
     /// on the stdio ports (its terminal on the first, with `process.terminal`).
     pub(super) fn create_request(&self) -> CreateRequest {
@@ -180,6 +188,15 @@ impl Prepared {
 pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, MonitorError> {
     let bundle = Bundle::load(&args.bundle).map_err(MonitorError::Bundle)?;
     let id = ContainerId::new(args.id.clone())?;
+    // Joined with the jail; checked first, before anything is made.
+    let cgroup = cgroup::Placement::monitor(&bundle.spec, &args.id, args.systemd_cgroup, bundle.vm)
+        .map_err(|why| {
+            MonitorError::Bundle(BundleError::Invalid {
+                path: bundle.dir.join("config.json"),
+                field: "linux.cgroupsPath",
+                why,
+            })
+        })?;
     let image = crate::assets::find()?;
     let (share, mounts) = share::prepare(dir, &bundle)?;
     let mut network = network_with_hooks(args, &bundle, dir)?;
@@ -207,6 +224,7 @@ pub(super) fn prepare(args: &MonitorArgs, dir: &Path) -> Result<Prepared, Monito
         })?;
     jail::enter(&jail::Jail {
         id: &args.id,
+        cgroup: &cgroup,
         state_dir: dir,
         read_only: vec![&image.vmlinux, &image.initramfs],
         network: network.is_some(),

@@ -176,16 +176,17 @@ impl Bundle {
     }
 }
 
-/// What a spec's own resources limit its processes to; `None` where it sets no limit.
+/// What a spec's own resources limit its processes to ([`limits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Memory, in bytes.
+    /// Memory, in bytes; `None` where the spec sets no limit.
     pub memory: Option<u64>,
-    /// CPUs: the `cpus` set's size, else the quota rounded up.
+    /// CPUs: the `cpus` set's size, else the quota rounded up; `None` where it sets neither.
     pub cpus: Option<u64>,
 }
 
-/// The [`Limits`] of a spec.
+/// What a spec's own resources limit its processes to (see [`Limits`]); the error names the
+/// field and what is wrong with it.
 pub fn limits(spec: &Spec) -> Result<Limits, (&'static str, String)> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let memory = resources
@@ -275,7 +276,7 @@ pub fn vm_size(spec: &Spec) -> Result<VmSize, (&'static str, String)> {
 
 /// The number of CPUs in a list like `0-3,5`; `None` for a malformed list or one whose count
 /// does not fit a `u64` (the caller refuses any count above the vCPU maximum anyway).
-fn count_cpus(list: &str) -> Option<u64> {
+pub(crate) fn count_cpus(list: &str) -> Option<u64> {
     let mut n: u64 = 0;
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let count = match part.split_once('-') {

@@ -123,6 +123,9 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
     if ctx.debug {
         cmd.arg("--debug");
     }
+    if ctx.systemd_cgroup {
+        cmd.arg("--systemd-cgroup");
+    }
     if let pod::Role::Member { sandbox, .. } = &role {
         // A member's VM is its sandbox's, whose monitor has its uids: it gets none of its own.
         cmd.arg("--pod-sandbox").arg(sandbox);
@@ -252,6 +255,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             hooks_fd: args.hooks_fd,
             console_socket: args.console_socket,
             log: ctx.log.clone(),
+            systemd_cgroup: ctx.systemd_cgroup,
         });
     }
     let user = match ctx.monitor_uid {
@@ -274,6 +278,7 @@ pub fn monitor(ctx: &Context, args: MonitorCmdArgs, process_start: Instant) -> E
             console_socket: args.console_socket,
             log: ctx.log.clone(),
             user,
+            systemd_cgroup: ctx.systemd_cgroup,
         },
         process_start,
     )

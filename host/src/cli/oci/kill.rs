@@ -104,6 +104,7 @@ mod tests {
             debug: false,
             monitor_uid: crate::monitor::uids::MonitorUser::Root,
             monitor_uid_pool: crate::monitor::uids::Pool::default(),
+            systemd_cgroup: false,
         };
         let entry = ctx.store().create("c1").unwrap();
         entry

@@ -14,6 +14,7 @@ pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod update;
 
 use std::io::Read;
 use std::os::fd::{OwnedFd, RawFd};
@@ -42,12 +43,23 @@ pub struct Context {
     pub monitor_uid: crate::monitor::uids::MonitorUser,
     /// `--monitor-uid-pool`.
     pub monitor_uid_pool: crate::monitor::uids::Pool,
+    /// `--systemd-cgroup`.
+    pub systemd_cgroup: bool,
 }
 
 impl Context {
     fn store(&self) -> Store {
         Store::new(&self.root)
     }
+}
+
+/// The arguments of a command husk does not support: whatever they are, the answer is the
+/// same.
+#[derive(Debug, clap::Args)]
+pub struct Unsupported {
+    /// Ignored.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+    args: Vec<String>,
 }
 
 /// A container id.

@@ -32,6 +32,15 @@ pub fn spec(args: SpecArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `husk checkpoint`, `husk restore` and `husk features` say.
+pub const CHECKPOINT_UNSUPPORTED: &str =
+    "checkpoint and restore are not supported: a container's VM cannot be saved and restored yet";
+
+/// `husk checkpoint` and `husk restore`: refused, saying so.
+pub fn checkpoint(verb: &str) -> Result<ExitCode> {
+    bail!("{verb}: {CHECKPOINT_UNSUPPORTED}")
+}
+
 /// `husk features`.
 pub fn features() -> Result<ExitCode> {
     let v = serde_json::json!({
@@ -44,7 +53,9 @@ pub fn features() -> Result<ExitCode> {
         "linux": {
             "namespaces": ["pid", "mount", "uts", "ipc", "user", "cgroup", "network"],
             "capabilities": caps::all().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            // On the host (the monitor's cgroup, see docs/conformance.md); systemd-style paths
+            // are read as runc reads them, the cgroups made on the cgroup filesystem.
+            "cgroup": {"v1": true, "v2": true, "systemd": true, "systemdUser": false},
             "seccomp": {"enabled": true, "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO",
                 "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP",
                 "SCMP_ACT_LOG"], "operators": ["SCMP_CMP_EQ", "SCMP_CMP_NE", "SCMP_CMP_LT",
@@ -55,7 +66,10 @@ pub fn features() -> Result<ExitCode> {
         },
         "annotations": {
             "io.husk.vm.memory_mib": "guest RAM in MiB (default: memory limit + 64, or 256)",
-            "io.husk.vm.vcpus": "vCPUs (default: the size of cpu.cpus, else CPU quota rounded up, or 1)"
+            "io.husk.vm.vcpus": "vCPUs (default: the size of cpu.cpus, else CPU quota rounded up, or 1)",
+            // runc's key, read by tools that look for checkpoint support.
+            "org.opencontainers.runc.checkpoint.enabled": "false",
+            "io.husk.checkpoint": CHECKPOINT_UNSUPPORTED
         }
     });
     println!("{}", serde_json::to_string_pretty(&v)?);

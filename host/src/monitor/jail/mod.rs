@@ -2,7 +2,9 @@
 //! host's view (the share, the network, the container's terminal) and before the VMM's threads
 //! exist (capabilities, no_new_privs and the root are per thread and inherited at creation):
 //!
-//! - **its own cgroup** (see [`super::cgroup`]);
+//! - **its cgroup** (see [`super::cgroup`]): `husk/<id>`, or the spec's `cgroupsPath` with its
+//!   limits. Joined even with the jail off: limits the engine asked for are not debugging's
+//!   to drop;
 //! - **a minimal root**: a read-only tmpfs holding, at the paths the monitor uses for them,
 //!   only the state directory (sockets, `state.json`, `network.json`, the share, with its bind
 //!   mounts), the guest kernel and initramfs (read-only), `/dev/null` and a fresh `/proc` (the
@@ -69,7 +71,7 @@ use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 
-use super::cgroup::{self, CgroupError};
+use super::cgroup::{self, CgroupError, Placement};
 use super::overlay::{self, OverlayError};
 use super::userns::{IdMap, UserNs, UserNsError};
 use crate::oci::{hooks, pod, sockets, state};
@@ -189,8 +191,10 @@ const PROC_OPTIONS: &str = "subset=pid,hidepid=invisible";
 /// What the monitor keeps after setup.
 #[derive(Debug)]
 pub struct Jail<'a> {
-    /// The container id (names its cgroup).
+    /// The container id (names its overlays' work directories).
     pub id: &'a str,
+    /// Its cgroup.
+    pub cgroup: &'a Placement,
     /// The container's state directory.
     pub state_dir: &'a Path,
     /// Files it still reads (the guest kernel and initramfs).
@@ -215,6 +219,7 @@ pub fn enabled() -> bool {
 /// the records pinned, the new root, and last the limits and capabilities. Must be called
 /// while the process has one thread.
 pub fn enter(jail: &Jail<'_>) -> Result<(), JailError> {
+    cgroup::join(jail.cgroup, jail.state_dir)?;
     if !enabled() {
         eprintln!("husk monitor: {ENV}=off: the monitor is not confined");
         return Ok(());
@@ -222,7 +227,6 @@ pub fn enter(jail: &Jail<'_>) -> Result<(), JailError> {
     only_thread()?;
     // What the VMM learns from the host's /sys, which the jail does not have.
     crate::vmm::host::HostProfile::detect();
-    cgroup::join(jail.id, jail.state_dir)?;
     let user_ns = match jail.user {
         Some((map, share)) => Some(user_namespace(jail, map, share)?),
         None => None,

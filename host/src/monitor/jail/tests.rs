@@ -47,8 +47,10 @@ fn child(scratch: &Path, user: Option<IdMap>) {
         .unwrap();
     }
     let netns_before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let id = unit_id(scratch);
     enter(&Jail {
-        id: &unit_id(scratch),
+        id: &id,
+        cgroup: &super::super::cgroup::Placement::Own { id: id.clone() },
         state_dir: &state,
         read_only: vec![&kernel],
         network: false,

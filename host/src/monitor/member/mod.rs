@@ -72,6 +72,8 @@ pub struct MemberArgs {
     pub console_socket: Option<PathBuf>,
     /// The `--log` file, for the member's own diagnostics.
     pub log: Option<PathBuf>,
+    /// `--systemd-cgroup`: how `cgroupsPath` reads.
+    pub systemd_cgroup: bool,
 }
 
 /// Why a pod's container could not be created.
@@ -139,6 +141,9 @@ pub enum MemberError {
     /// The state could not be written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The member's host cgroup (its `cgroupsPath`).
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::CgroupError),
     /// The container's limits do not fit in the pod's VM.
     #[error(
         "config.json: linux.resources: {0}; the pod's VM is sized by its sandbox (see the README's pods section) and does not grow"
@@ -224,6 +229,7 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
     fits(&bundle, &sandbox)?;
     super::create_hooks::run(args.notify_fd, args.hooks_fd, &bundle)
         .map_err(|e| MemberError::CreateHooks(Box::new(e)))?;
+    join_cgroup(args, &bundle, dir)?;
     let ns = SandboxNamespaces::of(sandbox_pid)?;
     // One thread until here: `place` forks.
     let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
@@ -236,6 +242,24 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
         e
     };
     enter_pod(args, dir, &bundle, &sandbox_dir, placed, stdio).map_err(undo)
+}
+
+/// Moves the member into the container's `cgroupsPath`, if the spec has one, without limits:
+/// the container's processes, and their limits, are in the pod's VM, whose threads are in the
+/// sandbox's cgroup (see `super::cgroup`). `delete` removes it.
+fn join_cgroup(args: &MemberArgs, bundle: &Bundle, dir: &Path) -> Result<(), MemberError> {
+    let path =
+        super::cgroup::Placement::spec_path(&bundle.spec, args.systemd_cgroup).map_err(|why| {
+            BundleError::Invalid {
+                path: bundle.dir.join("config.json"),
+                field: "linux.cgroupsPath",
+                why,
+            }
+        })?;
+    if let Some(path) = path {
+        super::cgroup::join(&super::cgroup::Placement::Spec { path, limits: None }, dir)?;
+    }
+    Ok(())
 }
 
 /// Checks that the container's limits fit in the pod's VM (sized by the sandbox's spec, see

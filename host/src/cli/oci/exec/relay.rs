@@ -170,6 +170,7 @@ mod tests {
             debug: false,
             monitor_uid: crate::monitor::uids::MonitorUser::Root,
             monitor_uid_pool: crate::monitor::uids::Pool::default(),
+            systemd_cgroup: false,
         };
         let a = parse(&[
             "--detach",
@@ -231,6 +232,7 @@ mod tests {
             debug: true,
             monitor_uid: crate::monitor::uids::MonitorUser::Root,
             monitor_uid_pool: crate::monitor::uids::Pool::default(),
+            systemd_cgroup: false,
         };
         let a = parse(&["-d", "c1", "sh", "-c", "echo --tty"]);
         let v = relay_args(&ctx, &a, 3).unwrap();
