@@ -219,6 +219,7 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
     let ns = SandboxNamespaces::of(sandbox_pid)?;
     // One thread until here: `place` forks.
     let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
+    crate::phases::record_now("member-placed");
     let undo = |e: MemberError| {
         place::unplace(&args.id, &sandbox_dir, Some(sandbox_pid));
         e
@@ -334,6 +335,7 @@ fn enter_pod(
             MonitorReply::Error(e) => return Err(MemberError::Monitor(e)),
             other => return Err(MemberError::Monitor(format!("unexpected reply {other:?}"))),
         };
+        crate::phases::record_now("member-added");
         let _ = added.set(container);
         pod::write_json(&dir.join(pod::POD_FILE), &membership(container))?;
         state.status = Status::Created;
