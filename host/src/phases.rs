@@ -40,8 +40,13 @@
 //! | `cli-exit` | CLI | about to exit (`run`: after deleting the state) |
 //!
 //! Besides: `start-returned` (CLI; not in the chain because a short process may end before
-//! `start` returns). Guest markers are timestamped by the monitor when the vCPU exits on the
-//! marker port. `cargo xtask bench startup` reads this file.
+//! `start` returns). A pod's later container (a *member*, `crate::monitor::member`) has no VM
+//! of its own: its `create` records `cli-start`, `monitor-start` (the member process),
+//! `member-placed` (hooks run, its rootfs and mounts attached to the pod's share),
+//! `member-added` (the sandbox's monitor replied: husk-init built the container in the VM),
+//! `create-returned` and `cli-exit`; the guest markers are the sandbox's only. Guest markers
+//! are timestamped by the monitor when the vCPU exits on the marker port. `cargo xtask bench
+//! startup` and `cargo xtask bench pod` read this file.
 
 use std::io::Write;
 use std::sync::OnceLock;

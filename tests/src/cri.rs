@@ -53,6 +53,14 @@ pub const PAUSE_C: &str = include_str!("cri/pause.c");
 /// The sandbox image's name (`sandbox_image`).
 pub const PAUSE_IMAGE: &str = "localhost/husk-pause:test";
 
+/// An idle container's command: a shell that ends on SIGTERM (as pid 1 of its own pid
+/// namespace it must trap it itself), so that stopping it does not wait for a SIGKILL.
+pub const IDLE: &[&str] = &[
+    "sh",
+    "-c",
+    "trap 'exit 0' TERM; while true; do sleep 1; done",
+];
+
 /// containerd's namespace for everything the CRI plugin does.
 const NAMESPACE: &str = "k8s.io";
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use husk_e2e::cri::api::ContainerState;
-use husk_e2e::cri::{Cri, Handler, Pod};
+use husk_e2e::cri::{Cri, Handler, IDLE, Pod};
 use husk_e2e::engines;
 
 /// How long a container may take to do what a check waits for (a husk start boots a VM).
@@ -17,13 +17,6 @@ const LIMIT: Duration = engines::ENGINE_LIMIT;
 
 /// How long a pod's teardown may take to leave nothing behind (shims exit after it).
 const CLEAN_LIMIT: Duration = Duration::from_secs(60);
-
-/// What the idle container runs: pid 1 of its own pid namespace, so it traps SIGTERM itself.
-const IDLE: &[&str] = &[
-    "sh",
-    "-c",
-    "trap 'exit 0' TERM; while true; do sleep 1; done",
-];
 
 /// The server: busybox httpd serving /www (the test image's index.html) on port 8080, under a
 /// shell that ends on SIGTERM.

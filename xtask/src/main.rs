@@ -5,6 +5,7 @@
 //! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
 //! - `bench podman`: `podman run --rm IMAGE true` with husk next to runc and crun.
+//! - `bench pod`: a pod of two containers through containerd's CRI, husk next to runc.
 //! - `fuzz`: each cargo-fuzz target for a while, with executions and crashes per target.
 
 mod bench;
@@ -50,6 +51,9 @@ enum BenchCommand {
     /// `podman run --rm IMAGE true` wall time with husk as podman's runtime, next to runc and
     /// crun under the same podman, in turns.
     Podman(bench::podman::PodmanBenchArgs),
+    /// Time to a running pod of two containers through containerd's CRI plugin (the tests' CRI
+    /// harness), with husk and runc as the runtime handler in turns; where husk's time goes.
+    Pod(bench::pod::PodBenchArgs),
     /// Where each millisecond of `husk run` goes (husk's own phase timestamps), next to runc
     /// run, crun run and QEMU microvm's boot-to-init in the same run; memory and density.
     Startup(bench::startup::StartupBenchArgs),
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
         Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
         Command::Bench(BenchCommand::Podman(args)) => bench::podman::run(&args),
+        Command::Bench(BenchCommand::Pod(args)) => bench::pod::run(&args),
         Command::Bench(BenchCommand::Startup(args)) => bench::startup::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     };

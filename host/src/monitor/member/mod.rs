@@ -234,6 +234,7 @@ fn join(args: &MemberArgs, dir: &Path, stdio: ContainerStdio) -> Result<Member, 
     // One thread until here: `place` forks.
     let placed = place::place(&bundle, &args.id, &sandbox_dir, &ns)?;
     let workdir = placed.workdir.clone();
+    crate::phases::record_now("member-placed");
     let undo = |e: MemberError| {
         place::unplace(&args.id, &sandbox_dir, Some(sandbox_pid));
         if let Some(w) = &workdir {
@@ -378,6 +379,7 @@ fn enter_pod(
             MonitorReply::Error(e) => return Err(MemberError::Monitor(e)),
             other => return Err(MemberError::Monitor(format!("unexpected reply {other:?}"))),
         };
+        crate::phases::record_now("member-added");
         let _ = added.set(container);
         pod::write_json(&dir.join(pod::POD_FILE), &membership(container))?;
         state.status = Status::Created;

@@ -418,13 +418,8 @@ fn husk_run(
 /// there, once.
 fn parse_phases(text: &str, chain: &[&str]) -> Result<HashMap<String, f64>> {
     let mut ns: HashMap<String, u64> = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("phase file line {}: {line:?}", n + 1))?;
-        let (Some(phase), Some(t)) = (v["phase"].as_str(), v["mono_ns"].as_u64()) else {
-            bail!("phase file line {}: no phase or mono_ns: {line}", n + 1);
-        };
-        if ns.insert(phase.to_string(), t).is_some() {
+    for (phase, t, _) in phase_lines(text)? {
+        if ns.insert(phase.clone(), t).is_some() {
             bail!("phase {phase} recorded twice");
         }
     }
@@ -439,6 +434,29 @@ fn parse_phases(text: &str, chain: &[&str]) -> Result<HashMap<String, f64>> {
         .into_iter()
         .map(|(p, t)| (p, (t as f64 - origin as f64) / 1e6))
         .collect())
+}
+
+/// The lines of a phase file (JSON lines, host/src/phases.rs) in file order: each phase, when
+/// it happened (CLOCK_MONOTONIC ns) and the pid of the process that recorded it.
+pub(super) fn phase_lines(text: &str) -> Result<Vec<(String, u64, u64)>> {
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("phase file line {}: {line:?}", n + 1))?;
+            let (Some(phase), Some(t), Some(pid)) = (
+                v["phase"].as_str(),
+                v["mono_ns"].as_u64(),
+                v["pid"].as_u64(),
+            ) else {
+                bail!(
+                    "phase file line {}: no phase, mono_ns or pid: {line}",
+                    n + 1
+                );
+            };
+            Ok((phase.to_string(), t, pid))
+        })
+        .collect()
 }
 
 /// One `runc run` / `crun run`: wall time, ms.
@@ -464,7 +482,7 @@ fn oci_run(runtime: &str, root: &Path, bundle: &Path, id: &str) -> Result<f64> {
 }
 
 /// The machine and tool versions, for the report.
-fn machine(husk: &Path, kvm_pvm: bool) -> Value {
+pub(super) fn machine(husk: &Path, kvm_pvm: bool) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
