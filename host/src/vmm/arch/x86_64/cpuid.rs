@@ -93,12 +93,10 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, id: u8, opts: CpuidOptions) {
         }
         0x4000_0001 => {
             // No asynchronous page faults (KVM tells the guest a page is not there yet and
-            // lets it run something else meanwhile). A microVM gains little from them, and
-            // they are where hypervisors go wrong: Cloud Hypervisor and libkrun turn them off
-            // for KVM bugs, and on kvm_pvm hosts, whose event injection differs, container
-            // processes died of SIGSEGV now and then, most under host load with guest memory
-            // mapped from a template's file (a host page fault that would wait is what makes
-            // KVM send one).
+            // lets it run something else meanwhile): a microVM of one container gains little
+            // from them, and a snapshot then carries no half-delivered "page ready" events.
+            // (Turned off first as a suspect for the guest processes that die of SIGSEGV on
+            // kvm_pvm hosts; they go on without it: kernel-config/README.md, "Known problem".)
             e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT);
         }
         0xd if opts.kvm_pvm => {
