@@ -285,8 +285,15 @@ fn the_monitor_is_confined_and_a_flooding_container_stays_bounded() {
     }
 
     // Its own cgroup, listed in the state directory for delete.
+    // {"dirs": [...], "cost": ...}: the cgroup directories, one per hierarchy.
     let record = std::fs::read_to_string(root.join("j1/cgroups")).unwrap();
-    let cgroups: Vec<&Path> = record.lines().map(Path::new).collect();
+    let parsed: serde_json::Value = serde_json::from_str(&record).unwrap();
+    let cgroups: Vec<&Path> = parsed["dirs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no dirs in the cgroups record: {record}"))
+        .iter()
+        .map(|d| Path::new(d.as_str().unwrap()))
+        .collect();
     let has_hierarchy = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()

@@ -21,7 +21,7 @@ use crate::assets::GuestImage;
 use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::pod;
 use crate::oci::sockets::{self, SocketDir};
-use crate::oci::state::{self, State, Status};
+use crate::oci::state::{self, State};
 use crate::template::{self, TemplateShape};
 use crate::vmm::persist::Snapshot;
 use crate::vmm::{SeccompMode, VmConfig};
@@ -366,17 +366,7 @@ fn open_kvm() -> Result<OwnedFd, MonitorError> {
 /// fixed record (`container.json`) husk commands trust.
 fn fixed_state(args: &MonitorArgs, bundle: &Bundle, dir: &Path) -> Result<State, MonitorError> {
     let pid = i32::try_from(crate::pid::host_pid()).unwrap_or(0);
-    let state = State {
-        oci_version: state::OCI_VERSION.into(),
-        id: args.id.clone(),
-        status: Status::Creating,
-        pid: Some(pid),
-        bundle: bundle.dir.clone(),
-        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-        created: state::now_rfc3339(),
-        monitor_start_time: state::process_start_time(pid).unwrap_or(0),
-        exit_status: None,
-    };
+    let state = State::creating(&args.id, bundle, Some(pid));
     state::write_fixed(dir, &state).map_err(MonitorError::State)?;
     Ok(state)
 }

@@ -93,24 +93,13 @@ pub fn prepare(
     // directory, and only then makes the container's root read-only, in the guest.
     bind(&bundle.rootfs, &rootfs, true)?;
     let mut sources = Vec::new();
-    let mounts = bundle.spec.mounts().as_deref().unwrap_or_default();
-    for (index, m) in (0u32..).zip(mounts) {
+    for (index, m, source) in bundle.bind_mounts() {
         let options = m.options().as_deref().unwrap_or_default();
-        let is_bind = m.typ().as_deref() == Some("bind")
-            || options.iter().any(|o| o == "bind" || o == "rbind");
-        if !is_bind {
-            continue;
-        }
-        let Some(source) = m.source() else {
+        let Some(source) = source else {
             return Err(ShareError::NoSource {
                 index,
                 destination: m.destination().clone(),
             });
-        };
-        let source = if source.is_absolute() {
-            source.clone()
-        } else {
-            bundle.dir.join(source)
         };
         let meta = std::fs::metadata(&source).map_err(|e| ShareError::Source {
             index,

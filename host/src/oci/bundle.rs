@@ -102,6 +102,28 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// The spec's bind mounts (type `bind`, or a `bind` or `rbind` option), each with its
+    /// index among all the spec's mounts and its source made absolute against the bundle
+    /// directory (`None`: the mount names no source, which the caller refuses).
+    pub fn bind_mounts(
+        &self,
+    ) -> impl Iterator<Item = (u32, &oci_spec::runtime::Mount, Option<PathBuf>)> + '_ {
+        let mounts = self.spec.mounts().as_deref().unwrap_or_default();
+        (0u32..).zip(mounts).filter_map(|(index, m)| {
+            let options = m.options().as_deref().unwrap_or_default();
+            let is_bind = m.typ().as_deref() == Some("bind")
+                || options.iter().any(|o| o == "bind" || o == "rbind");
+            let source = m.source().as_ref().map(|s| {
+                if s.is_absolute() {
+                    s.clone()
+                } else {
+                    self.dir.join(s)
+                }
+            });
+            is_bind.then_some((index, m, source))
+        })
+    }
+
     /// Whether the container's process gets a terminal (`process.terminal`).
     pub fn terminal(&self) -> bool {
         self.spec

@@ -109,6 +109,24 @@ pub struct State {
     pub exit_status: Option<i32>,
 }
 
+impl State {
+    /// The state of container `id` of `bundle` while it is being created, its process (the
+    /// monitor, or a pod member) `pid` as the host knows it, if it has one yet.
+    pub fn creating(id: &str, bundle: &crate::oci::bundle::Bundle, pid: Option<i32>) -> State {
+        State {
+            oci_version: OCI_VERSION.into(),
+            id: id.to_owned(),
+            status: Status::Creating,
+            pid,
+            bundle: bundle.dir.clone(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            created: now_rfc3339(),
+            monitor_start_time: pid.and_then(process_start_time).unwrap_or(0),
+            exit_status: None,
+        }
+    }
+}
+
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

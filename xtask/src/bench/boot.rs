@@ -194,10 +194,10 @@ pub(super) fn guest_cmdline(root: &Path, kvm_pvm: bool) -> Result<String> {
 }
 
 /// QEMU's `-cpu` for KVM: the host's, less what kvm_pvm cannot emulate (husk's VMM masks the
-/// same CPUID bits there).
+/// same CPUID bits there) and the IA32_ARCH_CAPABILITIES MSR, whose write kvm_pvm refuses.
 pub(super) fn qemu_kvm_cpu(kvm_pvm: bool) -> &'static str {
     if kvm_pvm {
-        "host,-cx16,-popcnt"
+        "host,-cx16,-popcnt,-arch-capabilities"
     } else {
         "host"
     }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::monitor::{self, MonitorArgs, uids};
 use crate::oci::bundle::Bundle;
-use crate::oci::state::{self, State, Status};
+use crate::oci::state::{self, State};
 use crate::oci::{hooks, pod};
 
 /// `create`.
@@ -84,17 +84,7 @@ pub(super) fn create_container(ctx: &Context, args: &CreateArgs) -> Result<Child
         let e = anyhow!("config.json: process.terminal is true but no --console-socket was given");
         return Err(fail(entry, e));
     }
-    let initial = State {
-        oci_version: state::OCI_VERSION.into(),
-        id: args.id.clone(),
-        status: Status::Creating,
-        pid: None,
-        bundle: bundle.dir.clone(),
-        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-        created: state::now_rfc3339(),
-        monitor_start_time: 0,
-        exit_status: None,
-    };
+    let initial = State::creating(&args.id, &bundle, None);
     if let Err(e) = entry.write(&initial) {
         return Err(fail(entry, e.into()));
     }
@@ -301,17 +291,7 @@ fn serve_create_hooks(
     let Some(answers) = answers.take() else {
         return Some(Err("the monitor asked twice for the create hooks".into()));
     };
-    let state = State {
-        oci_version: state::OCI_VERSION.into(),
-        id: id.to_owned(),
-        status: Status::Creating,
-        pid: i32::try_from(monitor).ok(),
-        bundle: bundle.dir.clone(),
-        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-        created: String::new(),
-        monitor_start_time: 0,
-        exit_status: None,
-    };
+    let state = State::creating(id, bundle, i32::try_from(monitor).ok());
     let hooks = bundle.spec.hooks().as_ref();
     let ran = hooks::run(hooks::HookKind::Prestart, hooks, &state)
         .and_then(|()| hooks::run(hooks::HookKind::CreateRuntime, hooks, &state));

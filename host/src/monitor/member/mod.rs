@@ -331,17 +331,7 @@ fn enter_pod(
             (true, None) => return Err(MemberError::NoConsoleSocket),
         };
         let pid = i32::try_from(crate::pid::host_pid()).unwrap_or(0);
-        let mut state = State {
-            oci_version: state::OCI_VERSION.into(),
-            id: args.id.clone(),
-            status: Status::Creating,
-            pid: Some(pid),
-            bundle: bundle.dir.clone(),
-            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-            created: state::now_rfc3339(),
-            monitor_start_time: state::process_start_time(pid).unwrap_or(0),
-            exit_status: None,
-        };
+        let mut state = State::creating(&args.id, bundle, Some(pid));
         state::write_fixed(dir, &state)?;
         let workdir = placed.workdir.clone();
         let membership = |container| Membership {

@@ -288,23 +288,13 @@ pub(super) fn place(
         ));
     }
     let mut mounts = Vec::new();
-    for (index, m) in (0u32..).zip(bundle.spec.mounts().as_deref().unwrap_or_default()) {
+    for (index, m, source) in bundle.bind_mounts() {
         let options = m.options().as_deref().unwrap_or_default();
-        let is_bind = m.typ().as_deref() == Some("bind")
-            || options.iter().any(|o| o == "bind" || o == "rbind");
-        if !is_bind {
-            continue;
-        }
-        let Some(source) = m.source() else {
+        let Some(source) = source else {
             return Err(MemberError::NoSource {
                 index,
                 destination: m.destination().clone(),
             });
-        };
-        let source = if source.is_absolute() {
-            source.clone()
-        } else {
-            bundle.dir.join(source)
         };
         let is_dir = std::fs::metadata(&source)
             .map_err(io("reading", source.clone()))?
