@@ -397,23 +397,8 @@ pub(crate) fn unplace(id: &str, sandbox_dir: &Path, sandbox_pid: Option<i32>) {
     };
     // The bind mounts' mount points, listed here (the monitor's /proc may not show the
     // helper that enters its namespace).
-    let mount_points: Vec<String> =
-        walk(&sandbox, &["share", "pod", id, "mounts"], Last::Dir, false)
-            .and_then(|d| std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())))
-            .map(|list| {
-                list.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-    let layer_points: Vec<String> = walk(&sandbox, &[LAYERS_DIR, id], Last::Dir, false)
-        .and_then(|d| std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())))
-        .map(|list| {
-            list.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mount_points = entry_names(&sandbox, &["share", "pod", id, "mounts"]);
+    let layer_points = entry_names(&sandbox, &[LAYERS_DIR, id]);
     if let Some(pid) = sandbox_pid
         && let Ok(ns) = SandboxNamespaces::of(pid)
     {
@@ -449,4 +434,17 @@ pub(crate) fn unplace(id: &str, sandbox_dir: &Path, sandbox_pid: Option<i32>) {
             let _ = std::fs::remove_dir_all(format!("/proc/self/fd/{}/{id}", dir.as_raw_fd()));
         }
     }
+}
+
+/// The names in the directory `path` below `sandbox` (walked without following links), or
+/// none if it is not there.
+fn entry_names(sandbox: &OwnedFd, path: &[&str]) -> Vec<String> {
+    walk(sandbox, path, Last::Dir, false)
+        .and_then(|d| std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())))
+        .map(|list| {
+            list.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
