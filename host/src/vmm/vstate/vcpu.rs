@@ -121,8 +121,14 @@ impl Vcpu {
                     break;
                 }
                 VcpuExit::InternalError => {
+                    // Where: the guest's instruction pointer, to look up in System.map.
+                    let rip = self
+                        .fd
+                        .get_regs()
+                        .map_or_else(|e| format!("unknown ({e})"), |r| format!("{:#x}", r.rip));
                     self.exit(VmExit::Error(format!(
-                        "vCPU {}: KVM internal error (an instruction KVM could not emulate?)",
+                        "vCPU {}: KVM internal error at rip {rip} (an instruction KVM could \
+                         not emulate?)",
                         self.id
                     )));
                     break;
