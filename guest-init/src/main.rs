@@ -73,6 +73,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any thread or child: what the host has every container process run with.
+    container::host_env::capture();
     if opts.pid1 {
         log::init_kmsg();
         std::panic::set_hook(Box::new(|info| {

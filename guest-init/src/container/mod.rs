@@ -10,6 +10,7 @@
 mod cgroup;
 mod child;
 mod console;
+pub mod host_env;
 mod mounts;
 mod namespaces;
 mod process;
@@ -439,6 +440,7 @@ impl Container {
                         tx.open_terminal(plan.console_size)?;
                     }
                     plan.default_home();
+                    host_env::apply(&mut plan.env);
                     let exe = plan.find_executable()?;
                     plan.apply_limits()?;
                     Err(plan.exec(&exe, self.seccomp.as_ref()))

@@ -25,6 +25,8 @@ pub struct CpuidOptions {
     pub vcpus: u8,
     /// Apply the kvm_pvm compatibility masks (see `kernel-config/README.md`): no CMPXCHG16B,
     /// POPCNT, XSAVE or SMAP, which that host's emulator cannot run in guest kernel mode.
+    /// Guest user code there runs CPUID natively and is not bound by these masks (see
+    /// `kernel-config/README.md` on the AVX state).
     pub kvm_pvm: bool,
 }
 
@@ -95,8 +97,8 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, id: u8, opts: CpuidOptions) {
             // No asynchronous page faults (KVM tells the guest a page is not there yet and
             // lets it run something else meanwhile): a microVM of one container gains little
             // from them, and a snapshot then carries no half-delivered "page ready" events.
-            // (Turned off first as a suspect for the guest processes that die of SIGSEGV on
-            // kvm_pvm hosts; they go on without it: kernel-config/README.md, "Known problem".)
+            // (They were not the cause of the guest SIGSEGVs on kvm_pvm hosts: those came from
+            // vector registers the guest kernel does not switch, kernel-config/README.md.)
             e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT);
         }
         0xd if opts.kvm_pvm => {
