@@ -117,7 +117,6 @@ pub(super) fn init_child(
     }
     plan.rootfs.finish()?;
     plan.process.default_home();
-    super::host_env::apply(&mut plan.process.env);
     let exe = plan.process.find_executable()?;
     plan.process.apply_limits()?;
     sync::send(report, sync::READY).map_err(|e| ChildError::sys("reporting ready", e))?;

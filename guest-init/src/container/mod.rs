@@ -440,7 +440,6 @@ impl Container {
                         tx.open_terminal(plan.console_size)?;
                     }
                     plan.default_home();
-                    host_env::apply(&mut plan.env);
                     let exe = plan.find_executable()?;
                     plan.apply_limits()?;
                     Err(plan.exec(&exe, self.seccomp.as_ref()))

@@ -123,6 +123,7 @@ impl ProcessPlan {
             }
             env.push(cstring("process.env", kv)?);
         }
+        super::host_env::apply(&mut env);
         let cwd = p.cwd().clone();
         if !cwd.is_absolute() {
             return Err(invalid(format!(
