@@ -25,7 +25,11 @@
 //!
 //! The member runs as root on the host and is not jailed; it is not exposed to the guest the
 //! way a monitor is: it reads only the replies of S's monitor (bounded, see `client`) and
-//! relays the container's stdio streams, as `husk exec` does.
+//! relays the container's stdio streams, as `husk exec` does. Both come from a monitor that
+//! may be taken over, so once it serves every thread of the member is confined by seccomp as
+//! a monitor's are (`super::threads`): the stdio and terminal relays as `Relay`, the main
+//! thread, the command acceptor and proxies and the terminal-resize forwarder as `Member` (no
+//! exec, no signal to another process, no socket but a Unix one, no mount or namespace).
 
 mod mounts;
 mod place;
@@ -38,13 +42,14 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use husk_proto::{Stdio, VsockPort};
+use husk_seccomp::ThreadKind;
 
 use self::place::{Placed, SandboxNamespaces};
 use super::api::{self, MonitorReply, MonitorRequest};
 use super::client;
 use super::console::{Console, ConsoleError};
 use super::setup::{self, ContainerStdio};
-use super::{overlay, relay, serve};
+use super::{overlay, relay, serve, threads};
 use crate::error_chain;
 use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::pod::{self, Membership, PodError};
@@ -156,6 +161,8 @@ pub enum MemberError {
 
 /// Runs a member; returns when the container has stopped, with its exit status.
 pub fn run(args: MemberArgs) -> ExitCode {
+    // Its threads confine themselves, as a monitor's do (see the module docs).
+    super::threads::monitor_process();
     // The member is the first process of a pid namespace of its own, as a monitor is.
     crate::pid::init();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
@@ -177,6 +184,7 @@ pub fn run(args: MemberArgs) -> ExitCode {
     };
     let _ = writeln!(notify, "ok");
     drop(notify);
+    super::threads::confine(ThreadKind::Member);
     let code = member.serve();
     ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }
@@ -421,7 +429,7 @@ fn relay_stdio(
     let (tx, sizes) = std::sync::mpsc::channel();
     console.relay(stdin_l, tx);
     let monitor = vm.monitor();
-    std::thread::spawn(move || {
+    threads::spawn("resize", ThreadKind::Member, move || {
         for size in sizes {
             let Some(&container) = added.get() else {
                 // Not added yet: the guest sizes the terminal when it creates it, and the
@@ -456,11 +464,13 @@ fn spawn_command_proxy(
     state: Arc<Mutex<State>>,
     dir: PathBuf,
 ) {
-    std::thread::spawn(move || {
+    threads::spawn("commands", ThreadKind::Member, move || {
         for stream in commands.incoming() {
             let Ok(stream) = stream else { continue };
             let (sandbox, state, dir) = (sandbox.clone(), state.clone(), dir.clone());
-            std::thread::spawn(move || proxy(stream, &sandbox, container, &state, &dir));
+            threads::spawn("command", ThreadKind::Member, move || {
+                proxy(stream, &sandbox, container, &state, &dir);
+            });
         }
     });
 }
