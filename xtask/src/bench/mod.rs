@@ -2,6 +2,7 @@
 //! on the same machine in the same run.
 
 pub mod boot;
+pub mod counts;
 pub mod fs;
 pub mod pod;
 pub mod podman;
