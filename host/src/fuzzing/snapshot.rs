@@ -15,6 +15,7 @@ use super::ScratchDir;
 use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::arch::x86_64::vm::VmArchState;
 use crate::vmm::devices::legacy::i8042::I8042State;
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::{Fs, FsState};
 use crate::vmm::devices::virtio::mmio::persist::QueueRegs;
@@ -22,8 +23,8 @@ use crate::vmm::devices::virtio::mmio::{MmioState, MmioTransport};
 use crate::vmm::devices::virtio::net::{Net, NetState};
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockState};
 use crate::vmm::persist::{
-    DevicesState, FileIdentity, Persist, Shape, VirtioDeviceState, VirtioState, VmState,
-    decode_state, encode_state, with_header,
+    DevicesState, FileIdentity, Shape, VirtioDeviceState, VirtioState, VmState, decode_state,
+    encode_state, with_header,
 };
 
 pub(super) fn run(data: &[u8]) {

@@ -16,6 +16,7 @@ use super::devices::bus::Bus;
 use super::devices::legacy::i8042::I8042;
 use super::devices::legacy::marker::{MarkerLog, MarkerPort};
 use super::devices::legacy::serial::SerialDevice;
+use super::devices::persist::Persist;
 use super::devices::virtio::fs::Fs;
 use super::devices::virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use super::devices::virtio::net::Net;
@@ -23,7 +24,7 @@ use super::devices::virtio::vsock::Vsock;
 use super::event_loop::{EventLoop, LoopControl};
 use super::host::{self, HostProfile};
 use super::persist::{
-    DevicesState, Persist, Shape, Snapshot, SnapshotError, VirtioDeviceState, VirtioState,
+    DevicesState, Shape, Snapshot, SnapshotError, VirtioDeviceState, VirtioState,
 };
 use super::vstate::{memory, vcpu};
 use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, lock, os};

@@ -6,8 +6,9 @@
 //! memory, vCPU threads); `arch::x86_64` what is x86 (layout, boot protocol, CPUID, registers,
 //! MP table, the vCPU's and the VM's saved state); `devices` the models (`legacy`: serial,
 //! i8042, boot markers; `virtio`: the MMIO transport, the plumbing every device shares, vsock,
-//! fs, net); [`persist`] the [`persist::Persist`] trait every part implements and the
-//! snapshot's files; `event_loop` the "vmm" thread.
+//! fs, net; `persist`: the `Persist` trait each of them implements next to its own state);
+//! [`persist`] the snapshot that gathers those states, and its files; `event_loop` the "vmm"
+//! thread.
 //!
 //! Threads: the caller's thread ("api") starts the VM and waits for it to end; one thread runs
 //! the device event loop ("vmm"); one thread per vCPU. Each confines itself with its own

@@ -1,10 +1,12 @@
 //! Saving a VM and building one from what was saved.
 //!
-//! Every part of a VM saves and restores itself next to its code through [`Persist`] (the
-//! model is Firecracker's trait of the same name): the x86 vCPU and VM state
-//! (`arch::x86_64::{vcpu, vm}`), guest memory (`vstate::memory`), the virtio-mmio transport and
-//! each virtio device, the legacy devices. [`VmState`] gathers the parts; this module writes it
-//! to a file and reads it back.
+//! Every part of a VM saves and restores itself next to its code: the x86 vCPU and VM state
+//! (`arch::x86_64::{vcpu, vm}`), guest memory (`vstate::memory`), and, through the
+//! [`Persist`](super::devices::persist::Persist) trait (`devices::persist`, the model is
+//! Firecracker's trait of the same name), the virtio-mmio transport, each virtio device and the
+//! legacy devices. Each part defines its saved state next to its code; [`VmState`] only gathers
+//! the parts, and this module writes it to a file and reads it back. So the parts do not depend
+//! on this module; it depends on them.
 //!
 //! # The files
 //!
@@ -42,23 +44,6 @@ use super::devices::virtio::fs::FsState;
 use super::devices::virtio::mmio::MmioState;
 use super::devices::virtio::net::NetState;
 use super::devices::virtio::vsock::VsockState;
-
-/// Something that saves its state and can be built again from it.
-pub trait Persist: Sized {
-    /// What is saved: plain data, checked again when restored.
-    type State;
-    /// What restoring needs besides the state: the host resources of the new VM (guest
-    /// memory, sockets, the shared directory, the tap).
-    type ConstructorArgs;
-    /// Why a restore was refused.
-    type Error;
-
-    /// The state, as of now. The VM must be paused.
-    fn save(&self) -> Self::State;
-
-    /// A new `Self` in the saved state, on the new host resources.
-    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
-}
 
 /// The snapshot format version (see the module docs).
 pub const SNAPSHOT_VERSION: u32 = 1;

@@ -9,9 +9,9 @@ use vm_memory::GuestMemoryMmap;
 use super::{
     MmioError, MmioTransport, S_ACK, S_DRIVER, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET,
 };
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::{SharedDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::lock;
-use crate::vmm::persist::Persist;
 
 /// One queue's registers, and how far the device had got in its rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

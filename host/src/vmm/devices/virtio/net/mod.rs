@@ -88,7 +88,7 @@ pub use self::frame::MAX_FRAME_LEN;
 use self::frame::{OFFLOAD_FEATURES, bit};
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::vmm::persist::Persist;
+use crate::vmm::devices::persist::Persist;
 
 /// The receive queue.
 const RXQ: usize = 0;

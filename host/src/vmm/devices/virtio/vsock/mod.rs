@@ -93,7 +93,7 @@ use self::muxer::{Muxer, TOKEN_QUEUE_BASE};
 use super::{
     ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
-use crate::vmm::persist::Persist;
+use crate::vmm::devices::persist::Persist;
 
 /// Why a vsock device could not be created.
 #[derive(Debug, thiserror::Error)]
