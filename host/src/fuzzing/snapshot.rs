@@ -18,8 +18,8 @@ use crate::vmm::devices::legacy::i8042::I8042State;
 use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::{Fs, FsState};
-use crate::vmm::devices::virtio::mmio::persist::QueueRegs;
-use crate::vmm::devices::virtio::mmio::{MmioState, MmioTransport};
+use crate::vmm::devices::virtio::mmio::MmioTransport;
+use crate::vmm::devices::virtio::mmio::persist::{MmioState, QueueRegs};
 use crate::vmm::devices::virtio::net::{Net, NetState};
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockState};
 use crate::vmm::persist::{

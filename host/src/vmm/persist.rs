@@ -41,7 +41,7 @@ use super::arch::x86_64::vm::VmArchState;
 use super::devices::legacy::i8042::I8042State;
 use super::devices::legacy::serial::SerialState;
 use super::devices::virtio::fs::FsState;
-use super::devices::virtio::mmio::MmioState;
+use super::devices::virtio::mmio::persist::MmioState;
 use super::devices::virtio::net::NetState;
 use super::devices::virtio::vsock::VsockState;
 

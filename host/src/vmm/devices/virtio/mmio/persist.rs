@@ -1,6 +1,11 @@
 //! Saving and restoring the transport: its registers, and each queue where the device had
 //! got to in it (the transport's own copy of a queue stops at activation; the device's
 //! [`Active`](super::super::Active) has the live one).
+//!
+//! Like each device's saved state, [`MmioState`] is defined here, next to the code it saves,
+//! and the snapshot (`vmm::persist`) names it here. The transport itself (`mod.rs`) needs
+//! nothing from this file, so it does not re-export it: this file extends the transport, never
+//! the other way round.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};

@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 
+use super::persist::MmioState;
 use super::*;
 use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::ActivateError;
