@@ -26,8 +26,9 @@ use super::host::{self, HostProfile};
 use super::persist::{
     DevicesState, Shape, Snapshot, SnapshotError, VirtioDeviceState, VirtioState,
 };
+use super::threads::lock;
 use super::vstate::{memory, vcpu};
-use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, lock, os};
+use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, os};
 
 /// Boots a VM: builds it from `config` and starts its threads.
 pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmError> {

@@ -11,9 +11,8 @@
 //! thread.
 //!
 //! Threads: the caller's thread ("api") starts the VM and waits for it to end; one thread runs
-//! the device event loop ("vmm"); one thread per vCPU. Each confines itself with its own
-//! seccomp filter (crate `husk-seccomp`) after setup and before it handles anything the guest
-//! controls.
+//! the device event loop ("vmm"); one thread per vCPU. What they share (their seccomp
+//! filters, the poison-tolerant [`lock`], why the VM ended) is `threads`.
 //!
 //! How a VM ends: husk-init writes the `PowerOff` boot marker (the normal way), the guest
 //! resets through the i8042 (`reboot=k`) or triple-faults, KVM reports an error, or the host
@@ -25,6 +24,7 @@ pub mod devices;
 mod event_loop;
 pub mod host;
 pub mod persist;
+mod threads;
 mod vstate;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -42,6 +42,8 @@ use arch::{boot, mptable, regs};
 pub use builder::{restore, spare_net_mac, start};
 use devices::EventFdTrigger;
 use devices::legacy::marker::MarkerLog;
+use threads::lock;
+pub use threads::{SeccompMode, ThreadKind, VmExit, apply_seccomp};
 use vstate::{memory, vcpu};
 
 /// How a VM is built.
@@ -92,42 +94,6 @@ pub struct NetConfig {
 /// Most virtio-net devices a VM has.
 pub const MAX_NETS: usize = 8;
 
-/// Seccomp for the VMM's threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeccompMode {
-    /// Install the filters; a syscall outside them kills the process.
-    Enforce,
-    /// Install the filters but only log violations (`dmesg`), to find a missing syscall.
-    Log,
-    /// No filters (debugging only).
-    Off,
-}
-
-pub use husk_seccomp::ThreadKind;
-
-/// Installs the calling thread's seccomp filter.
-pub fn apply_seccomp(mode: SeccompMode, kind: ThreadKind) -> Result<(), String> {
-    let mode = match mode {
-        SeccompMode::Off => return Ok(()),
-        SeccompMode::Enforce => husk_seccomp::Mode::Enforce,
-        SeccompMode::Log => husk_seccomp::Mode::Log,
-    };
-    husk_seccomp::apply_with(kind, mode).map_err(|e| format!("{e:#}"))
-}
-
-/// Why a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmExit {
-    /// husk-init powered off (the `PowerOff` marker) or the guest asked KVM for power-off.
-    PowerOff,
-    /// The guest reset (i8042, triple fault).
-    Reset,
-    /// The host stopped it.
-    Stopped,
-    /// Something failed (KVM error, emulation failure, a device model error).
-    Error(String),
-}
-
 /// Errors building or starting a VM (bad input names what was wrong).
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -171,16 +137,6 @@ pub enum VmError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// Locks `mutex`, also when a thread panicked while holding it. The VMM's shared state
-/// (device registers, the vCPUs' run flags) stays usable after such a panic, and the panic
-/// itself already ends the VM; refusing the lock would only turn it into a hang or a second
-/// panic on another thread.
-pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {

@@ -33,7 +33,7 @@ use super::{
     guest_log,
 };
 use crate::vmm::devices::BusDevice;
-use crate::vmm::lock;
+use crate::vmm::threads::lock;
 
 pub mod persist;
 

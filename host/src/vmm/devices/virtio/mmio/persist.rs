@@ -16,7 +16,7 @@ use super::{
 };
 use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::{SharedDevice, VIRTIO_F_VERSION_1};
-use crate::vmm::lock;
+use crate::vmm::threads::lock;
 
 /// One queue's registers, and how far the device had got in its rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
