@@ -14,6 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::ScratchDir;
 use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::arch::x86_64::vm::VmArchState;
+use crate::vmm::config::Shape;
 use crate::vmm::devices::legacy::i8042::I8042State;
 use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::SharedDevice;
@@ -23,7 +24,7 @@ use crate::vmm::devices::virtio::mmio::persist::{MmioState, QueueRegs};
 use crate::vmm::devices::virtio::net::{Net, NetState};
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockState};
 use crate::vmm::persist::{
-    DevicesState, FileIdentity, Shape, VirtioDeviceState, VirtioState, VmState, decode_state,
+    DevicesState, FileIdentity, VirtioDeviceState, VirtioState, VmState, decode_state,
     encode_state, with_header,
 };
 

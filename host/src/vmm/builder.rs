@@ -11,6 +11,7 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::arch::{boot, cpuid, layout, mptable, regs};
+use super::config::{MAX_NETS, MAX_VCPUS, Shape, VmConfig};
 use super::devices::EventFdTrigger;
 use super::devices::bus::Bus;
 use super::devices::legacy::i8042::I8042;
@@ -23,12 +24,10 @@ use super::devices::virtio::net::Net;
 use super::devices::virtio::vsock::Vsock;
 use super::event_loop::{EventLoop, LoopControl};
 use super::host::{self, HostProfile};
-use super::persist::{
-    DevicesState, Shape, Snapshot, SnapshotError, VirtioDeviceState, VirtioState,
-};
+use super::persist::{DevicesState, Snapshot, SnapshotError, VirtioDeviceState, VirtioState};
 use super::threads::lock;
 use super::vstate::{memory, vcpu};
-use super::{MAX_NETS, MAX_VCPUS, RunningVm, VmConfig, VmError, kvm_call, os};
+use super::{RunningVm, VmError, kvm_call, os};
 
 /// Boots a VM: builds it from `config` and starts its threads.
 pub fn start(config: &VmConfig, process_start: Instant) -> Result<RunningVm, VmError> {

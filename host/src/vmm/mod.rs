@@ -2,7 +2,8 @@
 //! container VM needs, or that is restored from a saved one (a VM template).
 //!
 //! Laid out as Firecracker's: [`builder`] makes a VM from a [`VmConfig`] ([`start`]: boot) or
-//! from a snapshot of one of the same shape ([`restore`]); `vstate` is the KVM edge (guest
+//! from a snapshot of one of the same shape ([`restore`]); [`config`] is what a VM is made of,
+//! and its shape; `vstate` is the KVM edge (guest
 //! memory, vCPU threads); `arch::x86_64` what is x86 (layout, boot protocol, CPUID, registers,
 //! MP table, the vCPU's and the VM's saved state); `devices` the models (`legacy`: serial,
 //! i8042, boot markers; `virtio`: the MMIO transport, the plumbing every device shares, vsock,
@@ -20,6 +21,7 @@
 
 pub(crate) mod arch;
 mod builder;
+pub mod config;
 pub mod devices;
 mod event_loop;
 pub mod host;
@@ -28,7 +30,6 @@ mod threads;
 mod vstate;
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,59 +41,12 @@ use vmm_sys_util::signal::Killable;
 
 use arch::{boot, mptable, regs};
 pub use builder::{restore, spare_net_mac, start};
+pub use config::{MAX_NETS, MAX_VCPUS, NetConfig, VmConfig};
 use devices::EventFdTrigger;
 use devices::legacy::marker::MarkerLog;
 use threads::lock;
 pub use threads::{SeccompMode, ThreadKind, VmExit, apply_seccomp};
 use vstate::{memory, vcpu};
-
-/// How a VM is built.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// The uncompressed guest kernel.
-    pub kernel: PathBuf,
-    /// The initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Extra kernel parameters.
-    pub cmdline_extra: String,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Attach the serial console (kernel messages to the monitor's stdout).
-    pub console: bool,
-    /// How the threads' seccomp filters are applied.
-    pub seccomp: SeccompMode,
-    /// The vsock device: the host-side Unix socket (guest-initiated connections go to
-    /// `<path>_<port>`), `None` for a VM without one.
-    pub vsock: Option<PathBuf>,
-    /// virtio-fs devices: (tag, host directory) each.
-    pub shares: Vec<(String, PathBuf)>,
-    /// virtio-net devices, in the order the guest enumerates them (at most [`MAX_NETS`],
-    /// spare ones included).
-    pub nets: Vec<NetConfig>,
-    /// virtio-net devices without a tap after those of `nets`: the slots of a VM template
-    /// that this VM does not use (their frames go nowhere).
-    pub spare_nets: u8,
-    /// `/dev/kvm`, opened by the caller (the monitor opens it before it confines itself);
-    /// `None`: [`start`] opens it.
-    pub kvm: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-}
-
-/// One virtio-net device.
-#[derive(Debug, Clone)]
-pub struct NetConfig {
-    /// Its tap. [`start`] gives the device a duplicate of the fd; the tap lives until the
-    /// device and every copy of this config are gone.
-    pub tap: std::sync::Arc<devices::virtio::net::Tap>,
-    /// The MAC address the guest sees.
-    pub mac: [u8; 6],
-    /// The MTU the device announces.
-    pub mtu: u32,
-}
-
-/// Most virtio-net devices a VM has.
-pub const MAX_NETS: usize = 8;
 
 /// Errors building or starting a VM (bad input names what was wrong).
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +148,7 @@ pub struct RunningVm {
     vm: VmFd,
     mem: memory::GuestMem,
     kvm: kvm_ioctls::Kvm,
-    shape: persist::Shape,
+    shape: config::Shape,
     exits: Receiver<VmExit>,
     run: Arc<vcpu::RunState>,
     loop_control: Arc<event_loop::LoopControl>,
@@ -218,9 +172,6 @@ impl std::fmt::Debug for RunningVm {
             .finish()
     }
 }
-
-/// Most vCPUs a husk VM has (the kernel is built with NR_CPUS=8).
-pub const MAX_VCPUS: u8 = 8;
 
 /// A handle that controls a running VM from any thread: stop, pause, resume.
 #[derive(Debug, Clone)]

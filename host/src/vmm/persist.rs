@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 
 use super::arch::x86_64::vcpu::VcpuState;
 use super::arch::x86_64::vm::VmArchState;
+use super::config::Shape;
 use super::devices::legacy::i8042::I8042State;
 use super::devices::legacy::serial::SerialState;
 use super::devices::virtio::fs::FsState;
@@ -61,53 +62,6 @@ pub const MAX_STATE_LEN: usize = 4 << 20;
 pub const STATE_FILE: &str = "state";
 /// See [`STATE_FILE`].
 pub const MEMORY_FILE: &str = "memory";
-
-/// What a VM is made of; a snapshot restores only into a VM of the same shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Shape {
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// The serial console is attached.
-    pub console: bool,
-    /// There is a vsock device.
-    pub vsock: bool,
-    /// virtio-fs devices.
-    pub shares: u8,
-    /// virtio-net devices.
-    pub nets: u8,
-}
-
-impl Shape {
-    /// The shape of the VM `config` describes.
-    pub fn of(config: &super::VmConfig) -> Shape {
-        Shape {
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
-            console: config.console,
-            vsock: config.vsock.is_some(),
-            shares: u8::try_from(config.shares.len()).unwrap_or(u8::MAX),
-            nets: u8::try_from(config.nets.len() + usize::from(config.spare_nets))
-                .unwrap_or(u8::MAX),
-        }
-    }
-}
-
-impl std::fmt::Display for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} vCPU(s), {} MiB, {} virtio-fs, {} virtio-net{}{}",
-            self.vcpus,
-            self.mem_mib,
-            self.shares,
-            self.nets,
-            if self.vsock { ", vsock" } else { "" },
-            if self.console { ", console" } else { "" },
-        )
-    }
-}
 
 /// Which file the saved memory is, as `fstat` saw it right after it was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
