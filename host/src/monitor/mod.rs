@@ -34,6 +34,7 @@ pub mod cgroup;
 pub mod client;
 mod commands;
 pub mod console;
+mod containers;
 pub mod create_hooks;
 mod error;
 mod guest;
@@ -140,7 +141,7 @@ fn create(
 ) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
     let mut host = setup::prepare(args, dir)?;
     let create = host.create_request();
-    let limits = commands::Limits::new(host.vm_size(), &create.config_json);
+    let limits = containers::Limits::new(host.vm_size(), &create.config_json);
     let (tx, events) = channel();
     let (started, mut guest) = start_and_greet(&host, process_start, &tx, &events)?;
     // Further connections to the control port are refused.
