@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::ScratchDir;
+use super::scratch::ScratchDir;
 use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::arch::x86_64::vm::VmArchState;
 use crate::vmm::config::Shape;
