@@ -75,7 +75,7 @@ pub struct StartupBenchArgs {
 /// Runs the benchmark.
 pub fn run(args: &StartupBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()
