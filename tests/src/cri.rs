@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use k8s_cri::v1 as api;
-use k8s_cri::v1::PodSandboxConfig;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{ImageSpec, PodSandboxConfig};
 use tonic::transport::Channel;
 
 use crate::engines::{self, Containerd, ContainerdSetup, IMAGE, require_programs};
@@ -47,11 +47,7 @@ pub mod cni;
 mod host;
 mod setup;
 
-/// The pause program the sandbox image runs.
-pub const PAUSE_C: &str = include_str!("cri/pause.c");
-
-/// The sandbox image's name (`sandbox_image`).
-pub const PAUSE_IMAGE: &str = "localhost/husk-pause:test";
+pub use setup::{PAUSE_C, PAUSE_IMAGE};
 
 /// An idle container's command: a shell that ends on SIGTERM (as pid 1 of its own pid
 /// namespace it must trap it itself), so that stopping it does not wait for a SIGKILL.
@@ -73,6 +69,14 @@ pub const CALL_LIMIT: Duration = engines::ENGINE_LIMIT;
 
 /// How long the harness waits for containerd's CRI plugin to be ready and to know the images.
 const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// An image by name (the readiness wait here and the calls in `calls` name images so).
+fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    }
+}
 
 /// A runtime handler: the name a RuntimeClass gives in `handler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,7 +320,7 @@ impl Cri {
                 let status =
                     self.call(format!("ImageStatus({image})"), CALL_LIMIT, async move {
                         c.image_status(api::ImageStatusRequest {
-                            image: Some(calls::image_spec(image)),
+                            image: Some(image_spec(image)),
                             verbose: false,
                         })
                         .await

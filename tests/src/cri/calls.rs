@@ -4,13 +4,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatusResponse,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusResponse,
 };
 
-use super::{CALL_LIMIT, Cri, CriError, Exec, Handler, Pod, api, host};
+use super::{CALL_LIMIT, Cri, CriError, Exec, Handler, Pod, api, host, image_spec};
 use crate::engines::IMAGE;
 
 impl Cri {
@@ -364,14 +363,6 @@ impl Cri {
     /// `TIME STREAM TAG text`).
     pub fn container_log(&self, pod: &Pod, name: &str) -> String {
         std::fs::read_to_string(pod.log_dir.join(format!("{name}.log"))).unwrap_or_default()
-    }
-}
-
-/// An image by name.
-pub(super) fn image_spec(image: &str) -> ImageSpec {
-    ImageSpec {
-        image: image.into(),
-        ..Default::default()
     }
 }
 

@@ -60,7 +60,7 @@ pub fn run(args: &CountsBenchArgs) -> Result<()> {
         ensure!(super::which(tool), "bench counts needs {tool} on PATH");
     }
     super::check_tools()?;
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out_dir = args
         .out
         .clone()
