@@ -49,12 +49,15 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use husk_proto::{Stdio, VsockPort};
 use husk_seccomp::ThreadKind;
 
 use self::place::{Placed, SandboxNamespaces};
+use self::proxy::Ending;
 use super::api::{MonitorReply, MonitorRequest};
 use super::client;
 use super::console::Console;
@@ -66,6 +69,10 @@ use crate::oci::pod::{self, Membership, PodError};
 use crate::oci::ports;
 use crate::oci::sockets::{self, SocketDir};
 use crate::oci::state::{self, State, StateError, Status};
+
+/// How long a member waits for its container's real exit status after a SIGKILL the guest
+/// took (see `Member::serve`), and for the rest of its output.
+const KILLED_GRACE: Duration = Duration::from_secs(1);
 
 /// What `husk create` tells a member.
 #[derive(Debug, Clone)]
@@ -128,6 +135,10 @@ struct Member {
     state: Arc<Mutex<State>>,
     /// The connection on which the sandbox's monitor reports the container's exit.
     exit: client::Replies,
+    /// What ends the wait for the container: the report on `exit`, read by a thread of its
+    /// own, or a SIGKILL the guest took (from the command proxies).
+    endings: Sender<Ending>,
+    ending: Receiver<Ending>,
     /// The output relays, finished before the member exits.
     outputs: Vec<relay::Output>,
     /// The member's own sockets (its `monitor.sock`).
@@ -315,20 +326,26 @@ fn enter_pod(
         state.status = Status::Created;
         state::write_state(dir, &state)?;
         let state = Arc::new(Mutex::new(state));
+        let (endings, ending) = std::sync::mpsc::channel();
         proxy::spawn_command_proxy(
             commands,
-            vm.monitor(),
-            container,
-            state.clone(),
-            dir.to_owned(),
+            proxy::Proxy {
+                sandbox: vm.monitor(),
+                container,
+                state: state.clone(),
+                dir: dir.to_owned(),
+                endings: endings.clone(),
+            },
         );
-        Ok((state, exit, outputs))
+        Ok((state, exit, outputs, (endings, ending)))
     })();
     match result {
-        Ok((state, exit, outputs)) => Ok(Member {
+        Ok((state, exit, outputs, (endings, ending))) => Ok(Member {
             dir: dir.to_owned(),
             state,
             exit,
+            endings,
+            ending,
             outputs,
             own,
             vm,
@@ -380,8 +397,19 @@ fn relay_stdio(
 
 impl Member {
     /// Waits for the container's exit (step 4); returns its status.
-    fn serve(mut self) -> i32 {
-        let code = match client::read_reply(&mut self.exit) {
+    ///
+    /// After a SIGKILL the guest took, the container is as good as gone, but the guest's
+    /// teardown of its processes can take seconds on a loaded host with slow guest kernels, and
+    /// engines give a killed container's pid a few seconds to end (podman: 5 s) before they
+    /// fail the removal: then the member waits only [`KILLED_GRACE`] for the real status and
+    /// otherwise ends as a SIGKILL would (128 + 9), as runc's container does at once.
+    fn serve(self) -> i32 {
+        let mut exit = self.exit;
+        let endings = self.endings;
+        threads::spawn("exit", ThreadKind::Member, move || {
+            let _ = endings.send(Ending::Reply(client::read_reply(&mut exit)));
+        });
+        let reported = |reply: Result<MonitorReply, String>| match reply {
             Ok(MonitorReply::Exited(code)) => code,
             Ok(other) => {
                 eprintln!("husk: unexpected reply from the pod's sandbox's monitor: {other:?}");
@@ -392,8 +420,27 @@ impl Member {
                 128 + 9
             }
         };
-        for out in self.outputs.drain(..) {
-            out.finish(relay::OUTPUT_STALL);
+        let mut stall = relay::OUTPUT_STALL;
+        let code = match self.ending.recv() {
+            Ok(Ending::Reply(reply)) => reported(reply),
+            Ok(Ending::Killed) => {
+                stall = KILLED_GRACE;
+                let deadline = Instant::now() + KILLED_GRACE;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.ending.recv_timeout(left) {
+                        Ok(Ending::Reply(reply)) => break reported(reply),
+                        // Killed again: the same deadline.
+                        Ok(Ending::Killed) => {}
+                        Err(_) => break 128 + libc::SIGKILL,
+                    }
+                }
+            }
+            // The exit reader holds a sender until it has sent: not reached.
+            Err(_) => 255,
+        };
+        for out in self.outputs {
+            out.finish(stall);
         }
         {
             let mut st = self
