@@ -23,6 +23,7 @@ mod builder;
 pub mod devices;
 mod event_loop;
 pub mod host;
+pub mod kernel_log;
 pub mod persist;
 mod vstate;
 
@@ -42,6 +43,10 @@ pub use builder::{restore, spare_net_mac, start};
 use devices::EventFdTrigger;
 use devices::legacy::marker::MarkerLog;
 use vstate::{memory, vcpu};
+
+/// Reads guest-physical memory at an address into a buffer; `Err` for a range outside guest
+/// RAM.
+pub type ReadGuest<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), String> + 'a;
 
 /// How a VM is built.
 #[derive(Debug, Clone)]
@@ -405,6 +410,28 @@ impl RunningVm {
 
     /// Waits for the VM to end (or `timeout`), stops every thread and returns why it ended.
     pub fn wait(mut self, timeout: Option<Duration>) -> (VmExit, Timeline) {
+        self.stop_all(timeout)
+    }
+
+    /// [`RunningVm::wait`], then, with every vCPU stopped and guest memory still mapped,
+    /// `inspect` reads guest-physical memory through the reader it is given: for looking at
+    /// what the guest left behind, such as its kernel log ([`kernel_log`]).
+    pub fn wait_then<R>(
+        mut self,
+        timeout: Option<Duration>,
+        inspect: impl FnOnce(&ReadGuest<'_>) -> R,
+    ) -> (VmExit, Timeline, R) {
+        let (why, timeline) = self.stop_all(timeout);
+        let reader = |addr: u64, buf: &mut [u8]| -> Result<(), String> {
+            vm_memory::Bytes::read_slice(&self.mem, buf, vm_memory::GuestAddress(addr))
+                .map_err(|e| e.to_string())
+        };
+        let inspected = inspect(&reader);
+        (why, timeline, inspected)
+    }
+
+    /// What [`RunningVm::wait`] does; guest memory stays mapped until `self` is dropped.
+    fn stop_all(&mut self, timeout: Option<Duration>) -> (VmExit, Timeline) {
         let why = match timeout {
             Some(t) => self
                 .exits
