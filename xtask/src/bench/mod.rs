@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod fs;
+mod initcalls;
 pub mod pod;
 pub mod podman;
 pub mod startup;
