@@ -130,6 +130,12 @@ impl ClockFix {
         }
     }
 
+    /// How much longer the window was than the log says: what a duration measured on the
+    /// jiffies clock inside it is multiplied by, for an estimate.
+    fn stretch(&self) -> f64 {
+        (self.end - self.start + self.lost) / (self.end - self.start)
+    }
+
     /// Whether the span from `a` to `b` (log times) overlaps the window, where times are
     /// estimates.
     fn overlaps(&self, a: f64, b: f64) -> bool {
@@ -137,12 +143,16 @@ impl ClockFix {
     }
 }
 
-/// One initcall's time.
+/// One initcall's time, in ms (summed if the function ran more than once).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Initcall {
-    /// `initcall_debug`'s "after N usecs", in ms (summed if the function ran more than once).
+    /// `initcall_debug`'s "after N usecs".
+    measured: f64,
+    /// The best estimate: `measured`, or for a call timed on the jiffies clock `measured`
+    /// times the window's [`ClockFix::stretch`].
     ms: f64,
-    /// Timed on the jiffies clock (it started before the switch to kvm-clock): too low.
+    /// Timed on the jiffies clock (it started before the switch to kvm-clock), whose
+    /// measurement is too low.
     on_jiffies: bool,
 }
 
@@ -177,10 +187,10 @@ struct Breakdown {
     unpack_end: Option<f64>,
     /// What the clock lost and was put back ([`ClockFix`]).
     clock_lost: Option<f64>,
-    /// Time inside initcalls, summed (as `initcall_debug` measured it).
+    /// Time inside initcalls, summed (their [`Initcall::ms`]).
     in_initcalls: f64,
     initcalls: BTreeMap<String, Initcall>,
-    /// In log order.
+    /// In log order, up to "Run /init".
     gaps: Vec<Gap>,
 }
 
@@ -232,13 +242,17 @@ fn analyze(lines: &[Line]) -> Breakdown {
             inside = Some((name.to_string(), line.ms));
         } else if let Some((name, took)) = initcall_end(t) {
             let started = inside.take().map_or(line.ms, |(_, at)| at);
+            let jiffies = fix.filter(|f| started < f.end);
             let call = b.initcalls.entry(name.to_string()).or_default();
-            call.ms += took;
-            call.on_jiffies |= fix.is_some_and(|f| started < f.end);
-            b.in_initcalls += took;
+            call.measured += took;
+            call.ms += took * jiffies.map_or(1.0, |f| f.stretch());
+            call.on_jiffies |= jiffies.is_some();
+            b.in_initcalls += took * jiffies.map_or(1.0, |f| f.stretch());
             b.last_initcall_end = Some(ms);
         }
+        // Up to "Run /init": after it the time is husk-init's.
         if inside.is_none()
+            && b.run_init.is_none()
             && let Some(next) = lines.get(i + 1)
             && initcall_end(&next.text).is_none()
         {
@@ -454,7 +468,7 @@ fn report(plain: &[Boot], debug: &[Boot], initrd_bytes: u64) -> String {
     let _ = writeln!(
         o,
         "{:<58} {:>10} {:>14}",
-        "time inside initcalls, summed",
+        "time inside initcalls, summed~",
         "-",
         cell(median_of(&debug, |_, b| b
             .first_initcall
@@ -475,28 +489,40 @@ fn report(plain: &[Boot], debug: &[Boot], initrd_bytes: u64) -> String {
             .map(|c| c.ms))),
     );
 
-    let mut per_call: BTreeMap<&str, (Vec<f64>, bool)> = BTreeMap::new();
+    // Per function: the estimates, the measurements, whether any was on the jiffies clock.
+    let mut per_call: BTreeMap<&str, (Vec<f64>, Vec<f64>, bool)> = BTreeMap::new();
     for (_, b) in &debug {
         for (name, call) in &b.initcalls {
             let e = per_call.entry(name).or_default();
             e.0.push(call.ms);
-            e.1 |= call.on_jiffies;
+            e.1.push(call.measured);
+            e.2 |= call.on_jiffies;
         }
     }
-    let mut calls: Vec<(&str, f64, bool)> = per_call
+    let mut calls: Vec<(&str, f64, f64, bool)> = per_call
         .into_iter()
-        .map(|(name, (v, jiffies))| (name, median(v.into_iter()), jiffies))
+        .map(|(name, (ms, measured, jiffies))| {
+            (
+                name,
+                median(ms.into_iter()),
+                median(measured.into_iter()),
+                jiffies,
+            )
+        })
         .collect();
     calls.sort_by(|a, b| b.1.total_cmp(&a.1));
     let _ = writeln!(
         o,
-        "\nslowest initcalls (ms, median; {} initcalls; * timed on the jiffies clock, before \
-         the clocksource switch: too low)",
+        "\nslowest initcalls (ms, median; {} initcalls; ~ timed on the jiffies clock before the \
+         clocksource switch, estimated from what it measured)",
         calls.len()
     );
-    for (name, ms, jiffies) in calls.iter().take(TOP) {
-        let mark = if *jiffies { "*" } else { "" };
-        let _ = writeln!(o, "{ms:>10.1}  {name}{mark}");
+    for (name, ms, measured, jiffies) in calls.iter().take(TOP) {
+        if *jiffies {
+            let _ = writeln!(o, "{ms:>10.1}~ {name} (measured {measured:.1})");
+        } else {
+            let _ = writeln!(o, "{ms:>10.1}  {name}");
+        }
     }
 
     // Gaps matched across runs by their label with the numbers blanked out (a message's
@@ -580,8 +606,11 @@ mod tests {
         close(b.run_init, 17500.0);
         close(b.unpack_start, 11110.0);
         close(b.unpack_end, 13000.0);
-        close(Some(b.in_initcalls), 10.0 + 1990.0 + 0.1);
+        // The window is 3 s long where the log says 1 s: what was timed inside it, times 3.
+        close(Some(b.in_initcalls), 3.0 * 10.0 + 1990.0 + 0.1);
         assert!(b.initcalls["init_hw_perf_events"].on_jiffies);
+        close(Some(b.initcalls["init_hw_perf_events"].measured), 10.0);
+        close(Some(b.initcalls["init_hw_perf_events"].ms), 30.0);
         assert!(!b.initcalls["populate_rootfs"].on_jiffies);
         close(Some(b.initcalls["populate_rootfs"].ms), 1990.0);
         let gap = |prefix: &str| b.gaps.iter().find(|g| g.label.starts_with(prefix));
@@ -596,6 +625,9 @@ mod tests {
         // Messages inside an initcall are the initcall's time, not gaps.
         assert!(gap("Unpacking").is_none() && gap("Freeing initrd").is_none());
         assert!(gap("calling  populate_rootfs").is_none());
+        // The gap up to "Run /init" counts, what follows is husk-init's.
+        assert!(gap("Freeing unused kernel image").is_some());
+        assert!(gap("Run /init").is_none());
     }
 
     #[test]
@@ -625,7 +657,10 @@ mod tests {
         );
         assert!(r.contains("medians of 2 boots"), "{r}");
         assert!(r.contains("3.00 MiB"), "{r}");
-        assert!(r.contains("init_hw_perf_events*"), "{r}");
+        assert!(
+            r.contains("30.0~ init_hw_perf_events (measured 10.0)"),
+            "{r}"
+        );
         let row = |name: &str| -> Vec<String> {
             let line = r.lines().find(|l| l.starts_with(name)).unwrap();
             line[58..].split_whitespace().map(String::from).collect()
