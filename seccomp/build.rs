@@ -25,8 +25,8 @@ use seccompiler::{BpfProgram, TargetArch};
 use serde_json::{Value, json};
 
 /// The thread filters, by name; `src/lib.rs` embeds `<name>.<mode>.bpf` for each.
-const THREADS: [&str; 7] = [
-    "vmm", "vcpu", "vm_wait", "monitor", "guest", "commands", "relay",
+const THREADS: [&str; 8] = [
+    "vmm", "vcpu", "vm_wait", "monitor", "guest", "commands", "relay", "member",
 ];
 /// Stacked under thread filters, in both modes: (name, its one syscall, the errno it answers).
 const COMPANIONS: [(&str, &str, u64); 2] = [

@@ -566,7 +566,10 @@ fn a_limit_the_cgroup_cannot_take_fails_create_and_leaves_no_cgroup() {
     }
     // No controller is enabled in this machine's cgroup v2 hierarchy, so pids.max does not
     // exist: the limit must be refused, not skipped.
-    let mut h = Host::start_with(Options { cgroup: true });
+    let mut h = Host::start_with(Options {
+        cgroup: true,
+        ..Options::default()
+    });
     let mut cfg = config(&["true"]);
     cfg["linux"]["resources"] = json!({"pids": {"limit": 10}});
     let e = h.create(&cfg, Want::OUTPUT).unwrap_err();
@@ -1243,7 +1246,10 @@ fn the_container_gets_its_own_cgroup_and_list_pids_reads_it() {
     }
     // The test machine's cgroup v2 hierarchy has no controllers to delegate (cgroup v1
     // holds them): limits cannot be checked here, only the cgroup and its membership.
-    let mut h = Host::start_with(Options { cgroup: true });
+    let mut h = Host::start_with(Options {
+        cgroup: true,
+        ..Options::default()
+    });
     let mut cfg = sh("sleep 100 & cat /proc/self/cgroup; echo cgroup-done; wait");
     cfg["linux"]["namespaces"]
         .as_array_mut()
@@ -1618,7 +1624,10 @@ fn stats_come_from_the_container_cgroup() {
     }
     // cpu.stat is a core file of every cgroup v2 group; memory.* and pids.* need their
     // controllers, which this machine's cgroup v2 hierarchy does not have.
-    let mut h = Host::start_with(Options { cgroup: true });
+    let mut h = Host::start_with(Options {
+        cgroup: true,
+        ..Options::default()
+    });
     let (_, io) = h
         .create(
             &sh("i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; sleep 100 & echo busy-done; wait"),
@@ -1764,7 +1773,10 @@ fn a_pods_second_container_shares_the_sandboxs_pid_uts_ipc_but_not_its_root() {
     if skip_unless_root() {
         return;
     }
-    let mut h = Host::start_with(Options { cgroup: true });
+    let mut h = Host::start_with(Options {
+        cgroup: true,
+        ..Options::default()
+    });
     // The sandbox: its own pid, uts and ipc namespaces, a hostname, then it waits.
     let mut sandbox = config(&["sleep", "1000"]);
     sandbox["hostname"] = json!("the-pod");

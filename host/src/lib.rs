@@ -18,10 +18,12 @@
 //! - `vmm`: the KVM virtual machine and its devices;
 //! - `assets` (where the guest image is), `phases` (`HUSK_PHASES` timestamps), `mount_ns`
 //!   (a private mount namespace), `pid` (the pid the host knows this process by) and
-//!   [`error_chain`] serve them all.
+//!   `errors` ([`error_chain`]) serve them all. None of them uses this file: what they share
+//!   is defined in those leaves, and `crate::error_chain` is a re-export.
 
 mod assets;
 mod cli;
+mod errors;
 mod monitor;
 mod mount_ns;
 mod oci;
@@ -37,20 +39,10 @@ pub mod fuzzing;
 use std::process::ExitCode;
 use std::time::Instant;
 
+pub(crate) use errors::error_chain;
+
 /// Parses the command line and runs the command; `process_start` is when the process began
 /// (the start of the boot timeline).
 pub fn main(process_start: Instant) -> ExitCode {
     cli::main(process_start)
-}
-
-/// An error and its causes on one line (`a: b: c`), for messages that must name the root cause.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -10,7 +10,8 @@ use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::MAX_FRAME_LEN;
+/// The largest frame payload either side accepts (8 MiB: a config.json is rarely over 100 KiB).
+pub const MAX_FRAME_LEN: usize = 8 << 20;
 
 const HEADER_LEN: usize = 4;
 

@@ -70,6 +70,13 @@
 //! husk-init waiting after the `Hello` exchange, the restored vsock device resets every
 //! connection (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`), and husk-init reconnects to the monitor
 //! that restored it.
+//!
+//! ## The files
+//!
+//! `frame` (framing, the codec and [`MAX_FRAME_LEN`]), `message` (the messages and
+//! [`PROTOCOL_VERSION`]), `ids` (the numbers and names the messages carry), `marker` (boot
+//! markers); this file holds the constants of the connections and re-exports the rest. None
+//! of the other files uses this one.
 
 #![deny(missing_docs)]
 
@@ -78,15 +85,11 @@ mod ids;
 pub mod marker;
 mod message;
 
-pub use frame::{FrameDecoder, ProtoError, decode, encode_frame, read_message, write_message};
+pub use frame::{
+    FrameDecoder, MAX_FRAME_LEN, ProtoError, decode, encode_frame, read_message, write_message,
+};
 pub use ids::{ContainerId, ContainerRef, ExecId, InvalidContainerId, RequestId, VsockPort};
 pub use message::*;
-
-/// The version of this protocol. Bump it on any incompatible change to the messages.
-pub const PROTOCOL_VERSION: u32 = 4;
-
-/// The largest frame payload either side accepts (8 MiB: a config.json is rarely over 100 KiB).
-pub const MAX_FRAME_LEN: usize = 8 << 20;
 
 /// The vsock context id of the host, as seen from the guest.
 pub const HOST_CID: u32 = 2;

@@ -5,7 +5,11 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ContainerId, ContainerRef, ExecId, PROTOCOL_VERSION, RequestId, VsockPort};
+use crate::frame::ProtoError;
+use crate::ids::{ContainerId, ContainerRef, ExecId, RequestId, VsockPort};
+
+/// The version of this protocol. Bump it on any incompatible change to the messages.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first message each side sends: the protocol version it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,11 +27,11 @@ impl Hello {
     }
 
     /// Checks the peer's hello against ours.
-    pub fn check(&self) -> Result<(), crate::ProtoError> {
+    pub fn check(&self) -> Result<(), ProtoError> {
         if self.version == PROTOCOL_VERSION {
             Ok(())
         } else {
-            Err(crate::ProtoError::VersionMismatch {
+            Err(ProtoError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
                 theirs: self.version,
             })

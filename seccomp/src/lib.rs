@@ -11,7 +11,11 @@
 //!   session with husk-init, the commands' state machine, `state.json`),
 //!   [`ThreadKind::Guest`] (decodes husk-init's frames), [`ThreadKind::Commands`] (the
 //!   control socket's acceptor and a reader per connection) and [`ThreadKind::Relay`] (the
-//!   container's stdio and terminals, and exec terminals).
+//!   container's stdio and terminals, and exec terminals);
+//! - a pod member's: [`ThreadKind::Member`]. A pod's later container has no monitor of its
+//!   own but a *member* process on the host (`husk`'s `monitor::member`) that passes the
+//!   container's commands to the sandbox's monitor and relays its stdio (as [`ThreadKind::Relay`]):
+//!   it reads what a taken-over sandbox monitor answers, so it is filtered too.
 //!
 //! ```no_run
 //! # fn vcpu_loop() {}
@@ -90,9 +94,12 @@
 //!
 //! The exceptions are the `vmm` thread, which runs the virtio-fs server and opens files in the
 //! shared directory (always relative to an `O_PATH` fd it holds, or through
-//! `/proc/self/fd`), and the monitor's main thread, which writes `state.json`: they get no
-//! companion and their filters allow `openat` themselves. The monitor's jail leaves them
-//! nothing else to open.
+//! `/proc/self/fd`), the monitor's main thread, which writes `state.json`, and a pod member,
+//! which writes its container's: they get no companion and their filters allow `openat`
+//! themselves. The monitor's jail leaves them nothing else to open; a member is not jailed
+//! (it runs as the engine's `husk`, see `husk`'s `monitor::member`), so its filter takes
+//! away what it never does (exec, signals to others, sockets but Unix ones, mounts, ...) but
+//! not the files root may open.
 //!
 //! # What the monitor must do for these filters to hold
 //!
@@ -189,11 +196,14 @@ pub enum ThreadKind {
     Commands,
     /// A relay of the container's (or an exec's) stdio or terminal.
     Relay,
+    /// A pod's later container's member process (`monitor::member` in `husk`): its main thread
+    /// once it serves, its command acceptor and proxies, its terminal-resize forwarder.
+    Member,
 }
 
 impl ThreadKind {
     /// Every kind, for callers (and tests) that go over all filters.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::VmWait,
@@ -201,6 +211,7 @@ impl ThreadKind {
         ThreadKind::Guest,
         ThreadKind::Commands,
         ThreadKind::Relay,
+        ThreadKind::Member,
     ];
 
     /// The section of the filter file that holds this thread's rules.
@@ -213,13 +224,17 @@ impl ThreadKind {
             ThreadKind::Guest => "guest",
             ThreadKind::Commands => "commands",
             ThreadKind::Relay => "relay",
+            ThreadKind::Member => "member",
         }
     }
 
     /// Whether the thread really opens files (virtio-fs; the monitor's state), rather than
     /// having `openat` answered EACCES by the `openat_eacces` companion.
     fn opens_files(self) -> bool {
-        matches!(self, ThreadKind::Vmm | ThreadKind::Monitor)
+        matches!(
+            self,
+            ThreadKind::Vmm | ThreadKind::Monitor | ThreadKind::Member
+        )
     }
 }
 
@@ -314,6 +329,8 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> &'static [sock_filter] {
         (ThreadKind::Commands, Mode::Log) => programs::COMMANDS_LOG,
         (ThreadKind::Relay, Mode::Enforce) => programs::RELAY_ENFORCE,
         (ThreadKind::Relay, Mode::Log) => programs::RELAY_LOG,
+        (ThreadKind::Member, Mode::Enforce) => programs::MEMBER_ENFORCE,
+        (ThreadKind::Member, Mode::Log) => programs::MEMBER_LOG,
     }
 }
 
@@ -377,6 +394,8 @@ mod programs {
     embed!(COMMANDS_LOG, "commands.log.bpf");
     embed!(RELAY_ENFORCE, "relay.enforce.bpf");
     embed!(RELAY_LOG, "relay.log.bpf");
+    embed!(MEMBER_ENFORCE, "member.enforce.bpf");
+    embed!(MEMBER_LOG, "member.log.bpf");
     embed!(OPENAT_EACCES, "openat_eacces.enforce.bpf");
     embed!(CLONE3_ENOSYS, "clone3_enosys.enforce.bpf");
 }

@@ -1037,21 +1037,7 @@ fn child_commands_thread_lives_under_its_filter() {
                 conn.set_read_timeout(Some(Duration::from_secs(10)))
                     .unwrap();
                 let mut buf = [0u8; 64];
-                let mut iov = libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
-                };
-                let mut cmsg = [0u64; 8];
-                // SAFETY: a zeroed msghdr is valid; it points at `iov` and `cmsg`, which
-                // outlive the call.
-                let n = unsafe {
-                    let mut msg: libc::msghdr = std::mem::zeroed();
-                    msg.msg_iov = &raw mut iov;
-                    msg.msg_iovlen = 1;
-                    msg.msg_control = cmsg.as_mut_ptr().cast();
-                    msg.msg_controllen = std::mem::size_of_val(&cmsg);
-                    libc::recvmsg(conn.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC)
-                };
+                let (n, _) = receive_with_fd(&conn, &mut buf);
                 assert_eq!(n, 5);
                 conn.set_read_timeout(None).unwrap();
                 conn.write_all(b"bad request\n").unwrap();
@@ -1194,4 +1180,135 @@ fn every_tgkill_rule_names_the_own_process_and_it_is_filled_in() {
         assert!(!filled.iter().any(|i| i.k == programs::OWN_TGID), "{kind}");
         assert_eq!(filled.iter().filter(|i| i.k == 4242).count(), tgkill.len());
     }
+}
+
+/// Receives a request line into `buf` with the descriptor that may come with it
+/// (SCM_RIGHTS), as the control socket's readers do: what `recvmsg` returned, and the
+/// descriptor.
+fn receive_with_fd(conn: &UnixStream, buf: &mut [u8]) -> (isize, Option<OwnedFd>) {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = [0u64; 8];
+    // SAFETY: a zeroed msghdr is valid; it points at `iov` and `cmsg`, which outlive the call.
+    // A descriptor in the control message is new to this process and owned by nobody else.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        let n = libc::recvmsg(conn.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC);
+        let header = libc::CMSG_FIRSTHDR(&raw const msg);
+        let fd = (n >= 0 && !header.is_null()).then(|| {
+            OwnedFd::from_raw_fd(
+                libc::CMSG_DATA(header)
+                    .cast::<libc::c_int>()
+                    .read_unaligned(),
+            )
+        });
+        (n, fd)
+    }
+}
+
+/// Sends `line` on `conn` with descriptor `fd` (SCM_RIGHTS), as a request with a descriptor is
+/// sent; what `sendmsg` returned.
+fn send_with_fd(conn: &UnixStream, line: &[u8], fd: libc::c_int) -> isize {
+    /// The size of one descriptor in a control message.
+    const FD_LEN: u32 = 4;
+    let mut iov = libc::iovec {
+        iov_base: line.as_ptr().cast_mut().cast(),
+        iov_len: line.len(),
+    };
+    let mut cmsg = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; it points at `iov` and `cmsg`, which outlive the call,
+    // and the control message written into `cmsg` fits in it (one descriptor).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(FD_LEN) as usize;
+        let header = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(FD_LEN) as usize;
+        libc::CMSG_DATA(header)
+            .cast::<libc::c_int>()
+            .write_unaligned(fd);
+        libc::sendmsg(conn.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL)
+    }
+}
+
+/// A pod member: accepts a command and starts a thread for it that reads the request (with
+/// its descriptor), passes it on to the sandbox's monitor (a new connection, the descriptor
+/// with it), records the status in its state file (a new file, renamed) and relays the reply;
+/// at the end it removes its sockets.
+#[test]
+fn child_member_thread_lives_under_its_filter() {
+    let Some(output) = in_child("child_member_thread_lives_under_its_filter", || {
+        let dir = scratch_dir(std::os::unix::process::parent_id(), "member");
+        std::fs::create_dir_all(&dir).unwrap();
+        let own = dir.join("monitor.sock");
+        let sandbox = dir.join("sandbox.sock");
+        let listener = UnixListener::bind(&own).unwrap();
+        let sandbox_listener = UnixListener::bind(&sandbox).unwrap();
+        // The sandbox's monitor: takes the request, answers.
+        let sandbox_monitor = std::thread::spawn(move || {
+            let (mut conn, _) = sandbox_listener.accept().unwrap();
+            let mut got = [0u8; 8];
+            conn.read_exact(&mut got).unwrap();
+            conn.write_all(b"ok\n").unwrap();
+            got
+        });
+        let mut client = UnixStream::connect(&own).unwrap();
+        let (pipe_r, _pipe_w) = pipe();
+        assert_eq!(send_with_fd(&client, b"request\n", pipe_r.as_raw_fd()), 8);
+        let state_dir = dir.clone();
+        live_and_exit(ThreadKind::Member, move || {
+            let (conn, _) = listener.accept().unwrap();
+            spawn_filtered("command", ThreadKind::Member, move || {
+                let mut conn = conn;
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut buf = [0u8; 64];
+                let (n, fd) = receive_with_fd(&conn, &mut buf);
+                let fd = fd.expect("no descriptor came with the request");
+                // Passed on with the request.
+                let upstream = UnixStream::connect(&sandbox).unwrap();
+                upstream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                assert_eq!(send_with_fd(&upstream, &buf[..8], fd.as_raw_fd()), 8);
+                let mut reply = [0u8; 3];
+                (&upstream).read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"ok\n");
+                assert_eq!(n, 8);
+                conn.set_read_timeout(None).unwrap();
+                // The status the command left, in a new state file put in place.
+                let tmp = state_dir.join(".state.json.1");
+                let _ = std::fs::remove_file(&tmp);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .unwrap();
+                f.write_all(b"{}").unwrap();
+                drop(f);
+                std::fs::rename(&tmp, state_dir.join("state.json")).unwrap();
+                conn.write_all(b"ok\n").unwrap();
+            });
+            std::fs::remove_file(&own).unwrap();
+        });
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "ok\n");
+        assert_eq!(&sandbox_monitor.join().unwrap(), b"request\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir(std::process::id(), "member"));
+    assert_lived(&output, "member: thread exited");
 }

@@ -101,6 +101,17 @@ pub fn tasks_in(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The threads in the v1 cgroup `dir` and every cgroup below it.
+pub fn tasks_below(dir: &Path) -> Vec<u32> {
+    let mut tasks = tasks_in(dir);
+    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if sub.file_type().is_ok_and(|t| t.is_dir()) {
+            tasks.extend(tasks_below(&sub.path()));
+        }
+    }
+    tasks
+}
+
 /// The threads of `pid` named `vcpu<N>`: the VM's vCPUs in a monitor.
 pub fn vcpu_threads(pid: u32) -> Vec<u32> {
     threads_of(pid)
@@ -154,4 +165,43 @@ fn remove_dir_tree(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// Checks an engine's view of a husk container with memory limit `limit`: `stats` (what
+/// `what`, e.g. `docker stats`, printed as the memory use, "12.3MiB / 428MiB") shows memory
+/// in use; where the host has v1 hierarchies, the VM's monitor `pid` is in the engine's cgroup
+/// of container `id` (its name holds the id) in the memory, pids and cpu hierarchies, bounded
+/// there at what the VM needs ([`host_memory_limit`]). Returns those directories; `None` on a
+/// v2 host, where only the stats are checked.
+pub fn check_engine_cgroup(
+    what: &str,
+    stats: &str,
+    pid: u32,
+    id: &str,
+    limit: u64,
+) -> Option<[PathBuf; 3]> {
+    let used: f64 = stats
+        .trim()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {stats}"));
+    assert!(used > 0.0, "{what}: {stats}");
+    if !is_v1() {
+        return None;
+    }
+    let dirs = ["memory", "pids", "cpu"].map(|c| cgroup_of(pid, c).unwrap());
+    for dir in &dirs {
+        assert!(
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(id)),
+            "the monitor is in {}, not the engine's cgroup of {id}",
+            dir.display(),
+        );
+    }
+    assert_eq!(
+        read(&dirs[0], "memory.limit_in_bytes"),
+        host_memory_limit(limit).to_string()
+    );
+    Some(dirs)
 }

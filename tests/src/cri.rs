@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use k8s_cri::v1 as api;
-use k8s_cri::v1::PodSandboxConfig;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{ImageSpec, PodSandboxConfig};
 use tonic::transport::Channel;
 
 use crate::engines::{self, Containerd, ContainerdSetup, IMAGE, require_programs};
@@ -47,11 +47,7 @@ pub mod cni;
 mod host;
 mod setup;
 
-/// The pause program the sandbox image runs.
-pub const PAUSE_C: &str = include_str!("cri/pause.c");
-
-/// The sandbox image's name (`sandbox_image`).
-pub const PAUSE_IMAGE: &str = "localhost/husk-pause:test";
+pub use setup::{PAUSE_C, PAUSE_IMAGE};
 
 /// An idle container's command: a shell that ends on SIGTERM (as pid 1 of its own pid
 /// namespace it must trap it itself), so that stopping it does not wait for a SIGKILL.
@@ -64,11 +60,23 @@ pub const IDLE: &[&str] = &[
 /// containerd's namespace for everything the CRI plugin does.
 const NAMESPACE: &str = "k8s.io";
 
+/// The memory limit of each pod's cgroup, which the harness makes before RunPodSandbox as
+/// kubelet does (kubelet's pod-level limit): the runtime's cgroups of the pod go below it.
+pub const POD_MEMORY_LIMIT: u64 = 2 << 30;
+
 /// How long one CRI call may take: starting a pod or a container with husk boots a VM.
 pub const CALL_LIMIT: Duration = engines::ENGINE_LIMIT;
 
 /// How long the harness waits for containerd's CRI plugin to be ready and to know the images.
 const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// An image by name (the readiness wait here and the calls in `calls` name images so).
+fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    }
+}
 
 /// A runtime handler: the name a RuntimeClass gives in `handler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +143,8 @@ pub struct Pod {
     pub config: PodSandboxConfig,
     /// Where its containers' logs go.
     pub log_dir: PathBuf,
+    /// The sandbox's host pid (PodSandboxStatus's verbose info): with husk, its VM's monitor.
+    pub pid: Option<u32>,
 }
 
 /// What ExecSync returned.
@@ -156,6 +166,15 @@ struct Process {
     /// Its start time (field 22 of /proc/PID/stat): a reused pid is another process.
     start: u64,
     what: String,
+}
+
+/// The host pid in a verbose status's `info` (containerd's JSON under `info`), if any.
+fn info_pid(info: &std::collections::HashMap<String, String>) -> Option<u32> {
+    info.get("info")
+        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+        .and_then(|v| v.get("pid").and_then(serde_json::Value::as_u64))
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| p > 0)
 }
 
 /// containerd with its CRI plugin, a CNI network and the images, and a CRI client to it.
@@ -301,7 +320,7 @@ impl Cri {
                 let status =
                     self.call(format!("ImageStatus({image})"), CALL_LIMIT, async move {
                         c.image_status(api::ImageStatusRequest {
-                            image: Some(calls::image_spec(image)),
+                            image: Some(image_spec(image)),
                             verbose: false,
                         })
                         .await
@@ -388,14 +407,14 @@ impl Cri {
         self.bridge.as_ref().expect("the bridge").gateway()
     }
 
-    /// Remembers the pid in a verbose status's `info` (containerd's JSON under `info`).
-    fn remember(&self, info: &std::collections::HashMap<String, String>, what: String) {
-        let pid = info
-            .get("info")
-            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
-            .and_then(|v| v.get("pid").and_then(serde_json::Value::as_u64))
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|&p| p > 0);
+    /// Remembers the process whose pid a verbose status's `info` gives (containerd's JSON
+    /// under `info`), for [`Cri::leftovers`]; its pid.
+    fn remember(
+        &self,
+        info: &std::collections::HashMap<String, String>,
+        what: String,
+    ) -> Option<u32> {
+        let pid = info_pid(info);
         if let Some(pid) = pid
             && let Some(start) = host::start_time(pid)
         {
@@ -404,6 +423,14 @@ impl Cri {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(Process { pid, start, what });
         }
+        pid
+    }
+
+    /// The directory of `pod`'s own cgroup (the one kubelet makes, its `cgroup_parent`) in
+    /// the v1 hierarchy of `controller`; `None` where the host has no such hierarchy.
+    pub fn pod_cgroup(&self, pod: &Pod, controller: &str) -> Option<PathBuf> {
+        let parent = &pod.config.linux.as_ref()?.cgroup_parent;
+        Some(crate::cgroups::cgroup_of(std::process::id(), controller)?.join(parent))
     }
 
     /// What is left once every pod is stopped and removed, described; empty when nothing:

@@ -8,8 +8,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use husk_e2e::cgroups;
 use husk_e2e::cri::api::ContainerState;
-use husk_e2e::cri::{Cri, Handler, IDLE, Pod};
+use husk_e2e::cri::{Cri, Handler, IDLE, POD_MEMORY_LIMIT, Pod};
 use husk_e2e::engines;
 
 /// How long a container may take to do what a check waits for (a husk start boots a VM).
@@ -60,9 +61,59 @@ fn remove_pod_leaving_nothing(cri: &Cri, pod: &Pod) {
     );
 }
 
+/// kubelet's pod cgroup holds the whole pod, so its limits bound it: every thread of the
+/// sandbox's process (with husk, the pod VM's monitor, vCPUs included) and of each container's
+/// (with husk, the process that stands for it) is in a cgroup below the pod's, in the memory,
+/// cpu and pids hierarchies, and the pod's memory limit is the one kubelet set.
+fn assert_pod_in_its_cgroup(cri: &Cri, pod: &Pod, containers: &[&str]) {
+    if !cgroups::is_v1() {
+        eprintln!("skipping the pod cgroup check: the host has no v1 hierarchies");
+        return;
+    }
+    let mut pids = vec![pod.pid.expect("the sandbox's pid")];
+    for id in containers {
+        pids.push(cri.container_pid(id).unwrap().expect("the container's pid"));
+    }
+    for controller in ["memory", "cpu", "pids"] {
+        let dir = cri.pod_cgroup(pod, controller).unwrap();
+        for &pid in &pids {
+            for tid in cgroups::threads_of(pid) {
+                let inside = cgroups::tasks_below(&dir);
+                // A thread that ended since the listing is in no cgroup.
+                let alive = std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists();
+                assert!(
+                    inside.contains(&tid) || !alive,
+                    "thread {tid} of {pid} is outside the pod's cgroup {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    let memory = cri.pod_cgroup(pod, "memory").unwrap();
+    assert_eq!(
+        cgroups::read(&memory, "memory.limit_in_bytes"),
+        POD_MEMORY_LIMIT.to_string()
+    );
+    let used: u64 = cgroups::read(&memory, "memory.usage_in_bytes")
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{:?}: pod {} uses {} MiB of its cgroup's memory",
+        pod.handler,
+        pod.name,
+        used >> 20
+    );
+    assert!(
+        used > 0,
+        "the pod's cgroup {} holds no memory",
+        memory.display()
+    );
+}
+
 /// A pod of two containers, one serving HTTP and one fetching from it over localhost (the
 /// pod's network namespace); the host fetches from the pod's IP. Each container has its own
-/// pid namespace and root filesystem, both the pod's hostname; ExecSync works in each. One is
+/// pid namespace and root filesystem, both the pod's hostname; ExecSync works in each; the pod
+/// lives in the cgroup kubelet made for it. One is
 /// stopped and removed while the other keeps running; then the pod is stopped and removed
 /// with a container still running, and nothing is left.
 fn pod_of_two_containers(handler: Handler) {
@@ -77,6 +128,7 @@ fn pod_of_two_containers(handler: Handler) {
         "{handler:?}: a pod of 2 running containers in {:?}",
         t.elapsed()
     );
+    assert_pod_in_its_cgroup(&cri, &pod, &[&server, &client]);
 
     let fetch = &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"];
     let got = cri.exec_until_ok(&client, fetch, LIMIT).unwrap();

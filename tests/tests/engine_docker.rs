@@ -1,14 +1,15 @@
 //! Docker runs husk as an added runtime (`dockerd --add-runtime husk=PATH`, `docker run
 //! --runtime husk`), with a dockerd the test starts with its own data root, exec root, pid
 //! file and socket (see `husk_e2e::engines::Dockerd`). One VM: `docker run --rm` holds the
-//! container while the test execs into it, reads its logs and stops it.
+//! container while the test execs into it, reads its logs, its `docker stats` and its host
+//! cgroup, and stops it.
 //!
 //! The networking checks (default bridge, published ports) are a separate test: Docker 20.10
 //! asks for a new network namespace and fills it from a prestart hook, which `husk create`
 //! runs once the monitor has made that namespace, the state's `/proc/<pid>/ns/net`.
 
 use husk_e2e::engines::{self, Dockerd, HttpServer, IMAGE, expect_code, expect_ok};
-use husk_e2e::husk_binary;
+use husk_e2e::{cgroups, husk_binary};
 
 fn prerequisites() -> Option<()> {
     engines::prerequisites("dockerd")
@@ -49,6 +50,8 @@ fn docker_runs_husk_as_an_added_runtime() {
         "husk",
         "--network",
         "none",
+        "--memory",
+        "300m",
         "--name",
         "d1",
         IMAGE,
@@ -71,6 +74,17 @@ fn docker_runs_husk_as_an_added_runtime() {
         let runtime =
             expect_ok(docker.docker(&["inspect", "--format", "{{.HostConfig.Runtime}}", "d1"]));
         assert_eq!(runtime.trim(), "husk");
+        // The host cgroup Docker named (cgroupsPath) holds the VM, bounded by --memory plus
+        // what the VM costs, and `docker stats` reads it.
+        let stats =
+            expect_ok(docker.docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", "d1"]));
+        let pid: u32 = expect_ok(docker.docker(&["inspect", "--format", "{{.State.Pid}}", "d1"]))
+            .trim()
+            .parse()
+            .unwrap();
+        let id = expect_ok(docker.docker(&["inspect", "--format", "{{.Id}}", "d1"]));
+        eprintln!("docker stats: {}", stats.trim());
+        cgroups::check_engine_cgroup("docker stats", &stats, pid, id.trim(), 300 << 20);
 
         let out = expect_code(
             docker.docker(&["exec", "d1", "sh", "-c", "echo in-exec; exit 4"]),

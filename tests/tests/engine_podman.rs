@@ -235,42 +235,18 @@ fn podman_rm_force_removes_a_running_container() {
     assert_no_husk_containers(&podman);
 }
 
-/// Checks the host cgroup of podman's container `name` (created with `--memory limit`) where
-/// the host has v1 hierarchies, and that `podman stats` reads its memory; returns its memory,
-/// pids and cpu directories (`None` on a v2 host, where only the stats are checked).
+/// Checks the host cgroup of podman's container `name` (created with `--memory limit` and
+/// `--cpus 2`) and that `podman stats` reads its memory (see `cgroups::check_engine_cgroup`);
+/// returns its memory, pids and cpu directories (`None` on a v2 host).
 fn check_host_cgroup(podman: &Podman, name: &str, limit: u64) -> Option<[std::path::PathBuf; 3]> {
     let stats =
         expect_ok(podman.with(&["stats", "--no-stream", "--format", "{{.MemUsage}}", name]));
-    // "12.3MB / 469.8MB": some memory in use.
-    let used: f64 = stats
-        .trim()
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .find(|w| !w.is_empty())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("podman stats: {stats}"));
-    assert!(used > 0.0, "podman stats: {stats}");
-    if !cgroups::is_v1() {
-        return None;
-    }
     let pid: u32 = expect_ok(podman.with(&["inspect", name, "--format", "{{.State.Pid}}"]))
         .trim()
         .parse()
         .unwrap();
     let id = expect_ok(podman.with(&["inspect", name, "--format", "{{.Id}}"]));
-    let dirs = ["memory", "pids", "cpu"].map(|c| cgroups::cgroup_of(pid, c).unwrap());
-    for dir in &dirs {
-        assert!(
-            dir.file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(id.trim())),
-            "the monitor is in {}, not podman's cgroup of {}",
-            dir.display(),
-            id.trim()
-        );
-    }
-    assert_eq!(
-        cgroups::read(&dirs[0], "memory.limit_in_bytes"),
-        cgroups::host_memory_limit(limit).to_string()
-    );
+    let dirs = cgroups::check_engine_cgroup("podman stats", &stats, pid, id.trim(), limit)?;
     assert_eq!(cgroups::read(&dirs[2], "cpu.cfs_quota_us"), "200000");
     Some(dirs)
 }

@@ -794,7 +794,7 @@ fn threads(pid: i32) -> Vec<(i32, String, String)> {
 
 /// What a monitor taken over by its guest can still reach, in the default mode: for each of
 /// its threads, `husk-probe` takes the thread's place (its seccomp filters, credentials,
-/// capabilities and namespaces, its jail as root; see tests/src/bin/husk-probe.rs) and tries
+/// capabilities and namespaces, its jail as root; see tests/src/bin/husk-probe/) and tries
 /// to open, write, signal, connect to and call what an attacker would want: host files, the
 /// kernel's knobs in /proc and /sys, a root process of the host, an abstract Unix socket and
 /// a TCP port of the host's network namespace, the engines' sockets, and the calls that widen

@@ -160,6 +160,31 @@ fn a_pods_containers_share_its_vm() {
     );
     assert_eq!(husk(&root, &["start", "app"]).0, 0);
     assert_eq!(status_of(&root, "app"), "running");
+    // The member reads what the sandbox's (possibly taken-over) monitor sends: once it serves,
+    // every thread of it is under a seccomp filter (its main thread installs its own right
+    // after it reported the container created, so wait for it).
+    let unfiltered = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{member_pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter(|s| !s.contains("Seccomp:\t2\n"))
+            .map(|s| s.lines().next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let waited = Instant::now();
+    loop {
+        let left = unfiltered();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "threads of the member {member_pid} without a seccomp filter: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_for(
         || {
             std::fs::read_to_string(&app_out)

@@ -45,7 +45,7 @@ struct Outcome {
 
 /// Runs the targets; fails if any crashed.
 pub fn run(args: &FuzzArgs) -> Result<()> {
-    let fuzz_dir = crate::workspace_root().join("fuzz");
+    let fuzz_dir = crate::workspace::root().join("fuzz");
     check_tools(&fuzz_dir)?;
     let targets = if args.targets.is_empty() {
         list_targets(&fuzz_dir)?

@@ -3,6 +3,7 @@
 //! - `build-image`: the guest assets every husk VM boots (kernel `vmlinux` + initramfs).
 //! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM; with
 //!   `--initcall-debug`, where the guest kernel's boot goes.
+//! - `bench counts`: system calls and page faults per phase of husk-init, runc and crun.
 //! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
 //! - `bench podman`: `podman run --rm IMAGE true` with husk next to runc and crun.
@@ -14,8 +15,8 @@ mod fuzz;
 mod image;
 mod progress;
 mod tools;
+mod workspace;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,9 @@ enum BenchCommand {
     /// Boot-to-init time and peak RSS: husk's VMM next to QEMU microvm on the same KVM (or,
     /// with --initcall-debug, where the guest kernel's boot to husk-init goes).
     Boot(bench::boot::BootBenchArgs),
+    /// System calls and page faults of a container's phases in husk-init, next to runc's and
+    /// crun's for the same container.
+    Counts(bench::counts::CountsBenchArgs),
     /// First exec of a 1 MiB binary and sequential read throughput through the virtio-fs
     /// share, next to the same on the host.
     Fs(bench::fs::FsBenchArgs),
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BuildImage(args) => image::build_image(&args).map(drop),
         Command::Bench(BenchCommand::Boot(args)) => bench::boot::run(&args),
+        Command::Bench(BenchCommand::Counts(args)) => bench::counts::run(&args),
         Command::Bench(BenchCommand::Fs(args)) => bench::fs::run(&args),
         Command::Bench(BenchCommand::Podman(args)) => bench::podman::run(&args),
         Command::Bench(BenchCommand::Pod(args)) => bench::pod::run(&args),
@@ -79,13 +84,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The workspace root (xtask lives one level below it).
-pub fn workspace_root() -> PathBuf {
-    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or(manifest_dir)
 }

@@ -5,7 +5,9 @@
 //! `exec` forks a further process into the same namespaces and cgroup. The parent side (this
 //! module) keeps the pipes to the waiting child and the cgroup; what runs in the children is
 //! `child`. A VM holds one container, or a pod's: then the later ones may join the first one's
-//! pid, uts and ipc namespaces (`namespaces`), and each has its own cgroup.
+//! pid, uts and ipc namespaces (`namespaces`), and each has its own cgroup. How the parent
+//! side's failures reach the host as an `ErrorReply` is `reply`, which `namespaces` and
+//! `stdio` use too.
 
 mod cgroup;
 mod child;
@@ -14,6 +16,7 @@ pub mod host_env;
 mod mounts;
 mod namespaces;
 mod process;
+mod reply;
 mod seccomp;
 mod spec;
 mod stdio;
@@ -32,6 +35,7 @@ use nix::unistd::Pid;
 
 use self::child::{child_main, close_fds_except, init_child, install_stdio};
 use self::namespaces::Entered;
+use self::reply::{err, sys_reply};
 use self::stdio::{receive_terminal, setup_stdio};
 use crate::relay::ProcessIo;
 use crate::transport::Transport;
@@ -89,23 +93,6 @@ pub struct Container {
     seccomp: Option<seccomp::SeccompPlan>,
     /// Whether the container has its own pid namespace.
     has_pid_ns: bool,
-}
-
-fn err(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-    ErrorReply {
-        code,
-        message: message.into(),
-    }
-}
-
-fn sys_reply(what: &str, e: impl std::fmt::Display) -> ErrorReply {
-    err(ErrorCode::System, format!("{what}: {e}"))
-}
-
-impl From<ChildError> for ErrorReply {
-    fn from(e: ChildError) -> Self {
-        err(e.code, e.message)
-    }
 }
 
 /// Mounts the virtio-fs share `tag` under the share root (once).
@@ -200,7 +187,7 @@ impl Container {
                 cg.destroy();
             }
         };
-        let (child_stdio, mut io, console) = match setup_stdio(&req.stdio, env) {
+        let (child_stdio, mut io, console) = match setup_stdio(&req.stdio, &env.transport) {
             Ok(x) => x,
             Err(e) => {
                 cleanup(&cgroup);
@@ -391,7 +378,7 @@ impl Container {
             .map_err(|e| err(ErrorCode::InvalidSpec, format!("process.json: {e}")))?;
         let mut plan = process::ProcessPlan::from_spec(&spec)?;
         plan.terminal = req.stdio.is_terminal();
-        let (child_stdio, mut io, console) = setup_stdio(&req.stdio, env)?;
+        let (child_stdio, mut io, console) = setup_stdio(&req.stdio, &env.transport)?;
         let (console_rx, console_tx) = console.unzip();
         let (mut rep_r, mut rep_w) = sync::pipe().map_err(|e| sys_reply("pipe", e))?;
         let ns_fds = self

@@ -13,7 +13,7 @@ use husk_proto::ErrorReply;
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
 
-use super::sys_reply;
+use super::reply::sys_reply;
 use crate::log;
 
 /// The `/proc/<pid>/ns/` name of a namespace type.

@@ -6,20 +6,23 @@ use std::fs::File;
 
 use husk_proto::ErrorReply;
 
-use super::{Env, console, sync, sys_reply};
+use super::reply::sys_reply;
+use super::{console, sync};
 use crate::relay::{ChildStdio, ProcessIo};
+use crate::transport::Transport;
 
 /// Both ends of the channel that carries a terminal's master from the process to us.
 pub(super) type ConsoleChannel = (console::Receiver, console::Sender);
 
 /// Connects a process's stdio. A terminal also gets the channel on which the process sends
-/// its pty master (it opens the pty itself, in the container; see `console`).
+/// its pty master (it opens the pty itself, in the container; see `console`). The streams
+/// go to the host over `transport`.
 pub(super) fn setup_stdio(
     stdio: &husk_proto::Stdio,
-    env: &Env,
+    transport: &Transport,
 ) -> Result<(ChildStdio, ProcessIo, Option<ConsoleChannel>), ErrorReply> {
     let (child, io) =
-        ProcessIo::setup(stdio, &env.transport).map_err(|e| sys_reply("setting up stdio", e))?;
+        ProcessIo::setup(stdio, transport).map_err(|e| sys_reply("setting up stdio", e))?;
     let console = match child {
         ChildStdio::Terminal => {
             Some(console::channel().map_err(|e| sys_reply("creating the terminal channel", e))?)

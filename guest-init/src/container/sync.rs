@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 
 use husk_proto::ErrorCode;
+use nix::errno::Errno;
 
 /// Parent → child: id maps and cgroup are done, build the container.
 pub const GO_SETUP: u8 = b'M';
@@ -50,6 +51,11 @@ impl ChildError {
             message: format!("{what}: {err}"),
         }
     }
+}
+
+/// [`ChildError::sys`] for `map_err`: the failed call's errno, explained by `what`.
+pub fn sys_err(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> ChildError {
+    move |e| ChildError::sys(what, e)
 }
 
 const CODES: [ErrorCode; 8] = [

@@ -309,10 +309,13 @@ fn remove_cgroup_tree(dir: &Path) -> io::Result<()> {
 }
 
 /// Options of [`Host::spawn`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Give husk-init a cgroup v2 root (else it runs without cgroups).
     pub cgroup: bool,
+    /// Run husk-init under `strace -f -ttt`, writing its trace (and its processes') to this
+    /// file: what the counting benchmark reads.
+    pub trace: Option<PathBuf>,
 }
 
 /// The host side of one husk-init.
@@ -395,7 +398,17 @@ impl Host {
             .map(|c| c.root.clone())
             .unwrap_or_else(|| dir.path().join("no-cgroup"));
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_husk-init"));
+        let mut cmd = match &opts.trace {
+            None => Command::new(env!("CARGO_BIN_EXE_husk-init")),
+            Some(file) => {
+                let mut strace = Command::new("strace");
+                strace
+                    .args(["-f", "-ttt", "-qq", "-o"])
+                    .arg(file)
+                    .arg(env!("CARGO_BIN_EXE_husk-init"));
+                strace
+            }
+        };
         cmd.arg("--connect")
             .arg(format!("unix:{}", prefix.display()))
             .arg("--cgroup-root")

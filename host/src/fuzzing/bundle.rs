@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::ScratchDir;
+use super::scratch::ScratchDir;
 use crate::oci::bundle::Bundle;
 use crate::vmm::MAX_VCPUS;
 

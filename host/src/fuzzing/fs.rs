@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use nix::mount::{MsFlags, mount};
 
-use super::ScratchDir;
 use super::driver::{self, Device};
 use super::ops::Ops;
+use super::scratch::ScratchDir;
 use crate::mount_ns::MountNsError;
 use crate::vmm::devices::virtio::fs::Fs;
 

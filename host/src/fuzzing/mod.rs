@@ -21,8 +21,9 @@
 //! `fuzz/`.
 //!
 //! The files: `ops` (the input format: reading and writing programs), `driver` (the guest
-//! driver that runs them against a device's MMIO transport), one harness per target (`vsock`,
-//! `fs`, `net`, `mmio`, and `bundle`, which needs no driver).
+//! driver that runs them against a device's MMIO transport), `scratch` (a directory per input
+//! for the harnesses' files), one harness per target (`vsock`, `fs`, `net`, `mmio`,
+//! `snapshot`, and `bundle`, which needs no driver).
 
 mod bundle;
 mod driver;
@@ -30,6 +31,7 @@ mod fs;
 mod mmio;
 mod net;
 mod ops;
+mod scratch;
 mod snapshot;
 mod vsock;
 
@@ -79,32 +81,6 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_net" => net::seeds(),
         "snapshot_state" => snapshot::seeds(),
         _ => Vec::new(),
-    }
-}
-
-/// A fresh, empty directory for one input's files, removed on drop.
-struct ScratchDir(std::path::PathBuf);
-
-impl ScratchDir {
-    fn new(label: &str) -> Self {
-        Self::new_in(&std::env::temp_dir(), label)
-    }
-
-    /// A scratch directory under `parent`.
-    fn new_in(parent: &std::path::Path, label: &str) -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = parent.join(format!("husk-fuzz-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create a scratch directory");
-        Self(dir)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -11,19 +11,21 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::ScratchDir;
+use super::scratch::ScratchDir;
 use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::arch::x86_64::vm::VmArchState;
+use crate::vmm::config::Shape;
 use crate::vmm::devices::legacy::i8042::I8042State;
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::fs::{Fs, FsState};
-use crate::vmm::devices::virtio::mmio::persist::QueueRegs;
-use crate::vmm::devices::virtio::mmio::{MmioState, MmioTransport};
+use crate::vmm::devices::virtio::mmio::MmioTransport;
+use crate::vmm::devices::virtio::mmio::persist::{MmioState, QueueRegs};
 use crate::vmm::devices::virtio::net::{Net, NetState};
 use crate::vmm::devices::virtio::vsock::{Vsock, VsockState};
 use crate::vmm::persist::{
-    DevicesState, FileIdentity, Persist, Shape, VirtioDeviceState, VirtioState, VmState,
-    decode_state, encode_state, with_header,
+    DevicesState, FileIdentity, VirtioDeviceState, VirtioState, VmState, decode_state,
+    encode_state, with_header,
 };
 
 pub(super) fn run(data: &[u8]) {

@@ -12,9 +12,9 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
-use super::ScratchDir;
 use super::driver::{self, Device};
 use super::ops::{DATA_START, Input, Ops};
+use super::scratch::ScratchDir;
 use crate::vmm::devices::virtio::vsock::Vsock;
 
 const GUEST_CID: u64 = 3;

@@ -6,8 +6,10 @@
 //! for), or a pod's later container, which a [`MonitorRequest::AddContainer`] added and whose
 //! commands come wrapped in [`MonitorRequest::ForContainer`] from the process that stands for
 //! it on the host (`member`).
+//!
+//! The handlers are methods of the serving loop's `Monitor` (`serve`); what they keep about
+//! the VM's containers (a pod's members, the limits `update` checks) is `containers`.
 
-use std::collections::HashMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use husk_proto::{
@@ -19,54 +21,11 @@ use super::api::{MonitorReply, MonitorRequest};
 use super::console::Console;
 use super::serve::{CommandError, Monitor, Pending, relay_console, reply};
 use crate::error_chain;
-use crate::oci::bundle::VmSize;
 use crate::oci::resources;
 use crate::oci::state::Status;
 
 /// Ports of the terminals the monitor relays for exec'd processes: base + exec id.
 const EXEC_CONSOLE_PORT_BASE: u32 = 60_000;
-
-/// A pod's container that was added to the VM.
-#[derive(Debug)]
-pub(super) struct Member {
-    /// Its id, for messages.
-    pub(super) id: String,
-    /// Where its main process is.
-    pub(super) status: Status,
-    /// The connection of the process that stands for it on the host: it gets the exit.
-    pub(super) waiter: Option<UnixStream>,
-}
-
-/// What `update` checks and merges against: the VM's size and the present `linux.resources`
-/// of each of its containers.
-#[derive(Debug)]
-pub(super) struct Limits {
-    /// The VM's size.
-    pub(super) vm: VmSize,
-    /// Each container's resources, as created or last updated.
-    pub(super) resources: HashMap<ContainerRef, oci_spec::runtime::LinuxResources>,
-}
-
-impl Limits {
-    /// The limits of a VM of `vm` whose own container has the spec `config_json`.
-    pub(super) fn new(vm: VmSize, config_json: &[u8]) -> Limits {
-        let mut limits = Limits {
-            vm,
-            resources: HashMap::new(),
-        };
-        limits.add(ContainerRef::FIRST, config_json);
-        limits
-    }
-
-    /// Records the resources of container `c`, from its spec.
-    fn add(&mut self, c: ContainerRef, config_json: &[u8]) {
-        let resources = serde_json::from_slice::<oci_spec::runtime::Spec>(config_json)
-            .ok()
-            .and_then(|s| s.linux().as_ref().and_then(|l| l.resources().clone()))
-            .unwrap_or_default();
-        self.resources.insert(c, resources);
-    }
-}
 
 impl Monitor {
     /// Answers a command on `stream` (the reply may come later, with the guest's answer); a

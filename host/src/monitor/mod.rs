@@ -30,10 +30,12 @@
 //! commands call).
 
 pub mod api;
+mod args;
 pub mod cgroup;
 pub mod client;
 mod commands;
 pub mod console;
+mod containers;
 pub mod create_hooks;
 mod error;
 mod guest;
@@ -54,15 +56,16 @@ pub mod userns;
 mod vm;
 
 use std::io::Write;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use husk_proto::{ContainerRef, ProcessRef};
 
+pub use self::args::MonitorArgs;
 pub use self::error::MonitorError;
 use self::guest::GuestSession;
 pub use self::relay::copy_streaming;
@@ -70,33 +73,6 @@ use self::serve::{Ev, Monitor};
 use self::setup::ContainerStdio;
 use crate::error_chain;
 use crate::oci::state::{self, Status};
-
-/// What `husk create` tells the monitor.
-#[derive(Debug, Clone)]
-pub struct MonitorArgs {
-    /// The state root.
-    pub root: PathBuf,
-    /// The container id.
-    pub id: String,
-    /// The bundle.
-    pub bundle: PathBuf,
-    /// Write end of the pipe on which the monitor reports "created" or why not.
-    pub notify_fd: RawFd,
-    /// Read end of the pipe on which `husk create` says it ran the create hooks (see
-    /// [`create_hooks`]).
-    pub hooks_fd: Option<RawFd>,
-    /// Serial console of the VM to the monitor's stderr (debugging).
-    pub console: bool,
-    /// Where to send the pty master when the process has a terminal.
-    pub console_socket: Option<PathBuf>,
-    /// The `--log` file: the monitor's own diagnostics go there (never into the container's
-    /// stderr, which is the stderr the monitor inherited).
-    pub log: Option<PathBuf>,
-    /// `--monitor-uid`: run confined as this host uid (see [`userns`]).
-    pub user: Option<userns::IdMap>,
-    /// `--systemd-cgroup`: `cgroupsPath` is `slice:prefix:name` (see [`cgroup::path`]).
-    pub systemd_cgroup: bool,
-}
 
 /// Runs the monitor; never returns early on success (the container's life is this process's).
 pub fn run(args: MonitorArgs, process_start: Instant) -> ExitCode {
@@ -140,7 +116,7 @@ fn create(
 ) -> Result<(Monitor, Option<crate::template::Key>), MonitorError> {
     let mut host = setup::prepare(args, dir)?;
     let create = host.create_request();
-    let limits = commands::Limits::new(host.vm_size(), &create.config_json);
+    let limits = containers::Limits::new(host.vm_size(), &create.config_json);
     let (tx, events) = channel();
     let (started, mut guest) = start_and_greet(&host, process_start, &tx, &events)?;
     // Further connections to the control port are refused.

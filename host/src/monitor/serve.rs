@@ -16,8 +16,8 @@ use husk_proto::{
 use husk_seccomp::ThreadKind;
 
 use super::api::{self, MonitorReply, MonitorRequest};
-use super::commands::{Limits, Member};
 use super::console::Console;
+use super::containers::{Limits, Member};
 use super::guest::GuestSession;
 use super::guest_log::{self, GuestLog};
 use super::network::Network;
@@ -154,7 +154,7 @@ pub(super) struct Monitor {
     pub(super) events_tx: Sender<Ev>,
     pub(super) stopper: VmHandle,
     pub(super) next_exec: u32,
-    /// A pod's other containers in the VM (see `commands`).
+    /// A pod's other containers in the VM (see `commands` and `containers`).
     pub(super) members: HashMap<ContainerRef, Member>,
     /// The number the next added container gets.
     pub(super) next_container: u32,

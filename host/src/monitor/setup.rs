@@ -13,10 +13,11 @@ use husk_proto::{
     Stdio, VsockPort,
 };
 
+use super::args::MonitorArgs;
 use super::console::Console;
 use super::error::MonitorError;
 use super::network::{self, Network};
-use super::{MonitorArgs, cgroup, jail, share};
+use super::{cgroup, jail, share};
 use crate::assets::GuestImage;
 use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::pod;

@@ -183,7 +183,7 @@ impl Bundle {
             return Err(invalid("process", "missing: nothing to run".into()));
         }
         let vm = vm_size(&spec).map_err(|(field, why)| invalid(field, why))?;
-        super::hooks::check(&spec).map_err(|(field, why)| BundleError::InvalidHook {
+        super::hooks::spec::check(&spec).map_err(|(field, why)| BundleError::InvalidHook {
             path: path.clone(),
             field,
             why,

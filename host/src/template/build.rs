@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use husk_proto::marker::Marker;
 use husk_proto::{GuestMessage, Hello, HostMessage, SHARE_TAG};
 
-use super::{Cache, Info, Key, NET_SLOTS, TemplateError, TemplateShape, io, write_private};
+use super::cache::{Cache, DIR_ENV, INFO_FILE, Info, KEEP, write_private};
+use super::error::{TemplateError, io};
+use super::key::Key;
+use super::shape::{NET_SLOTS, TemplateShape};
 use crate::assets::GuestImage;
 use crate::vmm::{self, NetConfig, SeccompMode, VmConfig};
-
-/// The template's description, beside its snapshot.
-pub const INFO_FILE: &str = "info.json";
 
 /// How long the cold boot may take (nested kvm_pvm hosts take tens of seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -97,7 +97,7 @@ pub fn build(
     let result = make(image, shape, &key, cache, &scratch);
     let _ = fs::remove_dir_all(&scratch);
     result?;
-    if let Err(e) = cache.prune(super::KEEP, &key) {
+    if let Err(e) = cache.prune(KEEP, &key) {
         eprintln!(
             "husk: could not remove old templates: {}",
             crate::error_chain(&e)
@@ -226,7 +226,7 @@ pub fn build_in_child(
         .arg("--initrd")
         .arg(&image.initramfs)
         .arg("--quiet")
-        .env(super::DIR_ENV, dir)
+        .env(DIR_ENV, dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .status()

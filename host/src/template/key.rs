@@ -7,7 +7,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::{TemplateError, TemplateShape, io};
+use super::error::{TemplateError, io};
+use super::shape::TemplateShape;
 use crate::assets::GuestImage;
 
 /// A template's key: 32 hex digits.

@@ -11,7 +11,7 @@ use super::devices::EventFdTrigger;
 use super::devices::virtio::fs::Fs;
 use super::devices::virtio::net::Net;
 use super::devices::virtio::vsock::Vsock;
-use super::{SeccompMode, ThreadKind, VmExit, lock};
+use super::threads::{SeccompMode, ThreadKind, VmExit, apply_seccomp, lock};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RESET: u64 = 1;
@@ -176,7 +176,7 @@ impl EventLoop {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
                 .map_err(|e| format!("unshare(CLONE_FS) for the virtio-fs server: {e}"))?;
         }
-        super::apply_seccomp(self.seccomp, ThreadKind::Vmm)?;
+        apply_seccomp(self.seccomp, ThreadKind::Vmm)?;
         let mut events = vec![EpollEvent::default(); 16];
         loop {
             let n = match epoll.wait(-1, &mut events) {

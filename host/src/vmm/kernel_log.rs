@@ -90,7 +90,7 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 /// `prb` variable) points to, in sequence order. `read` fills a buffer from guest-physical
 /// memory. The guest must not be running. If the ring has wrapped, the oldest records are
 /// gone and the first one returned has a sequence number above 0.
-pub fn read(read: &super::ReadGuest<'_>, prb: u64) -> Result<Vec<Record>, String> {
+pub fn read(read: &super::running::ReadGuest<'_>, prb: u64) -> Result<Vec<Record>, String> {
     let fetch = |virt: u64, len: usize| -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; len];
         read(phys(virt)?, &mut buf)

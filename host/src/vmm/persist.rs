@@ -1,10 +1,12 @@
 //! Saving a VM and building one from what was saved.
 //!
-//! Every part of a VM saves and restores itself next to its code through [`Persist`] (the
-//! model is Firecracker's trait of the same name): the x86 vCPU and VM state
-//! (`arch::x86_64::{vcpu, vm}`), guest memory (`vstate::memory`), the virtio-mmio transport and
-//! each virtio device, the legacy devices. [`VmState`] gathers the parts; this module writes it
-//! to a file and reads it back.
+//! Every part of a VM saves and restores itself next to its code: the x86 vCPU and VM state
+//! (`arch::x86_64::{vcpu, vm}`), guest memory (`vstate::memory`), and, through the
+//! [`Persist`](super::devices::persist::Persist) trait (`devices::persist`, the model is
+//! Firecracker's trait of the same name), the virtio-mmio transport, each virtio device and the
+//! legacy devices. Each part defines its saved state next to its code; [`VmState`] only gathers
+//! the parts, and this module writes it to a file and reads it back. So the parts do not depend
+//! on this module; it depends on them.
 //!
 //! # The files
 //!
@@ -36,29 +38,13 @@ use sha2::{Digest, Sha256};
 
 use super::arch::x86_64::vcpu::VcpuState;
 use super::arch::x86_64::vm::VmArchState;
+use super::config::Shape;
 use super::devices::legacy::i8042::I8042State;
 use super::devices::legacy::serial::SerialState;
 use super::devices::virtio::fs::FsState;
-use super::devices::virtio::mmio::MmioState;
+use super::devices::virtio::mmio::persist::MmioState;
 use super::devices::virtio::net::NetState;
 use super::devices::virtio::vsock::VsockState;
-
-/// Something that saves its state and can be built again from it.
-pub trait Persist: Sized {
-    /// What is saved: plain data, checked again when restored.
-    type State;
-    /// What restoring needs besides the state: the host resources of the new VM (guest
-    /// memory, sockets, the shared directory, the tap).
-    type ConstructorArgs;
-    /// Why a restore was refused.
-    type Error;
-
-    /// The state, as of now. The VM must be paused.
-    fn save(&self) -> Self::State;
-
-    /// A new `Self` in the saved state, on the new host resources.
-    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
-}
 
 /// The snapshot format version (see the module docs).
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -76,53 +62,6 @@ pub const MAX_STATE_LEN: usize = 4 << 20;
 pub const STATE_FILE: &str = "state";
 /// See [`STATE_FILE`].
 pub const MEMORY_FILE: &str = "memory";
-
-/// What a VM is made of; a snapshot restores only into a VM of the same shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Shape {
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// The serial console is attached.
-    pub console: bool,
-    /// There is a vsock device.
-    pub vsock: bool,
-    /// virtio-fs devices.
-    pub shares: u8,
-    /// virtio-net devices.
-    pub nets: u8,
-}
-
-impl Shape {
-    /// The shape of the VM `config` describes.
-    pub fn of(config: &super::VmConfig) -> Shape {
-        Shape {
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
-            console: config.console,
-            vsock: config.vsock.is_some(),
-            shares: u8::try_from(config.shares.len()).unwrap_or(u8::MAX),
-            nets: u8::try_from(config.nets.len() + usize::from(config.spare_nets))
-                .unwrap_or(u8::MAX),
-        }
-    }
-}
-
-impl std::fmt::Display for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} vCPU(s), {} MiB, {} virtio-fs, {} virtio-net{}{}",
-            self.vcpus,
-            self.mem_mib,
-            self.shares,
-            self.nets,
-            if self.vsock { ", vsock" } else { "" },
-            if self.console { ", console" } else { "" },
-        )
-    }
-}
 
 /// Which file the saved memory is, as `fstat` saw it right after it was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -184,7 +184,7 @@ fn spinning_config(dir: &std::path::Path) -> VmConfig {
 fn wait_for_marker(vm: &super::RunningVm, byte: u8) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let seen = super::lock(&vm.markers)
+        let seen = super::threads::lock(&vm.markers)
             .entries
             .iter()
             .any(|(_, m)| m.map_or_else(|b| b, |m| m as u8) == byte);

@@ -4,13 +4,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatusResponse,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusResponse,
 };
 
-use super::{CALL_LIMIT, Cri, CriError, Exec, Handler, Pod, api};
+use super::{CALL_LIMIT, Cri, CriError, Exec, Handler, Pod, api, host, image_spec};
 use crate::engines::IMAGE;
 
 impl Cri {
@@ -21,6 +20,8 @@ impl Cri {
         let n = self.pods_made.fetch_add(1, Ordering::Relaxed);
         let log_dir = self.dir().join("logs").join(format!("{name}-{n}"));
         std::fs::create_dir_all(&log_dir).expect("creating the pod's log directory");
+        let cgroup_parent = format!("{}/{name}-{n}", self.cgroup);
+        host::make_pod_cgroup(&cgroup_parent, super::POD_MEMORY_LIMIT);
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: name.into(),
@@ -31,7 +32,7 @@ impl Cri {
             hostname: name.into(),
             log_directory: log_dir.display().to_string(),
             linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: format!("{}/{name}-{n}", self.cgroup),
+                cgroup_parent,
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(namespace_options()),
                     ..Default::default()
@@ -52,7 +53,7 @@ impl Cri {
             })?
             .pod_sandbox_id;
         let status = self.pod_status_verbose(&id)?;
-        self.remember(&status.info, format!("pod {name}'s sandbox"));
+        let pid = self.remember(&status.info, format!("pod {name}'s sandbox"));
         let ip = status
             .status
             .and_then(|s| s.network)
@@ -72,6 +73,7 @@ impl Cri {
             ip,
             config,
             log_dir,
+            pid,
         })
     }
 
@@ -197,6 +199,13 @@ impl Cri {
             async move { c.create_container(request).await },
         )
         .map(|r| r.container_id)
+    }
+
+    /// The host pid of container `id` (ContainerStatus's verbose info): with husk, the
+    /// process that stands for it (a pod's later container) or its VM's monitor.
+    pub fn container_pid(&self, id: &str) -> Result<Option<u32>, CriError> {
+        let status = self.container_status_verbose(id)?;
+        Ok(super::info_pid(&status.info))
     }
 
     /// StartContainer; the container's pid is remembered for [`Cri::leftovers`].
@@ -354,14 +363,6 @@ impl Cri {
     /// `TIME STREAM TAG text`).
     pub fn container_log(&self, pod: &Pod, name: &str) -> String {
         std::fs::read_to_string(pod.log_dir.join(format!("{name}.log"))).unwrap_or_default()
-    }
-}
-
-/// An image by name.
-pub(super) fn image_spec(image: &str) -> ImageSpec {
-    ImageSpec {
-        image: image.into(),
-        ..Default::default()
     }
 }
 

@@ -63,6 +63,23 @@ pub(super) fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// What kubelet does before RunPodSandbox: makes the pod's cgroup `name` (relative to this
+/// process's cgroups) and bounds its memory at `memory` bytes, its pod-level limit. Only the
+/// v1 memory hierarchy: the one whose limit the tests read (kubelet also sets cpu and pids).
+pub(super) fn make_pod_cgroup(name: &str, memory: u64) {
+    if !crate::cgroups::is_v1() {
+        return;
+    }
+    let Some(own) = crate::cgroups::cgroup_of(std::process::id(), "memory") else {
+        return;
+    };
+    let dir = own.join(name);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("making the pod's cgroup {}: {e}", dir.display()));
+    std::fs::write(dir.join("memory.limit_in_bytes"), memory.to_string())
+        .unwrap_or_else(|e| panic!("bounding the pod's cgroup {}: {e}", dir.display()));
+}
+
 /// The directories in `dir`.
 pub(super) fn subdirs(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)

@@ -1,5 +1,6 @@
 //! What the harness sets up before containerd's CRI plugin can run a pod: the CRI plugin's
-//! configuration, the pause image, and the gRPC channel.
+//! configuration, the pause image ([`PAUSE_C`], [`PAUSE_IMAGE`]), and the gRPC channel. The
+//! harness (`cri.rs`) uses it; it uses nothing of the harness's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,8 +8,14 @@ use std::process::Command;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{PAUSE_C, PAUSE_IMAGE, cni};
+use super::cni;
 use crate::engines::{self, expect_ok};
+
+/// The pause program the sandbox image runs.
+pub const PAUSE_C: &str = include_str!("pause.c");
+
+/// The sandbox image's name (`sandbox_image`).
+pub const PAUSE_IMAGE: &str = "localhost/husk-pause:test";
 
 /// Where the paths a [`Cri`] configures are.
 pub(super) struct CriConfig<'a> {

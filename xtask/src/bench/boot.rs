@@ -63,7 +63,7 @@ pub(super) struct Sample {
 /// Runs the benchmark.
 pub fn run(args: &BootBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let (vmlinux, initrd) = super::guest_image(args.image.as_deref())?;
     ensure!(
         kvm_available(),

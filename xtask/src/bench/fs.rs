@@ -52,7 +52,7 @@ fn get(vals: &[(String, f64)], key: &str) -> Result<f64> {
 /// Runs the benchmark.
 pub fn run(args: &FsBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let work = std::env::temp_dir().join(format!("husk-bench-fs-{}", std::process::id()));
     let bundle = work.join("bundle");
     let rootfs = bundle.join("rootfs");

@@ -2,6 +2,7 @@
 //! on the same machine in the same run.
 
 pub mod boot;
+pub mod counts;
 pub mod fs;
 mod initcalls;
 pub mod pod;
@@ -30,7 +31,7 @@ pub fn build_husk(root: &Path) -> Result<std::path::PathBuf> {
 /// `target/husk-image`), both checked to exist.
 pub fn guest_image(dir: Option<&Path>) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let dir = dir.map_or_else(
-        || crate::workspace_root().join("target/husk-image"),
+        || crate::workspace::root().join("target/husk-image"),
         Path::to_path_buf,
     );
     let vmlinux = dir.join("vmlinux");

@@ -45,7 +45,7 @@ pub fn run(args: &PodmanBenchArgs) -> Result<()> {
         );
     }
     super::guest_image(None)?;
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()

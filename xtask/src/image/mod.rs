@@ -58,7 +58,7 @@ pub fn cache_dir() -> PathBuf {
 /// Builds (or reuses) the kernel and the initramfs and copies both to the output directory.
 pub fn build_image(args: &BuildImageArgs) -> Result<Image> {
     let progress = Progress::start();
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 
-use super::CgroupError;
+use super::error::CgroupError;
 use crate::oci::bundle::VmSize;
 
 /// What the monitor needs in host memory beyond the guest's RAM, measured (docs/performance.md,

@@ -19,108 +19,32 @@
 //! cannot remove the cgroup it is in); the record also says what the VM costs, for `husk
 //! update`. It is one of the records the monitor's jail pins: what `delete` and `update` act on
 //! as root comes only from it (see `crate::oci::state`).
+//!
+//! The files: this one places a process ([`Placement`], [`join`]) and carries `husk update`
+//! to the host ([`update`]); `path` reads `cgroupsPath`, `hierarchy` finds the hierarchies
+//! in `/proc`, `dirs` makes, enters and removes the directories, `limits` turns
+//! `linux.resources` into their files, `record` is the state directory's record of them and
+//! `error` what fails.
 
+mod dirs;
+mod error;
+mod hierarchy;
 pub mod limits;
 pub mod path;
+mod record;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxResources, Spec};
-use serde::{Deserialize, Serialize};
 
+pub use self::dirs::remove;
+use self::dirs::{enter, make};
+pub use self::error::CgroupError;
+use self::hierarchy::{Hierarchy, hierarchies};
 use self::limits::{Version, VmCost, When};
 pub use self::path::CgroupsPath;
+pub use self::record::{RECORD_FILE, Record};
 use crate::oci::bundle::VmSize;
-
-/// The file in the state directory that records the cgroup directories ([`Record`]).
-pub const RECORD_FILE: &str = "cgroups";
-
-/// Why the cgroups could not be made, joined, limited or removed.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// A file of `/proc` or of a cgroup, or the record, could not be read.
-    #[error("reading {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The record, or a cpuset's CPUs or memory nodes, could not be written.
-    #[error("writing {path}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The record is not what husk writes.
-    #[error("{path}: not a cgroup record")]
-    Record {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// A value of `linux.resources` cannot be applied as given.
-    #[error("linux.resources.{field}: {why}")]
-    Invalid {
-        /// The field, below `linux.resources`.
-        field: &'static str,
-        /// What is wrong.
-        why: String,
-    },
-    /// A limit's file is in none of the host cgroup's hierarchies.
-    #[error(
-        "linux.resources.{field}: the host cgroup has no {file} (its controller is not mounted, or not enabled there)"
-    )]
-    NoController {
-        /// The file.
-        file: &'static str,
-        /// The field, below `linux.resources`.
-        field: &'static str,
-    },
-    /// The kernel refused a limit.
-    #[error("linux.resources.{field}: setting {path} to {value}{context}")]
-    Limit {
-        /// The file.
-        path: PathBuf,
-        /// The value.
-        value: String,
-        /// The field, below `linux.resources`.
-        field: &'static str,
-        /// What explains it, if anything (` (...)`).
-        context: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A cgroup directory could not be made (a read-only hierarchy, say).
-    #[error("creating the cgroup {dir}")]
-    Create {
-        /// The directory.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The process could not be moved into its cgroup.
-    #[error("moving the process into {dir}")]
-    Join {
-        /// The cgroup.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Some recorded cgroups could not be removed (each with why, in the message).
-    #[error("removing the cgroups {0}")]
-    Remove(String),
-}
 
 /// Where a process's cgroup is and what is applied to it (see the module docs).
 #[derive(Debug, Clone)]
@@ -185,133 +109,6 @@ impl Placement {
             }),
         }
     }
-}
-
-/// What `<state dir>/cgroups` holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The cgroup directories, one per hierarchy.
-    pub dirs: Vec<PathBuf>,
-    /// What the VM costs beyond the container, where the spec's limits are applied (a
-    /// monitor's `cgroupsPath`); `None` where husk keeps no limits.
-    pub cost: Option<VmCost>,
-}
-
-impl Record {
-    /// The record in `state_dir` (an empty or missing one: no cgroups).
-    pub fn load(state_dir: &Path) -> Result<Record, CgroupError> {
-        let path = state_dir.join(RECORD_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Record::default()),
-            Err(source) => return Err(CgroupError::Read { path, source }),
-        };
-        if text.trim().is_empty() {
-            return Ok(Record::default());
-        }
-        serde_json::from_str(&text).map_err(|source| CgroupError::Record { path, source })
-    }
-
-    fn save(&self, state_dir: &Path) -> Result<(), CgroupError> {
-        let path = state_dir.join(RECORD_FILE);
-        let json = serde_json::to_vec(self).map_err(|source| CgroupError::Record {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::write(&path, json).map_err(|source| CgroupError::Write { path, source })
-    }
-}
-
-/// Where a hierarchy is mounted and which cgroups of it this process and pid 1 are in.
-#[derive(Debug, PartialEq, Eq)]
-struct Hierarchy {
-    /// The mount point (the cgroup directory of the mount's root).
-    mount_point: PathBuf,
-    /// This process's cgroup, relative to the mount point.
-    current: PathBuf,
-    /// Pid 1's cgroup, relative to the mount point (empty when it is outside of it).
-    init: PathBuf,
-    /// Whether it is the v1 cpuset hierarchy (a new cpuset starts with no CPUs and memory
-    /// nodes, and a process cannot join it until it has some).
-    cpuset: bool,
-    /// Whether it is the v2 hierarchy.
-    v2: bool,
-}
-
-/// The hierarchies to join, from `/proc/self/cgroup` (and pid 1's, `proc_1_cgroup`) and
-/// `/proc/self/mountinfo`: every v1 hierarchy with controllers (named ones like
-/// `name=systemd` belong to their manager), and the v2 hierarchy only when there is no v1
-/// controller (on a hybrid host v2 is systemd's).
-fn hierarchies(proc_cgroup: &str, proc_1_cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
-    let init_of = |controllers: &str| {
-        proc_1_cgroup.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, c, p) = (parts.next()?, parts.next()?, parts.next()?);
-            (c == controllers).then(|| p.to_owned())
-        })
-    };
-    let mut v1 = Vec::new();
-    let mut v2 = None;
-    for line in proc_cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let init = init_of(controllers).unwrap_or_default();
-        if controllers.is_empty() {
-            v2 = mount_of(mountinfo, "cgroup2", &[], path, &init);
-            continue;
-        }
-        let wanted: Vec<&str> = controllers.split(',').collect();
-        if wanted.iter().any(|c| c.starts_with("name=")) {
-            continue;
-        }
-        if let Some(mut h) = mount_of(mountinfo, "cgroup", &wanted, path, &init) {
-            h.cpuset = wanted.contains(&"cpuset");
-            v1.push(h);
-        }
-    }
-    if v1.is_empty() {
-        v2.into_iter().collect()
-    } else {
-        v1
-    }
-}
-
-/// The mount of a hierarchy (`fstype`, with exactly the `controllers` among its options for
-/// v1) under which this process's cgroup `path` is visible; `init` is pid 1's.
-fn mount_of(
-    mountinfo: &str,
-    fstype: &str,
-    controllers: &[&str],
-    path: &str,
-    init: &str,
-) -> Option<Hierarchy> {
-    for m in super::mountinfo::parse(mountinfo) {
-        if m.kind != fstype {
-            continue;
-        }
-        let super_options: Vec<&str> = m.super_options.split(',').collect();
-        if fstype == "cgroup" && !controllers.iter().all(|c| super_options.contains(c)) {
-            continue;
-        }
-        let Ok(rel) = Path::new(path).strip_prefix(&m.root) else {
-            continue;
-        };
-        let init = Path::new(init)
-            .strip_prefix(&m.root)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        return Some(Hierarchy {
-            mount_point: m.at,
-            current: rel.to_path_buf(),
-            init,
-            cpuset: false,
-            v2: fstype == "cgroup2",
-        });
-    }
-    None
 }
 
 /// Makes the cgroup of `placement` in each hierarchy, records it in the state directory,
@@ -400,108 +197,6 @@ pub fn update(
         return Ok(None);
     };
     apply_limits(&record.dirs, resources, &cost, When::Update).map(Some)
-}
-
-/// Creates `dir` and the levels above it that are missing, from the hierarchy's mount point
-/// down; a v1 cpuset level gets its parent's CPUs and memory nodes when it has none, and on v2
-/// (`controllers`) each level above `dir` hands its controllers down so that `dir` has their
-/// files (a level that cannot, having processes of its own, is left: a limit whose file is then
-/// missing fails naming it).
-fn make(dir: &Path, h: &Hierarchy, controllers: bool) -> Result<(), CgroupError> {
-    let rel = dir.strip_prefix(&h.mount_point).unwrap_or(dir);
-    let mut level = h.mount_point.clone();
-    for component in rel.components() {
-        if h.v2 && controllers {
-            enable_controllers(&level);
-        }
-        level.push(component);
-        match std::fs::create_dir(&level) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(CgroupError::Create { dir: level, source });
-            }
-        }
-        if h.cpuset {
-            inherit_cpuset(&level)?;
-        }
-    }
-    Ok(())
-}
-
-/// Enables, for the children of the v2 cgroup `dir`, the controllers husk's limits use that
-/// `dir` has (best effort, see [`make`]).
-fn enable_controllers(dir: &Path) {
-    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
-    let wanted: Vec<String> = ["cpu", "cpuset", "memory", "pids"]
-        .into_iter()
-        .filter(|c| available.split_whitespace().any(|a| a == *c))
-        .filter(|c| !enabled.split_whitespace().any(|a| a == *c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    if !wanted.is_empty() {
-        let _ = std::fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "));
-    }
-}
-
-/// Moves this process (all its threads) into the cgroup `dir`.
-fn enter(dir: &Path) -> Result<(), CgroupError> {
-    let procs = dir.join("cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string()).map_err(|source| CgroupError::Join {
-        dir: dir.to_owned(),
-        source,
-    })
-}
-
-/// Gives an empty v1 cpuset its parent's CPUs and memory nodes.
-fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
-    let Some(parent) = dir.parent() else {
-        return Ok(());
-    };
-    for file in ["cpuset.cpus", "cpuset.mems"] {
-        let own = dir.join(file);
-        let current = std::fs::read_to_string(&own).unwrap_or_default();
-        if !current.trim().is_empty() {
-            continue;
-        }
-        let from =
-            std::fs::read_to_string(parent.join(file)).map_err(|source| CgroupError::Read {
-                path: parent.join(file),
-                source,
-            })?;
-        std::fs::write(&own, from.trim())
-            .map_err(|source| CgroupError::Write { path: own, source })?;
-    }
-    Ok(())
-}
-
-/// Removes the cgroups the record in `state_dir` lists (their processes must be gone). A
-/// cgroup whose last task is still exiting is busy for a moment: retried for up to a second.
-pub fn remove(state_dir: &Path) -> Result<(), CgroupError> {
-    let record = Record::load(state_dir)?;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut failed = Vec::new();
-    for dir in &record.dirs {
-        loop {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => {
-                    failed.push(format!("{}: {e}", dir.display()));
-                    break;
-                }
-            }
-        }
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CgroupError::Remove(failed.join(", ")))
-    }
 }
 
 #[cfg(test)]

@@ -23,28 +23,43 @@
 //! `husk delete` takes the container out of the VM and its files out of the share
 //! ([`leave`]).
 //!
+//! Here: the steps and the serving; `place` (with `mounts`) attaches the files, `proxy`
+//! passes the commands on, `leave` undoes a member for `delete`, `error` says why a step
+//! failed.
+//!
 //! The member runs as root on the host and is not jailed; it is not exposed to the guest the
 //! way a monitor is: it reads only the replies of S's monitor (bounded, see `client`) and
-//! relays the container's stdio streams, as `husk exec` does.
+//! relays the container's stdio streams, as `husk exec` does. Both come from a monitor that
+//! may be taken over, so once it serves every thread of the member is confined by seccomp as
+//! a monitor's are (`super::threads`): the stdio and terminal relays as `Relay`, the main
+//! thread, the command acceptor and proxies and the terminal-resize forwarder as `Member` (no
+//! exec, no signal to another process, no socket but a Unix one, no mount or namespace).
 
+mod error;
+mod leave;
 mod mounts;
 mod place;
+mod proxy;
+
+pub use self::error::MemberError;
+pub use self::leave::leave;
 
 use std::io::Write;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use husk_proto::{Stdio, VsockPort};
+use husk_seccomp::ThreadKind;
 
 use self::place::{Placed, SandboxNamespaces};
-use super::api::{self, MonitorReply, MonitorRequest};
+use super::api::{MonitorReply, MonitorRequest};
 use super::client;
-use super::console::{Console, ConsoleError};
+use super::console::Console;
 use super::setup::{self, ContainerStdio};
-use super::{overlay, relay, serve};
+use super::{relay, threads};
 use crate::error_chain;
 use crate::oci::bundle::{Bundle, BundleError};
 use crate::oci::pod::{self, Membership, PodError};
@@ -76,86 +91,10 @@ pub struct MemberArgs {
     pub systemd_cgroup: bool,
 }
 
-/// Why a pod's container could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum MemberError {
-    /// The bundle is invalid.
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    /// The sandbox is not there or does not run.
-    #[error(transparent)]
-    Pod(#[from] PodError),
-    /// The sandbox's state could not be read.
-    #[error("the pod's sandbox {id}: {source}")]
-    Sandbox {
-        /// Its id.
-        id: String,
-        /// Why.
-        #[source]
-        source: StateError,
-    },
-    /// The `prestart`/`createRuntime` hooks (run by `husk create`) failed or did not run.
-    #[error(transparent)]
-    CreateHooks(Box<super::MonitorError>),
-    /// A file or directory could not be read, made or opened.
-    #[error("{what} {path}")]
-    Io {
-        /// What was done.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A mount of the spec's could not be idmapped for the sandbox's `--monitor-uid`.
-    #[error(
-        "{path} cannot be idmapped for the sandbox's unprivileged monitor (its filesystem does not support idmapped mounts; run the pod with --monitor-uid root): {error}"
-    )]
-    NotIdmappable {
-        /// The mount's source.
-        path: PathBuf,
-        /// What the kernel said.
-        error: std::io::Error,
-    },
-    /// The engine's overlay rootfs cannot be mounted anew on idmapped layers.
-    #[error(transparent)]
-    Overlay(#[from] crate::monitor::overlay::OverlayError),
-    /// A bind mount of the spec has no source.
-    #[error("config.json: mount {index} ({}): a bind mount needs a source", destination.display())]
-    NoSource {
-        /// Its index.
-        index: u32,
-        /// Its destination.
-        destination: PathBuf,
-    },
-    /// The files could not be attached in the sandbox monitor's namespace.
-    #[error("attaching the container's files to the pod's share: {0}")]
-    Attach(String),
-    /// The terminal.
-    #[error(transparent)]
-    Console(#[from] ConsoleError),
-    /// `process.terminal` without a console socket.
-    #[error("config.json: process.terminal is true but no --console-socket was given")]
-    NoConsoleSocket,
-    /// The state could not be written.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// The member's host cgroup (its `cgroupsPath`).
-    #[error(transparent)]
-    Cgroup(#[from] super::cgroup::CgroupError),
-    /// The container's limits do not fit in the pod's VM.
-    #[error(
-        "config.json: linux.resources: {0}; the pod's VM is sized by its sandbox (see the README's pods section) and does not grow"
-    )]
-    DoesNotFit(String),
-    /// The sandbox's monitor refused or did not answer.
-    #[error("the pod's sandbox's monitor: {0}")]
-    Monitor(String),
-}
-
 /// Runs a member; returns when the container has stopped, with its exit status.
 pub fn run(args: MemberArgs) -> ExitCode {
+    // Its threads confine themselves, as a monitor's do (see the module docs).
+    super::threads::monitor_process();
     // The member is the first process of a pid namespace of its own, as a monitor is.
     crate::pid::init();
     // SAFETY: `create` passed us this descriptor (the write end of its pipe) for our exclusive use.
@@ -177,6 +116,7 @@ pub fn run(args: MemberArgs) -> ExitCode {
     };
     let _ = writeln!(notify, "ok");
     drop(notify);
+    super::threads::confine(ThreadKind::Member);
     let code = member.serve();
     ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }
@@ -375,7 +315,7 @@ fn enter_pod(
         state.status = Status::Created;
         state::write_state(dir, &state)?;
         let state = Arc::new(Mutex::new(state));
-        spawn_command_proxy(
+        proxy::spawn_command_proxy(
             commands,
             vm.monitor(),
             container,
@@ -421,7 +361,7 @@ fn relay_stdio(
     let (tx, sizes) = std::sync::mpsc::channel();
     console.relay(stdin_l, tx);
     let monitor = vm.monitor();
-    std::thread::spawn(move || {
+    threads::spawn("resize", ThreadKind::Member, move || {
         for size in sizes {
             let Some(&container) = added.get() else {
                 // Not added yet: the guest sizes the terminal when it creates it, and the
@@ -436,86 +376,6 @@ fn relay_stdio(
         }
     });
     Vec::new()
-}
-
-/// The status a command that succeeded leaves the container in.
-fn status_after(request: &MonitorRequest) -> Option<Status> {
-    match request {
-        MonitorRequest::Start | MonitorRequest::Resume => Some(Status::Running),
-        MonitorRequest::Pause => Some(Status::Paused),
-        _ => None,
-    }
-}
-
-/// Accepts commands on the container's `monitor.sock` and passes each to the sandbox's
-/// monitor (see the module docs), one thread per connection.
-fn spawn_command_proxy(
-    commands: UnixListener,
-    sandbox: PathBuf,
-    container: u32,
-    state: Arc<Mutex<State>>,
-    dir: PathBuf,
-) {
-    std::thread::spawn(move || {
-        for stream in commands.incoming() {
-            let Ok(stream) = stream else { continue };
-            let (sandbox, state, dir) = (sandbox.clone(), state.clone(), dir.clone());
-            std::thread::spawn(move || proxy(stream, &sandbox, container, &state, &dir));
-        }
-    });
-}
-
-/// Passes one command from `stream` to the sandbox's monitor, and its replies back.
-fn proxy(mut stream: UnixStream, sandbox: &Path, container: u32, state: &Mutex<State>, dir: &Path) {
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let Ok((line, mut fds)) = api::receive_request(&stream) else {
-        return;
-    };
-    let _ = stream.set_read_timeout(None);
-    let request = match serde_json::from_slice::<MonitorRequest>(&line) {
-        Ok(MonitorRequest::ForContainer { .. } | MonitorRequest::AddContainer { .. }) => {
-            let e = "a pod's container's monitor takes requests about the container only";
-            serve::reply(&mut stream, &MonitorReply::Error(e.into()));
-            return;
-        }
-        Ok(r) => r,
-        Err(e) => {
-            serve::reply(
-                &mut stream,
-                &MonitorReply::Error(format!("bad request: {e}")),
-            );
-            return;
-        }
-    };
-    let then = status_after(&request);
-    let wrapped = MonitorRequest::ForContainer {
-        container,
-        request: Box::new(request),
-    };
-    let fd: Option<OwnedFd> = fds.drain(..).next();
-    let (reply, mut replies) =
-        match client::request_with_fd(sandbox, &wrapped, fd.as_ref().map(AsFd::as_fd)) {
-            Ok(r) => r,
-            Err(e) => {
-                serve::reply(&mut stream, &MonitorReply::Error(e));
-                return;
-            }
-        };
-    if let (MonitorReply::Ok, Some(status)) = (&reply, then) {
-        // Before the reply: a `husk state` right after the command must see it.
-        let mut st = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if st.status != Status::Stopped {
-            st.status = status;
-            let _ = state::write_state(dir, &st);
-        }
-    }
-    serve::reply(&mut stream, &reply);
-    // Later replies (an exec'd process's exit), until the sandbox's monitor closes.
-    while let Ok(later) = client::read_reply(&mut replies) {
-        serve::reply(&mut stream, &later);
-    }
 }
 
 impl Member {
@@ -548,71 +408,5 @@ impl Member {
         // Fails (EBUSY) only if pinned; `delete` removes it with the directory.
         let _ = std::fs::remove_file(self.own.monitor());
         code
-    }
-}
-
-/// Takes a pod's later container (state directory `dir`, of root `root`) out of its
-/// sandbox's VM, if the sandbox still runs, and its files out of the sandbox's share: what
-/// `husk delete` does before it removes the directory. Nothing to do for a container that is
-/// not a pod's later one. Must be called while the process has one thread.
-pub fn leave(dir: &Path) {
-    let pod = match pod::membership(dir) {
-        Ok(Some(pod)) => pod,
-        Ok(None) => return,
-        Err(e) => {
-            eprintln!("husk: {}", error_chain(&e));
-            return;
-        }
-    };
-    let Ok(sandbox_id) = husk_proto::ContainerId::new(pod.sandbox.clone()) else {
-        return;
-    };
-    let id = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let root = dir.parent().unwrap_or(Path::new("."));
-    let Ok(sandbox_dir) = std::path::absolute(root.join(&pod.sandbox)) else {
-        return;
-    };
-    let sandbox_pid = state::read_state(&sandbox_dir, &sandbox_id)
-        .ok()
-        .filter(state::monitor_alive)
-        .and_then(|st| st.pid);
-    if sandbox_pid.is_some() && pod.container != 0 {
-        let request = MonitorRequest::ForContainer {
-            container: pod.container,
-            request: Box::new(MonitorRequest::Remove),
-        };
-        let outcome = SocketDir::open(&sandbox_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|s| client::request(&s.monitor(), &request));
-        match outcome {
-            Ok((MonitorReply::Ok, _)) => {}
-            Ok((MonitorReply::Error(e), _)) | Err(e) => {
-                eprintln!("husk: taking {id} out of its pod's VM: {e}");
-            }
-            Ok((other, _)) => {
-                eprintln!("husk: taking {id} out of its pod's VM: unexpected reply {other:?}");
-            }
-        }
-    }
-    place::unplace(&id, &sandbox_dir, sandbox_pid);
-    if let Some(workdir) = pod.workdir {
-        // Only a directory named for this container (a record of ours, but checked anyway).
-        let ours = workdir.is_absolute()
-            && workdir.file_name() == Some(std::ffi::OsStr::new(&overlay::workdir_name(&id)));
-        if ours {
-            if let Err(e) = std::fs::remove_dir_all(&workdir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                eprintln!("husk: removing {}: {e}", workdir.display());
-            }
-        } else {
-            eprintln!(
-                "husk: {} is not a work directory of {id}: left",
-                workdir.display()
-            );
-        }
     }
 }

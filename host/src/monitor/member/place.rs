@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use husk_proto::{FsSource, MountSource, SHARE_TAG};
 
-use super::MemberError;
+use super::error::MemberError;
 use super::mounts::{Detached, Last, detach, in_mount_namespace, walk};
 use crate::monitor::overlay;
 use crate::oci::bundle::Bundle;

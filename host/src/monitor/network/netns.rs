@@ -4,7 +4,7 @@
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use super::NetworkError;
+use super::error::NetworkError;
 use super::netlink::{IFF_LOOPBACK, Netlink};
 
 /// The network namespace the spec asks for.

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::NetworkError;
+use super::error::NetworkError;
 use super::netlink::{Address, Netlink, Route};
 use super::netns::in_netns;
 

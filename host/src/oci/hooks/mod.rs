@@ -30,6 +30,11 @@
 //! A hook's stdin, stdout and stderr are memory files, not pipes: a hook that does not read its
 //! stdin, or that leaves a child holding its stdout, can neither block nor outlive the wait.
 //! A hook past its `timeout` is killed (SIGKILL) and fails.
+//!
+//! Which hooks husk runs, and the check of a bundle's hooks, are `spec`; this file saves,
+//! loads and runs them.
+
+pub mod spec;
 
 use std::io::{Read, Seek};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -37,8 +42,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use oci_spec::runtime::{Hook, Hooks, Spec};
+use oci_spec::runtime::{Hook, Hooks};
 
+pub use self::spec::HookKind;
 use super::state::State;
 use crate::error_chain;
 
@@ -47,48 +53,6 @@ pub const HOOKS_FILE: &str = "hooks.json";
 
 /// How much of a failed hook's output its error quotes (the end of it).
 const OUTPUT_EXCERPT: usize = 2048;
-
-/// The points of the lifecycle at which hooks run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookKind {
-    /// `hooks.prestart` (deprecated by the spec; Docker 20.10 uses it).
-    Prestart,
-    /// `hooks.createRuntime`.
-    CreateRuntime,
-    /// `hooks.poststart`.
-    Poststart,
-    /// `hooks.poststop`.
-    Poststop,
-}
-
-impl HookKind {
-    /// The spec's name for it.
-    pub fn name(self) -> &'static str {
-        match self {
-            HookKind::Prestart => "prestart",
-            HookKind::CreateRuntime => "createRuntime",
-            HookKind::Poststart => "poststart",
-            HookKind::Poststop => "poststop",
-        }
-    }
-
-    /// This kind's hooks of `hooks`.
-    pub(crate) fn hooks(self, hooks: &Hooks) -> &[Hook] {
-        let list = match self {
-            HookKind::Prestart => hooks.prestart(),
-            HookKind::CreateRuntime => hooks.create_runtime(),
-            HookKind::Poststart => hooks.poststart(),
-            HookKind::Poststop => hooks.poststop(),
-        };
-        list.as_deref().unwrap_or_default()
-    }
-}
-
-impl std::fmt::Display for HookKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Why a hook failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,58 +140,6 @@ impl<'a> From<&'a State> for HookState<'a> {
             annotations: &s.annotations,
         }
     }
-}
-
-/// What is wrong with the spec's hooks for husk, as (JSON path of the field, why); checked
-/// when a bundle is loaded, so nothing has run or been made yet.
-pub fn check(spec: &Spec) -> Result<(), (String, String)> {
-    let Some(hooks) = spec.hooks() else {
-        return Ok(());
-    };
-    for (name, list) in [
-        ("createContainer", hooks.create_container()),
-        ("startContainer", hooks.start_container()),
-    ] {
-        if let Some(first) = list.as_deref().and_then(<[Hook]>::first) {
-            return Err((
-                format!("hooks.{name}"),
-                format!(
-                    "{} would have to run inside the container, which is a VM without the \
-                     host's programs; husk does not run {name} hooks (use createRuntime or \
-                     poststart, which run on the host)",
-                    first.path().display()
-                ),
-            ));
-        }
-    }
-    for kind in [
-        HookKind::Prestart,
-        HookKind::CreateRuntime,
-        HookKind::Poststart,
-        HookKind::Poststop,
-    ] {
-        for (i, hook) in kind.hooks(hooks).iter().enumerate() {
-            let field = |f: &str| format!("hooks.{kind}[{i}]{f}");
-            if !hook.path().is_absolute() {
-                return Err((
-                    field(".path"),
-                    format!("{} is not an absolute path", hook.path().display()),
-                ));
-            }
-            if let Some(t) = hook.timeout()
-                && t <= 0
-            {
-                return Err((
-                    field(".timeout"),
-                    format!("{t}: must be more than 0 seconds"),
-                ));
-            }
-            if let Some(bad) = hook.env().iter().flatten().find(|e| !e.contains('=')) {
-                return Err((field(".env"), format!("{bad:?} is not KEY=VALUE")));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Keeps `hooks` (those `start` and `delete` will run) in the state directory `dir`.

@@ -1,3 +1,9 @@
+//! Tests of the hooks: running them (state on stdin, order, timeout, output), the check of a
+//! bundle's hooks (`spec`), and their copy in the state directory.
+
+use oci_spec::runtime::Spec;
+
+use super::spec::check;
 use super::*;
 use crate::oci::state::Status;
 

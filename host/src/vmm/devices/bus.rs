@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::BusDevice;
-use crate::vmm::lock;
+use crate::vmm::threads::lock;
 
 /// A device shared between the bus and whoever else drives it (e.g. the event loop).
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;

@@ -1,7 +1,9 @@
-//! Device models and the buses that route guest port I/O and MMIO accesses to them.
+//! Device models, the buses that route guest port I/O and MMIO accesses to them, and the
+//! [`Persist`](persist::Persist) trait by which each saves and restores itself.
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

@@ -14,7 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::vmm::arch::x86_64::vcpu::VcpuState;
 use crate::vmm::devices::EventFdTrigger;
 use crate::vmm::devices::bus::Bus;
-use crate::vmm::{VmExit, lock};
+use crate::vmm::threads::{SeccompMode, ThreadKind, VmExit, apply_seccomp, lock};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
@@ -47,7 +47,7 @@ pub struct Vcpu {
     /// Written together with `exits`, so the event loop wakes up.
     pub exit_evt: EventFdTrigger,
     /// Whether to confine the thread with its seccomp filter before the first entry.
-    pub seccomp: crate::vmm::SeccompMode,
+    pub seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -59,7 +59,7 @@ impl std::fmt::Debug for Vcpu {
 impl Vcpu {
     /// Runs the vCPU until the VM stops. Returns the time of the first `KVM_RUN`.
     pub fn run(mut self) -> Option<Instant> {
-        if let Err(e) = crate::vmm::apply_seccomp(self.seccomp, crate::vmm::ThreadKind::Vcpu) {
+        if let Err(e) = apply_seccomp(self.seccomp, ThreadKind::Vcpu) {
             self.exit(VmExit::Error(format!("vCPU {}: {e}", self.id)));
             return None;
         }

@@ -107,7 +107,7 @@ pub fn run(args: &PodBenchArgs) -> Result<()> {
         "/dev/kvm is not available: husk's pods are VMs"
     );
     super::guest_image(None)?;
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()

@@ -19,66 +19,33 @@
 //! - Output: a table on stdout, `<out>/startup.json` and `<out>/startup.svg` (stacked phase
 //!   bars per runtime). docs/performance.md explains how to read them.
 //!
-//! This file runs the iterations and reports them; `density` starts and measures the idle
-//! containers, `svg` draws the chart.
+//! This file runs the iterations and reports them; `runs` times one run of each runtime,
+//! `phases` reads and tabulates husk's phase files, `density` starts and measures the idle
+//! containers, `machine` describes the machine for the report, `svg` draws the chart.
 
 mod density;
+mod machine;
+mod phases;
+mod runs;
 mod svg;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
-use serde_json::{Value, json};
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
 
-use self::density::{Density, measure_density, meminfo, print_memory};
+use self::density::{Density, measure_density, print_memory};
+pub(super) use self::machine::machine;
+pub(super) use self::phases::phase_lines;
+use self::phases::{PHASES_COLD, PHASES_TEMPLATE, phases_json, print_phases};
+use self::runs::{husk_run, oci_run};
 use super::boot::{self, guest_cmdline, is_kvm_pvm, qemu_kvm_cpu};
 use super::{Scratch, Stats, check_tools, make_bundle, round};
-
-/// The phases of a cold `husk run` (templates off) in causal order (host/src/phases.rs
-/// documents each one).
-const PHASES_COLD: [&str; 17] = [
-    "cli-start",
-    "monitor-start",
-    "monitor-confined",
-    "vm-created",
-    "first-vcpu-entry",
-    "init-started",
-    "host-connected",
-    "spec-received",
-    "container-created",
-    "create-returned",
-    "process-started",
-    "process-exited",
-    "process-exit-seen",
-    "guest-shut-down",
-    "vm-torn-down",
-    "monitor-exit",
-    "cli-exit",
-];
-
-/// The phases of `husk run` from a template: no kernel boots, so no `init-started`; husk-init
-/// reconnects (`host-connected`) once the restored VM runs.
-const PHASES_TEMPLATE: [&str; 16] = [
-    "cli-start",
-    "monitor-start",
-    "monitor-confined",
-    "vm-created",
-    "first-vcpu-entry",
-    "host-connected",
-    "spec-received",
-    "container-created",
-    "create-returned",
-    "process-started",
-    "process-exited",
-    "process-exit-seen",
-    "guest-shut-down",
-    "vm-torn-down",
-    "monitor-exit",
-    "cli-exit",
-];
 
 /// The name of the cold runs, and of their ratio to runs from a template.
 const COLD_RUN: &str = "husk run (cold boot)";
@@ -108,7 +75,7 @@ pub struct StartupBenchArgs {
 /// Runs the benchmark.
 pub fn run(args: &StartupBenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()
@@ -327,300 +294,3 @@ const HOST_SIDE: &str = "husk cli-start → restored vCPU";
 /// The name of the `--monitor-uid` variant's runs, and of its ratio to `husk run`.
 const UID_RUN: &str = "husk run --monitor-uid";
 const UID_RATIO: &str = "husk run --monitor-uid / husk run";
-
-/// A phase of the chain (`from → to`): its stats over the runs and its values.
-type Segment = (String, Stats, Vec<f64>);
-
-/// Prints the phase table of `what`'s runs; returns each phase's duration (each phase minus
-/// the one before it in `chain`).
-fn print_phases(what: &str, chain: &[&str], runs: &[HashMap<String, f64>]) -> Vec<Segment> {
-    let segments: Vec<Segment> = chain
-        .windows(2)
-        .map(|w| {
-            let values: Vec<f64> = runs.iter().map(|p| p[w[1]] - p[w[0]]).collect();
-            (format!("{} → {}", w[0], w[1]), Stats::of(&values), values)
-        })
-        .collect();
-    println!();
-    println!(
-        "{what} phases over {} runs (ms; from husk's own timestamps):",
-        runs.len()
-    );
-    println!(
-        "{:<42} {:>10} {:>10} {:>10} {:>12}",
-        "phase", "min", "median", "p90", "at (median)"
-    );
-    for (name, s, _) in &segments {
-        let end = name.rsplit(' ').next().unwrap_or("");
-        let at = Stats::of(&runs.iter().map(|p| p[end]).collect::<Vec<_>>()).median;
-        println!(
-            "{name:<42} {:>10.1} {:>10.1} {:>10.1} {at:>12.1}",
-            s.min, s.median, s.p90
-        );
-    }
-    segments
-}
-
-fn phases_json(segments: &[Segment]) -> Value {
-    json!(
-        segments
-            .iter()
-            .map(|(name, s, v)| {
-                let mut j = s.json();
-                j["phase"] = json!(name);
-                j["values_ms"] = json!(v.iter().map(|x| round(*x)).collect::<Vec<_>>());
-                j
-            })
-            .collect::<Vec<_>>()
-    )
-}
-
-/// One `husk FLAGS run` with `env`: wall time (ms) and the phases it recorded, as ms since
-/// `cli-start` (each of `chain` must be there).
-#[allow(clippy::too_many_arguments)] // One call site, in a closure that names them all.
-fn husk_run(
-    husk: &Path,
-    flags: &[String],
-    env: &[(&str, &std::ffi::OsStr)],
-    root: &Path,
-    bundle: &Path,
-    id: &str,
-    phases_file: &Path,
-    chain: &[&str],
-) -> Result<(f64, HashMap<String, f64>)> {
-    let _ = std::fs::remove_file(phases_file);
-    let start = Instant::now();
-    let out = Command::new(husk)
-        .envs(env.iter().copied())
-        .args(flags)
-        .arg("--root")
-        .arg(root)
-        .args(["run", "--bundle"])
-        .arg(bundle)
-        .arg(id)
-        .env("HUSK_PHASES", phases_file)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", husk.display()))?;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    ensure!(
-        out.status.success(),
-        "husk run failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let text = std::fs::read_to_string(phases_file)
-        .with_context(|| format!("husk recorded no phases in {}", phases_file.display()))?;
-    Ok((ms, parse_phases(&text, chain)?))
-}
-
-/// Reads a phase file (JSON lines) into ms since `cli-start`; every phase of `chain` must be
-/// there, once.
-fn parse_phases(text: &str, chain: &[&str]) -> Result<HashMap<String, f64>> {
-    let mut ns: HashMap<String, u64> = HashMap::new();
-    for (phase, t, _) in phase_lines(text)? {
-        if ns.insert(phase.clone(), t).is_some() {
-            bail!("phase {phase} recorded twice");
-        }
-    }
-    let missing: Vec<&str> = chain
-        .iter()
-        .copied()
-        .filter(|p| !ns.contains_key(*p))
-        .collect();
-    ensure!(missing.is_empty(), "husk recorded no {missing:?}");
-    let origin = ns["cli-start"];
-    Ok(ns
-        .into_iter()
-        .map(|(p, t)| (p, (t as f64 - origin as f64) / 1e6))
-        .collect())
-}
-
-/// The lines of a phase file (JSON lines, host/src/phases.rs) in file order: each phase, when
-/// it happened (CLOCK_MONOTONIC ns) and the pid of the process that recorded it.
-pub(super) fn phase_lines(text: &str) -> Result<Vec<(String, u64, u64)>> {
-    text.lines()
-        .enumerate()
-        .map(|(n, line)| {
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("phase file line {}: {line:?}", n + 1))?;
-            let (Some(phase), Some(t), Some(pid)) = (
-                v["phase"].as_str(),
-                v["mono_ns"].as_u64(),
-                v["pid"].as_u64(),
-            ) else {
-                bail!(
-                    "phase file line {}: no phase, mono_ns or pid: {line}",
-                    n + 1
-                );
-            };
-            Ok((phase.to_string(), t, pid))
-        })
-        .collect()
-}
-
-/// One `runc run` / `crun run`: wall time, ms.
-fn oci_run(runtime: &str, root: &Path, bundle: &Path, id: &str) -> Result<f64> {
-    let start = Instant::now();
-    let out = Command::new(runtime)
-        .arg("--root")
-        .arg(root)
-        .args(["run", "--bundle"])
-        .arg(bundle)
-        .arg(id)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {runtime}"))?;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    ensure!(
-        out.status.success(),
-        "{runtime} run failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(ms)
-}
-
-/// The machine and tool versions, for the report.
-pub(super) fn machine(husk: &Path, kvm_pvm: bool) -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = meminfo("MemTotal").unwrap_or(0) as f64 / 1048576.0;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let version = |cmd: &Path| -> String {
-        Command::new(cmd)
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(String::from)
-            })
-            .unwrap_or_default()
-    };
-    let kvm = if kvm_pvm {
-        "kvm_pvm (nested, page-table based: guest kernel mode is emulated)"
-    } else {
-        "KVM"
-    };
-    json!({
-        "summary": format!("{cpu}, {cores} cores, {mem_gib:.1} GiB, Linux {kernel}, {kvm}"),
-        "cpu": cpu, "cores": cores, "mem_gib": round(mem_gib), "kernel": kernel, "kvm": kvm,
-        "husk": version(husk), "runc": version(Path::new("runc")), "crun": version(Path::new("crun")),
-        "qemu": version(Path::new("qemu-system-x86_64")),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::density::{cpu_ticks, guest_ram};
-    use super::*;
-
-    #[test]
-    fn stats_use_nearest_rank_p90() {
-        let s = Stats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
-        assert_eq!((s.min, s.median, s.p90), (1.0, 3.0, 5.0));
-        let v: Vec<f64> = (1..=10).map(f64::from).collect();
-        assert_eq!(Stats::of(&v).p90, 9.0);
-        assert!(Stats::of(&[]).median.is_nan());
-    }
-
-    #[test]
-    fn phases_are_ms_since_cli_start_and_all_required() {
-        let line = |p: &str, ns: u64| format!("{{\"phase\":\"{p}\",\"mono_ns\":{ns},\"pid\":1}}\n");
-        let mut text = String::new();
-        for (i, p) in PHASES_COLD.iter().enumerate() {
-            text += &line(p, 1_000_000_000 + i as u64 * 1_500_000);
-        }
-        text += &line("start-returned", 1_000_000_000);
-        let p = parse_phases(&text, &PHASES_COLD).unwrap();
-        assert_eq!(p["cli-start"], 0.0);
-        assert_eq!(p["cli-exit"], 16.0 * 1.5);
-        let without: String = text
-            .lines()
-            .filter(|l| !l.contains("guest-shut-down"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let err = parse_phases(&without, &PHASES_COLD)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("guest-shut-down"), "{err}");
-        // A run from a template has no kernel boot.
-        let restored: String = text
-            .lines()
-            .filter(|l| !l.contains("init-started"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert!(parse_phases(&restored, &PHASES_TEMPLATE).is_ok());
-        assert!(parse_phases(&restored, &PHASES_COLD).is_err());
-        let twice = format!("{text}{}", line("vm-created", 5));
-        assert!(
-            parse_phases(&twice, &PHASES_COLD)
-                .unwrap_err()
-                .to_string()
-                .contains("twice")
-        );
-        assert!(parse_phases("not json\n", &PHASES_COLD).is_err());
-    }
-
-    #[test]
-    fn cpu_ticks_of_a_process_that_works_grow() {
-        let me = u64::from(std::process::id());
-        let before = cpu_ticks(me).unwrap();
-        // Spin until a tick is charged (a loaded machine may take a while to give us one).
-        let start = Instant::now();
-        let mut x = 0u64;
-        while cpu_ticks(me).unwrap() == before {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no CPU time charged"
-            );
-            for _ in 0..1_000_000 {
-                x = std::hint::black_box(x.wrapping_add(1));
-            }
-        }
-    }
-
-    #[test]
-    fn guest_ram_is_the_largest_anonymous_mapping() {
-        // Our own process: map 256 MiB anonymous (larger than any other mapping of a test
-        // process), touch 3 pages, find it.
-        let len = 256 << 20;
-        // SAFETY: a fresh private anonymous mapping, unmapped below; no aliasing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        for page in 0..3 {
-            // SAFETY: inside the mapping just made.
-            unsafe { *p.cast::<u8>().add(page * 4096) = 1 };
-        }
-        let (size, rss) = guest_ram(u64::from(std::process::id())).unwrap();
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { libc::munmap(p, len) };
-        assert_eq!(size, 256);
-        // 3 pages, or more if transparent huge pages backed them.
-        assert!((12..256 * 1024).contains(&rss), "rss {rss} KiB");
-    }
-}

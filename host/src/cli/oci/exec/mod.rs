@@ -3,9 +3,10 @@
 //! its status (`request`: what the monitor's replies mean); with `--detach` it starts the
 //! *exec relay* (`relay`), an attached `husk exec` of its own that stands for the process, and
 //! returns once the process runs. Signals sent to an attached exec go on to the process
-//! (`signals`).
+//! (`signals`). Where the exec is asked for and its streams come back is `endpoints`.
 
 mod args;
+mod endpoints;
 mod relay;
 mod request;
 mod signals;
@@ -19,13 +20,13 @@ use husk_proto::{Stdio, VsockPort};
 use oci_spec::runtime::Spec;
 
 pub use self::args::ExecArgs;
+use self::endpoints::Endpoints;
 use self::relay::Started;
 use self::request::exited;
 use super::{Context, close_inherited_fds};
 use crate::monitor::api::MonitorRequest;
 use crate::monitor::client;
 use crate::oci::ports;
-use crate::oci::sockets::SocketDir;
 use crate::oci::state::{State, Status};
 
 /// `husk exec`.
@@ -71,28 +72,6 @@ fn exec_attached(ctx: &Context, args: &ExecArgs, started: &mut Started) -> Resul
         return tty::run(args, &ends, process_json, started);
     }
     exec_pipes(args, &ends, process_json, started)
-}
-
-/// Where an exec is asked for and where its streams come back: the container's monitor
-/// socket, and the directory of the VM the container is in, where the VM's vsock device
-/// connects the guest's streams (the sandbox's, for a pod's later container: see
-/// `crate::oci::pod`).
-pub(super) struct Endpoints {
-    /// The container's own directory.
-    own: SocketDir,
-    /// Its VM's.
-    vm: SocketDir,
-}
-
-impl Endpoints {
-    fn of(entry: &crate::oci::state::Entry) -> Result<Endpoints> {
-        let vm_dir = crate::oci::pod::vm_dir(entry.dir())?;
-        Ok(Endpoints {
-            own: entry.sockets()?,
-            vm: SocketDir::open(&vm_dir)
-                .with_context(|| format!("opening {}", vm_dir.display()))?,
-        })
-    }
 }
 
 /// The process JSON for `exec`: `--process`, or the container's process with ARGS and the

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, bail};
 use husk_proto::{Stdio, VsockPort};
 
-use super::Endpoints;
 use super::args::ExecArgs;
+use super::endpoints::Endpoints;
 use super::relay::Started;
 use super::request::{self, exited};
 use crate::monitor::api::MonitorRequest;

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 use vm_superio::I8042Device;
 
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::{BusDevice, EventFdTrigger};
-use crate::vmm::persist::Persist;
 
 /// The controller at ports 0x60-0x64.
 #[derive(Debug)]

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
 
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::{BusDevice, EventFdTrigger};
-use crate::vmm::persist::Persist;
 
 /// The UART as a bus device.
 pub struct SerialDevice {

@@ -1,13 +1,19 @@
-//! What every virtio device holds while its driver runs it, and the plumbing around it that
-//! fs, net and vsock share: taking the queues the transport hands over at `DRIVER_OK`,
-//! registering their notification eventfds in the device's own epoll set, clearing a
-//! notification when it fires, interrupting the guest after used buffers, and removing the
-//! eventfds from the epoll set again when the device is reset or dropped.
+//! Activation: what a virtio device is handed when its driver sets `DRIVER_OK` (a
+//! [`DeviceQueue`] per queue), why it may refuse ([`ActivateError`]), and what it holds while
+//! the driver runs it ([`Active`]), with the plumbing around it that fs, net and vsock share:
+//! taking the queues the transport hands over, registering their notification eventfds in the
+//! device's own epoll set, clearing a notification when it fires, interrupting the guest after
+//! used buffers, and removing the eventfds from the epoll set again when the device is reset or
+//! dropped.
 //!
 //! The eventfds are duplicates of the transport's (which registered the originals with KVM as
 //! ioeventfds): closing a duplicate does not take the file out of an epoll set, so the removal
 //! is explicit, in [`Drop`].
+//!
+//! The device contract (`VirtioDevice`, in `mod.rs`) is written in these terms, so they are
+//! here, below it, and this file needs nothing from `mod.rs`.
 
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -16,7 +22,36 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, DeviceQueue, Interrupt, InterruptKind};
+use super::interrupt::{Interrupt, InterruptKind};
+
+/// One queue as handed to a device at activation: the queue state the driver configured and
+/// the eventfd the driver's notifications for it arrive on.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    /// The queue, configured and validated by the transport.
+    pub queue: Queue,
+    /// Written (through a KVM ioeventfd, or by the transport) whenever the driver notifies.
+    pub notify: EventFd,
+}
+
+/// Why a device refused to activate.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// the driver set up {got} queues where the device needs {want}
+    #[error("the driver set up {got} queues where the device needs {want}")]
+    QueueCount {
+        /// Queues the device needs.
+        want: usize,
+        /// Queues the transport passed.
+        got: usize,
+    },
+    /// the device is already active
+    #[error("the device is already active")]
+    AlreadyActive,
+    /// could not register a queue notification with the device's event loop
+    #[error("could not register a queue notification with the device's event loop")]
+    Register(#[source] io::Error),
+}
 
 /// A device's queues while its driver runs it. See the module docs.
 #[derive(Debug)]

@@ -6,9 +6,11 @@
 //!   once activated does its work from the VMM event loop;
 //! - the transport ([`mmio::MmioTransport`]) is the register file the guest driver programs. It
 //!   owns the queue configuration until the driver sets `DRIVER_OK`, then hands the device a copy
-//!   of every queue together with that queue's notification [`EventFd`];
-//! - an [`Interrupt`] is the device's way back to the guest: an `EventFd` the VMM registers as a
-//!   KVM irqfd for the device's GSI, plus the `InterruptStatus` bits the driver reads and acks.
+//!   of every queue together with that queue's notification `EventFd` ([`DeviceQueue`],
+//!   `active`, which also holds what a device keeps while it runs);
+//! - an [`Interrupt`] (`interrupt`) is the device's way back to the guest: an `EventFd` the VMM
+//!   registers as a KVM irqfd for the device's GSI, plus the `InterruptStatus` bits the driver
+//!   reads and acks.
 //!
 //! Nothing a guest writes may crash the monitor: every guest mistake is logged through
 //! [`guest_log!`] (rate limited, so a guest cannot flood the log either) and then ignored, or
@@ -16,6 +18,7 @@
 
 mod active;
 pub mod fs;
+mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
@@ -24,115 +27,17 @@ pub mod vsock;
 pub(crate) mod test_utils;
 
 use std::fmt;
-use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::Queue;
-
-pub use active::Active;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use active::{ActivateError, Active, DeviceQueue};
+pub use interrupt::{Interrupt, InterruptKind};
 
 /// `VIRTIO_F_VERSION_1`: the device is a modern (virtio 1.x) device. The transport refuses
 /// drivers that do not accept it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-
-/// Why an interrupt is raised; the value is the `InterruptStatus` bit it sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum InterruptKind {
-    /// The device used buffers in at least one queue (`VIRTIO_MMIO_INT_VRING`).
-    Vring = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING,
-    /// The configuration space or the device status changed (`VIRTIO_MMIO_INT_CONFIG`).
-    Config = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG,
-}
-
-/// A device's interrupt line.
-///
-/// The VMM registers [`Interrupt::irq_evt`] with KVM as an irqfd for the GSI announced to the
-/// guest; writing the eventfd then injects the interrupt without leaving the kernel. The
-/// `InterruptStatus` register of the transport reads [`Interrupt::status`], and `InterruptACK`
-/// clears bits through [`Interrupt::ack`]. It is shared (`Arc`) between the transport, which runs
-/// on vCPU threads, and the device, which runs on the VMM event loop, hence the atomic.
-#[derive(Debug)]
-pub struct Interrupt {
-    evt: EventFd,
-    status: AtomicU32,
-}
-
-impl Interrupt {
-    /// A new interrupt line with no bits pending.
-    pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            evt: EventFd::new(EFD_NONBLOCK)?,
-            status: AtomicU32::new(0),
-        })
-    }
-
-    /// The eventfd to register as a KVM irqfd (`VmFd::register_irqfd(evt, gsi)`).
-    pub fn irq_evt(&self) -> &EventFd {
-        &self.evt
-    }
-
-    /// Sets the status bit for `kind` and signals the interrupt.
-    pub fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        self.status.fetch_or(kind as u32, Ordering::SeqCst);
-        self.evt.write(1)
-    }
-
-    /// The pending `InterruptStatus` bits.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// Clears the bits the driver acknowledged.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
-    /// Sets the pending bits to a saved value and, if any is set, signals the interrupt again
-    /// (a spurious virtio interrupt is harmless: the driver reads the status first).
-    fn restore_status(&self, bits: u32) -> io::Result<()> {
-        self.status.store(bits, Ordering::SeqCst);
-        if bits != 0 { self.evt.write(1) } else { Ok(()) }
-    }
-
-    /// Clears every pending bit (device reset).
-    fn clear(&self) {
-        self.status.store(0, Ordering::SeqCst);
-    }
-}
-
-/// One queue as handed to a device at activation: the queue state the driver configured and
-/// the eventfd the driver's notifications for it arrive on.
-#[derive(Debug)]
-pub struct DeviceQueue {
-    /// The queue, configured and validated by the transport.
-    pub queue: Queue,
-    /// Written (through a KVM ioeventfd, or by the transport) whenever the driver notifies.
-    pub notify: EventFd,
-}
-
-/// Why a device refused to activate.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    /// the driver set up {got} queues where the device needs {want}
-    #[error("the driver set up {got} queues where the device needs {want}")]
-    QueueCount {
-        /// Queues the device needs.
-        want: usize,
-        /// Queues the transport passed.
-        got: usize,
-    },
-    /// the device is already active
-    #[error("the device is already active")]
-    AlreadyActive,
-    /// could not register a queue notification with the device's event loop
-    #[error("could not register a queue notification with the device's event loop")]
-    Register(#[source] io::Error),
-}
 
 /// A virtio device model, driven by a transport.
 pub trait VirtioDevice: Send {
@@ -267,20 +172,6 @@ pub fn refuse_config_write(device: &str, offset: u64, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn interrupt_sets_acks_and_signals() {
-        let irq = Interrupt::new().unwrap();
-        assert_eq!(irq.status(), 0);
-        irq.trigger(InterruptKind::Vring).unwrap();
-        irq.trigger(InterruptKind::Config).unwrap();
-        assert_eq!(irq.status(), 3);
-        assert_eq!(irq.irq_evt().read().unwrap(), 2);
-        irq.ack(InterruptKind::Vring as u32);
-        assert_eq!(irq.status(), InterruptKind::Config as u32);
-        irq.clear();
-        assert_eq!(irq.status(), 0);
-    }
 
     #[test]
     fn guest_log_is_rate_limited_without_panicking() {

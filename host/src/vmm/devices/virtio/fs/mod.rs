@@ -125,7 +125,7 @@ use self::request::Served;
 use super::{
     ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
-use crate::vmm::persist::Persist;
+use crate::vmm::devices::persist::Persist;
 
 /// `VIRTIO_ID_FS`.
 const VIRTIO_ID_FS: u32 = 26;

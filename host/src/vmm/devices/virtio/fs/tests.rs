@@ -20,9 +20,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{Fs, FsError, HIPRIO, MAX_CHAINS_PER_CALL, REQUEST};
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::test_utils::{Buf, TestQueue, guest_memory, read_guest};
 use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::vmm::persist::Persist;
 
 const TAG: &str = "rootfs";
 const QSIZE: u16 = 256;

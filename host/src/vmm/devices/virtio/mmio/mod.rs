@@ -33,10 +33,9 @@ use super::{
     guest_log,
 };
 use crate::vmm::devices::BusDevice;
-use crate::vmm::lock;
+use crate::vmm::threads::lock;
 
 pub mod persist;
-pub use persist::MmioState;
 
 /// Size of the MMIO window each transport occupies (registers plus a 3.75 KiB config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -1,6 +1,11 @@
 //! Saving and restoring the transport: its registers, and each queue where the device had
 //! got to in it (the transport's own copy of a queue stops at activation; the device's
 //! [`Active`](super::super::Active) has the live one).
+//!
+//! Like each device's saved state, [`MmioState`] is defined here, next to the code it saves,
+//! and the snapshot (`vmm::persist`) names it here. The transport itself (`mod.rs`) needs
+//! nothing from this file, so it does not re-export it: this file extends the transport, never
+//! the other way round.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -9,9 +14,9 @@ use vm_memory::GuestMemoryMmap;
 use super::{
     MmioError, MmioTransport, S_ACK, S_DRIVER, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET,
 };
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::{SharedDevice, VIRTIO_F_VERSION_1};
-use crate::vmm::lock;
-use crate::vmm::persist::Persist;
+use crate::vmm::threads::lock;
 
 /// One queue's registers, and how far the device had got in its rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

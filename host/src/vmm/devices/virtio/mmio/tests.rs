@@ -2,10 +2,11 @@
 
 use std::sync::Mutex;
 
+use super::persist::MmioState;
 use super::*;
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::ActivateError;
 use crate::vmm::devices::virtio::test_utils::{TestQueue, guest_memory};
-use crate::vmm::persist::Persist;
 
 const FEATURE_X: u64 = 1 << 3;
 

@@ -54,7 +54,18 @@
 //! header asking for offloads that were not negotiated, a frame shorter than an Ethernet
 //! header, a received frame larger than the guest's buffer) are dropped and counted, with a
 //! rate-limited log line.
+//!
+//! # The files
+//!
+//! This one holds the device: its configuration, its epoll set, the virtio transport's
+//! calls ([`VirtioDevice`]) and snapshots ([`NetState`]). `datapath` moves the frames (the
+//! data path above), `chain` copies them between descriptor chains and host buffers, `frame`
+//! says what a frame and its virtio-net header may be under the negotiated features, and
+//! `tap` is the host side.
 
+mod chain;
+mod datapath;
+mod frame;
 mod tap;
 #[cfg(test)]
 mod tests;
@@ -62,28 +73,22 @@ mod tests;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub use self::frame::MAX_FRAME_LEN;
+use self::frame::{OFFLOAD_FEATURES, bit};
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::{
-    ActivateError, Active, DeviceQueue, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice,
-    guest_log,
-};
-use crate::vmm::persist::Persist;
+use super::{ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::vmm::devices::persist::Persist;
 
 /// The receive queue.
 const RXQ: usize = 0;
@@ -92,31 +97,11 @@ const TXQ: usize = 1;
 /// Queue max sizes.
 const QUEUE_SIZES: [u16; 2] = [256; 2];
 
-/// The longest frame either way, header included: 12 bytes of header and 65550 of frame
-/// (a 64 KiB IP packet, an Ethernet header and a VLAN tag), as Firecracker allows.
-pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65_550;
-
-/// Bytes of an Ethernet header: the shortest frame worth passing on.
-const ETH_HLEN: usize = 14;
-
 /// Frames moved per direction per [`Net::process_events`] call.
 pub const MAX_FRAMES_PER_CALL: usize = 64;
 
 /// `struct virtio_net_config`: mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
 const CONFIG_LEN: usize = 12;
-
-/// Feature bits as masks.
-const fn bit(feature: u32) -> u64 {
-    1 << feature
-}
-
-/// The offloads the device offers: checksums and TCP segmentation both ways.
-const OFFLOAD_FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
-    | bit(VIRTIO_NET_F_GUEST_CSUM)
-    | bit(VIRTIO_NET_F_GUEST_TSO4)
-    | bit(VIRTIO_NET_F_GUEST_TSO6)
-    | bit(VIRTIO_NET_F_HOST_TSO4)
-    | bit(VIRTIO_NET_F_HOST_TSO6);
 
 /// Tokens in the device's epoll set.
 const TOKEN_RXQ: u64 = 0;
@@ -155,10 +140,6 @@ pub struct NetMetrics {
     pub rx_dropped: AtomicU64,
 }
 
-fn count(counter: &AtomicU64, n: usize) {
-    counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
-}
-
 /// The virtio-net device. See the module docs.
 #[derive(Debug)]
 pub struct Net {
@@ -182,10 +163,6 @@ pub struct Net {
     offload_pending: bool,
     metrics: Arc<NetMetrics>,
 }
-
-/// A chain the device cannot use: the device breaks.
-#[derive(Debug)]
-struct Malformed(String);
 
 impl Net {
     /// A device with MAC `mac` and MTU `mtu` whose frames go through `tap`.
@@ -290,356 +267,6 @@ impl Net {
         }
         self.process_queues();
     }
-
-    fn process_queues(&mut self) {
-        if self.broken || self.active.is_none() {
-            return;
-        }
-        if self.offload_pending {
-            self.offload_pending = false;
-            let flags = tap_offloads(self.acked_features);
-            if let Some(tap) = &self.tap
-                && let Err(e) = tap.set_offload(flags)
-            {
-                // The tap then does all checksums and segmentation itself: slower, still right.
-                eprintln!(
-                    "virtio-net: cannot set the offloads {flags:#x} of the tap {}: {e}",
-                    tap.name()
-                );
-            }
-        }
-        let tx = self.process_tx();
-        let rx = self.process_rx();
-        let (tx, rx) = match (tx, rx) {
-            (Ok(tx), Ok(rx)) => (tx, rx),
-            (Err(Malformed(why)), _) | (_, Err(Malformed(why))) => {
-                self.break_device(&why);
-                return;
-            }
-        };
-        if tx.more || rx.more {
-            // Level-triggered: the event loop calls again after its other work.
-            if let Err(e) = self.more.write(1) {
-                eprintln!("virtio-net: cannot re-arm the device: {e}");
-            }
-        }
-        let Some(active) = &mut self.active else {
-            return;
-        };
-        let used: Vec<usize> = [(RXQ, rx.used), (TXQ, tx.used)]
-            .into_iter()
-            .filter_map(|(index, used)| used.then_some(index))
-            .collect();
-        active.notify_used(&used, "virtio-net");
-    }
-
-    /// Marks the device broken: it stops until the driver resets it.
-    fn break_device(&mut self, why: &str) {
-        self.broken = true;
-        guest_log!("virtio-net: {why}; the device stops until the driver resets it");
-        if let Some(active) = &self.active
-            && let Err(e) = active.interrupt.trigger(InterruptKind::Config)
-        {
-            eprintln!("virtio-net: cannot signal the configuration interrupt: {e}");
-        }
-    }
-
-    /// Sends the pending frame, then guest frames, until the tap would block, the guest has
-    /// none left or the budget is spent.
-    fn process_tx(&mut self) -> Result<Progress, Malformed> {
-        let mut progress = Progress::default();
-        if self.tx_len > 0 {
-            if !send_frame(
-                self.tap.as_ref(),
-                &self.tx_buf[..self.tx_len],
-                &self.metrics,
-            ) {
-                return Ok(progress);
-            }
-            self.tx_len = 0;
-        }
-        let Some(active) = &mut self.active else {
-            return Ok(progress);
-        };
-        for _ in 0..MAX_FRAMES_PER_CALL {
-            let mem = &active.mem;
-            let queue = &mut active.queues[TXQ];
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return Ok(progress);
-            };
-            let head = chain.head_index();
-            let len = read_tx_chain(mem, chain, &mut self.tx_buf)?;
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                return Err(Malformed(format!(
-                    "cannot return TX descriptor {head}: {e}"
-                )));
-            }
-            progress.used = true;
-            if let Some(why) = tx_frame_problem(&self.tx_buf[..len], self.acked_features) {
-                guest_log!("virtio-net: dropping a {len}-byte TX frame: {why}");
-                self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            // num_buffers means nothing on transmit.
-            self.tx_buf[10..VNET_HDR_LEN].fill(0);
-            if !send_frame(self.tap.as_ref(), &self.tx_buf[..len], &self.metrics) {
-                // Wait for the tap to become writable (an edge on the tap fd).
-                self.tx_len = len;
-                return Ok(progress);
-            }
-        }
-        progress.more = active.queues[TXQ]
-            .avail_idx(&active.mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != active.queues[TXQ].next_avail());
-        Ok(progress)
-    }
-
-    /// Delivers tap frames into RX buffers until the tap is empty, the guest has no buffer
-    /// or the budget is spent.
-    fn process_rx(&mut self) -> Result<Progress, Malformed> {
-        let mut progress = Progress::default();
-        let Some(active) = &mut self.active else {
-            return Ok(progress);
-        };
-        for _ in 0..MAX_FRAMES_PER_CALL {
-            if self.rx_len == 0 {
-                let Some(tap) = &self.tap else {
-                    return Ok(progress);
-                };
-                match tap.read_frame(&mut self.rx_buf) {
-                    Ok(n) => {
-                        if let Some(why) = rx_frame_problem(&self.rx_buf[..n], self.acked_features)
-                        {
-                            guest_log!("virtio-net: dropping a {n}-byte frame from the tap: {why}");
-                            self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        self.rx_len = n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
-                    Err(e) => {
-                        eprintln!("virtio-net: reading the tap {}: {e}", tap.name());
-                        return Ok(progress);
-                    }
-                }
-            }
-            let mem = &active.mem;
-            let queue = &mut active.queues[RXQ];
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // Wait for the guest's RX notification; the frame stays.
-                return Ok(progress);
-            };
-            let head = chain.head_index();
-            let frame = &mut self.rx_buf[..self.rx_len];
-            // The tap's header as it is (checked against the features), in one buffer.
-            if self.acked_features & bit(VIRTIO_NET_F_GUEST_CSUM) == 0 {
-                frame[0] &= !as_flag(VIRTIO_NET_HDR_F_DATA_VALID);
-            }
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            match write_rx_chain(mem, chain, frame)? {
-                Some(written) => {
-                    queue.add_used(mem, head, written).map_err(|e| {
-                        Malformed(format!("cannot return RX descriptor {head}: {e}"))
-                    })?;
-                    progress.used = true;
-                    self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    count(&self.metrics.rx_bytes, frame.len() - VNET_HDR_LEN);
-                }
-                None => {
-                    // The buffer is too small for this frame: keep it for the next one.
-                    queue.go_to_previous_position();
-                    guest_log!(
-                        "virtio-net: a {}-byte frame does not fit the guest's receive buffer; dropped",
-                        frame.len()
-                    );
-                    self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            self.rx_len = 0;
-        }
-        progress.more = true;
-        Ok(progress)
-    }
-}
-
-/// What one direction did in one call.
-#[derive(Debug, Default, Clone, Copy)]
-struct Progress {
-    /// At least one chain went to the used ring.
-    used: bool,
-    /// Work is left (the budget ran out).
-    more: bool,
-}
-
-/// Writes one frame to the tap; false if the tap cannot take it yet (`EAGAIN`). Other
-/// failures drop the frame, as does a device without a tap.
-fn send_frame(tap: Option<&Tap>, frame: &[u8], metrics: &NetMetrics) -> bool {
-    let Some(tap) = tap else {
-        metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
-        return true;
-    };
-    match tap.write_frame(frame) {
-        Ok(_) => {
-            metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
-            count(&metrics.tx_bytes, frame.len() - VNET_HDR_LEN);
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-        Err(e) => {
-            guest_log!(
-                "virtio-net: the tap {} refused a {}-byte frame: {e}",
-                tap.name(),
-                frame.len()
-            );
-            metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    true
-}
-
-/// Copies a TX chain (header and frame) into `buf`; returns its length.
-fn read_tx_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Result<usize, Malformed> {
-    let head = chain.head_index();
-    let mut len = 0usize;
-    for desc in chain {
-        if desc.is_write_only() {
-            return Err(Malformed(format!(
-                "TX chain {head} has a device-writable buffer"
-            )));
-        }
-        let dlen = usize::try_from(desc.len()).unwrap_or(usize::MAX);
-        let end = len
-            .checked_add(dlen)
-            .filter(|&end| end <= buf.len())
-            .ok_or_else(|| {
-                Malformed(format!(
-                    "TX chain {head} is longer than {MAX_FRAME_LEN} bytes"
-                ))
-            })?;
-        mem.read_slice(&mut buf[len..end], desc.addr())
-            .map_err(|e| Malformed(format!("TX chain {head}: {e}")))?;
-        len = end;
-    }
-    if len < VNET_HDR_LEN {
-        return Err(Malformed(format!(
-            "TX chain {head} holds {len} bytes, less than a virtio-net header"
-        )));
-    }
-    Ok(len)
-}
-
-/// Copies `frame` into an RX chain; `None` if the chain is too small for it.
-fn write_rx_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    frame: &[u8],
-) -> Result<Option<u32>, Malformed> {
-    let head = chain.head_index();
-    let descs: Vec<_> = chain.collect();
-    let mut capacity = 0usize;
-    for desc in &descs {
-        if !desc.is_write_only() {
-            return Err(Malformed(format!(
-                "RX chain {head} has a device-readable buffer"
-            )));
-        }
-        capacity = capacity.saturating_add(usize::try_from(desc.len()).unwrap_or(usize::MAX));
-    }
-    if capacity < VNET_HDR_LEN {
-        return Err(Malformed(format!(
-            "RX chain {head} has room for {capacity} bytes, less than a virtio-net header"
-        )));
-    }
-    if frame.len() > capacity {
-        return Ok(None);
-    }
-    let mut rest = frame;
-    for desc in &descs {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest
-            .len()
-            .min(usize::try_from(desc.len()).unwrap_or(usize::MAX));
-        mem.write_slice(&rest[..n], desc.addr())
-            .map_err(|e| Malformed(format!("RX chain {head}: {e}")))?;
-        rest = &rest[n..];
-    }
-    Ok(Some(u32::try_from(frame.len()).unwrap_or(u32::MAX)))
-}
-
-/// A header flag or GSO type as the `u8` the header carries (all are below 256).
-const fn as_flag(value: u32) -> u8 {
-    (value & 0xff) as u8
-}
-
-/// The tap offloads (`TUN_F_*`) that match the driver's receive features.
-fn tap_offloads(features: u64) -> libc::c_uint {
-    let mut flags = 0;
-    if features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 {
-        flags |= libc::TUN_F_CSUM;
-        // The kernel refuses TSO without CSUM.
-        if features & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
-            flags |= libc::TUN_F_TSO4;
-        }
-        if features & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
-            flags |= libc::TUN_F_TSO6;
-        }
-    }
-    flags
-}
-
-/// Whether a header's `flags` and `gso_type` ask only for what `csum`, `tso4` and `tso6`
-/// (features) allow.
-fn header_allowed(frame: &[u8], features: u64, csum: u32, tso4: u32, tso6: u32) -> bool {
-    let (flags, gso) = (frame[0], frame[1]);
-    let csum_ok = features & bit(csum) != 0;
-    let known = as_flag(VIRTIO_NET_HDR_F_NEEDS_CSUM) | as_flag(VIRTIO_NET_HDR_F_DATA_VALID);
-    if flags & !known != 0 || (flags & as_flag(VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0 && !csum_ok) {
-        return false;
-    }
-    match u32::from(gso) {
-        VIRTIO_NET_HDR_GSO_NONE => true,
-        VIRTIO_NET_HDR_GSO_TCPV4 => csum_ok && features & bit(tso4) != 0,
-        VIRTIO_NET_HDR_GSO_TCPV6 => csum_ok && features & bit(tso6) != 0,
-        // UDP, ECN: never offered.
-        _ => false,
-    }
-}
-
-/// Why a guest frame (header included) cannot go to the tap, if it cannot.
-fn tx_frame_problem(frame: &[u8], features: u64) -> Option<&'static str> {
-    if frame.len() < VNET_HDR_LEN + ETH_HLEN {
-        return Some("shorter than an Ethernet header");
-    }
-    let allowed = header_allowed(
-        frame,
-        features,
-        VIRTIO_NET_F_CSUM,
-        VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_F_HOST_TSO6,
-    );
-    (!allowed).then_some("its header asks for offloads that were not negotiated")
-}
-
-/// Why a tap frame (header included) cannot go to the guest, if it cannot.
-fn rx_frame_problem(frame: &[u8], features: u64) -> Option<&'static str> {
-    if frame.len() < VNET_HDR_LEN + ETH_HLEN {
-        return Some("shorter than an Ethernet header");
-    }
-    // The tap's offloads follow the negotiated features, so this only happens to frames it
-    // queued before a driver reset renegotiated less.
-    let allowed = header_allowed(
-        frame,
-        features,
-        VIRTIO_NET_F_GUEST_CSUM,
-        VIRTIO_NET_F_GUEST_TSO4,
-        VIRTIO_NET_F_GUEST_TSO6,
-    );
-    (!allowed).then_some("it needs an offload the driver did not negotiate")
 }
 
 /// What a snapshot keeps of the device: the MAC and MTU the guest's driver read when it

@@ -7,11 +7,15 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::frame::tap_offloads;
 use super::*;
 use crate::vmm::devices::virtio::test_utils::{Buf, TestQueue, guest_memory, read_guest};
-use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, VirtioDevice};
+use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, InterruptKind, VirtioDevice};
 
 const MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x02];
 const RX_RING: u64 = 0x1000;

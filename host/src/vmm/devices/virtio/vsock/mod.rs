@@ -72,6 +72,7 @@
 
 mod connection;
 mod defs;
+mod error;
 mod muxer;
 #[cfg(test)]
 mod tests;
@@ -89,37 +90,12 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EpollEvent;
 
 use self::defs::{EVQ, HDR_LEN, MAX_PKT_DATA, QUEUE_SIZE, RXQ, TXQ};
+pub use self::error::VsockError;
 use self::muxer::{Muxer, TOKEN_QUEUE_BASE};
 use super::{
     ActivateError, Active, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, guest_log,
 };
-use crate::vmm::persist::Persist;
-
-/// Why a vsock device could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum VsockError {
-    /// guest CID {0} is reserved (0, 1, 2 and u32::MAX are)
-    #[error("guest CID {0} is reserved (0, 1, 2 and u32::MAX are)")]
-    ReservedCid(u64),
-    /// cannot listen on {path}
-    #[error("cannot listen on {path}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// What bind(2) said.
-        #[source]
-        source: io::Error,
-    },
-    /// cannot make the listening socket non-blocking
-    #[error("cannot make the listening socket non-blocking")]
-    Listener(#[source] io::Error),
-    /// cannot set up the device's epoll set
-    #[error("cannot set up the device's epoll set")]
-    Epoll(#[source] io::Error),
-    /// cannot create the device's timer
-    #[error("cannot create the device's timer")]
-    Timer(#[source] io::Error),
-}
+use crate::vmm::devices::persist::Persist;
 
 /// Queue max sizes: rx, tx, event.
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];

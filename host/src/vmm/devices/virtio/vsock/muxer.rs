@@ -17,12 +17,12 @@ use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::VsockError;
 use super::connection::{ConnKey, Connection};
 use super::defs::{
     LOCAL_PORT_FIRST, MAX_CONNECT_LINE, MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_PENDING_RST, RxHeader,
     TYPE_STREAM, TxHeader, op,
 };
+use super::error::VsockError;
 use crate::vmm::devices::virtio::guest_log;
 
 /// Epoll tokens of the device's own fds.

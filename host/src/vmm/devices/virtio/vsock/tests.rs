@@ -28,11 +28,11 @@ use super::defs::{
     SHUTDOWN_SEND, TXQ, TYPE_STREAM, op,
 };
 use crate::vmm::devices::BusDevice;
+use crate::vmm::devices::persist::Persist;
 use crate::vmm::devices::virtio::SharedDevice;
 use crate::vmm::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::vmm::devices::virtio::test_utils::{Buf, TestQueue, guest_memory, read_guest};
 use crate::vmm::devices::virtio::{DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::vmm::persist::Persist;
 
 const GUEST_CID: u64 = 3;
 const HOST_CID: u64 = husk_proto::HOST_CID as u64;
