@@ -1,7 +1,8 @@
 //! `cargo xtask`: developer tasks that are programs rather than shell scripts.
 //!
 //! - `build-image`: the guest assets every husk VM boots (kernel `vmlinux` + initramfs).
-//! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM.
+//! - `bench boot`: boot-to-init time of husk's VMM next to QEMU's on the same KVM; with
+//!   `--initcall-debug`, where the guest kernel's boot goes.
 //! - `bench counts`: system calls and page faults per phase of husk-init, runc and crun.
 //! - `bench startup`: the phases of `husk run` next to runc, crun and QEMU; memory, density.
 //! - `bench fs`: exec and read throughput through the virtio-fs share next to the host's.
@@ -44,7 +45,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Boot-to-init time and peak RSS: husk's VMM next to QEMU microvm on the same KVM.
+    /// Boot-to-init time and peak RSS: husk's VMM next to QEMU microvm on the same KVM (or,
+    /// with --initcall-debug, where the guest kernel's boot to husk-init goes).
     Boot(bench::boot::BootBenchArgs),
     /// System calls and page faults of a container's phases in husk-init, next to runc's and
     /// crun's for the same container.

@@ -67,6 +67,15 @@ pub struct BootArgs {
     /// Print the boot timeline as JSON on stdout instead of a table on stderr.
     #[arg(long)]
     json: bool,
+    /// After the VM ends, write the guest kernel's log (its printk ring buffer, read out of
+    /// guest memory; `dmesg`'s format) to this file. Unlike `--console` this costs the guest
+    /// nothing per byte, so it does not change the boot it records (see
+    /// `cargo xtask bench boot --initcall-debug`).
+    #[arg(long, value_name = "FILE")]
+    kernel_log: Option<PathBuf>,
+    /// The kernel's System.map, for `--kernel-log` [default: System.map beside --kernel].
+    #[arg(long, requires = "kernel_log")]
+    system_map: Option<PathBuf>,
 }
 
 pub fn run(cmd: VmCommand, process_start: Instant) -> Result<ExitCode> {
@@ -177,6 +186,16 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
             bail!("{what} {} does not exist or is not a file", p.display());
         }
     }
+    // Everything --kernel-log needs from the file system is opened now: the waiting thread
+    // confines itself below.
+    let kernel_log = match &args.kernel_log {
+        Some(path) => Some(open_kernel_log(
+            path,
+            args.system_map.as_deref(),
+            &args.kernel,
+        )?),
+        None => None,
+    };
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -200,13 +219,47 @@ fn boot(args: BootArgs, process_start: Instant) -> Result<ExitCode> {
     let vm = vmm::start(&config, process_start).context("starting the VM")?;
     // From here this thread only waits for the VM, stops its threads and reports.
     vmm::apply_seccomp(config.seccomp, vmm::ThreadKind::VmWait).map_err(anyhow::Error::msg)?;
-    let (why, timeline) = vm.wait(args.timeout.map(Duration::from_secs));
+    let timeout = args.timeout.map(Duration::from_secs);
+    let (why, timeline) = match kernel_log {
+        None => vm.wait(timeout),
+        Some((mut file, prb)) => {
+            let (why, timeline, log) =
+                vm.wait_then(timeout, |read| vmm::kernel_log::read(read, prb));
+            // The log of a VM that failed is still worth having, so a bad log only warns.
+            match log {
+                Ok(records) => std::io::Write::write_all(
+                    &mut file,
+                    vmm::kernel_log::format(&records).as_bytes(),
+                )
+                .context("writing the kernel log")?,
+                Err(e) => eprintln!("husk vm boot: reading the guest kernel's log: {e}"),
+            }
+            (why, timeline)
+        }
+    };
     report(&timeline.phases(), &why, args.json, "husk vm boot");
     match why {
         VmExit::PowerOff | VmExit::Reset => Ok(ExitCode::SUCCESS),
         VmExit::Stopped => Ok(ExitCode::from(1)),
         VmExit::Error(e) => bail!("the VM failed: {e}"),
     }
+}
+
+/// Creates the `--kernel-log` file and finds the kernel's `prb` (the printk ring buffer
+/// pointer) in its System.map.
+fn open_kernel_log(
+    path: &std::path::Path,
+    system_map: Option<&std::path::Path>,
+    kernel: &std::path::Path,
+) -> Result<(std::fs::File, u64)> {
+    let map_path = system_map.map_or_else(|| kernel.with_file_name("System.map"), PathBuf::from);
+    let map = std::fs::read_to_string(&map_path)
+        .with_context(|| format!("reading {} (give --system-map)", map_path.display()))?;
+    let prb = vmm::kernel_log::symbol(&map, "prb")
+        .with_context(|| format!("{} has no `prb` symbol", map_path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok((file, prb))
 }
 
 fn exit_name(why: &VmExit) -> String {

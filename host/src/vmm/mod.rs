@@ -30,6 +30,7 @@ pub mod devices;
 mod error;
 mod event_loop;
 pub mod host;
+pub mod kernel_log;
 pub mod persist;
 mod running;
 mod threads;

@@ -66,6 +66,10 @@ impl Timeline {
     }
 }
 
+/// Reads guest-physical memory at an address into a buffer; `Err` for a range outside guest
+/// RAM ([`RunningVm::wait_then`] hands one out).
+pub type ReadGuest<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), String> + 'a;
+
 /// A started VM.
 pub struct RunningVm {
     // The VM and its memory: KVM's memory slots point into `mem`'s mappings, so both live
@@ -239,6 +243,28 @@ impl RunningVm {
 
     /// Waits for the VM to end (or `timeout`), stops every thread and returns why it ended.
     pub fn wait(mut self, timeout: Option<Duration>) -> (VmExit, Timeline) {
+        self.stop_all(timeout)
+    }
+
+    /// [`RunningVm::wait`], then, with every vCPU stopped and guest memory still mapped,
+    /// `inspect` reads guest-physical memory through the reader it is given: for looking at
+    /// what the guest left behind, such as its kernel log ([`super::kernel_log`]).
+    pub fn wait_then<R>(
+        mut self,
+        timeout: Option<Duration>,
+        inspect: impl FnOnce(&ReadGuest<'_>) -> R,
+    ) -> (VmExit, Timeline, R) {
+        let (why, timeline) = self.stop_all(timeout);
+        let reader = |addr: u64, buf: &mut [u8]| -> Result<(), String> {
+            vm_memory::Bytes::read_slice(&self.mem, buf, vm_memory::GuestAddress(addr))
+                .map_err(|e| e.to_string())
+        };
+        let inspected = inspect(&reader);
+        (why, timeline, inspected)
+    }
+
+    /// What [`RunningVm::wait`] does; guest memory stays mapped until `self` is dropped.
+    fn stop_all(&mut self, timeout: Option<Duration>) -> (VmExit, Timeline) {
         let why = match timeout {
             Some(t) => self
                 .exits

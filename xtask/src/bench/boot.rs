@@ -10,6 +10,9 @@
 //!
 //! Both get the same kernel parameters (`kernel-config/cmdline`, plus `cmdline-kvm-pvm` and the
 //! CPUID masks on kvm_pvm hosts). Medians of `--runs` boots each.
+//!
+//! With `--initcall-debug` it answers another question, where husk's guest boot goes
+//! (`initcalls`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,8 +33,18 @@ pub struct BootBenchArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Also boot QEMU with TCG (software emulation).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "initcall_debug")]
     tcg: bool,
+    /// Instead of comparing VMMs, show where husk's guest boot goes: boot with
+    /// `initcall_debug printk.time=1` (and once without, for reference), read the guest
+    /// kernel's log out of its memory and print the phases, the slowest initcalls, the largest
+    /// gaps between kernel messages and the initramfs unpacking, in ms (medians of --runs).
+    #[arg(long)]
+    initcall_debug: bool,
+    /// Extra guest kernel parameters for the --initcall-debug boots, e.g. to measure what
+    /// `initramfs_async=0` or `rodata=off` changes.
+    #[arg(long, requires = "initcall_debug", allow_hyphen_values = true)]
+    cmdline: Option<String>,
 }
 
 /// One boot's numbers.
@@ -61,6 +74,15 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
 
     println!("building husk (release)");
     let husk = super::build_husk(&root)?;
+    if args.initcall_debug {
+        return super::initcalls::run(
+            args.runs,
+            &husk,
+            &vmlinux,
+            &initrd,
+            args.cmdline.as_deref().unwrap_or(""),
+        );
+    }
 
     println!(
         "host: {}; {} runs each; image {}",

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod counts;
 pub mod fs;
+mod initcalls;
 pub mod pod;
 pub mod podman;
 pub mod startup;
