@@ -1,7 +1,7 @@
 //! The device nodes of a container's `/dev` (runc's default set and `linux.devices`) and
 //! the links every `/dev` has (`fd`, `stdin`, `ptmx`, ...), made when the spec does not bind
-//! a /dev of its own. In a user namespace mknod is refused, so the guest's node is bound
-//! instead.
+//! a /dev of its own. Where mknod is refused (in a user namespace, or on the share, whose host
+//! side makes no device nodes), the guest's node is bound instead, as runc does.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -75,25 +75,23 @@ pub(super) fn make_device(
     let _ = nix::unistd::unlinkat(dir.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir);
     if in_userns {
         // mknod is not allowed in a user namespace: bind the guest's node instead.
-        let node = resolve_in_root(root, &d.path, Create::File).map_err(sys_err(what()))?;
-        return nix::mount::mount(
-            Some(&d.path),
-            &proc_fd_path(&node),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(sys_err(what()));
+        return bind_guest_node(root, d).map_err(sys_err(what()));
     }
     let dev = nix::sys::stat::makedev(d.major, d.minor);
-    nix::sys::stat::mknodat(
+    match nix::sys::stat::mknodat(
         dir.as_fd(),
         name,
         d.kind,
         Mode::from_bits_truncate(d.mode),
         dev,
-    )
-    .map_err(sys_err(what()))?;
+    ) {
+        Ok(()) => {}
+        // A /dev on the share (the spec mounts no tmpfs there): the host side may not make
+        // device nodes (the monitor has no CAP_MKNOD), so bind the guest's node, as runc
+        // does when mknod is refused.
+        Err(Errno::EPERM) => return bind_guest_node(root, d).map_err(sys_err(what())),
+        Err(e) => return Err(sys_err(what())(e)),
+    }
     // mknod applies the umask; set the owner and mode exactly.
     nix::unistd::fchownat(
         dir.as_fd(),
@@ -111,6 +109,18 @@ pub(super) fn make_device(
         nix::sys::stat::FchmodatFlags::FollowSymlink,
     )
     .map_err(sys_err(what()))
+}
+
+/// Binds the guest's own node at `d.path` onto an empty file made in the container's root.
+fn bind_guest_node(root: &OwnedFd, d: &DevicePlan) -> Result<(), Errno> {
+    let node = resolve_in_root(root, &d.path, Create::File)?;
+    nix::mount::mount(
+        Some(&d.path),
+        &proc_fd_path(&node),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
 }
 
 pub(super) fn dev_symlinks(root: &OwnedFd) -> Result<(), ChildError> {
