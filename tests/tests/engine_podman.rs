@@ -87,8 +87,11 @@ fn podman_runs_husk_containers() {
         IMAGE,
         "sh",
         "-c",
+        // `wait` returns as soon as a trapped signal comes (a `sleep 1` loop would run the
+        // trap only once that sleep ends, seconds later in this guest, and keep its vCPU busy
+        // starting processes meanwhile).
         "echo started; echo to-stderr >&2; trap 'echo got-usr1' USR1; \
-         trap 'echo got-term; exit 7' TERM; while true; do sleep 1; done",
+         trap 'echo got-term; exit 7' TERM; while true; do sleep 1000 & wait $!; done",
     ]));
 
     // exec: the container's env, user, volume, and the limits as the VM shows them; its exit
@@ -162,8 +165,21 @@ fn podman_runs_husk_containers() {
     let out = expect_code(podman.with(&["exec", "c1", "/no/such/program"]), 127);
     assert!(out.contains("/no/such/program"), "{out}");
 
-    // kill delivers a signal without ending it; logs has both streams.
+    // kill delivers a signal without ending it; logs has both streams. The trap's line is
+    // waited for: a TERM that came before the shell ran the USR1 trap could end it first.
     expect_ok(podman.with(&["kill", "-s", "USR1", "c1"]));
+    let deadline = std::time::Instant::now() + engines::ENGINE_LIMIT;
+    loop {
+        let logs = expect_ok(podman.with(&["logs", "c1"]));
+        if logs.lines().any(|l| l == "got-usr1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the USR1 trap never ran:\n{logs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     // stop: SIGTERM, which the trap turns into exit 7.
     expect_ok(podman.with(&["stop", "-t", "300", "c1"]));
     let status = expect_ok(podman.with(&[
