@@ -54,7 +54,7 @@ pub use setup::{PAUSE_C, PAUSE_IMAGE};
 pub const IDLE: &[&str] = &[
     "sh",
     "-c",
-    "trap 'exit 0' TERM; while true; do sleep 1; done",
+    "trap 'exit 0' TERM; while true; do sleep 1000 & wait $!; done",
 ];
 
 /// containerd's namespace for everything the CRI plugin does.

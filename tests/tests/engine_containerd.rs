@@ -56,7 +56,7 @@ fn containerd_runs_husk_through_the_runc_shim() {
         "c1",
         "sh",
         "-c",
-        "echo started; trap 'echo got-term; exit 7' TERM; while true; do sleep 1; done",
+        "echo started; trap 'echo got-term; exit 7' TERM; while true; do sleep 1000 & wait $!; done",
     ]);
     std::thread::scope(|s| {
         let main = s.spawn(move || engines::run(run));
@@ -132,7 +132,7 @@ fn containerd_overlayfs_with_a_monitor_of_its_own_uid() {
         "sh",
         "-c",
         "echo x > /made && chown 1000:1000 /made && echo started; \
-         trap 'exit 7' TERM; while true; do sleep 1; done",
+         trap 'exit 7' TERM; while true; do sleep 1000 & wait $!; done",
     ]);
     let snapshots = ctr
         .root()

@@ -58,7 +58,7 @@ fn docker_runs_husk_as_an_added_runtime() {
         "sh",
         "-c",
         "echo started; echo to-stderr >&2; trap 'echo got-term; exit 7' TERM; \
-         while true; do sleep 1; done",
+         while true; do sleep 1000 & wait $!; done",
     ]);
     std::thread::scope(|s| {
         let main = s.spawn(move || engines::run(run));
@@ -223,7 +223,7 @@ fn docker_on_overlay2_with_a_monitor_of_its_own_uid() {
         IMAGE,
         "sh",
         "-c",
-        "trap 'exit 0' TERM; while true; do sleep 1; done",
+        "trap 'exit 0' TERM; while true; do sleep 1000 & wait $!; done",
     ]));
     let out = expect_ok(docker.docker(&["exec", "u1", "sh", "-c", engines::UID_WRITES]));
     let pid = expect_ok(docker.docker(&["inspect", "--format", "{{.State.Pid}}", "u1"]));

@@ -232,7 +232,7 @@ fn podman_rm_force_removes_a_running_container() {
         IMAGE,
         "sh",
         "-c",
-        "trap 'exit 0' TERM; echo trap-set; while true; do sleep 1; done",
+        "trap 'exit 0' TERM; echo trap-set; while true; do sleep 1000 & wait $!; done",
     ]));
     // A TERM that comes before the trap is set is lost (pid 1 ignores it by default).
     let deadline = std::time::Instant::now() + engines::ENGINE_LIMIT;
@@ -395,7 +395,7 @@ fn podman_on_overlay_storage_with_a_monitor_of_its_own_uid() {
         IMAGE,
         "sh",
         "-c",
-        "trap 'exit 0' TERM; while true; do sleep 1; done",
+        "trap 'exit 0' TERM; while true; do sleep 1000 & wait $!; done",
     ]));
     let out = expect_ok(podman.with(&["exec", "u1", "sh", "-c", engines::UID_WRITES]));
     let pid = expect_ok(podman.with(&["inspect", "u1", "--format", "{{.State.Pid}}"]));
@@ -454,7 +454,7 @@ fn podman_pod_is_one_vm() {
         IMAGE,
         "sh",
         "-c",
-        "trap 'exit 0' TERM; while true; do sleep 1; done",
+        "trap 'exit 0' TERM; while true; do sleep 1000 & wait $!; done",
     ]));
     // Three containers, one VM: the guest kernel's boot id is the same in each.
     let boot_id = |name: &str| {

@@ -150,7 +150,7 @@ fn exec_signals_reach_the_process(root: &std::path::Path, tmp: &std::path::Path)
     let script = |name: &str, code: u8| {
         format!(
             "trap 'echo {name}-got-term >/tmp/{name}.term; exit {code}' TERM; touch /tmp/{name}.ready; \
-             while :; do sleep 1; done"
+             while :; do sleep 1000 & wait $!; done"
         )
     };
     let ready = |name: &str| {
