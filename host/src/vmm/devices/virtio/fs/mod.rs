@@ -30,10 +30,15 @@
 //! # Caching
 //!
 //! The shared directory is meant to be a container's root file system, which nothing but the
-//! container writes while it runs, so the guest may cache: `CachePolicy::Auto` (the FUSE
-//! default, close-to-open consistency for file data) with entry and attribute timeouts of one
-//! second, which absorbs the burst of lookups a process start makes without letting a host-side
-//! edit stay invisible for long. Extended attributes are on (security labels, capabilities on
+//! container writes while it runs, so the guest may cache: entry and attribute timeouts of one
+//! second absorb the burst of lookups a process start makes without letting a host-side edit
+//! stay invisible for long. File data stays cached across opens (`CachePolicy::Always`: the
+//! server answers every open with `FOPEN_KEEP_CACHE`), and the device asks for
+//! `AUTO_INVAL_DATA` in INIT, so the guest drops a file's pages when its refreshed attributes
+//! show another mtime or size. Without keeping the cache, Linux throws a file's pages away at
+//! every open, even while other processes have them mapped: each exec of the container's
+//! busybox or shell read the whole binary through the share again (~0.5 MB/s on kvm_pvm, so
+//! seconds per process start). Extended attributes are on (security labels, capabilities on
 //! binaries); writeback caching is off, so every write reaches the host before the guest's
 //! `write(2)` returns.
 //!
@@ -98,8 +103,8 @@
 //! unmounts) drops every inode and handle of the session, so the next INIT starts afresh. A
 //! driver reset without DESTROY (the guest crashed or unbound the driver) drops them too,
 //! before the next driver's first request. The device widens the server's INIT reply to the
-//! request sizes the server handles (`MAX_PAGES`, `BIG_WRITES`: 1 MiB), which the passthrough
-//! file system does not ask for itself.
+//! request sizes the server handles (`MAX_PAGES`, `BIG_WRITES`: 1 MiB) and to
+//! `AUTO_INVAL_DATA` (see Caching), which the passthrough file system does not ask for itself.
 
 mod request;
 #[cfg(test)]
@@ -308,7 +313,7 @@ impl Fs {
         let fs_config = Config {
             root_dir,
             do_import: true,
-            cache_policy: CachePolicy::Auto,
+            cache_policy: CachePolicy::Always,
             entry_timeout: CACHE_TIMEOUT,
             attr_timeout: CACHE_TIMEOUT,
             xattr: true,

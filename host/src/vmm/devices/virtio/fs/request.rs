@@ -165,13 +165,19 @@ pub(super) fn serve<F: FileSystem + Sync>(
     Served { len, session }
 }
 
-/// Raises the limits in a successful INIT reply to what the server handles.
+/// Raises the limits in a successful INIT reply to what the server handles, and asks for the
+/// cache check that lets the guest keep file data between opens.
 ///
 /// The passthrough file system asks for neither `BIG_WRITES` nor `MAX_PAGES`, so the server's
 /// INIT reply holds Linux to 4 KiB per WRITE and 32 pages per READ, although the server takes
 /// requests of up to 1 MiB (`MAX_BUFFER_SIZE`) and replies of 256 pages (`MAX_REQ_PAGES`).
 /// Where the guest offered them, the device grants both, which cuts the requests (and VM exits)
 /// of large sequential I/O by up to 256 times for writes and 8 times for reads.
+///
+/// Nor does it ask for `AUTO_INVAL_DATA`: with it, Linux drops a file's cached pages when the
+/// attributes it refreshes (at most [`super::CACHE_TIMEOUT`] old) show another mtime or size,
+/// which is what makes keeping the cache across opens (`CachePolicy::Always`, see the module
+/// docs) see a change made on the host.
 fn widen_init_reply(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -209,6 +215,11 @@ fn widen_init_reply(
                 out.max_pages = pages;
             }
         }
+    }
+    if offered.contains(FsOptions::AUTO_INVAL_DATA)
+        && let Ok(bit) = u32::try_from(FsOptions::AUTO_INVAL_DATA.bits())
+    {
+        out.flags |= bit;
     }
     prefix.write(mem, &raw);
 }

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, Dirent, EntryOut, FsOptions, GetattrIn, GetxattrIn, GetxattrOut, InHeader,
     InitIn, InitIn2, InitOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, LinkIn, LseekIn, LseekOut,
-    MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ROOT_ID, ReadIn, ReleaseIn, Rename2In,
-    SetattrIn, SetattrValid, SetxattrIn, WriteIn, WriteOut,
+    MkdirIn, MknodIn, Opcode, OpenIn, OpenOptions, OpenOut, OutHeader, ROOT_ID, ReadIn, ReleaseIn,
+    Rename2In, SetattrIn, SetattrValid, SetxattrIn, WriteIn, WriteOut,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -276,6 +276,7 @@ impl<'a> Guest<'a> {
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::MAX_PAGES
             | FsOptions::PARALLEL_DIROPS
+            | FsOptions::AUTO_INVAL_DATA
             | FsOptions::INIT_EXT)
             .bits();
         let msg = Msg::new(Opcode::Init, 0)
@@ -417,6 +418,10 @@ fn init_replies_with_major_7() {
     );
     // Granted by the device on top of the server's reply.
     assert!(flags.contains(FsOptions::MAX_PAGES | FsOptions::BIG_WRITES));
+    assert!(
+        flags.contains(FsOptions::AUTO_INVAL_DATA),
+        "the guest checks its cached file data against refreshed attributes"
+    );
     assert_eq!(out.max_pages, 256);
     assert_eq!(out.max_write, 1 << 20);
     assert_eq!(g.irq.status(), 1, "the guest was interrupted");
@@ -514,7 +519,18 @@ fn lookup_getattr_open_read() {
     let root: AttrOut = g.getattr(ROOT_ID).ok();
     assert_eq!(root.attr.mode & libc::S_IFMT, libc::S_IFDIR);
 
-    let fh = g.open(Opcode::Open, entry.nodeid, libc::O_RDONLY);
+    let opened: OpenOut = g
+        .call(Msg::new(Opcode::Open, entry.nodeid).arg(OpenIn {
+            flags: u32::try_from(libc::O_RDONLY).unwrap(),
+            fuse_flags: 0,
+        }))
+        .ok();
+    // The guest keeps the file's cached pages across opens (module docs, Caching).
+    assert!(
+        OpenOptions::from_bits_truncate(opened.open_flags).contains(OpenOptions::KEEP_CACHE),
+        "no FOPEN_KEEP_CACHE"
+    );
+    let fh = opened.fh;
     let reply = g.read(Opcode::Read, entry.nodeid, fh, 0, 4096);
     assert_eq!(reply.header.error, 0);
     assert_eq!(reply.body, data);
