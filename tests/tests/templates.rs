@@ -89,7 +89,11 @@ fn containers_restored_from_one_template_are_each_their_own() {
     let tmp = TempDir::new("templates");
     let root = tmp.path().join("state");
     let _cleanup = husk_e2e::ContainerRoot(root.clone());
-    let templates = tmp.path().join("templates");
+    // A long path, as a cache under a deep directory would be: the build's sockets in it must
+    // still fit in `sockaddr_un` (107 bytes).
+    let templates = tmp
+        .path()
+        .join("templates-in-a-directory-whose-name-is-long-enough-to-overflow-sun-path");
 
     // Made ahead of time, as an operator would; the containers below are of its shape (the
     // default: 1 vCPU, 256 MiB).

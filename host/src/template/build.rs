@@ -18,6 +18,7 @@ use super::error::{TemplateError, io};
 use super::key::Key;
 use super::shape::{NET_SLOTS, TemplateShape};
 use crate::assets::GuestImage;
+use crate::oci::sockets::SocketDir;
 use crate::vmm::{self, NetConfig, SeccompMode, VmConfig};
 
 /// How long the cold boot may take (nested kvm_pvm hosts take tens of seconds).
@@ -119,10 +120,12 @@ fn make(
         .mode(0o700)
         .create(&share)
         .map_err(io("creating", &share))?;
-    let vsock = scratch.join("vsock.sock");
-    let control_path = scratch.join(format!("vsock.sock_{}", husk_proto::CONTROL_PORT.0));
+    // By paths that fit in `sockaddr_un` wherever the cache is (see `SocketDir`); it stays
+    // open, and the paths valid, until the VM is gone.
+    let sockets = SocketDir::open(scratch).map_err(io("opening", scratch))?;
+    let control_path = sockets.vsock_port(husk_proto::CONTROL_PORT.0);
     let control = UnixListener::bind(&control_path).map_err(io("listening on", &control_path))?;
-    let config = vm_config(image, shape, vsock, share, Vec::new(), None);
+    let config = vm_config(image, shape, sockets.vsock(), share, Vec::new(), None);
     let started = Instant::now();
     let vm = vmm::start(&config, started)
         .map_err(|e| TemplateError::Build(format!("starting the VM: {e}")))?;
