@@ -116,24 +116,26 @@ impl Drop for IdleContainers<'_> {
 }
 
 /// Starts `n` idle containers (`husk` run with `env`) and measures their memory at steady
-/// state.
+/// state. `label` names this round's bundle, state root and ids in `work`, so that rounds
+/// (from a template, cold) do not meet.
 pub(super) fn measure_density(
     husk: &Path,
     env: &[(&str, &std::ffi::OsStr)],
     work: &Path,
+    label: &str,
     n: usize,
 ) -> Result<Density> {
     let rootfs = work.join("bundle/rootfs");
     let bundle = make_bundle(
-        &work.join("bundle-idle"),
+        &work.join(format!("bundle-idle-{label}")),
         &["/bin/sleep", "100000"],
         Some(&rootfs),
     )?;
     let idle = IdleContainers {
         husk,
-        root: work.join("husk-idle-root"),
+        root: work.join(format!("husk-idle-root-{label}")),
         ids: (1..=n)
-            .map(|i| format!("idle-{}-{i}", std::process::id()))
+            .map(|i| format!("idle-{label}-{}-{i}", std::process::id()))
             .collect(),
     };
     let available_before = meminfo("MemAvailable").context("reading MemAvailable")?;

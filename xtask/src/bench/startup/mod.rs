@@ -233,14 +233,14 @@ pub fn run(args: &StartupBenchArgs) -> Result<()> {
             "memory: starting {} idle husk containers from one template",
             args.density
         );
-        let m = measure_density(&husk, &template_env, &work.0, args.density)?;
+        let m = measure_density(&husk, &template_env, &work.0, "template", args.density)?;
         print_memory(&m);
         println!();
         println!(
             "memory: starting {} idle husk containers, cold",
             args.density
         );
-        let cold = measure_density(&husk, &cold_env, &work.0, args.density)?;
+        let cold = measure_density(&husk, &cold_env, &work.0, "cold", args.density)?;
         print_memory(&cold);
         println!();
         println!(
