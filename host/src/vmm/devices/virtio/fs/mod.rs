@@ -23,8 +23,9 @@
 //!   an error, and the transport reports no shared memory regions), so file data is always
 //!   copied through the queue.
 //! - No notification queue (`VIRTIO_FS_F_NOTIFICATION`), so the host cannot invalidate the
-//!   guest's caches: a change made on the host behind the guest's back becomes visible when
-//!   the guest's cache times out (see below) or when it reopens the file.
+//!   guest's caches: a change made on the host behind the guest's back becomes visible once
+//!   the guest's cached entries and attributes time out (see Caching below), file data when
+//!   the refreshed attributes show another mtime or size.
 //! - No multiqueue and no worker threads: one request at a time. No writeback cache.
 //!
 //! # Caching
